@@ -1,0 +1,25 @@
+"""The exceptions a user can cause. Each names the cause and the fix in its message."""
+
+
+class EncDecError(Exception):
+    """Base class of every error encdec_fast raises on purpose."""
+
+
+class CheckpointNotFoundError(EncDecError, FileNotFoundError):
+    """The checkpoint folder, its config.json or its weights are missing."""
+
+
+class CheckpointError(EncDecError, ValueError):
+    """The checkpoint is present but unusable: missing or unexpected tensors, wrong shapes, bad config."""
+
+
+class UnsupportedModelError(EncDecError, ValueError):
+    """The checkpoint's architecture or one of its options is not supported."""
+
+
+class InvalidInputError(EncDecError, ValueError):
+    """Bad model input: empty batch, non-integer or out-of-range token ids, too long, bad mask."""
+
+
+class UnsupportedArgumentError(EncDecError, NotImplementedError):
+    """A generation or runtime argument encdec_fast does not implement (yet)."""

@@ -1,0 +1,133 @@
+"""The op table: every numeric op the model graph uses, per backend.
+
+Model code calls ``self.ops.<name>(...)`` on the table it was built with and never branches on the
+backend. The plain-PyTorch versions below are the reference the Triton kernels are tested against.
+
+Shape conventions (B batch, L length, H heads, D head dim, N decode rows):
+  attention        q [B, Lq, H, D], k/v [B, Lk, H, D] (any strides, unit stride on D) -> [B, Lq, H, D]
+  decode_attention q [N, H, D], k/v [Bk, Lmax, H, D], seq_lens int32 [N] -> [N, H, D]
+"""
+
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import torch
+import torch.nn.functional as F
+
+BACKENDS = ("torch", "triton")
+
+
+# --------------------------------------------------------------------------------------------
+# normalisation and activations
+# --------------------------------------------------------------------------------------------
+def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
+    """LayerNorm over the last dim."""
+    return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
+
+
+def add_layer_norm(x, residual, weight, bias, eps):
+    """s = x + residual; returns (layer_norm(s), s). BERT's post-LN uses the first, GPT-2's pre-LN both."""
+    s = x + residual
+    return F.layer_norm(s, (s.shape[-1],), weight, bias, eps), s
+
+
+def bias_gelu(x: torch.Tensor, bias: torch.Tensor | None, approximate: str) -> torch.Tensor:
+    """gelu(x + bias); approximate is "none" (erf form, BERT) or "tanh" (GPT-2's gelu_new)."""
+    if bias is not None:
+        x = x + bias
+    return F.gelu(x, approximate=approximate)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x @ weight.T + bias, weight [out, in] (nn.Linear layout)."""
+    return F.linear(x, weight, bias)
+
+
+# --------------------------------------------------------------------------------------------
+# attention
+# --------------------------------------------------------------------------------------------
+def attention(q, k, v, *, scale: float, causal: bool = False, key_mask: torch.Tensor | None = None):
+    """Softmax attention. key_mask bool [B, Lk], True = attend. causal: query i sees keys
+    j <= i + (Lk - Lq) (bottom-right aligned, so prefill with Lq == Lk is plain causal).
+    A query row with no visible key returns zeros."""
+    B, Lq, H, D = q.shape
+    Lk = k.shape[1]
+    mask = None
+    if causal:
+        i = torch.arange(Lq, device=q.device)[:, None]
+        j = torch.arange(Lk, device=q.device)[None, :]
+        mask = (j <= i + (Lk - Lq))[None, None]  # (1, 1, Lq, Lk)
+    if key_mask is not None:
+        km = key_mask[:, None, None, :].bool()  # (B, 1, 1, Lk)
+        mask = km if mask is None else (mask & km)
+    qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, L, D)
+    if mask is None:
+        out = F.scaled_dot_product_attention(qt, kt, vt, scale=scale)
+    else:
+        # explicit math: fully-masked rows give zeros instead of NaN
+        s = torch.matmul(qt.float(), kt.float().transpose(-1, -2)) * scale
+        s = s.masked_fill(~mask, float("-inf"))
+        p = torch.softmax(s, dim=-1).nan_to_num(0.0)
+        out = torch.matmul(p.to(vt.dtype), vt)
+    return out.transpose(1, 2).contiguous()  # (B, Lq, H, D)
+
+
+def decode_attention(q, k, v, *, scale: float, seq_lens: torch.Tensor, kv_index=None, key_mask=None):
+    """Attention of one query token per row over a cache.
+
+    q [N, H, D]; k, v [Bk, Lmax, H, D]; seq_lens int [N]: keys 0..seq_lens[n]-1 are visible to row n;
+    kv_index int [N] or None: which k/v row serves query row n (None: row n itself, Bk == N);
+    key_mask bool [Bk, Lmax] or None: further masks keys (encoder padding)."""
+    N, H, D = q.shape
+    Lmax = k.shape[1]
+    if kv_index is not None:
+        k, v = k[kv_index], v[kv_index]
+        if key_mask is not None:
+            key_mask = key_mask[kv_index]
+    visible = torch.arange(Lmax, device=q.device)[None, :] < seq_lens.to(q.device)[:, None]  # (N, Lmax)
+    if key_mask is not None:
+        visible = visible & key_mask.bool()
+    s = torch.einsum("nhd,nlhd->nhl", q.float(), k.float()) * scale  # (N, H, Lmax)
+    s = s.masked_fill(~visible[:, None, :], float("-inf"))
+    p = torch.softmax(s, dim=-1).nan_to_num(0.0)
+    return torch.einsum("nhl,nlhd->nhd", p, v.float()).to(q.dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# the switch
+# --------------------------------------------------------------------------------------------
+_TORCH = SimpleNamespace(
+    name="torch",
+    layer_norm=layer_norm,
+    add_layer_norm=add_layer_norm,
+    bias_gelu=bias_gelu,
+    linear=linear,
+    attention=attention,
+    decode_attention=decode_attention,
+)
+
+
+def table(backend: str) -> SimpleNamespace:
+    """The op table for a backend name ("torch" or "triton")."""
+    if backend == "torch":
+        return _TORCH
+    if backend == "triton":
+        from . import kernels  # noqa: F401  (encdec_fast.kernels, installed from the top-level kernels/)
+        from .kernels import attention as katt, layer_norm as kln, activation as kact
+
+        return SimpleNamespace(
+            name="triton",
+            layer_norm=kln.layer_norm,
+            add_layer_norm=kln.add_layer_norm,
+            bias_gelu=kact.bias_gelu,
+            linear=linear,  # cuBLAS; bias fused into neighbours where it pays
+            attention=katt.attention,
+            decode_attention=katt.decode_attention,
+        )
+    raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
+
+
+def default_scale(head_dim: int) -> float:
+    return 1.0 / math.sqrt(head_dim)

@@ -1,0 +1,1 @@
+"""Triton kernels, one family per file, installed as ``encdec_fast.kernels``."""

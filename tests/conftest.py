@@ -1,0 +1,91 @@
+"""Shared test setup: Triton's interpreter on CPU-only machines, and tiny checkpoints built with
+transformers itself (never downloaded)."""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first `import triton`
+
+import pytest  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+_FAMILY = {"bert": "BertConfig", "roberta": "RobertaConfig", "gpt2": "GPT2Config"}
+
+
+def half_config(family: str, *, hidden: int, layers: int, heads: int, vocab: int, decoder: bool, **kw):
+    import transformers as T
+
+    if family == "gpt2":
+        c = T.GPT2Config(vocab_size=vocab, n_embd=hidden, n_layer=layers, n_head=heads, n_positions=kw.pop("positions", 128),
+                         bos_token_id=1, eos_token_id=2, **kw)
+    else:
+        pad = kw.pop("pad", 1 if family == "roberta" else 0)
+        c = getattr(T, _FAMILY[family])(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers,
+                                        num_attention_heads=heads, intermediate_size=2 * hidden + 5,
+                                        max_position_embeddings=kw.pop("positions", 130), pad_token_id=pad,
+                                        bos_token_id=0 if family == "roberta" else None,
+                                        eos_token_id=2, **kw)
+    if decoder:
+        c.is_decoder, c.add_cross_attention = True, True
+    return c
+
+
+def build_checkpoint(path, enc="bert", dec="gpt2", *, enc_hidden=32, dec_hidden=None, layers=2, heads=2, vocab=97,
+                     seed=0, std=0.3, enc_kw=None, dec_kw=None, fmt="safetensors", gen_kw=None):
+    """fmt: "safetensors", "sharded" (safetensors index) or "bin" (pytorch_model.bin).
+    Save a random EncoderDecoderModel with transformers and return the folder. Weights are drawn
+    with a large std so that greedy/beam outputs are diverse (not one token repeated)."""
+    import transformers as T
+
+    dec_hidden = dec_hidden or enc_hidden
+    torch.manual_seed(seed)
+    ec = half_config(enc, hidden=enc_hidden, layers=layers, heads=heads, vocab=vocab, decoder=False, **(enc_kw or {}))
+    dc = half_config(dec, hidden=dec_hidden, layers=layers, heads=heads, vocab=vocab, decoder=True, **(dec_kw or {}))
+    cfg = T.EncoderDecoderConfig.from_encoder_decoder_configs(ec, dc)
+    cfg.decoder_start_token_id = 3
+    cfg.pad_token_id = dc.pad_token_id if dc.pad_token_id is not None else 0
+    cfg.eos_token_id = 2
+    model = T.EncoderDecoderModel(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "LayerNorm" in name or "ln_" in name or "layer_norm" in name:
+                p.copy_(1 + 0.1 * torch.randn_like(p)) if name.endswith("weight") else p.normal_(0, 0.1)
+            else:
+                p.normal_(0, std)
+    if fmt == "sharded":
+        model.save_pretrained(path, max_shard_size="30KB")
+    else:
+        model.save_pretrained(path)
+    if fmt == "bin":  # transformers 5 writes safetensors only; the legacy layout is a plain state dict
+        os.remove(os.path.join(path, "model.safetensors"))
+        torch.save(model.state_dict(), os.path.join(path, "pytorch_model.bin"))
+    if gen_kw:
+        gc = T.GenerationConfig.from_pretrained(path)
+        for k, v in gen_kw.items():
+            setattr(gc, k, v)
+        gc.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def make_ckpt(tmp_path_factory):
+    """make_ckpt(enc="bert", dec="gpt2", **kw) -> folder; cached per argument set within the session."""
+    cache = {}
+
+    def make(enc="bert", dec="gpt2", **kw):
+        key = (enc, dec, repr(sorted(kw.items())))
+        if key not in cache:
+            cache[key] = build_checkpoint(tmp_path_factory.mktemp(f"{enc}2{dec}"), enc, dec, **kw)
+        return cache[key]
+
+    return make
+
+
+def hf_model(path):
+    """transformers' own EncoderDecoderModel for a folder, fp32, eval mode."""
+    import transformers as T
+
+    return T.EncoderDecoderModel.from_pretrained(str(path)).eval()

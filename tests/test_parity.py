@@ -1,0 +1,177 @@
+"""Whole-model forward parity against transformers' EncoderDecoderModel, built in the same test."""
+
+import pytest
+import torch
+
+import encdec_fast
+from conftest import hf_model
+
+PAIRS = [("bert", "gpt2"), ("bert", "bert"), ("roberta", "roberta"), ("roberta", "gpt2")]
+
+
+def rel_err(a, b, mask=None):
+    a, b = a.float(), b.float()
+    if mask is not None:
+        a, b = a[mask], b[mask]
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+def make_inputs(B, S, T, vocab, pad, padded, seed=0, avoid=()):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(4, vocab, (B, S), generator=g)
+    for a in avoid:  # keep pad ids out of real tokens (RoBERTa positions skip them)
+        ids[ids == a] = 5
+    mask = torch.ones(B, S, dtype=torch.long)
+    if padded and B > 1:
+        for b in range(1, B):
+            keep = max(1, S - (3 * b) % max(S, 1))
+            mask[b, keep:] = 0
+            ids[b, keep:] = pad
+    dec = torch.randint(4, vocab, (B, T), generator=g)
+    for a in avoid:
+        dec[dec == a] = 5
+    return ids, mask, dec
+
+
+def compare(path, B, S, T, padded, dec_padded=False):
+    ref = hf_model(path)
+    ours = encdec_fast.load(path)
+    pad = ref.config.encoder.pad_token_id
+    dpad = ref.config.pad_token_id
+    ids, mask, dec = make_inputs(B, S, T, ref.config.encoder.vocab_size, pad, padded, avoid=(pad, dpad))
+    dmask = None
+    if dec_padded and B > 1 and T > 2:
+        dmask = torch.ones(B, T, dtype=torch.long)
+        dmask[1, T - 2:] = 0
+        dec[1, T - 2:] = dpad
+    with torch.no_grad():
+        r = ref(input_ids=ids, attention_mask=mask, decoder_input_ids=dec, decoder_attention_mask=dmask)
+    o = ours(ids, attention_mask=mask, decoder_input_ids=dec, decoder_attention_mask=dmask)
+    valid = None if dmask is None else dmask.bool()
+    e_logits = rel_err(o.logits, r.logits, valid)
+    enc_valid = mask.bool()
+    e_enc = rel_err(o.encoder_last_hidden_state, r.encoder_last_hidden_state, enc_valid)
+    assert o.logits.shape == r.logits.shape
+    assert e_logits < 1e-4, f"logits rel err {e_logits:.3e}"
+    assert e_enc < 1e-4, f"encoder hidden rel err {e_enc:.3e}"
+
+
+@pytest.mark.parametrize("enc,dec", PAIRS)
+@pytest.mark.parametrize("padded", [False, True])
+def test_forward_logits_match_transformers(make_ckpt, enc, dec, padded):
+    compare(make_ckpt(enc, dec), B=3, S=33, T=7, padded=padded)
+
+
+@pytest.mark.parametrize("S,T", [(1, 1), (7, 33), (33, 7), (1, 7)])
+def test_forward_odd_lengths_match_transformers(make_ckpt, S, T):
+    compare(make_ckpt("bert", "gpt2"), B=2, S=S, T=T, padded=S > 1)
+
+
+@pytest.mark.parametrize("enc,dec", [("bert", "gpt2"), ("roberta", "roberta")])
+def test_forward_with_padded_decoder_inputs_matches_at_real_positions(make_ckpt, enc, dec):
+    compare(make_ckpt(enc, dec), B=2, S=9, T=7, padded=True, dec_padded=True)
+
+
+@pytest.mark.parametrize("dec", ["gpt2", "bert"])
+def test_enc_to_dec_proj_when_widths_differ(make_ckpt, dec):
+    path = make_ckpt("bert", dec, enc_hidden=32, dec_hidden=48)
+    assert encdec_fast.load(path).cfg.has_enc_to_dec_proj
+    compare(path, B=2, S=7, T=5, padded=True)
+
+
+@pytest.mark.parametrize("fmt", ["sharded", "bin"])
+def test_weight_file_layouts_load_identically(make_ckpt, fmt):
+    compare(make_ckpt("bert", "gpt2", fmt=fmt), B=2, S=7, T=5, padded=True)
+
+
+def test_untied_lm_head_and_gpt2_scaling_flags(make_ckpt):
+    path = make_ckpt("bert", "gpt2", dec_kw=dict(tie_word_embeddings=False, scale_attn_by_inverse_layer_idx=True,
+                                                   reorder_and_upcast_attn=True))
+    ours = encdec_fast.load(path)
+    assert ours.graph.decoder.head.weight.data_ptr() != ours.graph.decoder.embed.word.data_ptr()
+    compare(path, B=2, S=7, T=5, padded=False)
+
+
+def test_tied_lm_head_shares_the_embedding_tensor(make_ckpt):
+    ours = encdec_fast.load(make_ckpt("bert", "gpt2"))
+    assert ours.graph.decoder.head.weight.data_ptr() == ours.graph.decoder.embed.word.data_ptr()
+
+
+@pytest.mark.parametrize("enc,dec", [("bert", "gpt2"), ("roberta", "roberta")])
+def test_loss_matches_transformers(make_ckpt, enc, dec):
+    path = make_ckpt(enc, dec)
+    ref, ours = hf_model(path), encdec_fast.load(path)
+    pad = ref.config.encoder.pad_token_id
+    ids, mask, _ = make_inputs(2, 9, 1, 97, pad, True, avoid=(pad, ref.config.pad_token_id))
+    labels = torch.randint(4, 97, (2, 6))
+    labels[labels == ref.config.pad_token_id] = 5
+    labels[1, 4:] = -100
+    with torch.no_grad():
+        r = ref(input_ids=ids, attention_mask=mask, labels=labels)
+    o = ours(ids, attention_mask=mask, labels=labels)
+    assert abs(o.loss.item() - r.loss.item()) < 1e-5, (o.loss.item(), r.loss.item())
+    assert rel_err(o.logits, r.logits) < 1e-4
+
+
+def test_encoder_outputs_argument_skips_the_encoder(make_ckpt):
+    path = make_ckpt("bert", "gpt2")
+    ref, ours = hf_model(path), encdec_fast.load(path)
+    ids, mask, dec = make_inputs(2, 7, 5, 97, 0, True)
+    with torch.no_grad():
+        r = ref(input_ids=ids, attention_mask=mask, decoder_input_ids=dec)
+    enc = ours(ids, attention_mask=mask, decoder_input_ids=dec).encoder_last_hidden_state
+    o = ours(encoder_outputs=(enc,), attention_mask=mask, decoder_input_ids=dec)
+    assert rel_err(o.logits, r.logits) < 1e-4
+
+
+def _save_half(model, path):
+    model.save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("dec", ["gpt2", "bert"])
+def test_glued_encoder_and_decoder_match_from_encoder_decoder_pretrained(tmp_path, dec):
+    """Decoder checkpoint already holds cross-attention weights: every tensor comes from disk."""
+    import transformers as T
+    from conftest import half_config
+
+    torch.manual_seed(1)
+    enc_m = T.BertModel(half_config("bert", hidden=32, layers=2, heads=2, vocab=97, decoder=False))
+    dc = half_config(dec, hidden=48, layers=2, heads=2, vocab=97, decoder=True)
+    dec_m = (T.GPT2LMHeadModel if dec == "gpt2" else T.BertLMHeadModel)(dc)
+    with torch.no_grad():
+        for m in (enc_m, dec_m):
+            for n, p in m.named_parameters():
+                if "LayerNorm" not in n and "ln_" not in n:
+                    p.normal_(0, 0.3)
+    ep, dp = _save_half(enc_m, tmp_path / "enc"), _save_half(dec_m, tmp_path / "dec")
+    ref = T.EncoderDecoderModel.from_encoder_decoder_pretrained(str(ep), str(dp)).eval()
+    ours = encdec_fast.load(encoder=ep, decoder=dp)
+    assert ours.cfg.has_enc_to_dec_proj
+    # the projection is new in both (random): give ours transformers' values
+    ours.graph.enc_to_dec_proj.weight.copy_(ref.enc_to_dec_proj.weight)
+    ours.graph.enc_to_dec_proj.bias.copy_(ref.enc_to_dec_proj.bias)
+    ids, mask, decids = make_inputs(2, 9, 6, 97, 0, True)
+    with torch.no_grad():
+        r = ref(input_ids=ids, attention_mask=mask, decoder_input_ids=decids)
+    o = ours(ids, attention_mask=mask, decoder_input_ids=decids)
+    assert rel_err(o.logits, r.logits) < 1e-4
+
+
+def test_glued_decoder_without_cross_attention_is_initialised_reproducibly_with_one_warning(tmp_path):
+    import transformers as T
+    from conftest import half_config
+
+    torch.manual_seed(2)
+    ep = _save_half(T.BertModel(half_config("bert", hidden=32, layers=1, heads=2, vocab=97, decoder=False)), tmp_path / "e")
+    gc = half_config("gpt2", hidden=32, layers=1, heads=2, vocab=97, decoder=False)
+    dp = _save_half(T.GPT2LMHeadModel(gc), tmp_path / "d")
+    with pytest.warns(UserWarning, match="crossattention") as rec:
+        a = encdec_fast.load(encoder=ep, decoder=dp, seed=7)
+    assert len([w for w in rec if "lacks" in str(w.message)]) == 1
+    b = encdec_fast.load(encoder=ep, decoder=dp, seed=7)
+    c = encdec_fast.load(encoder=ep, decoder=dp, seed=8)
+    wa, wb, wc = (m.graph.decoder.layers[0].cross.q.weight for m in (a, b, c))
+    assert torch.equal(wa, wb) and not torch.equal(wa, wc)
+    ids = torch.randint(4, 97, (1, 5))
+    assert torch.equal(a(ids, decoder_input_ids=ids).logits, b(ids, decoder_input_ids=ids).logits)
