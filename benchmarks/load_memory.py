@@ -1,0 +1,86 @@
+"""Peak resident memory of encdec_fast.load() relative to the checkpoint's weight bytes.
+
+    python benchmarks/load_memory.py --size base      # bert-base + gpt2 (random weights)
+    python benchmarks/load_memory.py --size small
+
+Builds the checkpoint with transformers in one process, then loads it in a fresh one and reports
+(peak RSS during load - RSS before load) / weight bytes.
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+SIZES = {  # (encoder layers, hidden, heads, ffn), (decoder layers), vocab
+    "base": dict(enc=(12, 768, 12, 3072), dec_layers=12, vocab=50257),
+    "small": dict(enc=(4, 256, 4, 1024), dec_layers=4, vocab=8000),
+}
+
+
+def build(path: str, size: str):
+    import torch
+    import transformers as T
+
+    s = SIZES[size]
+    L, E, H, F = s["enc"]
+    enc = T.BertConfig(vocab_size=30522 if size == "base" else s["vocab"], hidden_size=E, num_hidden_layers=L,
+                       num_attention_heads=H, intermediate_size=F)
+    dec = T.GPT2Config(vocab_size=s["vocab"], n_embd=E, n_layer=s["dec_layers"], n_head=H, is_decoder=True,
+                       add_cross_attention=True)
+    cfg = T.EncoderDecoderConfig.from_encoder_decoder_configs(enc, dec)
+    cfg.decoder_start_token_id, cfg.pad_token_id = 0, 0
+    with torch.device("meta"):
+        model = T.EncoderDecoderModel(cfg)
+    model = model.to_empty(device="cpu")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.02)
+    model.save_pretrained(path)
+
+
+def measure(path: str) -> dict:
+    import resource
+
+    import torch  # noqa: F401
+    import transformers  # noqa: F401
+
+    import encdec_fast
+
+    def rss():
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    before = rss()
+    model = encdec_fast.load(path, device="cpu")
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    weights = sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path) if f.endswith(".safetensors"))
+    params = sum(b.numel() * b.element_size() for b in {id(b): b for b in model.graph.buffers()}.values())
+    return dict(weight_bytes=weights, model_bytes=params, rss_before=before, peak_rss=peak,
+                peak_increase=peak - before, ratio=(peak - before) / weights)
+
+
+def run(size: str) -> dict:
+    with tempfile.TemporaryDirectory() as d:
+        subprocess.run([sys.executable, __file__, "--build", d, "--size", size], check=True,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        out = subprocess.run([sys.executable, __file__, "--measure", d], check=True, capture_output=True, text=True)
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--size", default="base", choices=sorted(SIZES))
+    ap.add_argument("--build")
+    ap.add_argument("--measure")
+    a = ap.parse_args()
+    if a.build:
+        build(a.build, a.size)
+    elif a.measure:
+        print(json.dumps(measure(a.measure)))
+    else:
+        r = run(a.size)
+        print(f"weights {r['weight_bytes'] / 2**20:.0f} MiB, peak RSS increase during load "
+              f"{r['peak_increase'] / 2**20:.0f} MiB = {r['ratio']:.2f}x the weights")
