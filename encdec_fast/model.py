@@ -106,10 +106,11 @@ class SelfAttention(nn.Module):
         return self.o(a.flatten(-2), ops)
 
     def step(self, x, ops, *, k_cache, v_cache, pos, seq_lens):
-        """x (N, E); writes this token's K/V at slot pos of the (N, Lmax, H, D) caches."""
+        """x (N, E); writes row n's K/V at slot pos[n] of the (N, Lmax, H, D) caches."""
         q, k, v = _heads(self.qkv(x, ops), 3, self.H)  # each (N, H, D)
-        k_cache.index_copy_(1, pos, k.unsqueeze(1))
-        v_cache.index_copy_(1, pos, v.unsqueeze(1))
+        rows = torch.arange(x.shape[0], device=x.device)
+        k_cache[rows, pos] = k
+        v_cache[rows, pos] = v
         a = ops.decode_attention(q, k_cache, v_cache, scale=self.scale, seq_lens=seq_lens)
         return self.o(a.flatten(-2), ops)
 
@@ -249,15 +250,17 @@ class Decoder(nn.Module):
         return self.head(self._run(x, ops, lambda layer, i: kw | {"cross_kv": cross_kv[i]}, "full"), ops)
 
     def step(self, ids, pos, cache, cross_kv, enc_mask, kv_index, enc_lens, ops):
-        """One token per row. ids (N,); pos long (1,) = number of tokens already in the cache.
+        """One token per row. ids (N,); pos long (1,) or (N,) = number of tokens already in each row's
+        cache (the slot this token is written to; per row for continuous batching).
         cache: (k_caches, v_caches) lists of (N, Lmax, H, D). Returns logits (N, V)."""
         cfg = self.cfg
+        pos = pos.expand(ids.shape[0])
         if cfg.family == "roberta":
             p = torch.where(ids != cfg.pad_token_id, pos + cfg.pad_token_id + 1, cfg.pad_token_id)
         else:
-            p = pos.expand(ids.shape[0])
+            p = pos
         x = self.embed(ids.unsqueeze(1), p.unsqueeze(1), ops).squeeze(1)  # (N, E)
-        seq_lens = (pos + 1).to(torch.int32).expand(ids.shape[0])
+        seq_lens = (pos + 1).to(torch.int32)
         ks, vs = cache
 
         def kw(layer, i):
