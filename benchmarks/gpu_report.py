@@ -1,0 +1,128 @@
+"""One command for a machine with a GPU and no network: GPU parity tests, kernel timings and the
+W1-W3 workloads, then rewrite benchmarks/RESULTS.md (device, versions, date, tables).
+
+    python benchmarks/gpu_report.py                  # everything
+    python benchmarks/gpu_report.py --parts tests kernels      # a subset (sections kept from the old file)
+    python benchmarks/gpu_report.py --out DIR        # also copy RESULTS.md and logs to DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "RESULTS.md"
+PARTS = ("tests", "kernels", "workloads", "engine")
+
+
+def sh(cmd: list[str], log: Path, env=None, timeout=3000) -> tuple[int, str]:
+    print("$", " ".join(cmd), flush=True)
+    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ, **(env or {})}, timeout=timeout)
+    out = p.stdout + p.stderr
+    log.write_text(out)
+    print(out[-3000:], flush=True)
+    return p.returncode, out
+
+
+def header() -> str:
+    import torch
+    import transformers
+    import triton
+
+    dev = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
+    return (f"Device: **{dev}**; torch {torch.__version__}, triton {triton.__version__}, "
+            f"transformers {transformers.__version__}; CUDA {torch.version.cuda}; "
+            f"run {datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}.")
+
+
+def part_tests(tmp: Path) -> str:
+    rc, out = sh([sys.executable, "-m", "pytest", "tests/", "-q", "-p", "no:cacheprovider", "-rs"], tmp / "tests.log")
+    summary = [l for l in out.splitlines() if re.search(r"\d+ (passed|failed)", l)]
+    fails = [l for l in out.splitlines() if l.startswith("FAILED")]
+    body = f"`pytest tests/` on the GPU: **{summary[-1].strip('= ') if summary else 'no summary (rc %d)' % rc}**\n"
+    if fails:
+        body += "\n" + "\n".join(f"- {l}" for l in fails[:30]) + "\n"
+    lp = [l for l in out.splitlines() if re.match(r"torch\.(float16|bfloat16): triton", l.strip())]
+    if lp:
+        body += "\nWhole-model low-precision error vs fp32 (triton vs plain PyTorch at that precision):\n\n" + \
+                "\n".join(f"- {l.strip()}" for l in lp) + "\n"
+    return body
+
+
+def part_kernels(tmp: Path) -> str:
+    md = tmp / "kernels.md"
+    rc, out = sh([sys.executable, "benchmarks/bench_kernels.py", "--out", str(md)], tmp / "kernels.log")
+    return md.read_text() if md.exists() else f"bench_kernels.py failed (rc {rc}); see log.\n"
+
+
+def part_workloads(tmp: Path, name="workloads", files=("benchmarks/test_bench_workloads.py",)) -> str:
+    js = tmp / f"{name}.json"
+    rc, out = sh([sys.executable, "-m", "pytest", *files, "-q", "-s", "-p", "no:cacheprovider",
+                  "--benchmark-disable-gc"], tmp / f"{name}.log", env={"ENCDEC_BENCH_JSON": str(js)})
+    table = [l for l in out.splitlines() if l.startswith("|")]
+    extra = [l for l in out.splitlines() if l.startswith("ceilings:")]
+    body = "\n".join(table) + "\n"
+    if extra:
+        body += f"\nMeasured ceilings: {extra[-1][len('ceilings: '):]}\n"
+    if rc != 0:
+        body += f"\n(pytest exit code {rc}: " + "; ".join(l for l in out.splitlines() if l.startswith("FAILED"))[:2000] + ")\n"
+    return body
+
+
+def part_engine(tmp: Path) -> str:
+    return part_workloads(tmp, "engine", ("benchmarks/test_bench_engine.py",))
+
+
+TITLES = {"tests": "GPU parity tests", "kernels": "Kernels vs PyTorch", "workloads": "Workloads W1-W3",
+          "engine": "Batch engine"}
+
+
+def read_sections() -> dict[str, str]:
+    if not RESULTS.exists():
+        return {}
+    text = RESULTS.read_text()
+    secs = {}
+    for key, title in TITLES.items():
+        m = re.search(rf"## {re.escape(title)}\n(.*?)(?=\n## |\Z)", text, re.S)
+        if m:
+            secs[key] = m.group(1).strip() + "\n"
+    return secs
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--parts", nargs="+", default=list(PARTS), choices=PARTS)
+    ap.add_argument("--out")
+    a = ap.parse_args()
+    secs = read_sections()
+    with tempfile.TemporaryDirectory() as t:
+        tmp = Path(t)
+        for p in a.parts:
+            secs[p] = header() + "\n\n" + globals()[f"part_{p}"](tmp)
+            write(secs)
+        if a.out:
+            for f in tmp.iterdir():
+                shutil.copy(f, Path(a.out) / f.name)
+    if a.out:
+        shutil.copy(RESULTS, Path(a.out) / "RESULTS.md")
+
+
+def write(secs):
+    text = "# encdec_fast GPU results\n\nWritten by `python benchmarks/gpu_report.py`; each section names its device, versions and date.\n"
+    for key in PARTS:
+        if key in secs:
+            text += f"\n## {TITLES[key]}\n\n{secs[key].strip()}\n"
+    RESULTS.write_text(text)
+
+
+if __name__ == "__main__":
+    main()

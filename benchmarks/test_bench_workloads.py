@@ -1,0 +1,88 @@
+"""W1-W3 for every provider on the same checkpoint and inputs (pytest-benchmark).
+
+Prints a table at the end (tokens/s or sequences/s, ratio to transformers-sdpa, fraction of the
+physical floor, warm-up cost); with ENCDEC_BENCH_JSON=path it also writes the rows as JSON, which
+benchmarks/gpu_report.py turns into RESULTS.md.
+"""
+
+import pytest
+import torch
+
+import workloads as W
+
+# transformers-eager only where it finishes in reasonable time
+CASES = [(w, p) for w in W.WORKLOADS for p in W.PROVIDERS
+         if not (p == "transformers-eager" and w.name == "W2")]
+
+
+@pytest.fixture(scope="module")
+def bench_env(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("bench_ckpt"))
+    W.build_checkpoint(path)
+    env = {"path": path, "models": {}, "rows": [], "outputs": {}, "ceilings": W.measure_bandwidth_and_flops()}
+    yield env
+    _report(env)
+
+
+def _model(env, provider):
+    if provider not in env["models"]:
+        env["models"].clear()  # one provider resident at a time
+        if W.CUDA:
+            torch.cuda.empty_cache()
+        env["models"][provider] = W.load_provider(env["path"], provider)
+    return env["models"][provider]
+
+
+@pytest.mark.parametrize("w,provider", CASES, ids=[f"{w.label}-{p}" for w, p in CASES])
+def test_workload(benchmark, bench_env, w, provider):
+    model = _model(bench_env, provider)
+    vocab = W.MODEL[3] if not W.CUDA else 30522
+    ids, mask = W.inputs(w, min(vocab, W.MODEL[3]))
+    t0 = W.timer()
+    out = W.run_once(model, provider, w, ids, mask)  # warm-up: Triton compilation, CUDA-graph capture
+    warm = W.timer() - t0
+    rounds = 3 if W.CUDA else 2
+    out = benchmark.pedantic(W.run_once, args=(model, provider, w, ids, mask), rounds=rounds, iterations=1)
+    secs = benchmark.stats.stats.median
+    work = w.batch * (w.new_tokens if not w.encoder_only else 1)
+    row = dict(workload=w.label, provider=provider, seconds=secs, per_s=work / secs,
+               unit="seq/s" if w.encoder_only else "tok/s", warmup_s=warm)
+    if not w.encoder_only:
+        bench_env["outputs"][(w.label, provider)] = out.cpu()
+    if bench_env["ceilings"]:
+        g = model.graph if provider.startswith("encdec_fast") else None
+        bytes_per = torch.finfo(W.DTYPE).bits // 8
+        if g is not None:
+            enc_b = sum(b.numel() for b in g.encoder.buffers()) * bytes_per
+            dec_b = sum(b.numel() for b in g.decoder.buffers()) * bytes_per
+        else:
+            enc_b = sum(p.numel() for p in model.encoder.parameters()) * bytes_per
+            dec_b = sum(p.numel() for p in model.decoder.parameters()) * bytes_per
+        floor = W.floor_seconds(w, bench_env["ceilings"], enc_b, dec_b, bytes_per)
+        row["floor_frac"] = floor / secs
+    benchmark.extra_info.update(row)
+    bench_env["rows"].append(row)
+
+
+def _report(env):
+    rows = env["rows"]
+    base = {r["workload"]: r["seconds"] for r in rows if r["provider"] == "transformers-sdpa"}
+    for r in rows:
+        if r["workload"] in base:
+            r["speedup_vs_transformers_sdpa"] = base[r["workload"]] / r["seconds"]
+        ref = env["outputs"].get((r["workload"], "transformers-sdpa"))
+        out = env["outputs"].get((r["workload"], r["provider"]))
+        if ref is not None and out is not None and ref.shape == out.shape:
+            r["tokens_equal_to_transformers_sdpa"] = float((ref == out).float().mean())
+    env["ceilings"] and rows.append({"ceilings": env["ceilings"]})
+    W.save_results(rows)
+    print("\n\n| workload | provider | rate | vs transformers-sdpa | floor fraction | warm-up s | tokens = sdpa |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for r in rows:
+        if "workload" not in r:
+            continue
+        print(f"| {r['workload']} | {r['provider']} | {r['per_s']:.1f} {r['unit']} | "
+              f"{r.get('speedup_vs_transformers_sdpa', float('nan')):.2f}x | {r.get('floor_frac', float('nan')):.2f} | "
+              f"{r['warmup_s']:.2f} | {r.get('tokens_equal_to_transformers_sdpa', float('nan')):.3f} |")
+    if env["ceilings"]:
+        print(f"ceilings: {env['ceilings']}")

@@ -1,0 +1,185 @@
+"""Workloads W1-W3 (issue 5), shared checkpoint building, timing and physical floors.
+
+Sized for a GPU when CUDA is present, shrunk on the CPU so `pytest benchmarks/` stays short there.
+  W1  bert-base + gpt2, batch 1, 512 source tokens, 128 new tokens, greedy
+  W2  same model, batch 64 and 256, 256 source tokens, 64 new tokens, greedy and beam 4
+  W3  encoder only, batch 64 x 512 tokens
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+
+CUDA = torch.cuda.is_available()
+DEVICE = torch.device("cuda" if CUDA else "cpu")
+DTYPE = torch.bfloat16 if CUDA else torch.float32
+
+# (layers, hidden, heads, vocab) for the encoder and the decoder alike
+MODEL = (12, 768, 12, 50257) if CUDA else (2, 128, 4, 4000)
+
+
+@dataclass(frozen=True)
+class Workload:
+    name: str
+    batch: int
+    src_len: int
+    new_tokens: int
+    num_beams: int = 1
+    encoder_only: bool = False
+
+    @property
+    def label(self):
+        if self.encoder_only:
+            return f"{self.name} encoder b{self.batch}x{self.src_len}"
+        mode = "greedy" if self.num_beams == 1 else f"beam{self.num_beams}"
+        return f"{self.name} b{self.batch} src{self.src_len} new{self.new_tokens} {mode}"
+
+
+if CUDA:
+    WORKLOADS = [
+        Workload("W1", 1, 512, 128),
+        Workload("W2", 64, 256, 64),
+        Workload("W2", 256, 256, 64),
+        Workload("W2", 64, 256, 64, num_beams=4),
+        Workload("W2", 256, 256, 64, num_beams=4),
+        Workload("W3", 64, 512, 0, encoder_only=True),
+    ]
+else:
+    WORKLOADS = [
+        Workload("W1", 1, 64, 16),
+        Workload("W2", 8, 32, 8),
+        Workload("W2", 8, 32, 8, num_beams=4),
+        Workload("W3", 8, 64, 0, encoder_only=True),
+    ]
+
+PROVIDERS = ["encdec_fast-triton", "encdec_fast-torch", "transformers-sdpa", "transformers-eager"]
+if not CUDA:
+    PROVIDERS = ["encdec_fast-torch", "transformers-sdpa", "transformers-eager"]
+
+
+def build_checkpoint(path: str, seed: int = 0):
+    import transformers as T
+
+    L, E, H, V = MODEL
+    torch.manual_seed(seed)
+    enc = T.BertConfig(vocab_size=30522 if CUDA else V, hidden_size=E, num_hidden_layers=L, num_attention_heads=H,
+                       intermediate_size=4 * E)
+    dec = T.GPT2Config(vocab_size=V, n_embd=E, n_layer=L, n_head=H, is_decoder=True, add_cross_attention=True,
+                       bos_token_id=1, eos_token_id=2)
+    cfg = T.EncoderDecoderConfig.from_encoder_decoder_configs(enc, dec)
+    cfg.decoder_start_token_id, cfg.pad_token_id, cfg.eos_token_id = 1, 0, 2
+    with torch.device("meta"):
+        model = T.EncoderDecoderModel(cfg)
+    model = model.to_empty(device="cpu")
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n.endswith("bias"):
+                p.zero_()
+            elif "LayerNorm" in n or ".ln_" in n:
+                p.fill_(1.0)
+            else:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    model.save_pretrained(path)
+
+
+def load_provider(path: str, provider: str):
+    if provider.startswith("encdec_fast"):
+        import encdec_fast
+
+        return encdec_fast.load(path, device=DEVICE, dtype=DTYPE, backend=provider.split("-")[1])
+    import transformers as T
+
+    m = T.EncoderDecoderModel.from_pretrained(path, attn_implementation=provider.split("-")[1], dtype=DTYPE)
+    return m.to(DEVICE).eval()
+
+
+def inputs(w: Workload, vocab: int, seed: int = 0):
+    """Random ids (never the special ids 0-2), padded rows of varied length."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, vocab, (w.batch, w.src_len), generator=g)
+    mask = torch.ones_like(ids)
+    lens = torch.randint(max(1, w.src_len // 2), w.src_len + 1, (w.batch,), generator=g)
+    lens[0] = w.src_len
+    for b in range(w.batch):
+        mask[b, lens[b]:] = 0
+        ids[b, lens[b]:] = 0
+    return ids.to(DEVICE), mask.to(DEVICE)
+
+
+def sync():
+    if CUDA:
+        torch.cuda.synchronize()
+
+
+def run_once(model, provider: str, w: Workload, ids, mask):
+    """One full request of the workload, synchronised. Returns the output tensor."""
+    with torch.inference_mode():
+        if w.encoder_only:
+            if provider.startswith("encdec_fast"):
+                out = model.encode(ids, mask)[0]
+            else:
+                out = model.encoder(input_ids=ids, attention_mask=mask).last_hidden_state
+        else:
+            out = model.generate(ids, attention_mask=mask, max_new_tokens=w.new_tokens, min_new_tokens=w.new_tokens,
+                                 num_beams=w.num_beams, do_sample=False, early_stopping=True)
+    sync()
+    return out
+
+
+def measure_bandwidth_and_flops() -> dict:
+    """Measured ceilings on this device: device-to-device copy GB/s (read + write) and bf16 matmul TFLOP/s."""
+    if not CUDA:
+        return {}
+    import triton.testing as tt
+
+    x = torch.empty(2 * 1024**3 // 2, dtype=torch.bfloat16, device="cuda").normal_()
+    y = torch.empty_like(x)
+    ms = tt.do_bench(lambda: y.copy_(x), return_mode="median")
+    bw = 2 * x.numel() * 2 / (ms * 1e-3)
+    a = torch.randn(8192, 8192, dtype=torch.bfloat16, device="cuda")
+    b = torch.randn(8192, 8192, dtype=torch.bfloat16, device="cuda")
+    ms = tt.do_bench(lambda: a @ b, return_mode="median")
+    fl = 2 * 8192**3 / (ms * 1e-3)
+    del x, y, a, b
+    torch.cuda.empty_cache()
+    return {"bandwidth_GBps": bw / 1e9, "bf16_TFLOPs": fl / 1e12}
+
+
+def floor_seconds(w: Workload, ceilings: dict, enc_bytes: int, dec_bytes: int, bytes_per: int) -> float | None:
+    """Lower bound on the workload's time: each decode step must read the decoder weights and the
+    KV bytes (self cache so far + cross K/V); the encoder and the prefill are bounded by FLOPs."""
+    if not ceilings:
+        return None
+    L, E, H, V = MODEL
+    bw, fl = ceilings["bandwidth_GBps"] * 1e9, ceilings["bf16_TFLOPs"] * 1e12
+    enc_params = enc_bytes / bytes_per
+    enc_flops = 2 * enc_params * w.batch * w.src_len + 4 * w.batch * w.src_len**2 * E * L
+    enc_t = max(enc_flops / fl, enc_bytes / bw)
+    if w.encoder_only:
+        return enc_t
+    rows = w.batch * w.num_beams
+    t = enc_t
+    for step in range(w.new_tokens):
+        kv = L * 2 * E * bytes_per * rows * (step + 1) + L * 2 * E * bytes_per * w.batch * w.src_len
+        flops = 2 * (dec_bytes / bytes_per) * rows
+        t += max((dec_bytes + kv) / bw, flops / fl)
+    return t
+
+
+RESULTS_JSON = os.environ.get("ENCDEC_BENCH_JSON")
+
+
+def save_results(results: list[dict]):
+    if RESULTS_JSON:
+        with open(RESULTS_JSON, "w") as f:
+            json.dump(results, f, indent=1)
+
+
+def timer():
+    return time.perf_counter()
