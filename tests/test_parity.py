@@ -175,3 +175,41 @@ def test_glued_decoder_without_cross_attention_is_initialised_reproducibly_with_
     assert torch.equal(wa, wb) and not torch.equal(wa, wc)
     ids = torch.randint(4, 97, (1, 5))
     assert torch.equal(a(ids, decoder_input_ids=ids).logits, b(ids, decoder_input_ids=ids).logits)
+
+
+def test_tie_encoder_decoder_checkpoint_takes_missing_decoder_tensors_from_the_encoder(tmp_path):
+    """A bert2bert saved with tie_encoder_decoder=True (transformers 4.x) stores the shared body once."""
+    import json
+
+    import transformers as T
+    from safetensors.torch import load_file, save_file
+
+    from conftest import build_checkpoint
+
+    path = build_checkpoint(tmp_path / "tied", "bert", "bert")
+    ref = hf_model(path)
+    with torch.no_grad():  # make the decoder body equal to the encoder's, as tying does
+        enc_sd = ref.encoder.state_dict()
+        for n, p in ref.decoder.bert.named_parameters():
+            if n in enc_sd and "crossattention" not in n:
+                p.copy_(enc_sd[n])
+    ref.save_pretrained(path)
+    sd = load_file(str(path / "model.safetensors"))
+    dropped = [k for k in sd if k.startswith("decoder.bert.") and "encoder." + k[len("decoder.bert."):] in sd]
+    assert len(dropped) > 10
+    for k in dropped:
+        del sd[k]
+    save_file(sd, str(path / "model.safetensors"), metadata={"format": "pt"})
+    cfg = json.loads((path / "config.json").read_text())
+    cfg["tie_encoder_decoder"] = True
+    (path / "config.json").write_text(json.dumps(cfg))
+    ours = encdec_fast.load(path)
+    ids, mask, dec = make_inputs(2, 9, 6, 97, 0, True)
+    with torch.no_grad():
+        r = ref(input_ids=ids, attention_mask=mask, decoder_input_ids=dec)
+    assert rel_err(ours(ids, attention_mask=mask, decoder_input_ids=dec).logits, r.logits) < 1e-4
+    # without the flag the same file is incomplete
+    cfg["tie_encoder_decoder"] = False
+    (path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(encdec_fast.CheckpointError, match="missing tensors"):
+        encdec_fast.load(path)
