@@ -1,0 +1,255 @@
+"""Triton attention kernels vs the torch reference (encdec_fast.ops.attention / decode_attention).
+
+On a CPU the kernels run under Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1), so
+shapes are small (H=2, B<=3) but awkward: lengths 1, 7, 33, 130; head dims 16, 64, 80, 96.
+Each output is compared with the reference run in fp32 on the same (rounded) inputs; on CUDA,
+fp16/bf16 outputs must also be within 2x (+ a small atol) of the error of the reference run in
+that low precision (the flash-attention criterion).
+"""
+
+import pytest
+import torch
+
+from encdec_fast import ops
+from encdec_fast.kernels import attention as katt
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+ON_CUDA = DEVICE == "cuda"
+H = 2
+
+needs_cuda = pytest.mark.skipif(not ON_CUDA, reason="needs a CUDA device")
+bf16_needs_cuda = pytest.mark.skipif(
+    not ON_CUDA, reason="bf16 arithmetic is wrong under Triton's CPU interpreter; bf16 is tested on CUDA only")
+
+# (dtype, atol, rtol) against the fp32 reference
+DTYPES = [
+    pytest.param(torch.float32, 2e-5, 1e-5, id="fp32"),
+    pytest.param(torch.float16, 2e-3, 2e-3, id="fp16"),
+    pytest.param(torch.bfloat16, 1.6e-2, 1.6e-2, id="bf16", marks=bf16_needs_cuda),
+]
+FLASH_ATOL = {torch.float16: 5e-4, torch.bfloat16: 4e-3}  # slack of the 2x criterion
+
+
+def _randn(*shape, dtype):
+    return torch.randn(*shape, device=DEVICE, dtype=torch.float32).to(dtype)
+
+
+def _padding_mask(B, L, *, middle=False):
+    """True = attend. Row 0 keeps everything; later rows lose a tail (and, with middle, a gap)."""
+    m = torch.ones(B, L, dtype=torch.bool, device=DEVICE)
+    for b in range(1, B):
+        m[b, max(1, L - b * (L // 3 + 1)):] = False
+    if middle and L >= 4:
+        m[0, L // 4: L // 2 + 1] = False
+    return m
+
+
+def _check(out, ref32, atol, rtol, what, ref_lowp=None):
+    """out vs the fp32 reference; on CUDA also the 2x criterion vs the low-precision reference."""
+    assert out.shape == ref32.shape, f"{what}: shape {tuple(out.shape)} != {tuple(ref32.shape)}"
+    err = (out.float() - ref32).abs()
+    bad = err > atol + rtol * ref32.abs()
+    assert not bad.any(), (f"{what}: max abs err {err.max().item():.3e}, mean {err.mean().item():.3e} "
+                           f"(atol {atol}, rtol {rtol}, {bad.sum().item()} elements out)")
+    if ON_CUDA and ref_lowp is not None and out.dtype in FLASH_ATOL:
+        ours, theirs = err.max().item(), (ref_lowp.float() - ref32).abs().max().item()
+        assert ours <= 2 * theirs + FLASH_ATOL[out.dtype], (
+            f"{what}: our {out.dtype} max err {ours:.3e} (mean {err.mean().item():.3e}) exceeds 2x torch's "
+            f"{theirs:.3e} + {FLASH_ATOL[out.dtype]}")
+
+
+def _run_attention(B, Lq, Lk, D, dtype, atol, rtol, *, causal=False, key_mask=None, fused_kv=False):
+    scale = D ** -0.5
+    q = _randn(B, Lq, H, D, dtype=dtype)
+    if fused_kv:  # k, v as strided views into one [B, L, 2, H, D] projection
+        kv = _randn(B, Lk, 2, H, D, dtype=dtype)
+        k, v = kv[:, :, 0], kv[:, :, 1]
+    else:
+        k, v = _randn(B, Lk, H, D, dtype=dtype), _randn(B, Lk, H, D, dtype=dtype)
+    out = katt.attention(q, k, v, scale=scale, causal=causal, key_mask=key_mask)
+    ref32 = ops.attention(q.float(), k.float(), v.float(), scale=scale, causal=causal, key_mask=key_mask)
+    ref_lowp = ops.attention(q, k, v, scale=scale, causal=causal, key_mask=key_mask) if ON_CUDA else None
+    assert out.dtype == dtype and out.is_contiguous()
+    _check(out, ref32, atol, rtol, f"attention B={B} Lq={Lq} Lk={Lk} D={D} causal={causal}", ref_lowp)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# attention (encoder self-attention, causal prefill, cross-attention)
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype, atol, rtol", DTYPES)
+@pytest.mark.parametrize("B, L, D", [(1, 1, 16), (2, 7, 64), (2, 33, 80), (1, 130, 96), (1, 33, 32)])
+def test_attention_matches_reference_bidirectional(B, L, D, dtype, atol, rtol):
+    _run_attention(B, L, L, D, dtype, atol, rtol)
+
+
+@pytest.mark.parametrize("dtype, atol, rtol", DTYPES)
+@pytest.mark.parametrize("B, L, D, middle", [(3, 7, 16, False), (2, 33, 64, True), (2, 130, 80, False)])
+def test_attention_matches_reference_with_key_padding(B, L, D, middle, dtype, atol, rtol):
+    _run_attention(B, L, L, D, dtype, atol, rtol, key_mask=_padding_mask(B, L, middle=middle))
+
+
+@pytest.mark.parametrize("dtype, atol, rtol", DTYPES)
+@pytest.mark.parametrize("B, L, D, padded", [(1, 1, 64, False), (2, 7, 96, True), (2, 33, 16, False),
+                                             (1, 130, 64, True), (2, 33, 128, True)])
+def test_causal_attention_matches_reference(B, L, D, padded, dtype, atol, rtol):
+    mask = _padding_mask(B, L) if padded else None
+    _run_attention(B, L, L, D, dtype, atol, rtol, causal=True, key_mask=mask)
+
+
+@pytest.mark.parametrize("dtype, atol, rtol", DTYPES)
+@pytest.mark.parametrize("B, Lq, Lk, D", [(2, 7, 33, 64), (2, 33, 7, 80), (1, 1, 130, 96), (2, 130, 7, 16)])
+def test_cross_attention_matches_reference_with_encoder_padding(B, Lq, Lk, D, dtype, atol, rtol):
+    _run_attention(B, Lq, Lk, D, dtype, atol, rtol, key_mask=_padding_mask(B, Lk), fused_kv=True)
+
+
+@pytest.mark.parametrize("dtype, atol, rtol", DTYPES[:2])
+@pytest.mark.parametrize("Lq, Lk", [(7, 33), (33, 7)])
+def test_causal_attention_is_bottom_right_aligned_when_lengths_differ(Lq, Lk, dtype, atol, rtol):
+    out = _run_attention(2, Lq, Lk, 64, dtype, atol, rtol, causal=True)
+    if Lq > Lk:  # the first Lq - Lk queries see no key at all
+        assert (out[:, : Lq - Lk] == 0).all()
+
+
+@pytest.mark.parametrize("dtype, atol, rtol", DTYPES[:2])
+def test_attention_accepts_fused_qkv_views(dtype, atol, rtol):
+    B, L, D = 2, 33, 64
+    qkv = _randn(B, L, 3, H, D, dtype=dtype)  # one fused projection, as the model produces it
+    q, k, v = qkv.unbind(2)
+    out = katt.attention(q, k, v, scale=0.125, causal=True)
+    ref = ops.attention(q.float(), k.float(), v.float(), scale=0.125, causal=True)
+    _check(out, ref, atol, rtol, "attention on fused-QKV views")
+
+
+def test_attention_row_without_visible_key_outputs_zeros():
+    B, L, D = 2, 7, 16
+    mask = torch.ones(B, L, dtype=torch.bool, device=DEVICE)
+    mask[1] = False
+    q, k, v = (_randn(B, L, H, D, dtype=torch.float32) for _ in range(3))
+    out = katt.attention(q, k, v, scale=0.25, key_mask=mask)
+    assert torch.isfinite(out).all()
+    assert (out[1] == 0).all()
+    ref = ops.attention(q, k, v, scale=0.25, key_mask=mask)
+    _check(out, ref, 2e-5, 1e-5, "attention with one fully masked batch row")
+
+
+def test_attention_rejects_bad_inputs():
+    q = _randn(2, 7, H, 16, dtype=torch.float32)
+    with pytest.raises(ValueError, match="dtype"):
+        katt.attention(q, q.half(), q.half(), scale=1.0)
+    with pytest.raises(ValueError, match="4-D"):
+        katt.attention(q[0], q, q, scale=1.0)
+    with pytest.raises(ValueError, match="unit stride"):
+        katt.attention(q, q, q.transpose(2, 3), scale=1.0)
+    with pytest.raises(ValueError, match="key_mask"):
+        katt.attention(q, q, q, scale=1.0, key_mask=torch.ones(2, 8, dtype=torch.bool, device=DEVICE))
+    with pytest.raises(ValueError, match="batch"):
+        katt.attention(q, q[:1], q[:1], scale=1.0)
+
+
+# --------------------------------------------------------------------------------------------
+# decode attention (one query per row over a cache)
+# --------------------------------------------------------------------------------------------
+def _run_decode(N, Bk, Lmax, D, dtype, atol, rtol, *, seq_lens, kv_index=None, key_mask=None, num_splits=None):
+    scale = D ** -0.5
+    q = _randn(N, H, D, dtype=dtype)
+    k, v = _randn(Bk, Lmax, H, D, dtype=dtype), _randn(Bk, Lmax, H, D, dtype=dtype)
+    seq_lens = torch.as_tensor(seq_lens, dtype=torch.int32, device=DEVICE)
+    kw = dict(scale=scale, seq_lens=seq_lens, kv_index=kv_index, key_mask=key_mask)
+    out = katt.decode_attention(q, k, v, num_splits=num_splits, **kw)
+    ref32 = ops.decode_attention(q.float(), k.float(), v.float(), **kw)
+    ref_lowp = ops.decode_attention(q, k, v, **kw) if ON_CUDA else None
+    assert out.dtype == dtype and out.is_contiguous()
+    _check(out, ref32, atol, rtol, f"decode N={N} Lmax={Lmax} D={D} splits={num_splits}", ref_lowp)
+    return out
+
+
+@pytest.mark.parametrize("dtype, atol, rtol", DTYPES)
+@pytest.mark.parametrize("N, Lmax, D, seq_lens, num_splits", [
+    (1, 1, 16, [1], None),
+    (3, 7, 64, [7, 1, 4], None),
+    (2, 33, 80, [33, 20], 1),  # unsplit
+    (3, 130, 96, [130, 64, 3], 3),  # split, one row ends inside the first split
+])
+def test_decode_attention_matches_reference_with_ragged_lengths(N, Lmax, D, seq_lens, num_splits, dtype, atol, rtol):
+    _run_decode(N, N, Lmax, D, dtype, atol, rtol, seq_lens=seq_lens, num_splits=num_splits)
+
+
+@pytest.mark.parametrize("dtype, atol, rtol", DTYPES)
+@pytest.mark.parametrize("Lk, D, num_splits", [(7, 16, None), (130, 64, 1), (130, 80, 2)])
+def test_decode_cross_attention_matches_reference_with_shared_rows_and_padding(Lk, D, num_splits, dtype, atol, rtol):
+    Bk, beams = 2, 3  # 2 inputs x 3 beams: beams share their input's encoder K/V row
+    kv_index = torch.arange(Bk, device=DEVICE).repeat_interleave(beams)
+    key_mask = _padding_mask(Bk, Lk, middle=True)
+    _run_decode(Bk * beams, Bk, Lk, D, dtype, atol, rtol, seq_lens=[Lk] * (Bk * beams), kv_index=kv_index,
+                key_mask=key_mask, num_splits=num_splits)
+
+
+@pytest.mark.parametrize("num_splits", [2, 5])
+def test_decode_attention_split_matches_unsplit(num_splits):
+    torch.manual_seed(0)
+    N, Lmax, D = 2, 130, 32
+    q = _randn(N, H, D, dtype=torch.float32)
+    k, v = _randn(N, Lmax, H, D, dtype=torch.float32), _randn(N, Lmax, H, D, dtype=torch.float32)
+    lens = torch.tensor([130, 40], dtype=torch.int32, device=DEVICE)
+    one = katt.decode_attention(q, k, v, scale=0.2, seq_lens=lens, num_splits=1)
+    many = katt.decode_attention(q, k, v, scale=0.2, seq_lens=lens, num_splits=num_splits)
+    _check(many, one, 1e-5, 1e-5, f"decode split {num_splits} vs unsplit")
+
+
+def test_decode_attention_accepts_int64_indices_and_integer_mask():
+    Bk, Lk, D = 2, 33, 16
+    kv_index = torch.tensor([1, 1, 0], dtype=torch.int64, device=DEVICE)
+    mask = _padding_mask(Bk, Lk).to(torch.int64)  # 1/0 like a tokenizer's attention_mask
+    _run_decode(3, Bk, Lk, D, torch.float32, 2e-5, 1e-5, seq_lens=[Lk, 9, Lk], kv_index=kv_index, key_mask=mask)
+
+
+def test_decode_attention_row_without_visible_key_outputs_zeros():
+    out = _run_decode(2, 2, 33, 16, torch.float32, 2e-5, 1e-5, seq_lens=[0, 33], num_splits=2)
+    assert (out[0] == 0).all()
+
+
+def test_decode_split_count_depends_only_on_shapes():
+    cpu = torch.device("cpu")  # off CUDA the launcher assumes an H100's 132 SMs
+    assert katt._decode_splits(64 * 12, 640, 64, cpu) == 1  # enough (row, head) programs already
+    few = katt._decode_splits(1 * 12, 640, 64, cpu)
+    assert 1 < few <= 640 // 64  # split, each split at least one key block
+    assert katt._decode_splits(12, 7, 64, cpu) == 1  # too short to split
+
+
+def test_decode_attention_rejects_bad_inputs():
+    q = _randn(2, H, 16, dtype=torch.float32)
+    k = _randn(2, 7, H, 16, dtype=torch.float32)
+    lens = torch.tensor([7, 7], dtype=torch.int32, device=DEVICE)
+    with pytest.raises(ValueError, match="seq_lens"):
+        katt.decode_attention(q, k, k, scale=1.0, seq_lens=lens.float())
+    with pytest.raises(ValueError, match="kv_index"):
+        katt.decode_attention(q, k[:1], k[:1], scale=1.0, seq_lens=lens)
+    with pytest.raises(ValueError, match="3-D"):
+        katt.decode_attention(q[None], k, k, scale=1.0, seq_lens=lens)
+    with pytest.raises(ValueError, match="key_mask"):
+        katt.decode_attention(q, k, k, scale=1.0, seq_lens=lens, key_mask=torch.ones(2, 6, dtype=torch.bool))
+
+
+@needs_cuda
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_decode_attention_is_cuda_graph_capturable(num_splits):
+    N, Lmax, D = 3, 130, 64
+    q = _randn(N, H, D, dtype=torch.float16)
+    k, v = _randn(N, Lmax, H, D, dtype=torch.float16), _randn(N, Lmax, H, D, dtype=torch.float16)
+    lens = torch.full((N,), 5, dtype=torch.int32, device=DEVICE)
+    run = lambda: katt.decode_attention(q, k, v, scale=0.125, seq_lens=lens, num_splits=num_splits)  # noqa: E731
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm up (compile) outside the capture
+        run()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = run()
+    for n in (1, 77, Lmax):  # new lengths written in place, no re-capture
+        lens.fill_(n)
+        lens[0] = max(1, n // 2)
+        graph.replay()
+        ref = ops.decode_attention(q.float(), k.float(), v.float(), scale=0.125, seq_lens=lens)
+        _check(out, ref, 2e-3, 2e-3, f"graph replay with seq_lens {lens.tolist()}")
