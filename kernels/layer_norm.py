@@ -54,9 +54,12 @@ def _layer_norm_kernel(
     x = x.to(tl.float32)
 
     # -- statistics: mean, then variance of the centred row (padding lanes forced to 0)
-    mean = tl.sum(x, axis=1) / N  # [BLOCK_ROWS]
+    # div_rn: correctly rounded (plain fp32 `/` on the GPU is approximate, which leaves a constant
+    # row with a residual that 1/sqrt(eps=1e-12) blows up)
+    n = N.to(tl.float32)
+    mean = tl.math.div_rn(tl.sum(x, axis=1), n)  # [BLOCK_ROWS]
     xc = tl.where(mask, x - mean[:, None], 0.0)
-    var = tl.sum(xc * xc, axis=1) / N
+    var = tl.math.div_rn(tl.sum(xc * xc, axis=1), n)
     rstd = 1.0 / tl.sqrt(var + eps)
 
     # -- affine and store in the input dtype
