@@ -16,6 +16,7 @@ import tempfile
 
 SIZES = {  # (encoder layers, hidden, heads, ffn), (decoder layers), vocab
     "base": dict(enc=(12, 768, 12, 3072), dec_layers=12, vocab=50257),
+    "medium": dict(enc=(6, 512, 8, 2048), dec_layers=6, vocab=16000),
     "small": dict(enc=(4, 256, 4, 1024), dec_layers=4, vocab=8000),
 }
 
@@ -58,8 +59,10 @@ def measure(path: str) -> dict:
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     weights = sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path) if f.endswith(".safetensors"))
     params = sum(b.numel() * b.element_size() for b in {id(b): b for b in model.graph.buffers()}.values())
+    status = dict(line.split(":", 1) for line in open("/proc/self/status").read().splitlines() if ":" in line)
     return dict(weight_bytes=weights, model_bytes=params, rss_before=before, peak_rss=peak,
-                peak_increase=peak - before, ratio=(peak - before) / weights)
+                peak_increase=peak - before, ratio=(peak - before) / weights,
+                rss_anon=status["RssAnon"].strip(), rss_file=status["RssFile"].strip())
 
 
 def run(size: str) -> dict:
