@@ -83,16 +83,16 @@ def decode_attention(q, k, v, *, scale: float, seq_lens: torch.Tensor, kv_index=
     N, H, D = q.shape
     Lmax = k.shape[1]
     if kv_index is not None:
-        k, v = k[kv_index], v[kv_index]
+        k, v = k.index_select(0, kv_index), v.index_select(0, kv_index)
         if key_mask is not None:
-            key_mask = key_mask[kv_index]
+            key_mask = key_mask.index_select(0, kv_index)
     visible = torch.arange(Lmax, device=q.device)[None, :] < seq_lens.to(q.device)[:, None]  # (N, Lmax)
     if key_mask is not None:
         visible = visible & key_mask.bool()
-    s = torch.einsum("nhd,nlhd->nhl", q.float(), k.float()) * scale  # (N, H, Lmax)
-    s = s.masked_fill(~visible[:, None, :], float("-inf"))
-    p = torch.softmax(s, dim=-1).nan_to_num(0.0)
-    return torch.einsum("nhl,nlhd->nhd", p, v.float()).to(q.dtype)
+    # SDPA on (N, H, 1|Lmax, D) views of the cache layout (no permute copies); fp32 math
+    out = F.scaled_dot_product_attention(q.float().unsqueeze(2), k.float().transpose(1, 2), v.float().transpose(1, 2),
+                                         attn_mask=visible[:, None, None, :], scale=scale)  # (N, H, 1, D)
+    return out.squeeze(2).nan_to_num(0.0).to(q.dtype)  # a row with no visible key -> zeros
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,0 +1,138 @@
+"""Shared fixtures for the generate() benchmarks (test_bench_generate.py).
+
+gen_bench: one bert2gpt2 checkpoint with random weights, built with transformers in a temporary folder
+(bert-base + gpt2 sizes when CUDA is present; shrunk on the CPU so the suite stays short there), both
+models loaded once (encdec_fast and transformers, same device and dtype), and a results table printed
+at the end of the session.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import pytest
+import torch
+
+CUDA = torch.cuda.is_available()
+
+
+@dataclass(frozen=True)
+class GenBenchSize:
+    layers: int
+    hidden: int
+    heads: int
+    enc_vocab: int
+    dec_vocab: int
+    positions: int
+    src_len: int  # longest source row; the others are padded shorter
+    new_tokens: int
+
+
+# bert-base encoder + gpt2 (small) decoder on the GPU; 4 layers x 256 on the CPU
+GEN_SIZE = (GenBenchSize(12, 768, 12, 30522, 50257, 1024, 128, 64) if CUDA
+            else GenBenchSize(4, 256, 4, 8000, 8000, 512, 48, 24))
+GEN_DTYPE = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[
+    os.environ.get("ENCDEC_BENCH_DTYPE", "fp16" if CUDA else "fp32")]
+GEN_DEVICE = torch.device("cuda" if CUDA else "cpu")
+
+
+def build_bert2gpt2(path: str, size: GenBenchSize, seed: int = 0) -> str:
+    """Save a random bert2gpt2 EncoderDecoderModel (transformers' own init, std 0.05 for diverse outputs)."""
+    import transformers as T
+
+    torch.manual_seed(seed)
+    enc = T.BertConfig(vocab_size=size.enc_vocab, hidden_size=size.hidden, num_hidden_layers=size.layers,
+                       num_attention_heads=size.heads, intermediate_size=4 * size.hidden,
+                       max_position_embeddings=max(512, size.src_len))
+    dec = T.GPT2Config(vocab_size=size.dec_vocab, n_embd=size.hidden, n_layer=size.layers, n_head=size.heads,
+                       n_positions=size.positions, is_decoder=True, add_cross_attention=True, bos_token_id=1,
+                       eos_token_id=2)
+    cfg = T.EncoderDecoderConfig.from_encoder_decoder_configs(enc, dec)
+    cfg.decoder_start_token_id, cfg.pad_token_id, cfg.eos_token_id = 1, 0, 2
+    model = T.EncoderDecoderModel(cfg)  # not on the meta device: to_empty() would untie lm_head from wte
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.zero_()
+            elif "LayerNorm" in name or ".ln_" in name:
+                p.fill_(1.0)
+            else:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    model.save_pretrained(path)
+    return path
+
+
+def gen_inputs(batch: int, size: GenBenchSize, seed: int = 0):
+    """Random source ids (never 0-2), right-padded rows of varied length; the first row is the longest."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, size.enc_vocab, (batch, size.src_len), generator=g)
+    lens = torch.randint(max(1, size.src_len // 2), size.src_len + 1, (batch,), generator=g)
+    lens[0] = size.src_len
+    mask = (torch.arange(size.src_len)[None, :] < lens[:, None]).long()
+    return ids.masked_fill(mask == 0, 0).to(GEN_DEVICE), mask.to(GEN_DEVICE)
+
+
+def sync():
+    if CUDA:
+        torch.cuda.synchronize()
+
+
+@dataclass
+class GenBench:
+    """What test_bench_generate.py needs (reached through the fixture: `from conftest import` would be
+    ambiguous when tests/ and benchmarks/ are collected together)."""
+
+    path: str
+    size: GenBenchSize
+    ours: object
+    hf: object
+    dtype: torch.dtype = GEN_DTYPE
+    rows: dict = field(default_factory=dict)  # (mode, batch, impl) -> {"seconds": ..., "output": ...}
+
+    def inputs(self, batch: int):
+        return gen_inputs(batch, self.size)
+
+    @staticmethod
+    def sync():
+        sync()
+
+
+_RESULTS: list[GenBench] = []
+
+
+@pytest.fixture(scope="session")
+def gen_bench(tmp_path_factory):
+    import transformers as T
+
+    import encdec_fast
+
+    path = build_bert2gpt2(str(tmp_path_factory.mktemp("gen_bench_bert2gpt2")), GEN_SIZE)
+    ours = encdec_fast.load(path, device=GEN_DEVICE, dtype=GEN_DTYPE)
+    hf = T.EncoderDecoderModel.from_pretrained(path, dtype=GEN_DTYPE).to(GEN_DEVICE).eval()
+    bench = GenBench(path, GEN_SIZE, ours, hf)
+    _RESULTS.append(bench)
+    return bench
+
+
+def pytest_terminal_summary(terminalreporter):
+    for bench in _RESULTS:
+        rows = bench.rows
+        if not rows:
+            continue
+        s = bench.size
+        tr = terminalreporter
+        tr.write_sep("-", f"generate(): encdec_fast vs transformers, bert2gpt2 {s.layers}x{s.hidden}, "
+                          f"vocab {s.dec_vocab}, src <= {s.src_len}, {s.new_tokens} new tokens, {GEN_DEVICE}, "
+                          f"{str(GEN_DTYPE).replace('torch.', '')}")
+        tr.write_line("| mode | batch | transformers s | encdec_fast s | speedup (separate runs) | "
+                      "speedup (alternating runs) | tokens equal |")
+        tr.write_line("| --- | --- | --- | --- | --- | --- | --- |")
+        for mode, batch in sorted({(m, b) for m, b, _ in rows}):
+            hf, ours = rows.get((mode, batch, "transformers")), rows.get((mode, batch, "encdec_fast"))
+            if hf is None or ours is None:
+                continue
+            same = (hf["output"].shape == ours["output"].shape and bool((hf["output"] == ours["output"]).all()))
+            tr.write_line(f"| {mode} | {batch} | {hf['seconds']:.4f} | {ours['seconds']:.4f} | "
+                          f"{hf['seconds'] / ours['seconds']:.2f}x | {ours.get('speedup', float('nan')):.2f}x | {same} |")
