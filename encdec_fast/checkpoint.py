@@ -202,12 +202,12 @@ def full_plan(cfg: ModelConfig, keys: set[str], enc_prefix="encoder.", dec_prefi
     plan = _bert_plan(cfg.encoder, "encoder.", enc_prefix)
     dplan, head_w, word_w = decoder_plan(cfg.decoder, dec_prefix)
     plan.update(dplan)
-    if head_w in keys and not cfg.decoder.tie_word_embeddings:
+    # transformers 5 keeps a head matrix stored in the checkpoint even when the config ties it (the
+    # loader shares the two tensors again when they are equal); only a missing one is tied
+    if head_w in keys or not cfg.decoder.tie_word_embeddings:
         plan["decoder.head.weight"] = ([head_w], lambda t: t)
-    elif cfg.decoder.tie_word_embeddings:
-        plan["decoder.head.weight"] = ([word_w], lambda t: t)
     else:
-        plan["decoder.head.weight"] = ([head_w], lambda t: t)
+        plan["decoder.head.weight"] = ([word_w], lambda t: t)
     if cfg.has_enc_to_dec_proj:
         _linear(plan, "enc_to_dec_proj", ["enc_to_dec_proj"])
     return plan
@@ -248,6 +248,14 @@ def assign(model, plan: Plan, fetch: Callable[[str], torch.Tensor], *, device, d
             shared[key] = t
 
 
+def share_tied_head(model):
+    """One tensor for the word embeddings and an LM head stored equal to them (memory, not numbers)."""
+    dec = model.decoder
+    w, h = dec.embed.word, dec.head.weight
+    if w is not h and w.shape == h.shape and torch.equal(w, h):
+        dec.head._buffers["weight"] = w
+
+
 def check_complete(model):
     left = [n for n, b in model.named_buffers() if b is not None and b.is_meta]
     if left:
@@ -257,8 +265,7 @@ def check_complete(model):
 def missing_and_unexpected(plan: Plan, keys: set[str], cfg: ModelConfig, dec_prefix="decoder.") -> tuple[list[str], list[str]]:
     needed = {h for names, _ in plan.values() for h in names}
     missing = sorted(needed - keys)
-    tied_copy = decoder_plan(cfg.decoder, dec_prefix)[1] if cfg.decoder.tie_word_embeddings else None
-    unexpected = sorted(k for k in keys - needed if not ignorable(k) and k != tied_copy)
+    unexpected = sorted(k for k in keys - needed if not ignorable(k))
     return missing, unexpected
 
 

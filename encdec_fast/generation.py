@@ -197,7 +197,8 @@ def generate(model, input_ids=None, attention_mask=None, generation_config=None,
     N = B * expand
     kv_index = None if expand == 1 else torch.arange(B, device=model.device).repeat_interleave(expand)
     enc_lens = torch.full((N,), enc.shape[1], dtype=torch.int32, device=model.device)
-    ctx = _Decode(model, cross, enc_mask, kv_index, enc_lens, N, gc.max_length)
+    keep = bool(gc.return_dict_in_generate and (gc.output_scores or gc.output_logits))
+    ctx = _Decode(model, cross, enc_mask, kv_index, enc_lens, N, gc.max_length, keep)
     prefix = prefix.repeat_interleave(expand, dim=0)  # (N, P)
     eos_t = torch.tensor(eos, dtype=torch.long, device=model.device) if eos is not None else None
     if num_beams > 1:
@@ -208,15 +209,26 @@ def generate(model, input_ids=None, attention_mask=None, generation_config=None,
 class _Decode:
     """Everything a decode step needs, fixed for the request: one call per token per row."""
 
-    def __init__(self, model, cross, enc_mask, kv_index, enc_lens, rows: int, max_length: int):
+    def __init__(self, model, cross, enc_mask, kv_index, enc_lens, rows: int, max_length: int, keep_logits: bool):
         self.decoder, self.ops = model.graph.decoder, model.ops
         self.cross, self.enc_mask, self.kv_index, self.enc_lens = cross, enc_mask, kv_index, enc_lens
-        self.cache = KVCache(model.cfg.decoder, rows, max_length - 1, dtype=model.dtype, device=model.device)
-        self.pos = torch.zeros(1, dtype=torch.long, device=model.device)  # tokens already in the cache
         self.device = model.device
+        self.keep_logits = keep_logits  # the caller stores logits across steps: no static buffer then
+        self.graphed = None
+        if model.device.type == "cuda" and model.cuda_graphs:
+            # one captured graph per shape, reused across requests (graphs.py)
+            self.graphed = model.graph_cache.get(model, cross, enc_mask, kv_index, enc_lens, rows, max_length - 1)
+            self.cache, self.pos = self.graphed.cache, self.graphed.pos
+        else:
+            self.cache = KVCache(model.cfg.decoder, rows, max_length - 1, dtype=model.dtype, device=model.device)
+            self.pos = torch.zeros(1, dtype=torch.long, device=model.device)  # tokens already in the cache
 
     def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens (N,) at slot pos -> fp32 logits (N, V); advances pos."""
+        if self.graphed is not None:
+            logits = self.graphed(tokens)  # static buffer, overwritten by the next step
+            self.pos += 1
+            return logits.clone() if self.keep_logits else logits
         logits = self.decoder.step(tokens, self.pos, self.cache.layers, self.cross, self.enc_mask, self.kv_index,
                                    self.enc_lens, self.ops)
         self.pos += 1
@@ -225,9 +237,7 @@ class _Decode:
     def prefill(self, prefix: torch.Tensor):
         """Feeds all but the last prefix token (their logits are not needed)."""
         for j in range(prefix.shape[1] - 1):
-            self.decoder.step(prefix[:, j], self.pos, self.cache.layers, self.cross, self.enc_mask, self.kv_index,
-                              self.enc_lens, self.ops)
-            self.pos += 1
+            self(prefix[:, j])
 
 
 def _first_done(done: torch.Tensor, upto: int) -> int | None:

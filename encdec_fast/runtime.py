@@ -116,6 +116,17 @@ class EncDecModel:
         self.ops = ops_mod.table(backend)
         self.path = path
         self.tokenizer_path = path
+        self.cuda_graphs = True  # capture the decode step as a CUDA graph on CUDA devices
+        self._graph_cache = None
+
+    @property
+    def graph_cache(self):
+        """Captured decode steps (CUDA only), reused across generate() calls of the same shapes."""
+        if self._graph_cache is None:
+            from .graphs import GraphCache
+
+            self._graph_cache = GraphCache()
+        return self._graph_cache
 
     # -- torch-like ------------------------------------------------------------------------------
     @property
@@ -131,6 +142,7 @@ class EncDecModel:
         if dtype is not None:
             dtype = _pick_dtype(dtype, self.dtype, dev)
         self.graph.to(device=dev, dtype=dtype)
+        self._graph_cache = None  # captured graphs point at the old tensors
         self.backend = _pick_backend(backend, dev) if (backend or dev.type != self.device.type) else self.backend
         if backend is None and dev.type == "cpu":
             self.backend = "torch"
@@ -243,9 +255,13 @@ class EncDecModel:
         return shifted.masked_fill(shifted == -100, pad)
 
     # -- generation ------------------------------------------------------------------------------
-    def generate(self, input_ids=None, attention_mask=None, generation_config=None, **kwargs):
+    def generate(self, input_ids=None, generation_config=None, **kwargs):
+        """transformers' generate(): same arguments (attention_mask as a keyword), same tokens."""
         from .generation import generate
 
+        if "inputs" in kwargs and input_ids is None:
+            input_ids = kwargs.pop("inputs")
+        attention_mask = kwargs.pop("attention_mask", None)
         return generate(self, input_ids, attention_mask, generation_config, **kwargs)
 
 
@@ -335,6 +351,8 @@ def load(path=None, *, encoder=None, decoder=None, device=None, dtype=None, back
     except KeyError as e:
         raise CheckpointError(f"tensor {e} is missing from the checkpoint; re-save it with save_pretrained().") from None
     ckpt.check_complete(graph)
+    if cfg.decoder.tie_word_embeddings:
+        ckpt.share_tied_head(graph)
     try:
         gen = GenerationConfig.from_pretrained(str(gen_dir), local_files_only=True) if (gen_dir / "generation_config.json").is_file() \
             else GenerationConfig.from_model_config(hf)
