@@ -63,14 +63,10 @@ def attention(q, k, v, *, scale: float, causal: bool = False, key_mask: torch.Te
         km = key_mask[:, None, None, :].bool()  # (B, 1, 1, Lk)
         mask = km if mask is None else (mask & km)
     qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, L, D)
-    if mask is None:
-        out = F.scaled_dot_product_attention(qt, kt, vt, scale=scale)
-    else:
-        # explicit math: fully-masked rows give zeros instead of NaN
-        s = torch.matmul(qt.float(), kt.float().transpose(-1, -2)) * scale
-        s = s.masked_fill(~mask, float("-inf"))
-        p = torch.softmax(s, dim=-1).nan_to_num(0.0)
-        out = torch.matmul(p.to(vt.dtype), vt)
+    out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, scale=scale)
+    if mask is not None:  # a row with no visible key gives zeros (SDPA may give NaN there)
+        empty = ~mask.any(dim=-1, keepdim=True)  # (B or 1, 1, Lq, 1)
+        out = out.masked_fill(empty, 0.0)
     return out.transpose(1, 2).contiguous()  # (B, Lq, H, D)
 
 

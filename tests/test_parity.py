@@ -10,9 +10,9 @@ PAIRS = [("bert", "gpt2"), ("bert", "bert"), ("roberta", "roberta"), ("roberta",
 
 
 def rel_err(a, b, mask=None):
-    a, b = a.float(), b.float()
+    a, b = a.float().cpu(), b.float().cpu()  # ours may live on the GPU (default device there)
     if mask is not None:
-        a, b = a[mask], b[mask]
+        a, b = a[mask.cpu()], b[mask.cpu()]
     return ((a - b).abs().max() / b.abs().max()).item()
 
 
