@@ -2,8 +2,9 @@
 
 from .errors import (CheckpointError, CheckpointNotFoundError, EncDecError, InvalidInputError,
                      UnsupportedArgumentError, UnsupportedModelError)
+from .engine import Engine, EngineClosedError
 from .runtime import EncDecModel, load
 
-__all__ = ["load", "EncDecModel", "EncDecError", "CheckpointError", "CheckpointNotFoundError", "InvalidInputError",
-           "UnsupportedArgumentError", "UnsupportedModelError"]
+__all__ = ["load", "EncDecModel", "Engine", "EngineClosedError", "EncDecError", "CheckpointError",
+           "CheckpointNotFoundError", "InvalidInputError", "UnsupportedArgumentError", "UnsupportedModelError"]
 __version__ = "0.1.0"

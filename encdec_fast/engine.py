@@ -1,0 +1,417 @@
+"""Many requests in, results out: the serving engine over an encdec_fast model.
+
+    with encdec_fast.Engine(model, max_batch_size=32) as engine:
+        results = engine.generate(["a text", [101, 2023, 102], ...], max_new_tokens=64, progress=True)
+        fut = engine.submit([101, 7592, 102], num_beams=4)      # from any thread -> Future[Result]
+
+Every request's tokens are those of `model.generate(ids[None], **same_kwargs)` on it alone: its
+generation arguments are resolved by generation.py's own code (checkpoint defaults, lengths, special
+tokens), its logits processors are processors.py's, applied to exactly the ids a solo run sees.
+
+How requests are served (engine_sched.py, engine_pool.py):
+  - greedy and sampling: continuous batching. The encoder runs on micro-batches of similar source
+    length (at most max_batch_tokens padded tokens); each decoder layer's cross K/V is projected once
+    into a pool row; decode slots (max_batch_size rows) step together, each at its own position, and
+    a finished sequence's slot is refilled by a waiting request without touching the others. A
+    sampling request draws from its own torch.Generator: seed=s reproduces
+    `torch.manual_seed(s); model.generate(...)`; without seed, one is drawn from torch's global RNG
+    when the request is submitted.
+  - beam search (num_beams > 1): static batches through model.generate, of requests with the same
+    resolved generation settings, sorted by source length; decoding of the other requests pauses while
+    such a batch runs. Beam sampling runs each request alone on its seed.
+
+One background thread owns the model; submit() only validates and queues. A request with bad input
+or unsupported arguments fails alone (its future holds the encdec_fast error); close() (or leaving the
+`with` block on an exception) fails whatever has not finished with EngineClosedError.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import threading
+import time
+import weakref
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from . import generation as gen_mod
+from . import processors as procs_mod
+from .engine_sched import Scheduler
+from .errors import EncDecError, InvalidInputError, UnsupportedArgumentError
+
+# generate() arguments that make sense for one model.generate call but not for an engine request
+_REFUSED = {
+    "return_dict_in_generate": "the engine returns token ids (and text); call model.generate for scores",
+    "output_scores": "the engine returns token ids (and text); call model.generate for scores",
+    "output_logits": "the engine returns token ids (and text); call model.generate for logits",
+    "decoder_input_ids": "decoder prefixes are not served by the engine; call model.generate",
+    "attention_mask": "each engine input is one unpadded sequence; drop the padding instead of masking it",
+    "stop_check_every": "the engine checks every step",
+}
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "spiece.model",
+                    "sentencepiece.bpe.model")
+
+
+class EngineClosedError(EncDecError, RuntimeError):
+    """The engine was closed before this request finished (or it was submitted after close())."""
+
+
+@dataclass
+class Result:
+    """One request's output.
+
+    output_ids: decoder start + generated tokens, as model.generate returns the input's row alone (no
+    batch padding); a list of such rows when num_return_sequences > 1 (padded among themselves, as
+    model.generate pads them). text: the decoded output (skip_special_tokens) when the input was a
+    string, else None (a list for several sequences). num_generated: tokens generated, eos included,
+    padding excluded, summed over the sequences."""
+
+    output_ids: list
+    text: str | list | None
+    num_generated: int
+    input_ids: list
+
+
+@dataclass
+class EngineStats:
+    requests_submitted: int = 0
+    requests_completed: int = 0
+    requests_failed: int = 0
+    tokens_generated: int = 0
+    busy_s: float = 0.0  # scheduler time spent working
+    wall_s: float = 0.0  # since the engine started
+    decode_steps: int = 0
+    mean_rows_per_step: float = 0.0
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens_generated / self.busy_s if self.busy_s > 0 else 0.0
+
+
+class _Request:
+    __slots__ = ("ids", "is_text", "kwargs", "generation_config", "gc", "eos", "eos_set", "pad", "start", "rows",
+                 "returned", "max_length", "proc_key", "static_key", "seed", "future")
+
+
+def _freeze(x):
+    """A hashable, compact key for a processor's settings."""
+    if isinstance(x, torch.Tensor):
+        t = x.detach().cpu()
+        return (str(t.dtype), tuple(t.shape), t.numpy().tobytes())
+    if isinstance(x, (list, tuple)):
+        return tuple(_freeze(v) for v in x)
+    if isinstance(x, dict):
+        return tuple(sorted((k, _freeze(v)) for k, v in x.items()))
+    if hasattr(x, "__dict__"):
+        return (type(x).__name__, _freeze(vars(x)))
+    return x
+
+
+def _token_ids(x, cfg) -> list[int]:
+    """A 1-D sequence of token ids (list, tuple, tensor, array) -> list of ints, checked like check_ids."""
+    if x is None:
+        raise InvalidInputError("an engine input is None; pass a string or a 1-D sequence of token ids.")
+    try:
+        t = x.detach().cpu() if isinstance(x, torch.Tensor) else torch.as_tensor(x)
+    except (ValueError, TypeError, RuntimeError) as e:
+        raise InvalidInputError(f"an engine input must be a string or a 1-D sequence of token ids ({e}).") from None
+    if t.dim() == 2 and t.shape[0] == 1:
+        t = t[0]
+    if t.dim() != 1:
+        raise InvalidInputError(f"an engine input must be one sequence (1-D) of token ids, got shape {tuple(t.shape)}; "
+                                "submit each sequence as its own request.")
+    if t.numel() == 0:
+        raise InvalidInputError("an engine input is empty; pass at least one token.")
+    if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+        raise InvalidInputError(f"an engine input must hold integer token ids, got dtype {t.dtype}.")
+    lo, hi = int(t.min()), int(t.max())
+    if lo < 0 or hi >= cfg.vocab_size:
+        raise InvalidInputError(f"input holds token id {lo if lo < 0 else hi}, outside the vocabulary [0, {cfg.vocab_size}); "
+                                "check the tokenizer matches this checkpoint.")
+    if t.numel() > cfg.max_length:
+        raise InvalidInputError(f"input has length {t.numel()} but the model has positions for at most {cfg.max_length} "
+                                f"tokens; truncate the input to {cfg.max_length} tokens.")
+    return t.tolist()
+
+
+def _generated(row: list[int], eos: set) -> int:
+    for j in range(1, len(row)):
+        if row[j] in eos:
+            return j
+    return len(row) - 1
+
+
+class _Outcomes:
+    """Tokenizers, statistics and the settling of futures: shared by the Engine and its scheduler thread
+    (which must not hold the Engine itself, so that an Engine dropped without close() is collected)."""
+
+    def __init__(self, model, tokenizer, decoder_tokenizer):
+        self.model = model
+        self.tok, self.dec_tok = tokenizer, decoder_tokenizer
+        self.tok_lock = threading.Lock()
+        self.lock = threading.Lock()
+        self.stats = EngineStats()
+        self.proc_keys: dict = {}
+
+    def tokenizers(self):
+        with self.tok_lock:
+            if self.tok is None:
+                path = getattr(self.model, "path", None)
+                if path is None:
+                    raise InvalidInputError("string inputs need a tokenizer but this model was not loaded from a "
+                                            "folder; pass Engine(model, tokenizer=...) or token ids.")
+                # transformers 5 builds an empty-vocabulary tokenizer from config.json alone: insist on its files
+                if not any((Path(path) / f).is_file() for f in _TOKENIZER_FILES):
+                    raise InvalidInputError(f"string inputs need a tokenizer but {str(path)!r} has none (no "
+                                            f"{' / '.join(_TOKENIZER_FILES[:2])}); save one there "
+                                            "(tokenizer.save_pretrained), pass Engine(model, tokenizer=...), or submit token ids.")
+                try:
+                    from transformers import AutoTokenizer
+
+                    self.tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+                except (OSError, ValueError, TypeError, KeyError) as e:
+                    raise InvalidInputError(f"string inputs need a tokenizer, and none could be loaded from {str(path)!r} "
+                                            f"({type(e).__name__}: {e}); save one there (tokenizer.save_pretrained), "
+                                            "pass Engine(model, tokenizer=...), or submit token ids.") from None
+            return self.tok, (self.dec_tok if self.dec_tok is not None else self.tok)
+
+    def encode_text(self, text: str) -> list[int]:
+        tok, _ = self.tokenizers()
+        with self.tok_lock:  # fast tokenizers are not safe to call from several threads at once
+            return list(tok(text)["input_ids"])
+
+    def decode_text(self, rows: list[list[int]]) -> list[str]:
+        _, dtok = self.tokenizers()
+        with self.tok_lock:
+            return [dtok.decode(row, skip_special_tokens=True) for row in rows]
+
+    def finish(self, req: _Request, rows: list[list[int]]):
+        try:
+            n = sum(_generated(row, req.eos_set) for row in rows)
+            text = self.decode_text(rows) if req.is_text else None
+            one = req.returned == 1
+            res = Result(rows[0] if one else rows, (text[0] if one else text) if text is not None else None, n, req.ids)
+        except Exception as e:  # noqa: BLE001  (decoding the text failed)
+            self.fail(req, e)
+            return
+        with self.lock:
+            self.stats.requests_completed += 1
+            self.stats.tokens_generated += n
+        try:
+            req.future.set_result(res)
+        except cf.InvalidStateError:  # cancelled by the caller
+            pass
+
+    def fail(self, req: _Request, exc: BaseException):
+        self.fail_future(req.future, exc)
+
+    def fail_future(self, fut: cf.Future, exc: BaseException):
+        with self.lock:
+            self.stats.requests_failed += 1
+        try:
+            fut.set_exception(exc)
+        except cf.InvalidStateError:  # cancelled by the caller
+            pass
+
+
+def _closed_error():
+    return EngineClosedError("the engine was closed before this request finished; submit it to a new Engine.")
+
+
+class Engine:
+    """Continuous-batching generation over an encdec_fast model (see the module docstring).
+
+    max_batch_size: decode rows stepped together (beam search: rows of one static batch, beams included).
+    max_batch_tokens: padded source tokens per encoder micro-batch (and per static beam-search batch).
+    tokenizer / decoder_tokenizer: for string inputs and text outputs; by default loaded from the
+    checkpoint folder (model.path) on first use; decoder_tokenizer defaults to tokenizer.
+
+    Futures are settled by the thread running the scheduler (the engine's own, or one inside
+    generate()): their done-callbacks run there, inside a turn, and must not block or wait on this engine."""
+
+    def __init__(self, model, max_batch_size: int = 32, max_batch_tokens: int = 16384, *, tokenizer=None,
+                 decoder_tokenizer=None):
+        for name, v in (("max_batch_size", max_batch_size), ("max_batch_tokens", max_batch_tokens)):
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise UnsupportedArgumentError(f"{name} must be a positive int, got {v!r}.")
+        self.model, self.max_batch_size, self.max_batch_tokens = model, max_batch_size, max_batch_tokens
+        self._out = _Outcomes(model, tokenizer, decoder_tokenizer)
+        self._t0 = time.perf_counter()
+        self._sched = Scheduler(model, max_batch_size, max_batch_tokens, self._out.finish, self._out.fail, _closed_error)
+        # dropped without close(): finish what was submitted, then stop the thread
+        self._finalizer = weakref.finalize(self, Scheduler.stop, self._sched, True)
+
+    # -- public ----------------------------------------------------------------------------------
+    def submit(self, input, **generation_kwargs) -> cf.Future:
+        """Queues one input (a string, or a 1-D sequence of token ids) with model.generate's keyword
+        arguments (plus seed= for sampling). Returns a Future of a Result; errors are set on it."""
+        fut, req = self._make(input, generation_kwargs)
+        if req is not None:
+            self._enqueue(req)
+        return fut
+
+    def _make(self, input, generation_kwargs):
+        """-> (future, request), or (future holding the error, None)."""
+        fut: cf.Future = cf.Future()
+        with self._out.lock:
+            self._out.stats.requests_submitted += 1
+        try:
+            req = self._prepare(input, generation_kwargs)
+        except Exception as e:  # noqa: BLE001  the request fails alone
+            self._out.fail_future(fut, e)
+            return fut, None
+        req.future = fut
+        return fut, req
+
+    def _enqueue(self, req):
+        if not self._sched.put(req):
+            self._out.fail_future(req.future, EngineClosedError("the engine is closed; create a new Engine to "
+                                                                "submit requests."))
+
+    def generate(self, inputs, *, progress=False, return_exceptions: bool = False, request_kwargs=None,
+                 **generation_kwargs) -> list:
+        """Generates for every input; returns results in input order. generation_kwargs apply to all;
+        request_kwargs (a list of dicts, one per input, or None) add per-input arguments on top.
+        progress: True for a tqdm bar, or a callable(done, total). With return_exceptions=False the first
+        failed input's error is raised once all have finished; with True errors stand in their place."""
+        inputs = list(inputs)
+        if request_kwargs is not None and len(request_kwargs) != len(inputs):
+            raise InvalidInputError(f"request_kwargs has {len(request_kwargs)} entries but there are {len(inputs)} inputs.")
+        n = len(inputs)
+        futures: list = [None] * n
+        settled = _Countdown(n, progress)
+
+        def submit_all():
+            reqs = []
+            for i in range(n):
+                kw = generation_kwargs if request_kwargs is None else {**generation_kwargs, **(request_kwargs[i] or {})}
+                futures[i], req = self._make(inputs[i], kw)
+                futures[i].add_done_callback(settled.one)
+                if req is not None:
+                    reqs.append(req)
+            # largest step budget first (the longest runs do not end up alone at the tail), then longest
+            # source (similar lengths reach the encoder together)
+            for req in sorted(reqs, key=lambda r: (-r.max_length, -len(r.ids))):
+                self._enqueue(req)
+
+        try:
+            self._sched.drive(settled.finished, first=submit_all)
+            cf.wait([f for f in futures if f is not None])  # settled by the background thread if it stopped
+        except BaseException:
+            for f in futures:  # interrupted: what has not started yet need not run
+                if f is not None:
+                    f.cancel()
+            raise
+        finally:
+            settled.close()
+        results = [f.exception() or f.result() for f in futures]
+        if not return_exceptions:
+            for r in results:
+                if isinstance(r, BaseException):
+                    raise r
+        return results
+
+    @property
+    def stats(self) -> EngineStats:
+        """A snapshot: requests, tokens generated, busy time (tokens_per_s = tokens / busy time)."""
+        with self._out.lock:
+            s = EngineStats(**vars(self._out.stats))
+        pool = self._sched.pool
+        s.busy_s, s.wall_s = self._sched.busy_s, time.perf_counter() - self._t0
+        if pool is not None:
+            s.decode_steps = pool.steps
+            s.mean_rows_per_step = pool.rows_stepped / pool.steps if pool.steps else 0.0
+        return s
+
+    def close(self, drain: bool = False, timeout: float | None = None):
+        """Stops the engine. drain=False: every request not finished yet fails with EngineClosedError (a
+        beam-search batch already running completes first). drain=True: finishes what was submitted.
+        Waits for the scheduler thread (at most timeout seconds). Idempotent."""
+        self._sched.stop(drain)
+        me = threading.current_thread()
+        if me is not self._sched.thread and me is not self._sched.turn_thread:  # not from a done-callback
+            self._sched.thread.join(timeout)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        self.close(drain=exc_type is None)
+
+    # -- requests ---------------------------------------------------------------------------------
+    def _prepare(self, inp, kwargs) -> _Request:
+        """Validates one request and resolves its generation arguments with generation.py's own code."""
+        model = self.model
+        kwargs = dict(kwargs)
+        seed = kwargs.pop("seed", None)
+        gen_config = kwargs.pop("generation_config", None)
+        for name, why in _REFUSED.items():
+            if kwargs.get(name) not in (None, False):
+                raise UnsupportedArgumentError(f"Engine does not take {name}: {why}.")
+            kwargs.pop(name, None)
+        if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
+            raise UnsupportedArgumentError(f"seed must be an int, got {seed!r}.")
+        r = _Request()
+        gc, _, has_default_max_length = gen_mod.resolve_config(model, gen_config, kwargs)
+        r.is_text = isinstance(inp, str)
+        r.ids = _token_ids(self._out.encode_text(inp) if r.is_text else inp, model.cfg.encoder)
+        eos, r.pad, start = gen_mod._special_tokens(gc, 1)
+        gen_mod._prepare_lengths(model, gc, has_default_max_length, 1)
+        pipeline = procs_mod.build(gc, prompt_len=1, eos=eos, vocab_size=model.cfg.decoder.vocab_size, device="cpu")
+        r.gc, r.kwargs, r.generation_config = gc, kwargs, gen_config
+        r.eos, r.eos_set, r.start, r.max_length = eos, set(eos or ()), start[0], gc.max_length
+        beams = gc.num_beams or 1
+        r.returned = gc.num_return_sequences or 1
+        r.rows = max(beams, r.returned)
+        if gc.do_sample and seed is None:  # drawn from torch's global RNG: torch.manual_seed makes runs repeatable
+            seed = int(torch.randint(0, 2**62, (1,)).item())
+        r.seed = seed
+        r.proc_key = None
+        if len(pipeline):  # requests whose processors are the same share one call per step
+            with self._out.lock:
+                keys = self._out.proc_keys
+                r.proc_key = keys.setdefault(_freeze(pipeline.steps), len(keys))
+        if beams > 1:
+            r.static_key = repr(sorted(gc.to_dict().items())) + (f"|seed={seed}" if gc.do_sample else "")
+        else:
+            r.static_key = None
+            if r.rows > self.max_batch_size:
+                raise UnsupportedArgumentError(f"num_return_sequences={r.rows} needs {r.rows} decode rows but the engine "
+                                               f"has max_batch_size={self.max_batch_size}; raise max_batch_size.")
+        return r
+
+
+class _Countdown:
+    """Counts settled futures (a done-callback, any thread); drives a tqdm bar (progress=True) or
+    progress(done, total)."""
+
+    def __init__(self, total: int, progress):
+        self.total, self.left, self.tokens = total, total, 0
+        self.progress, self.lock, self.t0 = progress, threading.Lock(), time.perf_counter()
+        self.bar = None
+        if progress is True:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, unit="req", desc="encdec_fast")
+
+    def finished(self) -> bool:
+        return self.left == 0
+
+    def one(self, fut: cf.Future):
+        with self.lock:
+            self.left -= 1
+            done = self.total - self.left
+            if not fut.cancelled() and fut.exception() is None:
+                self.tokens += fut.result().num_generated
+            if self.bar is not None:
+                self.bar.update(1)
+                self.bar.set_postfix_str(f"{self.tokens / max(time.perf_counter() - self.t0, 1e-9):.1f} tok/s",
+                                         refresh=False)
+        if self.bar is None and callable(self.progress):
+            self.progress(done, self.total)
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
