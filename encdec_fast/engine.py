@@ -39,7 +39,7 @@ import torch
 from . import generation as gen_mod
 from . import processors as procs_mod
 from .engine_sched import Scheduler
-from .errors import EncDecError, InvalidInputError, UnsupportedArgumentError
+from .errors import EngineClosedError, InvalidInputError, UnsupportedArgumentError
 
 # generate() arguments that make sense for one model.generate call but not for an engine request
 _REFUSED = {
@@ -52,10 +52,6 @@ _REFUSED = {
 }
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "spiece.model",
                     "sentencepiece.bpe.model")
-
-
-class EngineClosedError(EncDecError, RuntimeError):
-    """The engine was closed before this request finished (or it was submitted after close())."""
 
 
 @dataclass

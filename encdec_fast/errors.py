@@ -23,3 +23,7 @@ class InvalidInputError(EncDecError, ValueError):
 
 class UnsupportedArgumentError(EncDecError, NotImplementedError):
     """A generation or runtime argument encdec_fast does not implement (yet)."""
+
+
+class EngineClosedError(EncDecError, RuntimeError):
+    """The engine was closed before this request finished (or it was submitted after close())."""

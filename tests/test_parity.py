@@ -181,7 +181,6 @@ def test_tie_encoder_decoder_checkpoint_takes_missing_decoder_tensors_from_the_e
     """A bert2bert saved with tie_encoder_decoder=True (transformers 4.x) stores the shared body once."""
     import json
 
-    import transformers as T
     from safetensors.torch import load_file, save_file
 
     from conftest import build_checkpoint
