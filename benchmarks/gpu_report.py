@@ -108,11 +108,9 @@ def main():
         for p in a.parts:
             secs[p] = header() + "\n\n" + globals()[f"part_{p}"](tmp)
             write(secs)
-        if a.out:
-            for f in tmp.iterdir():
-                shutil.copy(f, Path(a.out) / f.name)
-    if a.out:
-        shutil.copy(RESULTS, Path(a.out) / "RESULTS.md")
+            if a.out:  # after each part, so a run cut short still returns what it finished
+                for f in [*tmp.iterdir(), RESULTS]:
+                    shutil.copy(f, Path(a.out) / f.name)
 
 
 def write(secs):
