@@ -47,8 +47,11 @@ def measure(path: str) -> dict:
 
     import torch
     import transformers  # noqa: F401
+    from transformers import AutoConfig, EncoderDecoderConfig, GenerationConfig  # noqa: F401  (module imports are
+    # not the loader's memory: on some images these lazy imports pull in hundreds of MB of optional integrations)
 
     import encdec_fast
+    import encdec_fast.runtime  # noqa: F401
 
     def rss():
         with open("/proc/self/statm") as f:

@@ -104,6 +104,11 @@ class DecodePool:
         self.lives: list[Live] = []
         self.pipelines: dict = {}  # pipeline key -> (device pipeline, needs_ids)
         self.steps = self.rows_stepped = 0
+        # CUDA: the decode step over all N slots is captured as a graph per pool capacity (graphs.py
+        # explains why); idle slots ride along at position 0 of their own rows, which is harmless
+        self.use_graph = self.dev.type == "cuda" and getattr(model, "cuda_graphs", False)
+        self._graph = None
+        self.graph_captures = 0
 
     # -- capacity ------------------------------------------------------------------------------
     @property
@@ -121,12 +126,14 @@ class DecodePool:
                 seq[:, :self.Lcap] = self.seq
                 kv[:, :, :, :self.Lcap] = self.self_kv
             self.seq, self.self_kv, self.Lcap = seq, kv, Lc
+            self._graph = None  # it points at the old buffers
         if S > self.Scap:
             Sc = _round_up(S, _GROW)
             kv = torch.zeros(2, self.layers, self.N, Sc, self.H, self.D, **z)
             if self.Scap:
                 kv[:, :, :, :self.Scap] = self.cross_kv
             self.cross_kv, self.Scap = kv, Sc
+            self._graph = None
 
     # -- joining ---------------------------------------------------------------------------------
     def _pipeline(self, req):
@@ -180,6 +187,34 @@ class DecodePool:
             self.lives.append(live)
 
     # -- one step ------------------------------------------------------------------------------
+    def _full_step(self):
+        """decoder.step over every slot, reading the static meta rows (pos, kv_index, enc_len)."""
+        pos, kv_index, enc_lens = self.g_meta[0], self.g_meta[1], self.g_meta[2].to(torch.int32)
+        ids = self.seq.gather(1, pos[:, None]).squeeze(1)  # (N,) the last token of each slot
+        kv, L = self.self_kv, self.layers
+        cache = ([kv[0, i] for i in range(L)], [kv[1, i] for i in range(L)])
+        cross = [(self.cross_kv[0, i], self.cross_kv[1, i]) for i in range(L)]
+        return self.model.graph.decoder.step(ids, pos, cache, cross, None, kv_index, enc_lens, self.model.ops)
+
+    def _graphed_logits(self, hi: int):
+        meta = torch.tensor([self.pos, self.kv_index, self.enc_len], dtype=torch.long)
+        if self._graph is None:
+            self.g_meta = meta.to(self.dev)
+            s = torch.cuda.Stream(device=self.dev)
+            s.wait_stream(torch.cuda.current_stream(self.dev))
+            with torch.cuda.stream(s):  # warm-up (Triton compiles); rewrites the same K/V the step writes
+                for _ in range(2):
+                    self._full_step()
+            torch.cuda.current_stream(self.dev).wait_stream(s)
+            self._graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self._graph):
+                self.g_out = self._full_step()
+            self.graph_captures += 1
+        else:
+            self.g_meta.copy_(meta)
+        self._graph.replay()
+        return self.g_out[:hi]
+
     def step(self) -> list:
         """One token for every busy row. Returns [(request, rows as lists of ids)] for the requests that
         finished."""
@@ -188,15 +223,20 @@ class DecodePool:
         tmax = max(lv.t for lv in lives)
         smax = max(len(lv.req.ids) for lv in lives)
         meta = torch.tensor([self.pos[:hi], self.kv_index[:hi], self.enc_len[:hi]], dtype=torch.long).to(self.dev)
-        pos, kv_index, enc_lens = meta[0], meta[1], meta[2].to(torch.int32)
-        ids = self.seq[:hi].gather(1, pos[:, None]).squeeze(1)  # (hi,) the last token of each row
-        kv = self.self_kv
-        cache = ([kv[0, i, :hi, :tmax] for i in range(self.layers)], [kv[1, i, :hi, :tmax] for i in range(self.layers)])
-        own = all(self.kv_index[s] == s for lv in lives for s in lv.slots)
-        rows = slice(0, hi) if own else slice(None)
-        cross = [(self.cross_kv[0, i, rows, :smax], self.cross_kv[1, i, rows, :smax]) for i in range(self.layers)]
-        logits = self.model.graph.decoder.step(ids, pos, cache, cross, None, None if own else kv_index, enc_lens,
-                                               self.model.ops)
+        pos = meta[0]
+        if self.use_graph:
+            logits = self._graphed_logits(hi)
+        else:
+            kv_index, enc_lens = meta[1], meta[2].to(torch.int32)
+            ids = self.seq[:hi].gather(1, pos[:, None]).squeeze(1)  # (hi,) the last token of each row
+            kv = self.self_kv
+            cache = ([kv[0, i, :hi, :tmax] for i in range(self.layers)],
+                     [kv[1, i, :hi, :tmax] for i in range(self.layers)])
+            own = all(self.kv_index[s] == s for lv in lives for s in lv.slots)
+            rows = slice(0, hi) if own else slice(None)
+            cross = [(self.cross_kv[0, i, rows, :smax], self.cross_kv[1, i, rows, :smax]) for i in range(self.layers)]
+            logits = self.model.graph.decoder.step(ids, pos, cache, cross, None, None if own else kv_index, enc_lens,
+                                                   self.model.ops)
         scores = logits.to(torch.float32, copy=True)  # (hi, V)
 
         tok = torch.zeros(hi, dtype=torch.long, device=self.dev)
