@@ -44,7 +44,7 @@ def header() -> str:
 
 
 def part_tests(tmp: Path) -> str:
-    rc, out = sh([sys.executable, "-m", "pytest", "tests/", "-q", "-p", "no:cacheprovider", "-rs"], tmp / "tests.log")
+    rc, out = sh([sys.executable, "-m", "pytest", "tests/", "-q", "-p", "no:cacheprovider", "-rfs", "-s"], tmp / "tests.log")
     summary = [l for l in out.splitlines() if re.search(r"\d+ (passed|failed)", l)]
     fails = [l for l in out.splitlines() if l.startswith("FAILED")]
     body = f"`pytest tests/` on the GPU: **{summary[-1].strip('= ') if summary else 'no summary (rc %d)' % rc}**\n"
