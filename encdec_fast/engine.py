@@ -353,8 +353,8 @@ class Engine:
         gc, _, has_default_max_length = gen_mod.resolve_config(model, gen_config, kwargs)
         r.is_text = isinstance(inp, str)
         r.ids = _token_ids(self._out.encode_text(inp) if r.is_text else inp, model.cfg.encoder)
-        eos, r.pad, start = gen_mod._special_tokens(gc, 1)
-        gen_mod._prepare_lengths(model, gc, has_default_max_length, 1)
+        eos, r.pad, start = gen_mod.special_tokens(gc, 1)
+        gen_mod.prepare_lengths(model, gc, has_default_max_length, 1)
         pipeline = procs_mod.build(gc, prompt_len=1, eos=eos, vocab_size=model.cfg.decoder.vocab_size, device="cpu")
         r.gc, r.kwargs, r.generation_config = gc, kwargs, gen_config
         r.eos, r.eos_set, r.start, r.max_length = eos, set(eos or ()), start[0], gc.max_length

@@ -104,7 +104,7 @@ def _ids(x, name: str) -> list[int] | None:
     return x
 
 
-def _special_tokens(gc, batch: int):
+def special_tokens(gc, batch: int):
     """-> (eos list or None, pad int or None, decoder start (B, 1) list-able), as _prepare_special_tokens."""
     eos = _ids(gc.eos_token_id, "eos_token_id")
     pad = gc.pad_token_id
@@ -140,7 +140,7 @@ def _decoder_prefix(model, decoder_input_ids, start: list[int], batch: int) -> t
     return dec
 
 
-def _prepare_lengths(model, gc, has_default_max_length: bool, P: int):
+def prepare_lengths(model, gc, has_default_max_length: bool, P: int):
     """transformers' _prepare_generated_length and _validate_generated_length, plus our position check."""
     if gc.max_new_tokens is not None:
         gc.max_length = gc.max_new_tokens + P
@@ -177,10 +177,10 @@ def generate(model, input_ids=None, attention_mask=None, generation_config=None,
     gc, model_kwargs, has_default_max_length = resolve_config(model, generation_config, kwargs)
     ids = model.check_ids(input_ids, "input_ids", model.cfg.encoder)
     B = ids.shape[0]
-    eos, pad, start = _special_tokens(gc, B)
+    eos, pad, start = special_tokens(gc, B)
     prefix = _decoder_prefix(model, model_kwargs.get("decoder_input_ids"), start, B)
     P = prefix.shape[1]
-    _prepare_lengths(model, gc, has_default_max_length, P)
+    prepare_lengths(model, gc, has_default_max_length, P)
     num_beams = gc.num_beams or 1
     expand = max(num_beams, gc.num_return_sequences or 1)
     V = model.cfg.decoder.vocab_size
