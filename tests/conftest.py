@@ -89,3 +89,16 @@ def hf_model(path):
     import transformers as T
 
     return T.EncoderDecoderModel.from_pretrained(str(path)).eval()
+
+
+@pytest.fixture
+def quiet():
+    """transformers' and Python's warnings off for a test that compares outputs, not messages."""
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield

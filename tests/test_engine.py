@@ -6,22 +6,15 @@ import concurrent.futures as cf
 import shutil
 import threading
 import time
-import warnings
 
 import pytest
 import torch
-from transformers.utils import logging as hf_logging
 
 import encdec_fast
 from encdec_fast import EngineClosedError, InvalidInputError, UnsupportedArgumentError
 
 
-@pytest.fixture(autouse=True)
-def _quiet():
-    hf_logging.set_verbosity_error()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        yield
+pytestmark = pytest.mark.usefixtures("quiet")
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,6 @@ import pytest
 import torch
 from conftest import hf_model
 from transformers import GenerationConfig
-from transformers.utils import logging as hf_logging
 
 import encdec_fast
 
@@ -19,12 +18,7 @@ CKPT_KW = {"gpt2": {}, "bert": dict(std=0.1, seed=1), "roberta": dict(std=0.1, s
 NEW = 14  # max_new_tokens
 
 
-@pytest.fixture(autouse=True)
-def _quiet():
-    hf_logging.set_verbosity_error()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        yield
+pytestmark = pytest.mark.usefixtures("quiet")
 
 
 @pytest.fixture(scope="module")

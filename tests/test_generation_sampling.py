@@ -2,14 +2,12 @@
 the pipeline has transformers' order, sampled generation with a seed equals transformers' (same RNG
 draws, same processed scores), a seed reproduces our output, and top-k/top-p never emit a masked token."""
 
-import warnings
 
 import pytest
 import torch
 import transformers.generation.logits_process as LP
 from conftest import hf_model
 from transformers import GenerationConfig
-from transformers.utils import logging as hf_logging
 
 import encdec_fast
 from encdec_fast import processors as P
@@ -18,12 +16,7 @@ from encdec_fast.generation import resolve_config
 V = 97
 
 
-@pytest.fixture(autouse=True)
-def _quiet():
-    hf_logging.set_verbosity_error()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        yield
+pytestmark = pytest.mark.usefixtures("quiet")
 
 
 @pytest.fixture(scope="module")

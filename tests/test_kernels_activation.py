@@ -5,17 +5,16 @@ Outputs are compared with the reference run in fp32; on CUDA, fp16/bf16 outputs 
 2x (+ a small atol) of the error of the reference run in that low precision.
 """
 
+import functools
+
 import pytest
 import torch
 
 from encdec_fast import ops
+from kernel_checks import DEVICE, ON_CUDA, bf16_needs_cuda, check
 from encdec_fast.kernels import activation as kact
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-ON_CUDA = DEVICE == "cuda"
 
-bf16_needs_cuda = pytest.mark.skipif(
-    not ON_CUDA, reason="bf16 arithmetic is wrong under Triton's CPU interpreter; bf16 is tested on CUDA only")
 
 # (dtype, atol, rtol) against the fp32 reference
 DTYPES = [
@@ -28,17 +27,7 @@ FLASH_ATOL = {torch.float16: 1e-3, torch.bfloat16: 8e-3}
 SHAPES = [(3, 7, 32), (5, 48), (2, 7, 3072)]
 
 
-def _check(out, ref32, atol, rtol, what, ref_lowp=None):
-    assert out.shape == ref32.shape, f"{what}: shape {tuple(out.shape)} != {tuple(ref32.shape)}"
-    err = (out.float() - ref32.float()).abs()
-    bad = err > atol + rtol * ref32.float().abs()
-    assert not bad.any(), (f"{what}: max abs err {err.max().item():.3e}, mean {err.mean().item():.3e} "
-                           f"(atol {atol}, rtol {rtol}, {bad.sum().item()} elements out)")
-    if ON_CUDA and ref_lowp is not None and out.dtype in FLASH_ATOL:
-        ours, theirs = err.max().item(), (ref_lowp.float() - ref32.float()).abs().max().item()
-        assert ours <= 2 * theirs + FLASH_ATOL[out.dtype], (
-            f"{what}: our {out.dtype} max err {ours:.3e} (mean {err.mean().item():.3e}) exceeds 2x torch's "
-            f"{theirs:.3e} + {FLASH_ATOL[out.dtype]}")
+_check = functools.partial(check, flash_atol=FLASH_ATOL)
 
 
 def _inputs(shape, dtype, seed=0):

@@ -7,19 +7,17 @@ fp16/bf16 outputs must also be within 2x (+ a small atol) of the error of the re
 that low precision (the flash-attention criterion).
 """
 
+import functools
+
 import pytest
 import torch
 
 from encdec_fast import ops
+from kernel_checks import DEVICE, ON_CUDA, bf16_needs_cuda, check, needs_cuda
 from encdec_fast.kernels import attention as katt
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-ON_CUDA = DEVICE == "cuda"
 H = 2
 
-needs_cuda = pytest.mark.skipif(not ON_CUDA, reason="needs a CUDA device")
-bf16_needs_cuda = pytest.mark.skipif(
-    not ON_CUDA, reason="bf16 arithmetic is wrong under Triton's CPU interpreter; bf16 is tested on CUDA only")
 
 # (dtype, atol, rtol) against the fp32 reference
 DTYPES = [
@@ -44,18 +42,7 @@ def _padding_mask(B, L, *, middle=False):
     return m
 
 
-def _check(out, ref32, atol, rtol, what, ref_lowp=None):
-    """out vs the fp32 reference; on CUDA also the 2x criterion vs the low-precision reference."""
-    assert out.shape == ref32.shape, f"{what}: shape {tuple(out.shape)} != {tuple(ref32.shape)}"
-    err = (out.float() - ref32).abs()
-    bad = err > atol + rtol * ref32.abs()
-    assert not bad.any(), (f"{what}: max abs err {err.max().item():.3e}, mean {err.mean().item():.3e} "
-                           f"(atol {atol}, rtol {rtol}, {bad.sum().item()} elements out)")
-    if ON_CUDA and ref_lowp is not None and out.dtype in FLASH_ATOL:
-        ours, theirs = err.max().item(), (ref_lowp.float() - ref32).abs().max().item()
-        assert ours <= 2 * theirs + FLASH_ATOL[out.dtype], (
-            f"{what}: our {out.dtype} max err {ours:.3e} (mean {err.mean().item():.3e}) exceeds 2x torch's "
-            f"{theirs:.3e} + {FLASH_ATOL[out.dtype]}")
+_check = functools.partial(check, flash_atol=FLASH_ATOL)
 
 
 def _run_attention(B, Lq, Lk, D, dtype, atol, rtol, *, causal=False, key_mask=None, fused_kv=False):
