@@ -33,9 +33,15 @@ def _pick_device(device):
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        return torch.device(device)
+        dev = torch.device(device)
     except (RuntimeError, TypeError) as e:
         raise UnsupportedArgumentError(f"device={device!r} is not a torch device ({e}); use 'cpu' or 'cuda'.") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UnsupportedArgumentError(f"device={device!r} asks for CUDA, but this torch build or machine has no CUDA "
+                                       "device; use device='cpu' (or install a CUDA build of torch).")
+    if dev.type not in ("cpu", "cuda"):
+        raise UnsupportedArgumentError(f"device={device!r}: encdec_fast runs on 'cpu' and 'cuda' devices only.")
+    return dev
 
 
 def _pick_backend(backend, device):
@@ -141,12 +147,11 @@ class EncDecModel:
         dev = _pick_device(device) if device is not None else self.device
         if dtype is not None:
             dtype = _pick_dtype(dtype, self.dtype, dev)
+        # a new device type gets its default backend unless one is named
+        new_backend = _pick_backend(backend, dev) if (backend or dev.type != self.device.type) else self.backend
         self.graph.to(device=dev, dtype=dtype)
         self._graph_cache = None  # captured graphs point at the old tensors
-        self.backend = _pick_backend(backend, dev) if (backend or dev.type != self.device.type) else self.backend
-        if backend is None and dev.type == "cpu":
-            self.backend = "torch"
-        self.ops = ops_mod.table(self.backend)
+        self.backend, self.ops = new_backend, ops_mod.table(new_backend)
         return self
 
     def eval(self):

@@ -119,11 +119,21 @@ def test_unsupported_option_is_refused(ckpt, tmp_path, edit, match):
         encdec_fast.load(d)
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message given on a machine without CUDA")
+def test_cuda_device_without_cuda_is_refused(ckpt, model):
+    with pytest.raises(UnsupportedArgumentError, match="no CUDA"):
+        encdec_fast.load(ckpt, device="cuda")
+    with pytest.raises(UnsupportedArgumentError, match="no CUDA"):
+        model.to("cuda")
+
+
 def test_unknown_backend_and_dtype(ckpt):
     with pytest.raises(UnsupportedArgumentError, match="backend"):
         encdec_fast.load(ckpt, backend="tensorrt")
     with pytest.raises(UnsupportedArgumentError, match="dtype"):
         encdec_fast.load(ckpt, dtype=torch.int8)
+    with pytest.raises(UnsupportedArgumentError, match="cpu' and 'cuda"):
+        encdec_fast.load(ckpt, device="meta")
 
 
 @pytest.mark.parametrize("ids,match", [

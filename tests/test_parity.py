@@ -212,3 +212,16 @@ def test_tie_encoder_decoder_checkpoint_takes_missing_decoder_tensors_from_the_e
     (path / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(encdec_fast.CheckpointError, match="missing tensors"):
         encdec_fast.load(path)
+
+
+def test_to_changes_dtype_and_keeps_parity(make_ckpt):
+    path = make_ckpt("bert", "gpt2")
+    ours = encdec_fast.load(path, device="cpu")
+    ids, mask, dec = make_inputs(2, 7, 5, 97, 0, True)
+    want = ours(ids, attention_mask=mask, decoder_input_ids=dec).logits
+    ours.to(dtype=torch.bfloat16)
+    assert ours.dtype == torch.bfloat16 and ours.backend == "torch"
+    low = ours(ids, attention_mask=mask, decoder_input_ids=dec).logits
+    assert low.dtype == torch.bfloat16 and rel_err(low, want) < 5e-2
+    ours.to(dtype=torch.float32)
+    assert rel_err(ours(ids, attention_mask=mask, decoder_input_ids=dec).logits, want) < 5e-2
