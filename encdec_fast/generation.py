@@ -215,9 +215,11 @@ class _Decode:
         self.device = model.device
         self.keep_logits = keep_logits  # the caller stores logits across steps: no static buffer then
         self.graphed = None
-        if model.device.type == "cuda" and model.cuda_graphs:
-            # one captured graph per shape, reused across requests (graphs.py)
-            self.graphed = model.graph_cache.get(model, cross, enc_mask, kv_index, enc_lens, rows, max_length - 1)
+        capture = model.device.type == "cuda" and model.cuda_graphs
+        if capture or model.static_decode:
+            # one captured graph per shape bucket, reused across requests (graphs.py)
+            self.graphed = model.graph_cache.get(model, cross, enc_mask, kv_index, enc_lens, rows, max_length - 1,
+                                                 capture)
             self.cache, self.pos = self.graphed.cache, self.graphed.pos
         else:
             self.cache = KVCache(model.cfg.decoder, rows, max_length - 1, dtype=model.dtype, device=model.device)
@@ -226,13 +228,17 @@ class _Decode:
     def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens (N,) at slot pos -> fp32 logits (N, V); advances pos."""
         if self.graphed is not None:
-            logits = self.graphed(tokens)  # static buffer, overwritten by the next step
+            logits = self.graphed(tokens)  # with a graph: a static buffer, overwritten by the next step
             self.pos += 1
             return logits.clone() if self.keep_logits else logits
         logits = self.decoder.step(tokens, self.pos, self.cache.layers, self.cross, self.enc_mask, self.kv_index,
                                    self.enc_lens, self.ops)
         self.pos += 1
         return logits.float()  # a fresh tensor every step; nothing downstream writes into it
+
+    def reorder(self, row_idx: torch.Tensor, length: int):
+        """Beam search: row n continues row row_idx[n] (its cache prefix [:length] follows)."""
+        (self.graphed if self.graphed is not None else self.cache).reorder(row_idx, length)
 
     def prefill(self, prefix: torch.Tensor):
         """Feeds all but the last prefix token (their logits are not needed)."""
@@ -390,7 +396,7 @@ def _beam_search(ctx: _Decode, prefix, gc, pipeline, eos_t, pad, B: int, check_e
             done[s] = True
             break
         # the cache follows its beams (filled prefix only)
-        ctx.cache.reorder(running_bidx[:, :, s].reshape(N).long(), cur)
+        ctx.reorder(running_bidx[:, :, s].reshape(N).long(), cur)
 
         # can the running beams still beat the finished ones? (transformers' early-stop heuristic)
         nxt = cur + 1

@@ -110,8 +110,10 @@ def table(backend: str) -> SimpleNamespace:
     if backend == "torch":
         return _TORCH
     if backend == "triton":
-        from . import kernels  # noqa: F401  (encdec_fast.kernels, installed from the top-level kernels/)
-        from .kernels import attention as katt, layer_norm as kln, activation as kact
+        # encdec_fast.kernels is the top-level kernels/ folder, mapped by setup.py
+        from .kernels import activation as kact
+        from .kernels import attention as katt
+        from .kernels import layer_norm as kln
 
         return SimpleNamespace(
             name="triton",
