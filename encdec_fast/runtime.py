@@ -350,8 +350,9 @@ def load(path=None, *, encoder=None, decoder=None, device=None, dtype=None, back
         done = _init_missing(graph, plan, init_missing, seed, std, dt, dev)
         plan = {k: v for k, v in plan.items() if not any(h in init_missing for h in v[0])}
         warnings.warn(
-            f"the decoder checkpoint lacks {len(done)} tensors, initialised from seed {seed} "
-            f"(fine-tune before use, as with from_encoder_decoder_pretrained): {sorted(done)}", stacklevel=2)
+            f"the glued checkpoints lack {len(done)} tensors that only the combined model has (decoder "
+            f"cross-attention, enc_to_dec_proj); initialised from seed {seed}. Fine-tune before use, as after "
+            f"from_encoder_decoder_pretrained: {sorted(done)}", stacklevel=2)
     try:
         ckpt.assign(graph, plan, fetch, device=dev, dtype=dt)
     except KeyError as e:
