@@ -41,30 +41,11 @@ GEN_DEVICE = torch.device("cuda" if CUDA else "cpu")
 
 
 def build_bert2gpt2(path: str, size: GenBenchSize, seed: int = 0) -> str:
-    """Save a random bert2gpt2 EncoderDecoderModel (transformers' own init, std 0.05 for diverse outputs)."""
-    import transformers as T
+    """Save a random bert2gpt2 of this size (workloads.build_bert2gpt2)."""
+    from workloads import build_bert2gpt2 as build
 
-    torch.manual_seed(seed)
-    enc = T.BertConfig(vocab_size=size.enc_vocab, hidden_size=size.hidden, num_hidden_layers=size.layers,
-                       num_attention_heads=size.heads, intermediate_size=4 * size.hidden,
-                       max_position_embeddings=max(512, size.src_len))
-    dec = T.GPT2Config(vocab_size=size.dec_vocab, n_embd=size.hidden, n_layer=size.layers, n_head=size.heads,
-                       n_positions=size.positions, is_decoder=True, add_cross_attention=True, bos_token_id=1,
-                       eos_token_id=2)
-    cfg = T.EncoderDecoderConfig.from_encoder_decoder_configs(enc, dec)
-    cfg.decoder_start_token_id, cfg.pad_token_id, cfg.eos_token_id = 1, 0, 2
-    model = T.EncoderDecoderModel(cfg)  # not on the meta device: to_empty() would untie lm_head from wte
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("bias"):
-                p.zero_()
-            elif "LayerNorm" in name or ".ln_" in name:
-                p.fill_(1.0)
-            else:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
-    model.save_pretrained(path)
-    return path
+    return build(path, layers=size.layers, hidden=size.hidden, heads=size.heads, enc_vocab=size.enc_vocab,
+                 dec_vocab=size.dec_vocab, positions=size.positions, enc_positions=max(512, size.src_len), seed=seed)
 
 
 def gen_inputs(batch: int, size: GenBenchSize, seed: int = 0):

@@ -62,30 +62,38 @@ if not CUDA:
     PROVIDERS = ["encdec_fast-torch", "transformers-sdpa", "transformers-eager"]
 
 
-def build_checkpoint(path: str, seed: int = 0):
+def build_bert2gpt2(path: str, *, layers: int, hidden: int, heads: int, enc_vocab: int, dec_vocab: int,
+                    positions: int = 1024, enc_positions: int = 512, seed: int = 0) -> str:
+    """Save a random bert2gpt2 EncoderDecoderModel with transformers (weights std 0.05, which keeps greedy
+    outputs varied; biases 0, LayerNorms 1). Built on the CPU, not the meta device: to_empty() would
+    untie lm_head from wte."""
     import transformers as T
 
-    L, E, H, V = MODEL
     torch.manual_seed(seed)
-    enc = T.BertConfig(vocab_size=30522 if CUDA else V, hidden_size=E, num_hidden_layers=L, num_attention_heads=H,
-                       intermediate_size=4 * E)
-    dec = T.GPT2Config(vocab_size=V, n_embd=E, n_layer=L, n_head=H, is_decoder=True, add_cross_attention=True,
-                       bos_token_id=1, eos_token_id=2)
+    enc = T.BertConfig(vocab_size=enc_vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                       intermediate_size=4 * hidden, max_position_embeddings=enc_positions)
+    dec = T.GPT2Config(vocab_size=dec_vocab, n_embd=hidden, n_layer=layers, n_head=heads, n_positions=positions,
+                       is_decoder=True, add_cross_attention=True, bos_token_id=1, eos_token_id=2)
     cfg = T.EncoderDecoderConfig.from_encoder_decoder_configs(enc, dec)
     cfg.decoder_start_token_id, cfg.pad_token_id, cfg.eos_token_id = 1, 0, 2
-    with torch.device("meta"):
-        model = T.EncoderDecoderModel(cfg)
-    model = model.to_empty(device="cpu")
+    model = T.EncoderDecoderModel(cfg)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for n, p in model.named_parameters():
-            if n.endswith("bias"):
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
                 p.zero_()
-            elif "LayerNorm" in n or ".ln_" in n:
+            elif "LayerNorm" in name or ".ln_" in name:
                 p.fill_(1.0)
             else:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.05)
     model.save_pretrained(path)
+    return path
+
+
+def build_checkpoint(path: str, seed: int = 0) -> str:
+    """The W1-W3 checkpoint: bert-base encoder + gpt2-size decoder on CUDA, shrunk on the CPU."""
+    L, E, H, V = MODEL
+    return build_bert2gpt2(path, layers=L, hidden=E, heads=H, enc_vocab=30522 if CUDA else V, dec_vocab=V, seed=seed)
 
 
 def load_provider(path: str, provider: str):
