@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from dataclasses import dataclass
 
 import torch
@@ -187,7 +186,3 @@ def save_results(results: list[dict]):
     if RESULTS_JSON:
         with open(RESULTS_JSON, "w") as f:
             json.dump(results, f, indent=1)
-
-
-def timer():
-    return time.perf_counter()

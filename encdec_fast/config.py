@@ -6,7 +6,6 @@ the graph needs, refusing every option that would change the numbers and that we
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 from .errors import UnsupportedModelError
@@ -142,9 +141,6 @@ class ModelConfig:
     decoder: HalfConfig
     has_enc_to_dec_proj: bool
     tie_encoder_decoder: bool
-
-    def replace(self, **kw):
-        return dataclasses.replace(self, **kw)
 
 
 def from_hf(config) -> ModelConfig:

@@ -10,7 +10,6 @@ Shape conventions (B batch, L length, H heads, D head dim, N decode rows):
 
 from __future__ import annotations
 
-import math
 from types import SimpleNamespace
 
 import torch
@@ -125,7 +124,3 @@ def table(backend: str) -> SimpleNamespace:
             decode_attention=katt.decode_attention,
         )
     raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
-
-
-def default_scale(head_dim: int) -> float:
-    return 1.0 / math.sqrt(head_dim)

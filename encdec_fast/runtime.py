@@ -121,7 +121,6 @@ class EncDecModel:
         self.backend = backend
         self.ops = ops_mod.table(backend)
         self.path = path
-        self.tokenizer_path = path
         self.cuda_graphs = True  # capture the decode step as a CUDA graph on CUDA devices
         self.static_decode = False  # the bucketed static-buffer step without capture (tests it on the CPU)
         self._graph_cache = None
