@@ -5,7 +5,7 @@ setup(
     version="0.1.0",
     description="Fast inference runtime for Hugging Face EncoderDecoderModel checkpoints (BERT/RoBERTa -> GPT-2/BERT)",
     python_requires=">=3.10",
-    packages=["encdec_fast", "encdec_fast.kernels"],
+    packages=["encdec_fast", "encdec_fast.decode", "encdec_fast.engine", "encdec_fast.kernels"],
     package_dir={"encdec_fast": "encdec_fast", "encdec_fast.kernels": "kernels"},
     install_requires=["torch>=2.4", "triton>=3.0", "transformers>=5.0", "safetensors>=0.4"],
     extras_require={"test": ["pytest>=8", "pytest-benchmark>=4"]},

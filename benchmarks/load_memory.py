@@ -51,7 +51,7 @@ def measure(path: str) -> dict:
     # not the loader's memory: on some images these lazy imports pull in hundreds of MB of optional integrations)
 
     import encdec_fast
-    import encdec_fast.runtime  # noqa: F401
+    import encdec_fast.model  # noqa: F401
 
     def rss():
         with open("/proc/self/statm") as f:
@@ -64,7 +64,7 @@ def measure(path: str) -> dict:
     model = encdec_fast.load(path, device="cpu")
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     weights = sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path) if f.endswith(".safetensors"))
-    params = sum(b.numel() * b.element_size() for b in {id(b): b for b in model.graph.buffers()}.values())
+    params = sum(b.numel() * b.element_size() for b in {id(b): b for b in model.net.buffers()}.values())
     status = dict(line.split(":", 1) for line in open("/proc/self/status").read().splitlines() if ":" in line)
     return dict(weight_bytes=weights, model_bytes=params, rss_before=before, peak_rss=peak,
                 peak_increase=peak - before, ratio=(peak - before) / weights,

@@ -52,7 +52,7 @@ def test_workload(benchmark, bench_env, w, provider):
     if not w.encoder_only:
         bench_env["outputs"][(w.label, provider)] = out.cpu()
     if bench_env["ceilings"]:
-        g = model.graph if provider.startswith("encdec_fast") else None
+        g = model.net if provider.startswith("encdec_fast") else None
         bytes_per = torch.finfo(W.DTYPE).bits // 8
         if g is not None:
             enc_b = sum(b.numel() for b in g.encoder.buffers()) * bytes_per

@@ -1,9 +1,16 @@
 """encdec_fast: a fast runtime for Hugging Face EncoderDecoderModel checkpoints."""
 
-from .errors import (CheckpointError, CheckpointNotFoundError, EncDecError, InvalidInputError,
-                     UnsupportedArgumentError, UnsupportedModelError)
-from .engine import Engine, EngineClosedError
-from .runtime import EncDecModel, load
+from .engine import Engine
+from .errors import (
+                     CheckpointError,
+                     CheckpointNotFoundError,
+                     EncDecError,
+                     EngineClosedError,
+                     InvalidInputError,
+                     UnsupportedArgumentError,
+                     UnsupportedModelError,
+)
+from .model import EncDecModel, load
 
 __all__ = ["load", "EncDecModel", "Engine", "EngineClosedError", "EncDecError", "CheckpointError",
            "CheckpointNotFoundError", "InvalidInputError", "UnsupportedArgumentError", "UnsupportedModelError"]

@@ -1,8 +1,11 @@
-"""Find and read checkpoint weights, map Hugging Face names onto ours, validate every shape.
+"""Find and read a checkpoint: config, weights and generation config; build the net from them.
 
 Weights are read lazily (safetensors ``safe_open``; ``.bin`` only through
 ``torch.load(weights_only=True, mmap=True)``) and assigned tensor by tensor into modules built on the
-meta device, so peak memory stays about one copy of the model.
+meta device, so peak memory stays about one copy of the model. weight_map.py says which Hugging Face
+tensors fill which buffer; this file finds them (one folder, a tied checkpoint whose decoder borrows
+the encoder's tensors, or two glued checkpoints), initialises what a glued pair lacks, and checks
+every shape.
 """
 
 from __future__ import annotations
@@ -10,22 +13,24 @@ from __future__ import annotations
 import json
 import os
 import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import torch
 
-from .config import HalfConfig, ModelConfig
-from .errors import CheckpointError, CheckpointNotFoundError
+from . import weight_map as wm
+from .config import ModelConfig, from_hf
+from .errors import (
+    CheckpointError,
+    CheckpointNotFoundError,
+    UnsupportedArgumentError,
+    UnsupportedModelError,
+)
+from .modules import EncoderDecoderNet, LayerNorm
 
 SAFE, SAFE_INDEX = "model.safetensors", "model.safetensors.index.json"
 BIN, BIN_INDEX = "pytorch_model.bin", "pytorch_model.bin.index.json"
-
-# tensors a checkpoint may hold that the inference graph does not use
-_IGNORED_SUFFIXES = (".position_ids", ".token_type_ids", "attn.bias", "attn.masked_bias",
-                     "crossattention.bias", "crossattention.masked_bias")
-_IGNORED_PARTS = ("pooler.", "cls.seq_relationship.", "lm_head.decoder.bias", "cls.predictions.decoder.bias")
-
 
 def folder(path) -> Path:
     if path is None:
@@ -107,117 +112,6 @@ class WeightReader:
 
 
 # ------------------------------------------------------------------------------------------------
-# name table: our buffer name -> (HF names, how to combine them)
-# ------------------------------------------------------------------------------------------------
-def _cat(*ts):
-    return torch.cat(ts, 0)
-
-
-def _t(t):  # GPT-2 Conv1D [in, out] -> nn.Linear [out, in]
-    return t.t()
-
-
-def _row0(t):
-    return t[0]
-
-
-Plan = dict[str, tuple[list[str], Callable]]
-
-
-def _linear(plan: Plan, ours: str, hf: list[str], fn=None):
-    if fn is None:
-        fn = _cat if len(hf) > 1 else (lambda t: t)
-    plan[f"{ours}.weight"] = ([f"{h}.weight" for h in hf], fn)
-    plan[f"{ours}.bias"] = ([f"{h}.bias" for h in hf], _cat if len(hf) > 1 else (lambda t: t))
-
-
-def _ln(plan: Plan, ours: str, hf: str):
-    plan[f"{ours}.weight"] = ([f"{hf}.weight"], lambda t: t)
-    plan[f"{ours}.bias"] = ([f"{hf}.bias"], lambda t: t)
-
-
-def _bert_plan(cfg: HalfConfig, ours: str, base: str) -> Plan:
-    """BERT/RoBERTa body. base: HF prefix of the base model ("encoder." or "decoder.bert.")."""
-    plan: Plan = {}
-    e = f"{base}embeddings."
-    plan[f"{ours}embed.word"] = ([e + "word_embeddings.weight"], lambda t: t)
-    plan[f"{ours}embed.position"] = ([e + "position_embeddings.weight"], lambda t: t)
-    plan[f"{ours}embed.type0"] = ([e + "token_type_embeddings.weight"], _row0)
-    _ln(plan, f"{ours}embed.ln", e + "LayerNorm")
-    for i in range(cfg.num_layers):
-        L, o = f"{base}encoder.layer.{i}.", f"{ours}layers.{i}."
-        _linear(plan, o + "attn.qkv", [L + "attention.self.query", L + "attention.self.key", L + "attention.self.value"])
-        _linear(plan, o + "attn.o", [L + "attention.output.dense"])
-        _ln(plan, o + "ln1", L + "attention.output.LayerNorm")
-        if cfg.cross_attention:
-            _linear(plan, o + "cross.q", [L + "crossattention.self.query"])
-            _linear(plan, o + "cross.kv", [L + "crossattention.self.key", L + "crossattention.self.value"])
-            _linear(plan, o + "cross.o", [L + "crossattention.output.dense"])
-            _ln(plan, o + "ln_cross", L + "crossattention.output.LayerNorm")
-        _linear(plan, o + "mlp.fc1", [L + "intermediate.dense"])
-        _linear(plan, o + "mlp.fc2", [L + "output.dense"])
-        _ln(plan, o + "ln2", L + "output.LayerNorm")
-    return plan
-
-
-def _gpt2_plan(cfg: HalfConfig, ours: str, base: str) -> Plan:
-    plan: Plan = {}
-    plan[f"{ours}embed.word"] = ([base + "wte.weight"], lambda t: t)
-    plan[f"{ours}embed.position"] = ([base + "wpe.weight"], lambda t: t)
-    for i in range(cfg.num_layers):
-        L, o = f"{base}h.{i}.", f"{ours}layers.{i}."
-        _ln(plan, o + "ln1", L + "ln_1")
-        _linear(plan, o + "attn.qkv", [L + "attn.c_attn"], _t)
-        _linear(plan, o + "attn.o", [L + "attn.c_proj"], _t)
-        _ln(plan, o + "ln_cross", L + "ln_cross_attn")
-        _linear(plan, o + "cross.q", [L + "crossattention.q_attn"], _t)
-        _linear(plan, o + "cross.kv", [L + "crossattention.c_attn"], _t)
-        _linear(plan, o + "cross.o", [L + "crossattention.c_proj"], _t)
-        _ln(plan, o + "ln2", L + "ln_2")
-        _linear(plan, o + "mlp.fc1", [L + "mlp.c_fc"], _t)
-        _linear(plan, o + "mlp.fc2", [L + "mlp.c_proj"], _t)
-    _ln(plan, f"{ours}ln_f", base + "ln_f")
-    return plan
-
-
-def decoder_plan(cfg: HalfConfig, prefix: str) -> tuple[Plan, str, str]:
-    """The decoder's plan, plus the HF names of its own LM-head matrix and of the word embeddings."""
-    if cfg.family == "gpt2":
-        plan = _gpt2_plan(cfg, "decoder.", prefix + "transformer.")
-        return plan, prefix + "lm_head.weight", prefix + "transformer.wte.weight"
-    fam = cfg.family
-    plan = _bert_plan(cfg, "decoder.", f"{prefix}{fam}.")
-    head = f"{prefix}cls.predictions." if fam == "bert" else f"{prefix}lm_head."
-    if fam == "bert":
-        _linear(plan, "decoder.head.dense", [head + "transform.dense"])
-        _ln(plan, "decoder.head.ln", head + "transform.LayerNorm")
-    else:
-        _linear(plan, "decoder.head.dense", [head + "dense"])
-        _ln(plan, "decoder.head.ln", head + "layer_norm")
-    plan["decoder.head.bias"] = ([head + "bias"], lambda t: t)
-    return plan, head + "decoder.weight", f"{prefix}{fam}.embeddings.word_embeddings.weight"
-
-
-def full_plan(cfg: ModelConfig, keys: set[str], enc_prefix="encoder.", dec_prefix="decoder.") -> Plan:
-    plan = _bert_plan(cfg.encoder, "encoder.", enc_prefix)
-    dplan, head_w, word_w = decoder_plan(cfg.decoder, dec_prefix)
-    plan.update(dplan)
-    # transformers 5 keeps a head matrix stored in the checkpoint even when the config ties it (the
-    # loader shares the two tensors again when they are equal); only a missing one is tied
-    if head_w in keys or not cfg.decoder.tie_word_embeddings:
-        plan["decoder.head.weight"] = ([head_w], lambda t: t)
-    else:
-        plan["decoder.head.weight"] = ([word_w], lambda t: t)
-    if cfg.has_enc_to_dec_proj:
-        _linear(plan, "enc_to_dec_proj", ["enc_to_dec_proj"])
-    return plan
-
-
-def ignorable(name: str) -> bool:
-    return name.endswith(_IGNORED_SUFFIXES) or any(p in name for p in _IGNORED_PARTS)
-
-
-# ------------------------------------------------------------------------------------------------
 # assignment
 # ------------------------------------------------------------------------------------------------
 def _set_buffer(model: torch.nn.Module, name: str, value: torch.Tensor):
@@ -232,10 +126,10 @@ def _set_buffer(model: torch.nn.Module, name: str, value: torch.Tensor):
     mod._buffers[leaf] = value
 
 
-def assign(model, plan: Plan, fetch: Callable[[str], torch.Tensor], *, device, dtype, shared: dict | None = None):
+def assign(model, plan: wm.Plan, fetch: Callable[[str], torch.Tensor], *, device, dtype):
     """Fill every buffer of `model` (built on meta) from the plan. fetch(hf_name) returns a CPU tensor.
     Tensors listed under the same HF names are shared (tied weights stay one tensor)."""
-    shared = {} if shared is None else shared
+    shared: dict = {}
     for ours, (hf_names, fn) in plan.items():
         key = (tuple(hf_names), fn.__name__)
         if key in shared:
@@ -262,13 +156,6 @@ def check_complete(model):
         raise CheckpointError(f"internal: buffers left unassigned: {left[:5]}")
 
 
-def missing_and_unexpected(plan: Plan, keys: set[str], cfg: ModelConfig, dec_prefix="decoder.") -> tuple[list[str], list[str]]:
-    needed = {h for names, _ in plan.values() for h in names}
-    missing = sorted(needed - keys)
-    unexpected = sorted(k for k in keys - needed if not ignorable(k))
-    return missing, unexpected
-
-
 def report_missing(where: str, missing: list[str], unexpected: list[str]):
     msg = []
     if missing:
@@ -284,5 +171,148 @@ def report_missing(where: str, missing: list[str], unexpected: list[str]):
         )
 
 
-def warn(msg: str):
-    warnings.warn(msg, stacklevel=3)
+# ------------------------------------------------------------------------------------------------
+# sources: what load() reads, from one folder or from two glued checkpoints
+# ------------------------------------------------------------------------------------------------
+@dataclass
+class Source:
+    """A checkpoint resolved to our names: its configs, the plan, and a fetch(HF name) -> CPU tensor."""
+
+    hf_config: object  # transformers EncoderDecoderConfig
+    cfg: ModelConfig
+    plan: wm.Plan
+    fetch: Callable[[str], torch.Tensor]
+    stored_dtype: torch.dtype
+    gen_dir: Path  # where generation_config.json is looked for
+    folder: Path | None  # the EncoderDecoderModel folder (None when glued)
+    init_missing: set[str] = field(default_factory=set)  # HF names only the glued model has
+
+
+def read_config(path: Path):
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(str(path), local_files_only=True)
+    except (ValueError, KeyError, OSError) as e:
+        raise UnsupportedModelError(
+            f"cannot read {str(path / 'config.json')!r} as a transformers config: {e}. "
+            "encdec_fast reads EncoderDecoderModel folders (BERT/RoBERTa encoder, GPT-2/BERT/RoBERTa decoder)."
+        ) from None
+
+
+def open_folder(path) -> Source:
+    """An EncoderDecoderModel folder written by save_pretrained()."""
+    root = folder(path)
+    hf = read_config(root)
+    if getattr(hf, "model_type", None) != "encoder-decoder":
+        raise UnsupportedModelError(
+            f"{str(root)!r} holds a {getattr(hf, 'model_type', '?')!r} model, not an EncoderDecoderModel. "
+            "Load encoder and decoder checkpoints separately with load(encoder=..., decoder=...), or use "
+            "transformers for native seq2seq models (T5, BART, ...).")
+    cfg = from_hf(hf)
+    reader = WeightReader(root)
+    keys = reader.keys()
+    plan = wm.full_plan(cfg, keys)
+    fetch, names = reader.get, keys
+    if cfg.tie_encoder_decoder:  # checkpoints saved with tied halves drop the decoder's copies
+        fam = cfg.decoder.family
+        tied = {f"decoder.{fam}." + k[len("encoder."):]: k for k in keys if k.startswith("encoder.")}
+        names = keys | set(tied)
+
+        def fetch(n):
+            return reader.get(n if n in keys else tied.get(n, n))
+
+    missing, unexpected = wm.missing_and_unexpected(plan, names)
+    report_missing(str(root), missing, unexpected)
+    return Source(hf, cfg, plan, fetch, reader.dtype(), root, root)
+
+
+def open_pair(encoder, decoder) -> Source:
+    """An encoder and a decoder checkpoint glued like EncoderDecoderModel.from_encoder_decoder_pretrained."""
+    from transformers import EncoderDecoderConfig
+
+    if encoder is None or decoder is None:
+        raise UnsupportedArgumentError("gluing needs both encoder= and decoder= checkpoint folders.")
+    ef, df = folder(encoder), folder(decoder)
+    ecfg, dcfg = read_config(ef), read_config(df)
+    for c, role in ((ecfg, "encoder"), (dcfg, "decoder")):
+        if getattr(c, "model_type", None) == "encoder-decoder":
+            raise UnsupportedArgumentError(f"{role}= got an EncoderDecoderModel folder; pass it as load(path).")
+    dcfg.is_decoder, dcfg.add_cross_attention = True, True
+    hf = EncoderDecoderConfig.from_encoder_decoder_configs(ecfg, dcfg)
+    cfg = from_hf(hf)
+    er, dr = WeightReader(ef), WeightReader(df)
+    fam = cfg.decoder.family
+    ealias = wm.alias(er.keys(), ("bert.", "roberta."), "encoder.", {"cls.": "encoder.cls.", "lm_head.": "encoder.lm_head."})
+    if fam == "gpt2":
+        dalias = wm.alias(dr.keys(), ("transformer.",), "decoder.transformer.", {"lm_head.": "decoder.lm_head."})
+    else:
+        dalias = wm.alias(dr.keys(), (f"{fam}.",), f"decoder.{fam}.", {"cls.": "decoder.cls.", "lm_head.": "decoder.lm_head."})
+    names = set(ealias) | set(dalias)
+    plan = wm.full_plan(cfg, names)
+    missing, unexpected = wm.missing_and_unexpected(plan, names)
+    unexpected = [u for u in unexpected if not u.startswith(("encoder.cls.", "encoder.lm_head.", "decoder.lm_head.bias"))]
+    enc_missing = [m for m in missing if not m.startswith(("decoder.", "enc_to_dec_proj."))]
+    report_missing(f"encoder {str(ef)!r} / decoder {str(df)!r}", enc_missing, unexpected)
+
+    def fetch(n):
+        return er.get(ealias[n]) if n in ealias else dr.get(dalias[n])
+
+    return Source(hf, cfg, plan, fetch, er.dtype(), df, None, set(missing))
+
+
+def _init_missing(net, plan: wm.Plan, missing: set[str], seed: int, std: float, dtype, device) -> list[str]:
+    """Reproducibly initialise every buffer whose HF tensors are missing; returns the HF names."""
+    g = torch.Generator().manual_seed(seed)
+    done = []
+    for ours, (hf_names, _) in plan.items():
+        if not any(h in missing for h in hf_names):
+            continue
+        mod_name, _, leaf = ours.rpartition(".")
+        mod = net.get_submodule(mod_name)
+        shape = mod._buffers[leaf].shape
+        if leaf == "bias":
+            t = torch.zeros(shape)
+        elif isinstance(mod, LayerNorm):
+            t = torch.ones(shape)
+        else:
+            t = torch.randn(shape, generator=g) * std
+        mod._buffers[leaf] = t.to(device=device, dtype=dtype)
+        done += [h for h in hf_names if h in missing]
+    return done
+
+
+def build_net(src: Source, *, device, dtype, seed: int) -> EncoderDecoderNet:
+    """The net on the meta device, then every buffer assigned from the checkpoint (or initialised)."""
+    with torch.device("meta"):
+        net = EncoderDecoderNet(src.cfg)
+    plan = src.plan
+    if src.init_missing:
+        std = getattr(src.hf_config.decoder, "initializer_range", 0.02)
+        done = _init_missing(net, plan, src.init_missing, seed, std, dtype, device)
+        plan = {k: v for k, v in plan.items() if not any(h in src.init_missing for h in v[0])}
+        warnings.warn(
+            f"the glued checkpoints lack {len(done)} tensors that only the combined model has (decoder "
+            f"cross-attention, enc_to_dec_proj); initialised from seed {seed}. Fine-tune before use, as after "
+            f"from_encoder_decoder_pretrained: {sorted(done)}", stacklevel=3)
+    try:
+        assign(net, plan, src.fetch, device=device, dtype=dtype)
+    except KeyError as e:
+        raise CheckpointError(f"tensor {e} is missing from the checkpoint; re-save it with save_pretrained().") from None
+    check_complete(net)
+    if src.cfg.decoder.tie_word_embeddings:
+        share_tied_head(net)
+    return net
+
+
+def generation_config(src: Source):
+    """The checkpoint's generation_config.json, else one derived from config.json (as transformers does)."""
+    from transformers import GenerationConfig
+
+    f = src.gen_dir / "generation_config.json"
+    try:
+        if f.is_file():
+            return GenerationConfig.from_pretrained(str(src.gen_dir), local_files_only=True)
+        return GenerationConfig.from_model_config(src.hf_config)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"cannot read {str(f)!r}: {e}; fix or delete it.") from None

@@ -1,7 +1,7 @@
 """A normalised, frozen description of the two halves of an EncoderDecoderModel checkpoint.
 
 Reads the transformers config objects (BertConfig, RobertaConfig, GPT2Config) and keeps only what
-the graph needs, refusing every option that would change the numbers and that we do not implement.
+the net needs, refusing every option that would change the numbers and that we do not implement.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ _GELU = {"gelu": "none", "gelu_new": "tanh", "gelu_pytorch_tanh": "tanh"}
 
 
 @dataclass(frozen=True)
-class HalfConfig:
+class StackConfig:
     family: str  # "bert" | "roberta" | "gpt2"
     vocab_size: int
     hidden_size: int
@@ -68,8 +68,8 @@ def _refuse(cond, where, what):
         raise UnsupportedModelError(f"{where}: {what} is not supported by encdec_fast; run this checkpoint with transformers.")
 
 
-def normalise(cfg, *, role: str) -> HalfConfig:
-    """Map a transformers sub-config to a HalfConfig. role is "encoder" or "decoder"."""
+def normalise(cfg, *, role: str) -> StackConfig:
+    """Map a transformers sub-config to a StackConfig. role is "encoder" or "decoder"."""
     mt = getattr(cfg, "model_type", None)
     families = ENCODER_FAMILIES if role == "encoder" else DECODER_FAMILIES
     where = f"{role} ({mt})"
@@ -87,7 +87,7 @@ def normalise(cfg, *, role: str) -> HalfConfig:
     if mt == "gpt2":
         _refuse(getattr(cfg, "n_inner", None) is not None and cfg.n_inner <= 0, where, "n_inner <= 0")
         act = _gelu(cfg.activation_function, where)
-        h = HalfConfig(
+        h = StackConfig(
             family="gpt2",
             vocab_size=cfg.vocab_size,
             hidden_size=cfg.n_embd,
@@ -112,7 +112,7 @@ def normalise(cfg, *, role: str) -> HalfConfig:
         pad = cfg.pad_token_id
         if mt == "roberta" and pad is None:
             raise UnsupportedModelError(f"{where}: RoBERTa needs pad_token_id for its position ids; set it in config.json.")
-        h = HalfConfig(
+        h = StackConfig(
             family=mt,
             vocab_size=cfg.vocab_size,
             hidden_size=cfg.hidden_size,
@@ -137,8 +137,8 @@ def normalise(cfg, *, role: str) -> HalfConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    encoder: HalfConfig
-    decoder: HalfConfig
+    encoder: StackConfig
+    decoder: StackConfig
     has_enc_to_dec_proj: bool
     tie_encoder_decoder: bool
 

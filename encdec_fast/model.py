@@ -1,297 +1,234 @@
-"""The encoder and decoder graphs, written against the op table (never against a backend).
-
-Weights are buffers laid out for the fast path: fused QKV (BERT's query/key/value concatenated,
-GPT-2's Conv1D c_attn transposed to nn.Linear's [out, in]), cross-attention K/V fused. checkpoint.py
-maps Hugging Face names onto these.
-
-Two decoder paths share the layer code:
-  full(ids [B, L])        -> hidden [B, L, E]   (forward pass, no cache)
-  step(ids [N], pos, ...) -> hidden [N, E]      (one token per row over the preallocated cache)
-"""
+"""load() and the drop-in model object it returns."""
 
 from __future__ import annotations
 
 import torch
-from torch import nn
+import torch.nn.functional as F
 
-from .config import HalfConfig, ModelConfig
+from . import checkpoint as ckpt
+from . import ops as ops_mod
+from .config import ModelConfig
+from .errors import InvalidInputError, UnsupportedArgumentError
+from .modules import EncoderDecoderNet
 
-
-def _buf(*shape):
-    return torch.empty(*shape)
-
-
-class Linear(nn.Module):
-    def __init__(self, in_f: int, out_f: int, bias: bool = True):
-        super().__init__()
-        self.register_buffer("weight", _buf(out_f, in_f))  # [out, in]
-        self.register_buffer("bias", _buf(out_f) if bias else None)
-
-    def forward(self, x, ops):
-        return ops.linear(x, self.weight, self.bias)
+_FORWARD_IGNORED = {"use_cache", "return_dict", "output_attentions", "output_hidden_states"}
 
 
-class LayerNorm(nn.Module):
-    def __init__(self, n: int, eps: float):
-        super().__init__()
-        self.eps = eps
-        self.register_buffer("weight", _buf(n))
-        self.register_buffer("bias", _buf(n))
-
-    def forward(self, x, ops):
-        return ops.layer_norm(x, self.weight, self.bias, self.eps)
-
-    def add(self, x, residual, ops):
-        """(LayerNorm(x + residual), x + residual)"""
-        return ops.add_layer_norm(x, residual, self.weight, self.bias, self.eps)
-
-
-class MLP(nn.Module):
-    def __init__(self, cfg: HalfConfig):
-        super().__init__()
-        self.fc1 = Linear(cfg.hidden_size, cfg.intermediate_size)
-        self.fc2 = Linear(cfg.intermediate_size, cfg.hidden_size)
-        self.gelu = cfg.gelu
-
-    def forward(self, x, ops):
-        h = ops.bias_gelu(ops.linear(x, self.fc1.weight, None), self.fc1.bias, self.gelu)
-        return self.fc2(h, ops)
+def _pick_device(device):
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise UnsupportedArgumentError(f"device={device!r} is not a torch device ({e}); use 'cpu' or 'cuda'.") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UnsupportedArgumentError(f"device={device!r} asks for CUDA, but this torch build or machine has no CUDA "
+                                       "device; use device='cpu' (or install a CUDA build of torch).")
+    if dev.type not in ("cpu", "cuda"):
+        raise UnsupportedArgumentError(f"device={device!r}: encdec_fast runs on 'cpu' and 'cuda' devices only.")
+    return dev
 
 
-class Embeddings(nn.Module):
-    """Word + position (+ token type 0) embeddings; BERT/RoBERTa add a LayerNorm."""
+def _pick_backend(backend, device):
+    if backend is None:
+        return "triton" if device.type == "cuda" else "torch"
+    if backend not in ops_mod.BACKENDS:
+        raise UnsupportedArgumentError(f"backend={backend!r} is not known; use one of {ops_mod.BACKENDS}.")
+    if backend == "triton" and device.type != "cuda":
+        import os
 
-    def __init__(self, cfg: HalfConfig):
-        super().__init__()
-        self.cfg = cfg
-        self.register_buffer("word", _buf(cfg.vocab_size, cfg.hidden_size))
-        self.register_buffer("position", _buf(cfg.max_positions, cfg.hidden_size))
-        if cfg.family != "gpt2":
-            self.register_buffer("type0", _buf(cfg.hidden_size))  # row 0 of token_type_embeddings
-            self.ln = LayerNorm(cfg.hidden_size, cfg.layer_norm_eps)
-
-    def positions(self, ids: torch.Tensor, start) -> torch.Tensor:
-        """Position ids as transformers computes them; start is the number of tokens before ids[:, 0]."""
-        cfg = self.cfg
-        if cfg.family == "roberta":
-            keep = (ids != cfg.pad_token_id).long()
-            return (torch.cumsum(keep, dim=1) + start) * keep + cfg.pad_token_id
-        L = ids.shape[1]
-        return (torch.arange(L, device=ids.device) + start).expand(ids.shape[0], L)
-
-    def forward(self, ids: torch.Tensor, pos: torch.Tensor, ops):
-        x = self.word[ids] + self.position[pos]
-        if self.cfg.family == "gpt2":
-            return x
-        return self.ln(x + self.type0, ops)
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            raise UnsupportedArgumentError(
+                "backend='triton' needs a CUDA device (or TRITON_INTERPRET=1 set before triton is imported, "
+                "for testing on the CPU); use backend='torch' on the CPU."
+            )
+    return backend
 
 
-def _heads(t: torch.Tensor, parts: int, H: int):
-    """[..., parts*H*D] -> `parts` views of [..., H, D] (no copy)."""
-    t = t.unflatten(-1, (parts, H, -1))
-    return [t[..., i, :, :] for i in range(parts)]
+def _pick_dtype(dtype, stored: torch.dtype, device):
+    if dtype is None:
+        return torch.float32 if device.type == "cpu" else stored
+    if isinstance(dtype, str):
+        dtype = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+                 "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}.get(dtype, dtype)
+    if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise UnsupportedArgumentError(f"dtype={dtype!r} is not supported; use torch.float32, torch.float16 or torch.bfloat16.")
+    return dtype
 
 
-class SelfAttention(nn.Module):
-    def __init__(self, cfg: HalfConfig, layer: int):
-        super().__init__()
-        self.H = cfg.num_heads
-        self.scale = cfg.attn_scale(layer)
-        self.qkv = Linear(cfg.hidden_size, 3 * cfg.hidden_size)
-        self.o = Linear(cfg.hidden_size, cfg.hidden_size)
+class EncDecModel:
+    """Drop-in for transformers' EncoderDecoderModel at inference: forward(), generate(), config."""
 
-    def full(self, x, ops, *, causal: bool, key_mask):
-        q, k, v = _heads(self.qkv(x, ops), 3, self.H)  # each (B, L, H, D)
-        a = ops.attention(q, k, v, scale=self.scale, causal=causal, key_mask=key_mask)
-        return self.o(a.flatten(-2), ops)
+    def __init__(self, net: EncoderDecoderNet, hf_config, generation_config, backend: str, path=None):
+        self.net = net
+        self.cfg: ModelConfig = net.cfg
+        self.config = hf_config
+        self.generation_config = generation_config
+        self.backend = backend
+        self.ops = ops_mod.table(backend)
+        self.path = path
+        self.cuda_graphs = True  # capture the decode step as a CUDA graph on CUDA devices
+        self.static_decode = False  # the bucketed static-buffer step without capture (tests it on the CPU)
+        self._graph_cache = None
 
-    def step(self, x, ops, *, k_cache, v_cache, pos, seq_lens):
-        """x (N, E); writes row n's K/V at slot pos[n] of the (N, Lmax, H, D) caches."""
-        q, k, v = _heads(self.qkv(x, ops), 3, self.H)  # each (N, H, D)
-        rows = torch.arange(x.shape[0], device=x.device)
-        k_cache[rows, pos] = k
-        v_cache[rows, pos] = v
-        a = ops.decode_attention(q, k_cache, v_cache, scale=self.scale, seq_lens=seq_lens)
-        return self.o(a.flatten(-2), ops)
+    @property
+    def graph_cache(self):
+        """Captured decode steps (CUDA only), reused across generate() calls of the same shapes."""
+        if self._graph_cache is None:
+            from .decode.state import GraphCache
 
+            self._graph_cache = GraphCache()
+        return self._graph_cache
 
-class CrossAttention(nn.Module):
-    def __init__(self, cfg: HalfConfig, layer: int):
-        super().__init__()
-        self.H = cfg.num_heads
-        self.scale = cfg.attn_scale(layer)
-        self.q = Linear(cfg.hidden_size, cfg.hidden_size)
-        self.kv = Linear(cfg.hidden_size, 2 * cfg.hidden_size)
-        self.o = Linear(cfg.hidden_size, cfg.hidden_size)
+    # -- torch-like ------------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return self.net.encoder.embed.word.device
 
-    def project_kv(self, enc, ops):
-        """enc (B, S, E) -> K, V each (B, S, H, D): computed once per request, reused every step."""
-        return _heads(self.kv(enc, ops), 2, self.H)
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.net.encoder.embed.word.dtype
 
-    def full(self, x, ops, *, kv, enc_mask):
-        q = self.q(x, ops).unflatten(-1, (self.H, -1))
-        a = ops.attention(q, kv[0], kv[1], scale=self.scale, causal=False, key_mask=enc_mask)
-        return self.o(a.flatten(-2), ops)
+    def to(self, device=None, dtype=None, *, backend=None):
+        dev = _pick_device(device) if device is not None else self.device
+        if dtype is not None:
+            dtype = _pick_dtype(dtype, self.dtype, dev)
+        # a new device type gets its default backend unless one is named
+        new_backend = _pick_backend(backend, dev) if (backend or dev.type != self.device.type) else self.backend
+        self.net.to(device=dev, dtype=dtype)
+        self._graph_cache = None  # captured graphs point at the old tensors
+        self.backend, self.ops = new_backend, ops_mod.table(new_backend)
+        return self
 
-    def step(self, x, ops, *, kv, enc_mask, kv_index, enc_lens):
-        q = self.q(x, ops).unflatten(-1, (self.H, -1))  # (N, H, D)
-        a = ops.decode_attention(q, kv[0], kv[1], scale=self.scale, seq_lens=enc_lens,
-                                 kv_index=kv_index, key_mask=enc_mask)
-        return self.o(a.flatten(-2), ops)
+    def eval(self):
+        return self
 
+    def __call__(self, *args, **kwargs):
+        return self.forward(*args, **kwargs)
 
-# ------------------------------------------------------------------------------------------------
-# BERT / RoBERTa layers (post-LN)
-# ------------------------------------------------------------------------------------------------
-class BertLayer(nn.Module):
-    def __init__(self, cfg: HalfConfig, layer: int):
-        super().__init__()
-        self.attn = SelfAttention(cfg, layer)
-        self.ln1 = LayerNorm(cfg.hidden_size, cfg.layer_norm_eps)
-        if cfg.cross_attention:
-            self.cross = CrossAttention(cfg, layer)
-            self.ln_cross = LayerNorm(cfg.hidden_size, cfg.layer_norm_eps)
-        self.mlp = MLP(cfg)
-        self.ln2 = LayerNorm(cfg.hidden_size, cfg.layer_norm_eps)
+    def __repr__(self):
+        c = self.cfg
+        return (f"EncDecModel({c.encoder.family}2{c.decoder.family}, enc {c.encoder.num_layers}x{c.encoder.hidden_size}, "
+                f"dec {c.decoder.num_layers}x{c.decoder.hidden_size}, vocab {c.decoder.vocab_size}, "
+                f"{self.dtype}, {self.device}, backend={self.backend})")
 
-    def full(self, x, ops, *, causal, key_mask, cross_kv=None, enc_mask=None):
-        x = self.ln1.add(self.attn.full(x, ops, causal=causal, key_mask=key_mask), x, ops)[0]
-        if cross_kv is not None:
-            x = self.ln_cross.add(self.cross.full(x, ops, kv=cross_kv, enc_mask=enc_mask), x, ops)[0]
-        return self.ln2.add(self.mlp(x, ops), x, ops)[0]
+    # -- input checks --------------------------------------------------------------------------------
+    def check_ids(self, ids, name: str, half) -> torch.Tensor:
+        if ids is None:
+            raise InvalidInputError(f"{name} is required.")
+        if not isinstance(ids, torch.Tensor):
+            try:
+                ids = torch.as_tensor(ids)
+            except (ValueError, TypeError) as e:
+                raise InvalidInputError(f"{name} must be a 2-D tensor (or nested list) of token ids: {e}") from None
+        if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+            raise InvalidInputError(f"{name} must hold integer token ids, got dtype {ids.dtype}; pass a torch.long tensor.")
+        if ids.dim() != 2:
+            raise InvalidInputError(f"{name} must be 2-D (batch, length), got shape {tuple(ids.shape)}; "
+                                    "for one sequence use ids.unsqueeze(0).")
+        if ids.shape[0] == 0 or ids.shape[1] == 0:
+            raise InvalidInputError(f"{name} is empty (shape {tuple(ids.shape)}); pass at least one sequence of at least one token.")
+        lo, hi = int(ids.min()), int(ids.max())
+        if lo < 0 or hi >= half.vocab_size:
+            bad = lo if lo < 0 else hi
+            raise InvalidInputError(f"{name} holds token id {bad}, outside the vocabulary [0, {half.vocab_size}); "
+                                    "check the tokenizer matches this checkpoint.")
+        if ids.shape[1] > half.max_length:
+            raise InvalidInputError(f"{name} has length {ids.shape[1]} but the model has positions for at most "
+                                    f"{half.max_length} tokens; truncate the input to {half.max_length} tokens.")
+        return ids.to(device=self.device, dtype=torch.long)
 
-    def step(self, x, ops, *, k_cache, v_cache, pos, seq_lens, cross_kv, enc_mask, kv_index, enc_lens):
-        x = self.ln1.add(self.attn.step(x, ops, k_cache=k_cache, v_cache=v_cache, pos=pos, seq_lens=seq_lens), x, ops)[0]
-        c = self.cross.step(x, ops, kv=cross_kv, enc_mask=enc_mask, kv_index=kv_index, enc_lens=enc_lens)
-        x = self.ln_cross.add(c, x, ops)[0]
-        return self.ln2.add(self.mlp(x, ops), x, ops)[0]
+    def check_mask(self, mask, ids, name: str):
+        """-> bool (B, L) on the device, or None when every position is kept."""
+        if mask is None:
+            return None
+        mask = torch.as_tensor(mask)
+        if tuple(mask.shape) != tuple(ids.shape):
+            raise InvalidInputError(f"{name} has shape {tuple(mask.shape)} but the ids have {tuple(ids.shape)}; they must match.")
+        mask = mask.to(self.device) != 0
+        if not bool(mask.any(dim=1).all()):
+            raise InvalidInputError(f"{name} masks every token of some sequence; each sequence needs at least one real token.")
+        return None if bool(mask.all()) else mask
 
+    # -- the net -----------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def encode(self, input_ids, attention_mask=None):
+        """-> (encoder last hidden state (B, S, E_enc), key mask bool (B, S) or None)"""
+        ids = self.check_ids(input_ids, "input_ids", self.cfg.encoder)
+        mask = self.check_mask(attention_mask, ids, "attention_mask")
+        return self.net.encoder(ids, mask, self.ops), mask
 
-class Encoder(nn.Module):
-    def __init__(self, cfg: HalfConfig):
-        super().__init__()
-        self.cfg = cfg
-        self.embed = Embeddings(cfg)
-        self.layers = nn.ModuleList(BertLayer(cfg, i) for i in range(cfg.num_layers))
+    @torch.inference_mode()
+    def forward(self, input_ids=None, attention_mask=None, decoder_input_ids=None, decoder_attention_mask=None,
+                labels=None, encoder_outputs=None, **kwargs):
+        from transformers.modeling_outputs import Seq2SeqLMOutput
 
-    def forward(self, ids, key_mask, ops):
-        """ids (B, S); key_mask bool (B, S) or None -> hidden (B, S, E)"""
-        x = self.embed(ids, self.embed.positions(ids, 0), ops)
-        for layer in self.layers:
-            x = layer.full(x, ops, causal=False, key_mask=key_mask)
-        return x
-
-
-# ------------------------------------------------------------------------------------------------
-# GPT-2 block (pre-LN); the LayerNorm that follows each residual add is fused with it
-# ------------------------------------------------------------------------------------------------
-class GPT2Block(nn.Module):
-    def __init__(self, cfg: HalfConfig, layer: int):
-        super().__init__()
-        self.ln1 = LayerNorm(cfg.hidden_size, cfg.layer_norm_eps)
-        self.attn = SelfAttention(cfg, layer)
-        self.ln_cross = LayerNorm(cfg.hidden_size, cfg.layer_norm_eps)
-        self.cross = CrossAttention(cfg, layer)
-        self.ln2 = LayerNorm(cfg.hidden_size, cfg.layer_norm_eps)
-        self.mlp = MLP(cfg)
-
-    # x is the residual stream, n = ln1(x) already computed by the caller (fused with the previous add)
-    def full(self, x, n, ops, *, causal, key_mask, cross_kv, enc_mask):
-        n, x = self.ln_cross.add(self.attn.full(n, ops, causal=causal, key_mask=key_mask), x, ops)
-        n, x = self.ln2.add(self.cross.full(n, ops, kv=cross_kv, enc_mask=enc_mask), x, ops)
-        return self.mlp(n, ops), x  # caller adds (fused with the next LayerNorm)
-
-    def step(self, x, n, ops, *, k_cache, v_cache, pos, seq_lens, cross_kv, enc_mask, kv_index, enc_lens):
-        a = self.attn.step(n, ops, k_cache=k_cache, v_cache=v_cache, pos=pos, seq_lens=seq_lens)
-        n, x = self.ln_cross.add(a, x, ops)
-        c = self.cross.step(n, ops, kv=cross_kv, enc_mask=enc_mask, kv_index=kv_index, enc_lens=enc_lens)
-        n, x = self.ln2.add(c, x, ops)
-        return self.mlp(n, ops), x
-
-
-class LMHead(nn.Module):
-    """GPT-2: logits = h @ wte.T. BERT/RoBERTa: dense -> gelu -> LayerNorm -> @ word.T + bias."""
-
-    def __init__(self, cfg: HalfConfig):
-        super().__init__()
-        self.cfg = cfg
-        self.register_buffer("weight", _buf(cfg.vocab_size, cfg.hidden_size))  # tied or own
-        if cfg.family != "gpt2":
-            self.dense = Linear(cfg.hidden_size, cfg.hidden_size)
-            self.ln = LayerNorm(cfg.hidden_size, cfg.layer_norm_eps)
-            self.register_buffer("bias", _buf(cfg.vocab_size))
-
-    def forward(self, h, ops):
-        if self.cfg.family == "gpt2":
-            return ops.linear(h, self.weight, None)
-        t = ops.bias_gelu(ops.linear(h, self.dense.weight, None), self.dense.bias, self.cfg.head_gelu)
-        return ops.linear(self.ln(t, ops), self.weight, self.bias)
-
-
-class Decoder(nn.Module):
-    def __init__(self, cfg: HalfConfig):
-        super().__init__()
-        self.cfg = cfg
-        self.embed = Embeddings(cfg)
-        block = GPT2Block if cfg.family == "gpt2" else BertLayer
-        self.layers = nn.ModuleList(block(cfg, i) for i in range(cfg.num_layers))
-        if cfg.family == "gpt2":
-            self.ln_f = LayerNorm(cfg.hidden_size, cfg.layer_norm_eps)
-        self.head = LMHead(cfg)
-
-    def cross_kv(self, enc, ops):
-        """Per-layer cross-attention (K, V), each (B, S, H, D)."""
-        return [layer.cross.project_kv(enc, ops) for layer in self.layers]
-
-    def full(self, ids, key_mask, cross_kv, enc_mask, ops):
-        """ids (B, L) -> logits (B, L, V); causal self-attention, key_mask bool (B, L) or None."""
-        x = self.embed(ids, self.embed.positions(ids, 0), ops)
-        kw = dict(causal=True, key_mask=key_mask, enc_mask=enc_mask)
-        return self.head(self._run(x, ops, lambda layer, i: kw | {"cross_kv": cross_kv[i]}, "full"), ops)
-
-    def step(self, ids, pos, cache, cross_kv, enc_mask, kv_index, enc_lens, ops):
-        """One token per row. ids (N,); pos long (1,) or (N,) = number of tokens already in each row's
-        cache (the slot this token is written to; per row for continuous batching).
-        cache: (k_caches, v_caches) lists of (N, Lmax, H, D). Returns logits (N, V)."""
-        cfg = self.cfg
-        pos = pos.expand(ids.shape[0])
-        if cfg.family == "roberta":
-            p = torch.where(ids != cfg.pad_token_id, pos + cfg.pad_token_id + 1, cfg.pad_token_id)
+        unsupported = sorted(k for k, v in kwargs.items() if k not in _FORWARD_IGNORED and v is not None)
+        if unsupported or kwargs.get("output_attentions") or kwargs.get("output_hidden_states"):
+            names = unsupported or ["output_attentions/output_hidden_states"]
+            raise UnsupportedArgumentError(f"forward() does not support {names}; encdec_fast takes input_ids, attention_mask, "
+                                           "decoder_input_ids, decoder_attention_mask, labels and encoder_outputs.")
+        ops, g = self.ops, self.net
+        if encoder_outputs is not None:
+            enc = encoder_outputs[0] if isinstance(encoder_outputs, (tuple, list)) else getattr(
+                encoder_outputs, "last_hidden_state", encoder_outputs)
+            enc = enc.to(device=self.device, dtype=self.dtype)
+            enc_mask = None
+            if attention_mask is not None:
+                enc_mask = self.check_mask(attention_mask, enc[..., 0], "attention_mask")
         else:
-            p = pos
-        x = self.embed(ids.unsqueeze(1), p.unsqueeze(1), ops).squeeze(1)  # (N, E)
-        seq_lens = (pos + 1).to(torch.int32)
-        ks, vs = cache
+            enc, enc_mask = self.encode(input_ids, attention_mask)
+        if labels is not None:
+            labels = torch.as_tensor(labels).to(self.device)
+            if decoder_input_ids is None:
+                decoder_input_ids = self.shift_right(labels)
+                if decoder_attention_mask is None:
+                    decoder_attention_mask = decoder_input_ids != self.config.pad_token_id
+        dec_ids = self.check_ids(decoder_input_ids, "decoder_input_ids", self.cfg.decoder)
+        if dec_ids.shape[0] != enc.shape[0]:
+            raise InvalidInputError(f"decoder_input_ids has batch {dec_ids.shape[0]} but the encoder input has {enc.shape[0]}.")
+        dec_mask = self.check_mask(decoder_attention_mask, dec_ids, "decoder_attention_mask")
+        cross = g.decoder.cross_kv(g.project(enc, ops), ops)
+        logits = g.decoder.full(dec_ids, dec_mask, cross, enc_mask, ops)
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
+        return Seq2SeqLMOutput(loss=loss, logits=logits, encoder_last_hidden_state=enc)
 
-        def kw(layer, i):
-            return dict(k_cache=ks[i], v_cache=vs[i], pos=pos, seq_lens=seq_lens, cross_kv=cross_kv[i],
-                        enc_mask=enc_mask, kv_index=kv_index, enc_lens=enc_lens)
+    def shift_right(self, labels):
+        pad, start = self.config.pad_token_id, self.config.decoder_start_token_id
+        if start is None or pad is None:
+            raise InvalidInputError("labels need config.decoder_start_token_id and config.pad_token_id to build "
+                                    "decoder_input_ids; set them on model.config or pass decoder_input_ids.")
+        shifted = labels.new_zeros(labels.shape)
+        shifted[:, 1:] = labels[:, :-1]
+        shifted[:, 0] = start
+        return shifted.masked_fill(shifted == -100, pad)
 
-        return self.head(self._run(x, ops, kw, "step"), ops)
+    # -- generation ------------------------------------------------------------------------------
+    def generate(self, input_ids=None, generation_config=None, **kwargs):
+        """transformers' generate(): same arguments (attention_mask as a keyword), same tokens."""
+        from .decode.search import generate
 
-    def _run(self, x, ops, kwargs_for, mode):
-        if self.cfg.family != "gpt2":
-            for i, layer in enumerate(self.layers):
-                x = getattr(layer, mode)(x, ops, **kwargs_for(layer, i))
-            return x
-        n = self.layers[0].ln1(x, ops) if len(self.layers) else None
-        for i, layer in enumerate(self.layers):
-            m, x = getattr(layer, mode)(x, n, ops, **kwargs_for(layer, i))
-            ln_next = self.layers[i + 1].ln1 if i + 1 < len(self.layers) else self.ln_f
-            n, x = ln_next.add(m, x, ops)
-        return n if n is not None else self.ln_f(x, ops)
+        if "inputs" in kwargs and input_ids is None:
+            input_ids = kwargs.pop("inputs")
+        attention_mask = kwargs.pop("attention_mask", None)
+        return generate(self, input_ids, attention_mask, generation_config, **kwargs)
 
 
-class EncoderDecoderGraph(nn.Module):
-    """The whole model's weights and graph; the public wrapper lives in runtime.py."""
+# ------------------------------------------------------------------------------------------------
+def load(path=None, *, encoder=None, decoder=None, device=None, dtype=None, backend=None, seed: int = 0) -> EncDecModel:
+    """Load an EncoderDecoderModel folder, or glue an encoder and a decoder checkpoint.
 
-    def __init__(self, cfg: ModelConfig):
-        super().__init__()
-        self.cfg = cfg
-        self.encoder = Encoder(cfg.encoder)
-        self.decoder = Decoder(cfg.decoder)
-        if cfg.has_enc_to_dec_proj:
-            self.enc_to_dec_proj = Linear(cfg.encoder.hidden_size, cfg.decoder.hidden_size)
-
-    def project(self, enc, ops):
-        return self.enc_to_dec_proj(enc, ops) if self.cfg.has_enc_to_dec_proj else enc
+    device: default cuda when available, else cpu. dtype: default float32 on CPU, the stored dtype on
+    CUDA. backend: "triton" (default on CUDA) or "torch" (default on CPU). seed: initialises the weights
+    a glued decoder checkpoint lacks (its cross-attention), reproducibly."""
+    if path is not None and (encoder is not None or decoder is not None):
+        raise UnsupportedArgumentError("pass either path or encoder=/decoder=, not both.")
+    dev = _pick_device(device)
+    be = _pick_backend(backend, dev)
+    glued = path is None and (encoder is not None or decoder is not None)
+    src = ckpt.open_pair(encoder, decoder) if glued else ckpt.open_folder(path)
+    dt = _pick_dtype(dtype, src.stored_dtype, dev)
+    net = ckpt.build_net(src, device=dev, dtype=dt, seed=seed)
+    return EncDecModel(net, src.hf_config, ckpt.generation_config(src), be, path=src.folder)

@@ -1,4 +1,4 @@
-"""The op table: every numeric op the model graph uses, per backend.
+"""The op table: every numeric op the model net uses, per backend.
 
 Model code calls ``self.ops.<name>(...)`` on the table it was built with and never branches on the
 backend. The plain-PyTorch versions below are the reference the Triton kernels are tested against.
@@ -10,7 +10,8 @@ Shape conventions (B batch, L length, H heads, D head dim, N decode rows):
 
 from __future__ import annotations
 
-from types import SimpleNamespace
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -93,7 +94,20 @@ def decode_attention(q, k, v, *, scale: float, seq_lens: torch.Tensor, kv_index=
 # --------------------------------------------------------------------------------------------
 # the switch
 # --------------------------------------------------------------------------------------------
-_TORCH = SimpleNamespace(
+@dataclass(frozen=True)
+class OpTable:
+    """The ops of one backend; model code calls ``ops.<name>(...)`` and never asks which backend it is."""
+
+    name: str
+    layer_norm: Callable
+    add_layer_norm: Callable
+    bias_gelu: Callable
+    linear: Callable
+    attention: Callable
+    decode_attention: Callable
+
+
+_TORCH = OpTable(
     name="torch",
     layer_norm=layer_norm,
     add_layer_norm=add_layer_norm,
@@ -104,7 +118,7 @@ _TORCH = SimpleNamespace(
 )
 
 
-def table(backend: str) -> SimpleNamespace:
+def table(backend: str) -> OpTable:
     """The op table for a backend name ("torch" or "triton")."""
     if backend == "torch":
         return _TORCH
@@ -114,7 +128,7 @@ def table(backend: str) -> SimpleNamespace:
         from .kernels import attention as katt
         from .kernels import layer_norm as kln
 
-        return SimpleNamespace(
+        return OpTable(
             name="triton",
             layer_norm=kln.layer_norm,
             add_layer_norm=kln.add_layer_norm,

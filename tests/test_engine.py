@@ -13,7 +13,6 @@ import torch
 import encdec_fast
 from encdec_fast import EngineClosedError, InvalidInputError, UnsupportedArgumentError
 
-
 pytestmark = pytest.mark.usefixtures("quiet")
 
 
@@ -198,7 +197,7 @@ def test_bad_requests_fail_alone(models):
 def test_a_failing_step_fails_its_requests_and_the_engine_goes_on(models, monkeypatch):
     model = models()
     inputs, _ = workload(6, 20, seed=5)
-    step = model.graph.decoder.step
+    step = model.net.decoder.step
     calls = {"n": 0}
 
     def flaky(*a, **k):
@@ -207,7 +206,7 @@ def test_a_failing_step_fails_its_requests_and_the_engine_goes_on(models, monkey
             raise RuntimeError("simulated device failure")
         return step(*a, **k)
 
-    monkeypatch.setattr(model.graph.decoder, "step", flaky)
+    monkeypatch.setattr(model.net.decoder, "step", flaky)
     with encdec_fast.Engine(model, max_batch_size=8) as engine:
         out = engine.generate(inputs, return_exceptions=True, max_new_tokens=8, eos_token_id=None)
         assert all(isinstance(r, RuntimeError) and "simulated" in str(r) for r in out)

@@ -8,8 +8,13 @@ import pytest
 import torch
 
 import encdec_fast
-from encdec_fast import (CheckpointError, CheckpointNotFoundError, InvalidInputError, UnsupportedArgumentError,
-                         UnsupportedModelError)
+from encdec_fast import (
+    CheckpointError,
+    CheckpointNotFoundError,
+    InvalidInputError,
+    UnsupportedArgumentError,
+    UnsupportedModelError,
+)
 
 
 @pytest.fixture(scope="module")

@@ -218,7 +218,10 @@ def test_eos_list_and_decoder_start_override_match_transformers(pair):
 
 
 def test_output_types_match_transformers(pair):
-    from transformers.generation.utils import GenerateBeamEncoderDecoderOutput, GenerateEncoderDecoderOutput
+    from transformers.generation.utils import (
+        GenerateBeamEncoderDecoderOutput,
+        GenerateEncoderDecoderOutput,
+    )
 
     ours, _, _ = pair("bert", "gpt2")
     ids, mask = padded_batch("bert", lengths=(3, 2))

@@ -10,8 +10,8 @@ from conftest import hf_model
 from transformers import GenerationConfig
 
 import encdec_fast
-from encdec_fast import processors as P
-from encdec_fast.generation import resolve_config
+from encdec_fast.decode import select as P
+from encdec_fast.decode.search import resolve_config
 
 V = 97
 

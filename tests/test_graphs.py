@@ -1,14 +1,14 @@
-"""The bucketed static-buffer decode step (graphs.py), run eagerly on the CPU: padding rows, padded
+"""The bucketed static-buffer decode step (decode/state.py), run eagerly on the CPU: padding rows, padded
 encoder keys and a larger cache must not change a single token, and nearby shapes share one step.
 (On CUDA the same step is captured as a CUDA graph; test_triton_model.py and the benchmarks cover that.)"""
 
 import pytest
 import torch
-
-import encdec_fast
-from encdec_fast.graphs import buckets
 from conftest import hf_model
 from test_parity import make_inputs
+
+import encdec_fast
+from encdec_fast.decode.state import buckets
 
 pytestmark = pytest.mark.usefixtures("quiet")
 

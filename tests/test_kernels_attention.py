@@ -11,10 +11,10 @@ import functools
 
 import pytest
 import torch
+from encdec_fast.kernels import attention as katt
+from kernel_checks import DEVICE, ON_CUDA, bf16_needs_cuda, check, needs_cuda
 
 from encdec_fast import ops
-from kernel_checks import DEVICE, ON_CUDA, bf16_needs_cuda, check, needs_cuda
-from encdec_fast.kernels import attention as katt
 
 H = 2
 

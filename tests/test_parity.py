@@ -2,9 +2,9 @@
 
 import pytest
 import torch
+from conftest import hf_model
 
 import encdec_fast
-from conftest import hf_model
 
 PAIRS = [("bert", "gpt2"), ("bert", "bert"), ("roberta", "roberta"), ("roberta", "gpt2")]
 
@@ -88,13 +88,13 @@ def test_untied_lm_head_and_gpt2_scaling_flags(make_ckpt):
     path = make_ckpt("bert", "gpt2", dec_kw=dict(tie_word_embeddings=False, scale_attn_by_inverse_layer_idx=True,
                                                    reorder_and_upcast_attn=True))
     ours = encdec_fast.load(path)
-    assert ours.graph.decoder.head.weight.data_ptr() != ours.graph.decoder.embed.word.data_ptr()
+    assert ours.net.decoder.head.weight.data_ptr() != ours.net.decoder.embed.word.data_ptr()
     compare(path, B=2, S=7, T=5, padded=False)
 
 
 def test_tied_lm_head_shares_the_embedding_tensor(make_ckpt):
     ours = encdec_fast.load(make_ckpt("bert", "gpt2"))
-    assert ours.graph.decoder.head.weight.data_ptr() == ours.graph.decoder.embed.word.data_ptr()
+    assert ours.net.decoder.head.weight.data_ptr() == ours.net.decoder.embed.word.data_ptr()
 
 
 @pytest.mark.parametrize("enc,dec", [("bert", "gpt2"), ("roberta", "roberta")])
@@ -149,8 +149,8 @@ def test_glued_encoder_and_decoder_match_from_encoder_decoder_pretrained(tmp_pat
     ours = encdec_fast.load(encoder=ep, decoder=dp)
     assert ours.cfg.has_enc_to_dec_proj
     # the projection is new in both (random): give ours transformers' values
-    ours.graph.enc_to_dec_proj.weight.copy_(ref.enc_to_dec_proj.weight)
-    ours.graph.enc_to_dec_proj.bias.copy_(ref.enc_to_dec_proj.bias)
+    ours.net.enc_to_dec_proj.weight.copy_(ref.enc_to_dec_proj.weight)
+    ours.net.enc_to_dec_proj.bias.copy_(ref.enc_to_dec_proj.bias)
     ids, mask, decids = make_inputs(2, 9, 6, 97, 0, True)
     with torch.no_grad():
         r = ref(input_ids=ids, attention_mask=mask, decoder_input_ids=decids)
@@ -171,7 +171,7 @@ def test_glued_decoder_without_cross_attention_is_initialised_reproducibly_with_
     assert len([w for w in rec if "only the combined model has" in str(w.message)]) == 1
     b = encdec_fast.load(encoder=ep, decoder=dp, seed=7)
     c = encdec_fast.load(encoder=ep, decoder=dp, seed=8)
-    wa, wb, wc = (m.graph.decoder.layers[0].cross.q.weight for m in (a, b, c))
+    wa, wb, wc = (m.net.decoder.layers[0].cross.q.weight for m in (a, b, c))
     assert torch.equal(wa, wb) and not torch.equal(wa, wc)
     ids = torch.randint(4, 97, (1, 5))
     assert torch.equal(a(ids, decoder_input_ids=ids).logits, b(ids, decoder_input_ids=ids).logits)
@@ -181,9 +181,8 @@ def test_tie_encoder_decoder_checkpoint_takes_missing_decoder_tensors_from_the_e
     """A bert2bert saved with tie_encoder_decoder=True (transformers 4.x) stores the shared body once."""
     import json
 
-    from safetensors.torch import load_file, save_file
-
     from conftest import build_checkpoint
+    from safetensors.torch import load_file, save_file
 
     path = build_checkpoint(tmp_path / "tied", "bert", "bert")
     ref = hf_model(path)

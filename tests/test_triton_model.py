@@ -3,10 +3,10 @@ against transformers, and, on CUDA, low-precision error against plain PyTorch's.
 
 import pytest
 import torch
-
-import encdec_fast
 from conftest import DEVICE, hf_model
 from test_parity import make_inputs, rel_err
+
+import encdec_fast
 
 CUDA = torch.cuda.is_available()
 

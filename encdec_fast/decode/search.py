@@ -7,8 +7,8 @@ for token. The work per request:
      model.generation_config, then the global defaults, then kwargs; special tokens; lengths);
   2. run the encoder once, project each decoder layer's cross-attention K/V once (encoder rows only:
      beams and num_return_sequences point at their encoder row through kv_index, nothing is copied);
-  3. decode one token per row per step over a preallocated self-attention cache (cache.KVCache),
-     with the logits processors of processors.py; beam search gathers the filled cache prefix.
+  3. decode one token per row per step over a preallocated self-attention cache (state.KVCache),
+     with the logits processors of select.py; beam search gathers the filled cache prefix.
 
 The loop is static: fixed buffers, a device tensor `pos`, in-place writes, and no host sync per step
 except the finished-check, done every `stop_check_every` steps (1 on CPU, where a check costs nothing
@@ -25,9 +25,9 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from . import processors as procs_mod
-from .cache import KVCache
-from .errors import InvalidInputError, UnsupportedArgumentError
+from ..errors import InvalidInputError, UnsupportedArgumentError
+from . import select as procs_mod
+from .state import KVCache
 
 # generate() arguments of transformers that are not GenerationConfig fields; we implement none of them
 _CALL_ARGS = ("logits_processor", "stopping_criteria", "prefix_allowed_tokens_fn", "assistant_model", "streamer",
@@ -191,7 +191,7 @@ def generate(model, input_ids=None, attention_mask=None, generation_config=None,
         raise UnsupportedArgumentError(f"stop_check_every must be a positive int, got {stop_check_every!r}.")
 
     # encoder once; cross K/V once per layer, per encoder row
-    g, ops = model.graph, model.ops
+    g, ops = model.net, model.ops
     enc, enc_mask = model.encode(ids, attention_mask)
     cross = g.decoder.cross_kv(g.project(enc, ops), ops)
     N = B * expand
@@ -210,14 +210,14 @@ class _Decode:
     """Everything a decode step needs, fixed for the request: one call per token per row."""
 
     def __init__(self, model, cross, enc_mask, kv_index, enc_lens, rows: int, max_length: int, keep_logits: bool):
-        self.decoder, self.ops = model.graph.decoder, model.ops
+        self.decoder, self.ops = model.net.decoder, model.ops
         self.cross, self.enc_mask, self.kv_index, self.enc_lens = cross, enc_mask, kv_index, enc_lens
         self.device = model.device
         self.keep_logits = keep_logits  # the caller stores logits across steps: no static buffer then
         self.graphed = None
         capture = model.device.type == "cuda" and model.cuda_graphs
         if capture or model.static_decode:
-            # one captured graph per shape bucket, reused across requests (graphs.py)
+            # one captured graph per shape bucket, reused across requests (state.py)
             self.graphed = model.graph_cache.get(model, cross, enc_mask, kv_index, enc_lens, rows, max_length - 1,
                                                  capture)
             self.cache, self.pos = self.graphed.cache, self.graphed.pos

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from .errors import InvalidInputError
+from ..errors import InvalidInputError
 
 NEG_INF = float("-inf")
 

@@ -8,7 +8,7 @@ State, all preallocated and grown (never shrunk) to the longest request seen so 
                                             once, sits in the row of its first slot; its other slots (several
                                             returned sequences) point at it through kv_index
   alive     (N,) bool, pad (N,) long        rows still generating; finished rows of a request with
-                                            several sequences emit pad, as generation.py does
+                                            several sequences emit pad, as decode/search.py does
 
 Per slot (host lists, one small upload per step): pos = tokens already in the slot's cache (the cache
 slot written this step), kv_index = its pool row, enc_len = the pool row's valid encoder positions.
@@ -16,7 +16,7 @@ slot written this step), kv_index = its pool row, enc_len = the pool row's valid
 A step runs Decoder.step on slots [0, hi) (hi = highest busy slot + 1; free slots in that range feed a
 harmless dummy token into their own cache row), over cache and pool views cut to the longest busy
 row (kv_index is left out when every slot reads its own pool row: no gather of the pool). Then each
-request's logits processors run exactly as generation.py's _sample runs them: rows are grouped by
+request's logits processors run exactly as decode/search.py's _sample runs them: rows are grouped by
 (processor pipeline, do_sample, length), so a group's ids (G, t) are exactly what a solo run passes;
 greedy rows take one argmax, sampling rows draw with their request's own torch.Generator (so a
 request with seed=s reproduces `torch.manual_seed(s); model.generate(...)`). Finished requests leave
@@ -30,7 +30,7 @@ import heapq
 import torch
 import torch.nn.functional as F
 
-from . import processors as procs_mod
+from ..decode import select as procs_mod
 
 _GROW = 64  # capacities grow in multiples of this many positions
 
@@ -104,7 +104,7 @@ class DecodePool:
         self.lives: list[Live] = []
         self.pipelines: dict = {}  # pipeline key -> (device pipeline, needs_ids)
         self.steps = self.rows_stepped = 0
-        # CUDA: the decode step over all N slots is captured as a graph per pool capacity (graphs.py
+        # CUDA: the decode step over all N slots is captured as a graph per pool capacity (decode/state.py
         # explains why); idle slots ride along at position 0 of their own rows, which is harmless
         self.use_graph = self.dev.type == "cuda" and getattr(model, "cuda_graphs", False)
         self._graph = None
@@ -159,7 +159,7 @@ class DecodePool:
         return failed
 
     def _join(self, chunk: list):
-        g, ops = self.model.graph, self.model.ops
+        g, ops = self.model.net, self.model.ops
         ids, mask = pad_batch([r.ids for r in chunk], self.enc_pad, self.dev)
         S = ids.shape[1]
         enc, _ = self.model.encode(ids, mask)
@@ -194,7 +194,7 @@ class DecodePool:
         kv, L = self.self_kv, self.layers
         cache = ([kv[0, i] for i in range(L)], [kv[1, i] for i in range(L)])
         cross = [(self.cross_kv[0, i], self.cross_kv[1, i]) for i in range(L)]
-        return self.model.graph.decoder.step(ids, pos, cache, cross, None, kv_index, enc_lens, self.model.ops)
+        return self.model.net.decoder.step(ids, pos, cache, cross, None, kv_index, enc_lens, self.model.ops)
 
     def _graphed_logits(self, hi: int):
         meta = torch.tensor([self.pos, self.kv_index, self.enc_len], dtype=torch.long)
@@ -235,7 +235,7 @@ class DecodePool:
             own = all(self.kv_index[s] == s for lv in lives for s in lv.slots)
             rows = slice(0, hi) if own else slice(None)
             cross = [(self.cross_kv[0, i, rows, :smax], self.cross_kv[1, i, rows, :smax]) for i in range(self.layers)]
-            logits = self.model.graph.decoder.step(ids, pos, cache, cross, None, None if own else kv_index, enc_lens,
+            logits = self.model.net.decoder.step(ids, pos, cache, cross, None, None if own else kv_index, enc_lens,
                                                    self.model.ops)
         scores = logits.to(torch.float32, copy=True)  # (hi, V)
 

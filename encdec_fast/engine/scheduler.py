@@ -29,7 +29,7 @@ from collections import deque
 
 import torch
 
-from .engine_pool import DecodePool, length_chunks, pad_batch
+from .pool import DecodePool, length_chunks, pad_batch
 
 
 class Scheduler:

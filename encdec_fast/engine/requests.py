@@ -1,0 +1,225 @@
+"""Engine requests: validation and argument resolution, results, statistics, and the settling of futures.
+
+A request is validated and resolved when it is submitted (generation arguments by decode/search.py's
+own code, the same as model.generate), so that nothing invalid reaches a batch.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..errors import EngineClosedError, InvalidInputError
+
+# generate() arguments that make sense for one model.generate call but not for an engine request
+REFUSED = {
+    "return_dict_in_generate": "the engine returns token ids (and text); call model.generate for scores",
+    "output_scores": "the engine returns token ids (and text); call model.generate for scores",
+    "output_logits": "the engine returns token ids (and text); call model.generate for logits",
+    "decoder_input_ids": "decoder prefixes are not served by the engine; call model.generate",
+    "attention_mask": "each engine input is one unpadded sequence; drop the padding instead of masking it",
+    "stop_check_every": "the engine checks every step",
+}
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "spiece.model",
+                    "sentencepiece.bpe.model")
+
+
+@dataclass
+class Result:
+    """One request's output.
+
+    output_ids: decoder start + generated tokens, as model.generate returns the input's row alone (no
+    batch padding); a list of such rows when num_return_sequences > 1 (padded among themselves, as
+    model.generate pads them). text: the decoded output (skip_special_tokens) when the input was a
+    string, else None (a list for several sequences). num_generated: tokens generated, eos included,
+    padding excluded, summed over the sequences."""
+
+    output_ids: list
+    text: str | list | None
+    num_generated: int
+    input_ids: list
+
+
+@dataclass
+class EngineStats:
+    requests_submitted: int = 0
+    requests_completed: int = 0
+    requests_failed: int = 0
+    tokens_generated: int = 0
+    busy_s: float = 0.0  # scheduler time spent working
+    wall_s: float = 0.0  # since the engine started
+    decode_steps: int = 0
+    mean_rows_per_step: float = 0.0
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens_generated / self.busy_s if self.busy_s > 0 else 0.0
+
+
+class Request:
+    __slots__ = ("ids", "is_text", "kwargs", "generation_config", "gc", "eos", "eos_set", "pad", "start", "rows",
+                 "returned", "max_length", "proc_key", "static_key", "seed", "future")
+
+
+def freeze(x):
+    """A hashable, compact key for a processor's settings."""
+    if isinstance(x, torch.Tensor):
+        t = x.detach().cpu()
+        return (str(t.dtype), tuple(t.shape), t.numpy().tobytes())
+    if isinstance(x, (list, tuple)):
+        return tuple(freeze(v) for v in x)
+    if isinstance(x, dict):
+        return tuple(sorted((k, freeze(v)) for k, v in x.items()))
+    if hasattr(x, "__dict__"):
+        return (type(x).__name__, freeze(vars(x)))
+    return x
+
+
+def token_ids(x, cfg) -> list[int]:
+    """A 1-D sequence of token ids (list, tuple, tensor, array) -> list of ints, checked like check_ids."""
+    if x is None:
+        raise InvalidInputError("an engine input is None; pass a string or a 1-D sequence of token ids.")
+    try:
+        t = x.detach().cpu() if isinstance(x, torch.Tensor) else torch.as_tensor(x)
+    except (ValueError, TypeError, RuntimeError) as e:
+        raise InvalidInputError(f"an engine input must be a string or a 1-D sequence of token ids ({e}).") from None
+    if t.dim() == 2 and t.shape[0] == 1:
+        t = t[0]
+    if t.dim() != 1:
+        raise InvalidInputError(f"an engine input must be one sequence (1-D) of token ids, got shape {tuple(t.shape)}; "
+                                "submit each sequence as its own request.")
+    if t.numel() == 0:
+        raise InvalidInputError("an engine input is empty; pass at least one token.")
+    if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+        raise InvalidInputError(f"an engine input must hold integer token ids, got dtype {t.dtype}.")
+    lo, hi = int(t.min()), int(t.max())
+    if lo < 0 or hi >= cfg.vocab_size:
+        raise InvalidInputError(f"input holds token id {lo if lo < 0 else hi}, outside the vocabulary [0, {cfg.vocab_size}); "
+                                "check the tokenizer matches this checkpoint.")
+    if t.numel() > cfg.max_length:
+        raise InvalidInputError(f"input has length {t.numel()} but the model has positions for at most {cfg.max_length} "
+                                f"tokens; truncate the input to {cfg.max_length} tokens.")
+    return t.tolist()
+
+
+def count_generated(row: list[int], eos: set) -> int:
+    for j in range(1, len(row)):
+        if row[j] in eos:
+            return j
+    return len(row) - 1
+
+
+class Outcomes:
+    """Tokenizers, statistics and the settling of futures: shared by the Engine and its scheduler thread
+    (which must not hold the Engine itself, so that an Engine dropped without close() is collected)."""
+
+    def __init__(self, model, tokenizer, decoder_tokenizer):
+        self.model = model
+        self.tok, self.dec_tok = tokenizer, decoder_tokenizer
+        self.tok_lock = threading.Lock()
+        self.lock = threading.Lock()
+        self.stats = EngineStats()
+        self.proc_keys: dict = {}
+
+    def tokenizers(self):
+        with self.tok_lock:
+            if self.tok is None:
+                path = getattr(self.model, "path", None)
+                if path is None:
+                    raise InvalidInputError("string inputs need a tokenizer but this model was not loaded from a "
+                                            "folder; pass Engine(model, tokenizer=...) or token ids.")
+                # transformers 5 builds an empty-vocabulary tokenizer from config.json alone: insist on its files
+                if not any((Path(path) / f).is_file() for f in _TOKENIZER_FILES):
+                    raise InvalidInputError(f"string inputs need a tokenizer but {str(path)!r} has none (no "
+                                            f"{' / '.join(_TOKENIZER_FILES[:2])}); save one there "
+                                            "(tokenizer.save_pretrained), pass Engine(model, tokenizer=...), or submit token ids.")
+                try:
+                    from transformers import AutoTokenizer
+
+                    self.tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+                except (OSError, ValueError, TypeError, KeyError) as e:
+                    raise InvalidInputError(f"string inputs need a tokenizer, and none could be loaded from {str(path)!r} "
+                                            f"({type(e).__name__}: {e}); save one there (tokenizer.save_pretrained), "
+                                            "pass Engine(model, tokenizer=...), or submit token ids.") from None
+            return self.tok, (self.dec_tok if self.dec_tok is not None else self.tok)
+
+    def encode_text(self, text: str) -> list[int]:
+        tok, _ = self.tokenizers()
+        with self.tok_lock:  # fast tokenizers are not safe to call from several threads at once
+            return list(tok(text)["input_ids"])
+
+    def decode_text(self, rows: list[list[int]]) -> list[str]:
+        _, dtok = self.tokenizers()
+        with self.tok_lock:
+            return [dtok.decode(row, skip_special_tokens=True) for row in rows]
+
+    def finish(self, req: Request, rows: list[list[int]]):
+        try:
+            n = sum(count_generated(row, req.eos_set) for row in rows)
+            text = self.decode_text(rows) if req.is_text else None
+            one = req.returned == 1
+            res = Result(rows[0] if one else rows, (text[0] if one else text) if text is not None else None, n, req.ids)
+        except Exception as e:  # noqa: BLE001  (decoding the text failed)
+            self.fail(req, e)
+            return
+        with self.lock:
+            self.stats.requests_completed += 1
+            self.stats.tokens_generated += n
+        try:
+            req.future.set_result(res)
+        except cf.InvalidStateError:  # cancelled by the caller
+            pass
+
+    def fail(self, req: Request, exc: BaseException):
+        self.fail_future(req.future, exc)
+
+    def fail_future(self, fut: cf.Future, exc: BaseException):
+        with self.lock:
+            self.stats.requests_failed += 1
+        try:
+            fut.set_exception(exc)
+        except cf.InvalidStateError:  # cancelled by the caller
+            pass
+
+
+def closed_error():
+    return EngineClosedError("the engine was closed before this request finished; submit it to a new Engine.")
+
+
+class Countdown:
+    """Counts settled futures (a done-callback, any thread); drives a tqdm bar (progress=True) or
+    progress(done, total)."""
+
+    def __init__(self, total: int, progress):
+        self.total, self.left, self.tokens = total, total, 0
+        self.progress, self.lock, self.t0 = progress, threading.Lock(), time.perf_counter()
+        self.bar = None
+        if progress is True:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, unit="req", desc="encdec_fast")
+
+    def finished(self) -> bool:
+        return self.left == 0
+
+    def one(self, fut: cf.Future):
+        with self.lock:
+            self.left -= 1
+            done = self.total - self.left
+            if not fut.cancelled() and fut.exception() is None:
+                self.tokens += fut.result().num_generated
+            if self.bar is not None:
+                self.bar.update(1)
+                self.bar.set_postfix_str(f"{self.tokens / max(time.perf_counter() - self.t0, 1e-9):.1f} tok/s",
+                                         refresh=False)
+        if self.bar is None and callable(self.progress):
+            self.progress(done, self.total)
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
