@@ -92,7 +92,7 @@ def decode_cases(dt, dev, N, Bk, L, H, D, *, cross: bool) -> list[Case]:
     """Self-attention decode over an (N, L) cache, or cross-attention of N beam rows over Bk encoder
     rows (kv_index, padding mask)."""
     from encdec_fast import ops
-    from encdec_fast.kernels import attention as katt
+    from encdec_fast.kernels import decode_attention as kdec
 
     q = torch.randn(N, H, D, device=dev, dtype=dt)
     k = torch.randn(Bk, L, H, D, device=dev, dtype=dt)
@@ -117,7 +117,7 @@ def decode_cases(dt, dev, N, Bk, L, H, D, *, cross: bool) -> list[Case]:
     nbytes = (2 * Bk * L * H * D + 2 * N * H * D) * elt
     name = "decode cross-attention (beams share K/V)" if cross else "decode self-attention"
     shape = f"N={N} rows over {Bk}x{L} H={H} D={D}"
-    return [Case(name, shape, lambda: katt.decode_attention(q, k, v, **kw), torch_decode,
+    return [Case(name, shape, lambda: kdec.decode_attention(q, k, v, **kw), torch_decode,
                  lambda: ops.decode_attention(q32, k32, v32, **kw), "GB/s", nbytes)]
 
 

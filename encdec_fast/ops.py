@@ -126,6 +126,7 @@ def table(backend: str) -> OpTable:
         # encdec_fast.kernels is the top-level kernels/ folder, mapped by setup.py
         from .kernels import activation as kact
         from .kernels import attention as katt
+        from .kernels import decode_attention as kdec
         from .kernels import layer_norm as kln
 
         return OpTable(
@@ -135,6 +136,6 @@ def table(backend: str) -> OpTable:
             bias_gelu=kact.bias_gelu,
             linear=linear,  # cuBLAS; bias fused into neighbours where it pays
             attention=katt.attention,
-            decode_attention=katt.decode_attention,
+            decode_attention=kdec.decode_attention,
         )
     raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
