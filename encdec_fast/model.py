@@ -75,9 +75,9 @@ class EncDecModel:
     def graph_cache(self):
         """Captured decode steps (CUDA only), reused across generate() calls of the same shapes."""
         if self._graph_cache is None:
-            from .decode.state import GraphCache
+            from .decode.state import StateCache
 
-            self._graph_cache = GraphCache()
+            self._graph_cache = StateCache()
         return self._graph_cache
 
     # -- torch-like ------------------------------------------------------------------------------

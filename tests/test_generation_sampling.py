@@ -45,9 +45,26 @@ def scores_and_ids(N=6, t=11, seed=0, repeats=True):
     return ids, scores
 
 
-def check(ours, theirs, ids, scores):
+def ours(ids, scores, cfgs):
+    """decode/select.py's processors, one RowConfig per row (or one for all), over a static token
+    buffer whose slots past t hold junk that must not matter."""
+    N, t = ids.shape
+    cfgs = cfgs if isinstance(cfgs, list) else [cfgs] * N
+    tab = P.RowTables(N, V, "cpu")
+    for n, c in enumerate(cfgs):
+        tab.assign(torch.tensor([n]), c, ids[n:n + 1])
+    seq = torch.randint(0, V, (N, t + 5), generator=torch.Generator().manual_seed(9))
+    seq[:, :t] = ids
+    return P.process(scores, seq, torch.full((N,), t), tab, P.Spec.of(cfgs))
+
+
+def cfg(**kw):
+    return P.RowConfig(eos=kw.pop("eos", None), pad=0, **kw)
+
+
+def check(c, theirs, ids, scores):
     a = theirs(ids, scores.clone())
-    b = ours(ids, scores.clone())
+    b = ours(ids, scores.clone(), c)
     assert torch.equal(torch.isinf(a), torch.isinf(b)), "masked tokens differ"
     assert torch.equal(a, b), f"max diff {(a - b).nan_to_num(0, 0, 0).abs().max():.2e}"
 
@@ -56,46 +73,67 @@ def check(ours, theirs, ids, scores):
 @pytest.mark.parametrize("t", [1, 9])
 def test_repetition_penalty_matches_transformers(penalty, t):
     ids, scores = scores_and_ids(t=t)
-    check(P.RepetitionPenalty(penalty), LP.RepetitionPenaltyLogitsProcessor(penalty), ids, scores)
+    check(cfg(penalty=penalty), LP.RepetitionPenaltyLogitsProcessor(penalty), ids, scores)
 
 
 @pytest.mark.parametrize("n", [1, 2, 3, 4])
 @pytest.mark.parametrize("t", [2, 11, 30])
 def test_no_repeat_ngram_matches_transformers(n, t):
     ids, scores = scores_and_ids(t=t)
-    check(P.NoRepeatNGram(n), LP.NoRepeatNGramLogitsProcessor(n), ids, scores)
+    check(cfg(ngram=n), LP.NoRepeatNGramLogitsProcessor(n), ids, scores)
 
 
 def test_no_repeat_ngram_bans_a_repeated_trigram_per_row():
     ids = torch.tensor([[5, 6, 7, 1, 5, 6], [5, 6, 8, 9, 9, 9]])
-    out = P.NoRepeatNGram(3)(ids, torch.zeros(2, V))
+    out = ours(ids, torch.zeros(2, V), cfg(ngram=3))
     assert torch.isinf(out[0, 7]) and torch.isinf(out).sum() == 2  # row 0: "5 6" -> 7; row 1: "9 9" -> 9
     assert torch.isinf(out[1, 9])
 
 
 @pytest.mark.parametrize("eos", [None, [2], [2, 5]])
-def test_bad_words_match_transformers(eos):
-    ids, scores = scores_and_ids(t=9)
-    bad = [[5], [2], [int(ids[0, -1]), 40], [int(ids[1, -2]), int(ids[1, -1]), 41], [7, 8], [60, 61, 62, 63]]
-    check(P.BadWords(bad, eos, V, "cpu"), LP.NoBadWordsLogitsProcessor(bad, eos), ids, scores)
+@pytest.mark.parametrize("t", [1, 2, 9])
+def test_bad_words_match_transformers(eos, t):
+    ids, scores = scores_and_ids(t=t)
+    bad = [[5], [2], [int(ids[0, -1]), 40], [int(ids[1, -1]), 41], [int(ids[1, -2 % t]), int(ids[1, -1]), 42], [7, 8],
+           [60, 61, 62, 63]]
+    single, multi = P._bad_words(bad, eos, V)
+    check(cfg(eos=eos, bad_single=single, bad_multi=multi), LP.NoBadWordsLogitsProcessor(bad, eos), ids, scores)
 
 
 @pytest.mark.parametrize("t", [3, 8])
 def test_min_length_and_min_new_tokens_match_transformers(t):
     ids, scores = scores_and_ids(t=t)
     eos = [2, 9]
-    check(P.MinLength(5, eos, V, "cpu"), LP.MinLengthLogitsProcessor(5, eos), ids, scores)
-    check(P.MinLength(2 + 4, eos, V, "cpu"), LP.MinNewTokensLengthLogitsProcessor(2, 4, eos), ids, scores)
+    check(cfg(eos=eos, min_len=5), LP.MinLengthLogitsProcessor(5, eos), ids, scores)
+    check(cfg(eos=eos, min_len=2 + 4), LP.MinNewTokensLengthLogitsProcessor(2, 4, eos), ids, scores)
 
 
 @pytest.mark.parametrize("keep", [1, 3])
 def test_warpers_match_transformers(keep):
     ids, scores = scores_and_ids()
-    check(P.Temperature(0.7), LP.TemperatureLogitsWarper(0.7), ids, scores)
+    check(cfg(do_sample=True, temperature=0.7), LP.TemperatureLogitsWarper(0.7), ids, scores)
     for k in (1, 5, 13, 200):
-        check(P.TopK(k, keep), LP.TopKLogitsWarper(k, min_tokens_to_keep=keep), ids, scores)
+        check(cfg(do_sample=True, top_k=max(k, keep), min_keep=keep), LP.TopKLogitsWarper(k, min_tokens_to_keep=keep),
+              ids, scores)
     for p in (0.0, 0.3, 0.9, 1.0):
-        check(P.TopP(p, keep), LP.TopPLogitsWarper(p, min_tokens_to_keep=keep), ids, scores)
+        check(cfg(do_sample=True, top_p=p, min_keep=keep), LP.TopPLogitsWarper(p, min_tokens_to_keep=keep), ids, scores)
+
+
+def test_rows_with_different_settings_each_match_their_own_processors():
+    """One call over rows of different requests (the Engine's case) equals each row processed alone."""
+    ids, scores = scores_and_ids(N=4, t=11)
+    rows = [cfg(penalty=1.4, ngram=2), cfg(), cfg(do_sample=True, top_k=5, temperature=0.5, eos=[3], min_len=20),
+            cfg(do_sample=True, top_p=0.6, ngram=3, bad_single=[7], bad_multi=[(int(ids[3, -1]), 8)])]
+    theirs = [[LP.RepetitionPenaltyLogitsProcessor(1.4), LP.NoRepeatNGramLogitsProcessor(2)], [],
+              [LP.MinLengthLogitsProcessor(20, [3]), LP.TemperatureLogitsWarper(0.5), LP.TopKLogitsWarper(5)],
+              [LP.NoRepeatNGramLogitsProcessor(3), LP.NoBadWordsLogitsProcessor([[7], [int(ids[3, -1]), 8]], None),
+               LP.TopPLogitsWarper(0.6)]]
+    got = ours(ids, scores.clone(), rows)
+    for n, procs in enumerate(theirs):
+        want = scores[n:n + 1].clone()
+        for proc in procs:
+            want = proc(ids[n:n + 1], want)
+        assert torch.equal(got[n:n + 1], want), f"row {n}"
 
 
 GC_CASES = [
@@ -108,25 +146,20 @@ GC_CASES = [
 
 
 @pytest.mark.parametrize("kw", GC_CASES)
-def test_pipeline_order_matches_transformers_get_logits_processor(pair, kw):
-    ours, hf = pair("bert", "gpt2")
+def test_settings_from_a_generation_config_match_transformers_get_logits_processor(pair, kw):
+    ours_model, hf = pair("bert", "gpt2")
     kw = dict(max_new_tokens=10, eos_token_id=[2, 7]) | kw
-    gc, _, _ = resolve_config(ours, None, kw)
+    gc, _, _ = resolve_config(ours_model, None, kw)
     gc.min_length = gc.min_new_tokens + 2 if gc.min_new_tokens else gc.min_length  # prompt length 2
-    pipeline = P.build(gc, prompt_len=2, eos=[2, 7], vocab_size=V, device="cpu")
+    c = P.RowConfig.from_generation_config(gc, prompt_len=2, eos=[2, 7], pad=0, vocab_size=V)
     hgc, _ = hf._prepare_generation_config(None, **kw)
     hf._prepare_special_tokens(hgc, True, device="cpu", batch_size=6)
     hgc.min_length = gc.min_length
     theirs = hf._get_logits_processor(generation_config=hgc, input_ids_seq_length=2, encoder_input_ids=None,
                                       device="cpu", model_kwargs={})
-    assert [type(s).__name__ for s in pipeline.steps] == [
-        {"RepetitionPenaltyLogitsProcessor": "RepetitionPenalty", "NoRepeatNGramLogitsProcessor": "NoRepeatNGram",
-         "NoBadWordsLogitsProcessor": "BadWords", "MinLengthLogitsProcessor": "MinLength",
-         "MinNewTokensLengthLogitsProcessor": "MinLength", "TemperatureLogitsWarper": "Temperature",
-         "TopKLogitsWarper": "TopK", "TopPLogitsWarper": "TopP"}[type(p).__name__] for p in theirs]
     for t in (2, 4, 11):
         ids, scores = scores_and_ids(t=t)
-        check(pipeline, theirs, ids, scores)
+        check(c, theirs, ids, scores)
 
 
 SAMPLING = [

@@ -33,8 +33,8 @@ def test_static_bucketed_step_gives_transformers_tokens(make_ckpt, enc, dec, kw)
         want = ref.generate(ids, attention_mask=mask, max_new_tokens=9, **kw)
     got = ours.generate(ids, attention_mask=mask, max_new_tokens=9, **kw)
     assert torch.equal(got, want), f"\nours {got.tolist()}\ntransformers {want.tolist()}"
-    step = next(iter(ours.graph_cache.entries.values()))
-    assert step.rows >= got.shape[0] and step.enc_len == 64  # padding really was there
+    state = next(iter(ours.graph_cache.entries.values()))
+    assert state.N >= got.shape[0] and state.Sc == 64  # padding really was there
 
 
 def test_nearby_shapes_share_one_static_step(make_ckpt):
@@ -45,4 +45,27 @@ def test_nearby_shapes_share_one_static_step(make_ckpt):
         ids, mask, _ = make_inputs(B, S, 1, 97, 0, padded=True)
         got = ours.generate(ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new)
         assert torch.equal(got, plain.generate(ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new))
-    assert ours.graph_cache.captures == 2  # (4 rows, 64 keys, 64 slots) for the first three, (2, ...) for the last
+    assert ours.graph_cache.created == 2  # (4 rows, 64 keys, 64 slots) for the first three, (2, ...) for the last
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(num_beams=3, num_return_sequences=2), dict(do_sample=True, top_k=5),
+                                dict(do_sample=True, num_beams=2, top_k=10)])
+def test_late_host_checks_return_what_transformers_returns(make_ckpt, kw):
+    """The GPU default looks at the finished flags every 16 steps: the steps run past the end must not
+    change the output (sequences, lengths, scores)."""
+    path = make_ckpt("bert", "gpt2")
+    ref = hf_model(path)
+    ours = encdec_fast.load(path, device="cpu")
+    ours.static_decode = True
+    ids, mask, _ = make_inputs(3, 9, 1, 97, 0, padded=True)
+    kw = dict(max_new_tokens=30, return_dict_in_generate=True, output_scores=True) | kw
+    with torch.no_grad():  # an eos that the rows reach at different steps, well before 30
+        kw["eos_token_id"] = int(ref.generate(ids, attention_mask=mask, max_new_tokens=8, eos_token_id=None)[1, 6])
+        torch.manual_seed(0)
+        want = ref.generate(ids, attention_mask=mask, **kw)
+    torch.manual_seed(0)
+    got = ours.generate(ids, attention_mask=mask, stop_check_every=16, **kw)
+    assert torch.equal(got.sequences, want.sequences)
+    assert len(got.scores) == len(want.scores) < 30  # it did stop early, after eos
+    for a, b in zip(got.scores, want.scores):
+        assert torch.equal(torch.isinf(a), torch.isinf(b)) and (a - b).nan_to_num(0, 0, 0).abs().max() < 1e-4

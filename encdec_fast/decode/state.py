@@ -1,47 +1,42 @@
-"""Decode state: the self-attention KV cache and the CUDA-graph steps over static buffers.
+"""Decode state: every buffer a set of decode rows needs, and the one step over them.
 
-KV cache
---------
-The decoder's self-attention KV cache: preallocated to the step budget, written in place.
+generate() (greedy, sampling, beam search) and the Engine's continuous batching both run this step.
+A row serves one sequence of one request; the rows of a request (beams, returned sequences) share
+that request's cross-attention K/V through kv_index. All of it lives on the device, preallocated:
 
-One buffer holds every layer's K and V, shape (2, layers, rows, max_len, heads, head_dim), so that
-beam search reorders the whole cache with one gather instead of 2 x layers of them. The per-layer
-views handed to Decoder.step are fixed for the life of the cache (same storage, same strides), which
-is what a captured CUDA graph needs.
+  seq      (N, Lc) long          each row's tokens (decoder start, prefix, generated)
+  t        (N,) long             tokens a row holds; the last one, seq[n, t-1], is fed next
+  cache    (2, layers, N, Lc, H, D)  self-attention K/V; slot j holds token j's K/V
+  cross    per layer (K, V) (Be, Sc, H, D), enc_mask (Be, Sc), kv_index (N,), enc_lens (N,)
+  tables   per-row selection settings and state (decode/select.py)
+  beams    beam bookkeeping of requests searched with beams (decode/beam.py)
+  alive, limit, stop_t, busy     rows still generating, their max_length, the length at which they
+                                 stopped (eos or max_length), rows in use
 
-Cross-attention K/V are not here: Decoder.cross_kv computes them once per request, per encoder row,
-and beams/num_return_sequences share them through kv_index (an index, never a copy).
+One step = the decoder over every row (all layers + LM head) -> the logits processors -> token choice
+(greedy argmax; sampled rows draw between `forward` and `commit`; beams choose in decode/beam.py) ->
+tokens written, finished flags updated, beam caches moved. Nothing reads the host: a caller looks at
+the flags only every few steps, and a late look loses nothing because `stop_t` records where each row
+stopped (extra steps only append padding past it).
 
-CUDA graphs
------------
-CUDA graphs for the decode step, captured once per shape bucket.
+On CUDA the step is captured as a CUDA graph (once per key: shapes, processor spec, beam layout) and
+replayed; every buffer it touches keeps its address for the life of the state. A graph is dropped
+when a buffer is reallocated (growth, a new table). `capture=False` runs the very same step eagerly,
+which is what the CPU tests exercise.
 
-A decode step (every decoder layer + LM head, ~190 kernels at bert-base size) is launch-bound at
-small batch: captured as a CUDA graph it replays with one launch (W1 on an H100: 11.6 -> 1.0 ms per
-token). A graph bakes in the addresses and shapes of everything it touches, so a captured step owns
-static buffers: the input tokens, the position counter, the self-attention cache, a copy of the
-cross-attention K/V, the encoder mask, kv_index and enc_lens.
-
-Shapes are rounded up to buckets so that requests of nearby sizes share one graph:
-  decode rows  -> next power of two (padding rows decode token 0 against encoder row 0 and are dropped)
-  encoder rows -> next power of two
-  encoder len  -> multiple of 64 (padding keys are masked out)
-  step budget  -> multiple of 64 cache slots (slots past the position are never read)
-A new request with the same buckets copies its cross K/V and masks into the static buffers (one copy
-per request) and resets the position counter. Graphs are cached per model, a few at a time (LRU).
-
-StaticStep(capture=False) runs the same padded, static-buffer step eagerly: the CPU tests use it to
-check the bucket padding against transformers; only the capture itself is CUDA-only.
+Beam search moves caches physically: eager steps copy the filled prefix of the beam rows; a captured
+step copies whole beam rows (the prefix length is not known to a graph).
 """
 
 from __future__ import annotations
 
 import time
-from collections import OrderedDict
 
 import torch
 
 from ..config import StackConfig
+from . import select as sel
+from .beam import BeamGroup
 
 
 class KVCache:
@@ -60,14 +55,258 @@ class KVCache:
         """(k_list, v_list): the `cache` argument of Decoder.step."""
         return self.k, self.v
 
-    def reorder(self, row_idx: torch.Tensor, length: int) -> None:
-        """Row n takes the cache of row row_idx[n] (beam search), for the filled prefix [:length] only.
+    def move(self, rows: torch.Tensor, parents: torch.Tensor, length: int | None) -> None:
+        """Row rows[i] takes the cache of row parents[i] (beam search), for the filled prefix [:length]
+        (None: every slot). Gathers into a temporary, so the per-layer views stay valid."""
+        filled = self.buf if length is None else self.buf[:, :, :, :length]  # (2, layers, rows, length, H, D)
+        filled[:, :, rows] = filled[:, :, parents]
 
-        Gathers into a temporary and copies back into the same buffer, so the per-layer views stay valid."""
-        filled = self.buf[:, :, :, :length]  # (2, layers, rows, length, H, D)
-        filled.copy_(filled.index_select(2, row_idx))
+
+class DecodeState:
+    """Buffers for `rows` decode rows of up to `seq_cap` tokens each, cross K/V for `enc_rows`
+    encoder rows of up to `enc_cap` positions; see the module docstring."""
+
+    def __init__(self, model, rows: int, seq_cap: int, enc_rows: int, enc_cap: int, *, capture: bool = False):
+        t0 = time.perf_counter()
+        self.model, self.decoder, self.ops = model, model.net.decoder, model.ops
+        dcfg = model.cfg.decoder
+        self.N, self.Lc, self.Be, self.Sc = rows, seq_cap, enc_rows, enc_cap
+        self.dev, self.dtype, self.V = model.device, model.dtype, dcfg.vocab_size
+        i64 = dict(dtype=torch.long, device=self.dev)
+        self.seq = torch.zeros(rows, seq_cap, **i64)
+        self.t = torch.ones(rows, **i64)
+        self.limit = torch.full((rows,), seq_cap, **i64)
+        self.stop_t = torch.zeros(rows, **i64)  # 0 while the row runs
+        self.alive = torch.zeros(rows, dtype=torch.bool, device=self.dev)
+        self.busy = torch.zeros(rows, dtype=torch.bool, device=self.dev)
+        self.is_beam = torch.zeros(rows, dtype=torch.bool, device=self.dev)
+        self.steps = torch.zeros((), **i64)  # steps taken since the last reset_clock()
+        self.all_stopped_at = torch.zeros((), **i64)  # step at which every busy row had stopped (0: not yet)
+        self.cache = KVCache(dcfg, rows, seq_cap, dtype=self.dtype, device=self.dev)
+        self._alloc_cross(dcfg)
+        self.kv_index = torch.zeros(rows, **i64)
+        self.enc_lens = torch.ones(rows, dtype=torch.int32, device=self.dev)
+        self.tables = sel.RowTables(rows, self.V, self.dev)
+        self.groups: dict[int, BeamGroup] = {}  # num_beams -> group
+        self.spec = sel.Spec()
+        self.capture = capture and self.dev.type == "cuda"
+        self.graphs: dict = {}
+        self.captures, self.capture_seconds = 0, 0.0
+        self.scores = self.logits = None
+        self.setup_seconds = time.perf_counter() - t0
+
+    def _alloc_cross(self, dcfg):
+        kv = torch.zeros(2, dcfg.num_layers, self.Be, self.Sc, dcfg.num_heads, dcfg.head_dim, dtype=self.dtype,
+                         device=self.dev)
+        self.cross_buf = kv
+        self.cross = [(kv[0, i], kv[1, i]) for i in range(dcfg.num_layers)]
+        self.enc_mask = torch.zeros(self.Be, self.Sc, dtype=torch.bool, device=self.dev)
+
+    # -- capacity ------------------------------------------------------------------------------------
+    def grow(self, seq_cap: int, enc_cap: int):
+        """More token slots per row / encoder positions per row, content kept (drops captured graphs)."""
+        if seq_cap > self.Lc:
+            seq = self.seq.new_zeros(self.N, seq_cap)
+            seq[:, :self.Lc] = self.seq
+            cache = KVCache(self.model.cfg.decoder, self.N, seq_cap, dtype=self.dtype, device=self.dev)
+            cache.buf[:, :, :, :self.Lc] = self.cache.buf
+            self.seq, self.cache, self.Lc = seq, cache, seq_cap
+            for nb, g in list(self.groups.items()):  # beam buffers are per token slot too
+                if g.active.any():
+                    raise RuntimeError("internal: a decode state holding beam requests cannot grow")
+                self.groups[nb] = BeamGroup(self.N, nb, (g.K // nb) - 1, seq_cap, self.dev, joint=g.joint)
+            self.graphs.clear()
+        if enc_cap > self.Sc:
+            old, old_mask, S = self.cross_buf, self.enc_mask, self.Sc
+            self.Sc = enc_cap
+            self._alloc_cross(self.model.cfg.decoder)
+            self.cross_buf[:, :, :, :S] = old
+            self.enc_mask[:, :S] = old_mask
+            self.graphs.clear()
+
+    def beam_group(self, num_beams: int, n_eos: int, *, joint: bool) -> BeamGroup:
+        """The group serving requests with num_beams beams (created on first use)."""
+        g = self.groups.get(num_beams)
+        K = max(2, 1 + n_eos) * num_beams
+        if g is None or g.K != K:
+            if g is not None and bool(g.active.any()):
+                raise RuntimeError("internal: beam requests with different eos counts share a decode state")
+            g = self.groups[num_beams] = BeamGroup(self.N, num_beams, n_eos, self.Lc, self.dev, joint=joint)
+            self.graphs.clear()
+        return g
+
+    # -- requests --------------------------------------------------------------------------------------
+    def set_cross(self, enc_row: int, cross, enc_mask):
+        """Encoder rows [enc_row, enc_row + B) take cross K/V (per layer (K, V) each (B, S, H, D)) and
+        their key mask (B, S) bool or None (all kept)."""
+        B, S = cross[0][0].shape[:2]
+        for (sk, sv), (k, v) in zip(self.cross, cross):
+            sk[enc_row:enc_row + B, :S].copy_(k)
+            sv[enc_row:enc_row + B, :S].copy_(v)
+        m = self.enc_mask[enc_row:enc_row + B]
+        m.zero_()
+        if enc_mask is None:
+            m[:, :S] = True
+        else:
+            m[:, :S].copy_(enc_mask)
+
+    def join(self, rows: torch.Tensor, prefix: torch.Tensor, cfg: sel.RowConfig, *, enc_row: torch.Tensor,
+             enc_len: int, limit: int, fill: int, beam=None):
+        """Rows `rows` (long (n,)) start sequences holding `prefix` (n, P) tokens, reading cross K/V row(s)
+        enc_row (int or (n,)) of which enc_len positions are real, until they hold `limit` tokens.
+        fill: the token beyond the prefix (what transformers' buffers hold there). beam: None, or
+        (group, slot, start kwargs) for a beam-search request."""
+        P = prefix.shape[1]
+        self.seq[rows] = fill
+        self.seq[rows, :P] = prefix
+        self.t[rows] = P
+        self.limit[rows] = limit
+        self.stop_t[rows] = 0
+        self.alive[rows] = True
+        self.busy[rows] = True
+        self.kv_index[rows] = enc_row
+        self.enc_lens[rows] = enc_len
+        self.tables.assign(rows, cfg, prefix)
+        self.is_beam[rows] = beam is not None
+        if beam is not None:
+            group, slot, kw = beam
+            group.start(slot, self.seq[rows], prompt=P, max_length=limit, **kw)
+
+    def prefill(self, P: int):
+        """Feeds prefix tokens 0 .. P-2 of every row (their K/V go to the cache; no choice is made)."""
+        for j in range(P - 1):
+            pos = torch.full_like(self.t, j)
+            self.decoder.step(self.seq[:, j], pos, self.cache.layers, self.cross, self.enc_mask, self.kv_index,
+                              self.enc_lens, self.ops)
+
+    def leave(self, rows: torch.Tensor):
+        """Rows stop serving their request (their slots may be reused)."""
+        self.busy[rows] = False
+        self.alive[rows] = False
+        self.is_beam[rows] = False
+        self.t[rows] = 1
+        self.kv_index[rows] = rows
+        self.enc_lens[rows] = 1
+
+    def reset_clock(self):
+        self.steps.zero_()
+        self.all_stopped_at.zero_()
+
+    # -- the step ----------------------------------------------------------------------------------------
+    def forward(self) -> torch.Tensor:
+        """The decoder over every row and the processors: -> scores (N, V) (fp32 when processed; the raw
+        logits when greedy needs nothing more). Beam rows get processed log-probs."""
+        pos = self.t - 1  # (N,) the slot the fed token is written to
+        tok = self.seq.gather(1, pos[:, None]).squeeze(1)
+        logits = self.decoder.step(tok, pos, self.cache.layers, self.cross, self.enc_mask, self.kv_index,
+                                   self.enc_lens, self.ops)
+        self.logits = logits
+        spec = self.spec
+        if not (spec.needs_scores or self.groups):
+            self.scores = logits
+            return logits
+        scores = logits.float()
+        if self.groups:
+            scores = torch.where(self.is_beam[:, None], torch.log_softmax(scores, dim=-1), scores)
+        self.scores = sel.process(scores, self.seq, self.t, self.tables, spec)
+        return self.scores
+
+    def commit(self, tokens: torch.Tensor | None, *, beam_generator=None, eager_length: int | None = None,
+               move_caches: bool = True):
+        """Writes the chosen tokens (N,) of the non-beam rows (None: greedy), runs the beam groups'
+        choice, advances every busy row that has not reached its limit, and updates the finished flags."""
+        if tokens is None:
+            tokens = sel.greedy(self.scores)
+        tab = self.tables
+        room = self.busy & (self.t < self.limit)  # rows that take a token this step
+        tokens = torch.where(self.alive, tokens, tab.pad)
+        hit = sel.is_eos(tokens, tab.eos) & self.alive & room
+        plain = room & ~self.is_beam
+        at = self.t.clamp(max=self.Lc - 1)[:, None]
+        self.seq.scatter_(1, at, torch.where(plain, tokens, self.seq.gather(1, at).squeeze(1))[:, None])
+        tab.observe(tokens, plain)
+        for g in self.groups.values():
+            parents = g.step(self.scores, self.seq, self.t, tab.eos, sample=self.beam_sampling,
+                             generator=beam_generator)  # beam_sampling: how many leading slots draw
+            rows = g.rows.reshape(-1)
+            if move_caches:
+                self.cache.move(rows, parents[rows], eager_length)
+            tab.reorder(rows, parents[rows])
+            tab.observe(self.seq.gather(1, at).squeeze(1), self.is_beam & room)
+        self.alive &= ~hit
+        self.t += room.long()
+        ended = self.busy & (self.stop_t == 0) & ~self.is_beam & (~self.alive | (self.t >= self.limit))
+        for g in self.groups.values():  # a beam row stops with its request
+            slot_done = (g.done & g.active)[:, None].expand_as(g.rows).reshape(-1)
+            beam_ended = torch.zeros_like(ended)
+            beam_ended[g.rows.reshape(-1)] = slot_done
+            ended |= beam_ended & self.is_beam & self.busy & (self.stop_t == 0)
+        self.stop_t = torch.where(ended, self.t, self.stop_t)
+        self.steps += 1
+        everyone = torch.all((self.stop_t > 0) | ~self.busy)
+        self.all_stopped_at = torch.where(everyone & (self.all_stopped_at == 0), self.steps, self.all_stopped_at)
+
+    beam_sampling = 0  # beam sampling: the leading beam slots that draw their candidates (set by the caller)
+
+    def step(self, *, sampled: int = 0, generator=None, eager_length: int | None = None):
+        """One step. sampled: rows 0 .. sampled-1 draw their token (one multinomial over them, with
+        torch's global RNG or `generator`, as transformers draws), the others take argmax. Eager when
+        sampling (the draws stay outside graphs: see README) or without capture; else a graph replay."""
+        if sampled or self.beam_sampling or not self.capture:
+            self.forward()
+            toks = None
+            if sampled:
+                toks = sel.greedy(self.scores)
+                toks[:sampled] = sel.sample(self.scores[:sampled], generator)
+            self.commit(toks, beam_generator=generator, eager_length=eager_length)
+            return
+        key = (self.spec, tuple(sorted((nb, g.K, g.R) for nb, g in self.groups.items())), self.tables.version)
+        graph = self.graphs.get(key)
+        if graph is None:
+            graph = self._capture(key)
+        graph.replay()
+
+    def _capture(self, key):
+        """Captures forward + greedy commit. A warm-up on a side stream comes first (Triton compiles
+        there); it runs the step for real, so the small state is saved and restored around it, and it
+        does not move beam caches (the K/V it writes are those the next real step writes again)."""
+        t0 = time.perf_counter()
+        saved = self._snapshot()
+        s = torch.cuda.Stream(device=self.dev)
+        s.wait_stream(torch.cuda.current_stream(self.dev))
+        with torch.cuda.stream(s):
+            for _ in range(2):
+                self.forward()
+                self.commit(None, move_caches=False)
+                self._restore(saved)
+        torch.cuda.current_stream(self.dev).wait_stream(s)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self.forward()
+            self.commit(None)
+        self.graphs[key] = graph
+        self.captures += 1
+        self.capture_seconds += time.perf_counter() - t0
+        return graph
+
+    def _snapshot(self):
+        bufs = [self.seq, self.t, self.stop_t, self.alive, self.steps, self.all_stopped_at]
+        if self.tables.seen is not None:
+            bufs.append(self.tables.seen)
+        for g in self.groups.values():
+            bufs += [g.running_scores, g.beam_scores, g.finished, g.open, g.done, g.hyps, g.running_bidx,
+                     g.beam_indices]
+        return [(b, b.clone()) for b in bufs]
+
+    @staticmethod
+    def _restore(saved):
+        for b, copy in saved:
+            b.copy_(copy)
 
 
+# ------------------------------------------------------------------------------------------------
+# states reused across generate() calls: shapes rounded up to buckets
+# ------------------------------------------------------------------------------------------------
 SEQ_BUCKET = 64
 
 
@@ -79,106 +318,45 @@ def _round(n: int, m: int) -> int:
     return -(-n // m) * m
 
 
-def buckets(rows: int, enc_rows: int, enc_len: int, cache_len: int) -> tuple[int, int, int, int]:
-    return _pow2(rows), _pow2(enc_rows), _round(enc_len, SEQ_BUCKET), _round(cache_len, SEQ_BUCKET)
+def buckets(rows: int, enc_rows: int, enc_len: int, seq_len: int) -> tuple[int, int, int, int]:
+    """Rows and encoder rows to powers of two; encoder positions and token slots to multiples of 64."""
+    return _pow2(rows), _pow2(enc_rows), _round(enc_len, SEQ_BUCKET), _round(seq_len, SEQ_BUCKET)
 
 
-class StaticStep:
-    """decoder.step over static, bucket-sized buffers; captured as a CUDA graph when capture=True."""
-
-    def __init__(self, model, key: tuple, capture: bool):
-        t0 = time.perf_counter()
-        self.decoder, self.ops = model.net.decoder, model.ops
-        self.rows, self.enc_rows, self.enc_len, cache_len = key[:4]
-        dcfg, dev = model.cfg.decoder, model.device
-        self.dev = dev
-        self.cache = KVCache(dcfg, self.rows, cache_len, dtype=model.dtype, device=dev)
-        self.tokens = torch.zeros(self.rows, dtype=torch.long, device=dev)
-        self.pos = torch.zeros(1, dtype=torch.long, device=dev)
-        kv = torch.zeros(2, dcfg.num_layers, self.enc_rows, self.enc_len, dcfg.num_heads, dcfg.head_dim,
-                         dtype=model.dtype, device=dev)
-        self.cross = [(kv[0, i], kv[1, i]) for i in range(dcfg.num_layers)]
-        self.enc_mask = torch.zeros(self.enc_rows, self.enc_len, dtype=torch.bool, device=dev)
-        self.kv_index = torch.zeros(self.rows, dtype=torch.long, device=dev)
-        self.enc_lens = torch.ones(self.rows, dtype=torch.int32, device=dev)
-        self.graph = None
-        if capture:
-            # warm up on a side stream (Triton compiles here), then capture; the warm-up writes
-            # cache slot 0, which every request overwrites at its first step
-            s = torch.cuda.Stream(device=dev)
-            s.wait_stream(torch.cuda.current_stream(dev))
-            with torch.cuda.stream(s):
-                for _ in range(2):
-                    self._step()
-            torch.cuda.current_stream(dev).wait_stream(s)
-            self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):
-                self.logits = self._step()
-            torch.cuda.synchronize(dev)
-        self.setup_seconds = time.perf_counter() - t0
-
-    def _step(self):
-        return self.decoder.step(self.tokens, self.pos, self.cache.layers, self.cross, self.enc_mask, self.kv_index,
-                                 self.enc_lens, self.ops).float()
-
-    def load(self, cross, enc_mask, kv_index, enc_lens, rows: int):
-        """Point the step at a new request: cross K/V (B, S, H, D) per layer, enc_mask (B, S) or None,
-        kv_index (rows,) or None (row n reads encoder row n), enc_lens (rows,)."""
-        B, S = cross[0][0].shape[:2] if cross else (self.enc_rows, self.enc_len)
-        for (sk, sv), (k, v) in zip(self.cross, cross):
-            sk[:B, :S].copy_(k)
-            sv[:B, :S].copy_(v)
-        self.enc_mask.zero_()
-        if enc_mask is None:
-            self.enc_mask[:B, :S] = True
-        else:
-            self.enc_mask[:B, :S].copy_(enc_mask)
-        self.kv_index.zero_()  # padding rows read encoder row 0 ...
-        self.kv_index[:rows].copy_(kv_index if kv_index is not None else torch.arange(rows, device=self.dev))
-        self.enc_lens.fill_(1)  # ... and only its first key
-        self.enc_lens[:rows].copy_(enc_lens)
-        self.tokens.zero_()
-        self.pos.zero_()
-        self.n = rows
-
-    def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
-        """tokens (rows,) -> fp32 logits (rows, V); with a graph, a view of a static buffer that the
-        next call overwrites."""
-        self.tokens[:self.n].copy_(tokens)
-        if self.graph is None:
-            return self._step()[:self.n]
-        self.graph.replay()
-        return self.logits[:self.n]
-
-    def reorder(self, row_idx: torch.Tensor, length: int):
-        """Beam search: row n takes row row_idx[n]'s cache; padding rows keep theirs."""
-        if row_idx.numel() < self.rows:
-            pad = torch.arange(row_idx.numel(), self.rows, device=row_idx.device, dtype=row_idx.dtype)
-            row_idx = torch.cat([row_idx, pad])
-        self.cache.reorder(row_idx, length)
-
-
-class GraphCache:
-    """A few static steps per model, keyed by shape bucket; least recently used evicted first."""
+class StateCache:
+    """A few decode states per model, keyed by shape bucket (least recently used evicted first): a
+    captured step is reused by later generate() calls of nearby shapes."""
 
     def __init__(self, max_entries: int = 4):
         self.max_entries = max_entries
-        self.entries: OrderedDict = OrderedDict()
-        self.captures = 0
-        self.capture_seconds = 0.0
+        self.entries: dict = {}
+        self.created = 0
 
-    def get(self, model, cross, enc_mask, kv_index, enc_lens, rows: int, cache_len: int, capture: bool) -> StaticStep:
-        B, S = cross[0][0].shape[:2]
-        key = (*buckets(rows, B, S, cache_len), model.dtype, model.backend, capture)
-        step = self.entries.pop(key, None)
-        if step is None:
+    @property
+    def captures(self) -> int:
+        return sum(s.captures for s in self.entries.values())
+
+    @property
+    def capture_seconds(self) -> float:
+        return sum(s.capture_seconds for s in self.entries.values())
+
+    def get(self, model, rows: int, enc_rows: int, enc_len: int, seq_len: int, capture: bool) -> DecodeState:
+        key = (*buckets(rows, enc_rows, enc_len, seq_len), model.dtype, model.backend, capture)
+        state = self.entries.pop(key, None)
+        if state is None:
             while len(self.entries) >= self.max_entries:
-                self.entries.popitem(last=False)
+                self.entries.pop(next(iter(self.entries)))
             if model.device.type == "cuda":
                 torch.cuda.empty_cache()
-            step = StaticStep(model, key, capture)
-            self.captures += 1
-            self.capture_seconds += step.setup_seconds
-        step.load(cross, enc_mask, kv_index, enc_lens, rows)
-        self.entries[key] = step
-        return step
+            N, Be, Sc, Lc = key[:4]
+            state = DecodeState(model, N, Lc, Be, Sc, capture=capture)
+            self.created += 1
+        else:
+            state.leave(torch.arange(state.N, device=state.dev))
+            for g in state.groups.values():
+                g.active.zero_()
+                g.done.zero_()
+            state.reset_clock()
+            state.beam_sampling = 0
+        self.entries[key] = state
+        return state

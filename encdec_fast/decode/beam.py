@@ -1,0 +1,176 @@
+"""Beam search's choice, on the device: transformers' vectorised _beam_search step (5.x), for requests
+whose beams are rows of one decode state.
+
+Each request slot r holds num_beams decode rows (`rows[r]`). Per step, from the processed log-probs
+of those rows (decode/select.py, applied to log_softmax(logits) as transformers does):
+
+  top-K continuations over all beams (K = (1 + number of eos ids) * num_beams; topk, or multinomial
+  without replacement for beam sampling) -> which stop (eos, or max_length reached) -> the best
+  num_beams that did not stop become the running beams (their tokens and cache rows follow their
+  parents) -> the ones that stopped among the top num_beams merge into the finished hypotheses, with
+  the length penalty -> transformers' early-stop heuristic.
+
+Everything transformers computes from Python scalars (the current length, the prompt length, the
+length penalty, early_stopping, max_length) is a per-request tensor here, so one step serves requests
+at different lengths and settings and can be captured as a CUDA graph. The same op order as
+transformers keeps the scores bit-identical in fp32 (the tests compare sequences and scores).
+
+Stopping: transformers stops a batch when no request can improve (`joint=True`, generate()); the
+Engine stops each request on its own condition (`joint=False`), which is the same condition for a
+batch of one.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .select import is_eos
+
+_BIG = -1.0e9
+
+
+def _gather(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """t (R, K, ...), idx (R, K') -> (R, K', ...)"""
+    while idx.dim() < t.dim():
+        idx = idx.unsqueeze(-1)
+    return torch.take_along_dim(t, idx, dim=1)
+
+
+class BeamGroup:
+    """Beam bookkeeping for requests of `num_beams` beams each (the same K) in a decode state of
+    `rows` rows: slot r owns the decode rows r*num_beams ... (r+1)*num_beams - 1, a fixed layout, so
+    that the slots' writes never overlap (an idle slot rewrites its rows unchanged)."""
+
+    def __init__(self, rows: int, num_beams: int, n_eos: int, seq_cap: int, device, *, joint: bool):
+        R, nb, L = rows // num_beams, num_beams, seq_cap
+        self.R, self.nb, self.K, self.joint = R, num_beams, max(2, 1 + n_eos) * num_beams, joint
+        i64 = dict(dtype=torch.long, device=device)
+        self.rows = torch.arange(R * nb, device=device).view(R, nb)  # decode rows of each slot's beams
+        self.active = torch.zeros(R, dtype=torch.bool, device=device)
+        self.prompt = torch.ones(R, **i64)  # P: decoder prefix length
+        self.max_length = torch.full((R,), 2, **i64)
+        self.length_penalty = torch.ones(R, dtype=torch.float64, device=device)
+        self.early_true = torch.zeros(R, dtype=torch.bool, device=device)  # early_stopping is True
+        self.never_lp = torch.zeros(R, dtype=torch.bool, device=device)  # "never" with length_penalty > 0
+        self.offset = torch.zeros(R, 1, **i64)  # beam_indices base (b * num_beams in a generate() batch)
+        self.running_scores = torch.zeros(R, nb, dtype=torch.float32, device=device)
+        self.beam_scores = torch.full((R, nb), _BIG, dtype=torch.float32, device=device)
+        self.finished = torch.zeros(R, nb, dtype=torch.bool, device=device)
+        self.open = torch.ones(R, 1, dtype=torch.bool, device=device)  # early-stop heuristic unsatisfied
+        self.done = torch.zeros(R, dtype=torch.bool, device=device)
+        self.hyps = torch.zeros(R, nb, L, **i64)  # finished hypotheses' tokens
+        self.running_bidx = torch.full((R, nb, L), -1, dtype=torch.int32, device=device)
+        self.beam_indices = torch.full((R, nb, L), -1, dtype=torch.int32, device=device)
+        self.top_nb = torch.arange(self.K, device=device) < nb
+
+    def start(self, slot: int, tokens: torch.Tensor, *, prompt: int, max_length: int, length_penalty: float,
+              early_stopping, offset: int = 0):
+        """Slot `slot` begins a request on its decode rows, whose tokens (nb, Lc) hold the prompt and
+        then transformers' fill value (pad, else eos, else -1)."""
+        self.active[slot] = True
+        self.prompt[slot], self.max_length[slot] = prompt, max_length
+        self.length_penalty[slot] = float(length_penalty)
+        self.early_true[slot] = early_stopping is True
+        self.never_lp[slot] = early_stopping == "never" and length_penalty > 0.0
+        self.offset[slot] = offset
+        self.running_scores[slot] = _BIG
+        self.running_scores[slot, 0] = 0.0
+        self.beam_scores[slot] = _BIG
+        self.finished[slot] = False
+        self.open[slot] = True
+        self.done[slot] = False
+        self.hyps[slot] = tokens
+        self.running_bidx[slot] = -1
+        self.beam_indices[slot] = -1
+
+    def stop(self, slot: int):
+        self.active[slot] = False
+
+    def step(self, scores: torch.Tensor, seq: torch.Tensor, t: torch.Tensor, eos: torch.Tensor, *,
+             sample: int = 0, generator=None) -> torch.Tensor:
+        """One beam step for every active slot. scores (N, V): processed log-probs of all decode rows;
+        sample: beam sampling for slots 0 .. sample-1 (else top-K);
+        seq (N, Lc) the decode rows' tokens (written here: running beams take their parents' tokens
+        and the new one at index t); t (N,) tokens per row before this step; eos (N, E) per row.
+        Returns parents (N,) long: decode row n continues row parents[n] (n itself outside beams),
+        for the caller to move the cache and per-row state."""
+        R, nb, K = self.R, self.nb, self.K
+        N, V = scores.shape
+        Lc = seq.shape[1]
+        rows = self.rows  # (R, nb)
+        live = self.active & ~self.done  # a finished request waits, unchanged, for its caller
+        cur = t[rows[:, 0]].clamp(max=Lc - 1)  # (R,) tokens in each slot's running beams
+        s = cur - self.prompt  # index of this step in beam_indices
+        lp = scores[rows]  # (R, nb, V)
+        acc = (lp + self.running_scores[:, :, None]).view(R, nb * V)
+
+        # top-K continuations over all beams of a request (beam sampling: slots 0 .. sample-1 draw them,
+        # without replacement, in one multinomial as transformers draws them; idle slots take the top K)
+        top_lp, top_idx = torch.topk(acc, k=K)
+        if sample:
+            idx = torch.multinomial(torch.softmax(acc[:sample], dim=-1), num_samples=K, generator=generator)
+            lp, order = torch.gather(acc[:sample], 1, idx).sort(dim=-1, descending=True)
+            top_lp[:sample], top_idx[:sample] = lp, idx.gather(-1, order)
+        src = top_idx // V  # (R, K) beam each continuation extends
+        tok = top_idx % V
+        run_seq = seq[rows]  # (R, nb, Lc)
+        top_seq = _gather(run_seq, src)  # (R, K, Lc)
+        top_seq.scatter_(2, cur.view(R, 1, 1).expand(R, K, 1), tok.unsqueeze(-1))
+        top_bidx = _gather(self.running_bidx, src)
+        top_bidx.scatter_(2, s.view(R, 1, 1).expand(R, K, 1), (src + self.offset).to(torch.int32).unsqueeze(-1))
+
+        # which continuations stop: eos, or max_length reached
+        hits = is_eos(tok.reshape(-1), eos[rows[:, :1].expand(R, K).reshape(-1)]).view(R, K)
+        hits = hits | (cur + 1 >= self.max_length)[:, None]
+
+        # running beams for the next step: the best num_beams that did not stop
+        top_running_lp = top_lp + hits.to(torch.float32) * _BIG
+        keep = torch.topk(top_running_lp, k=nb)[1]
+        parent_beam = _gather(src, keep)  # (R, nb)
+        new_seq = _gather(top_seq, keep)
+        self.running_scores = torch.where(live[:, None], _gather(top_running_lp, keep), self.running_scores)
+        self.running_bidx = torch.where(live[:, None, None], _gather(top_bidx, keep), self.running_bidx)
+
+        # finished hypotheses: the candidates that stopped among the top num_beams, with the length penalty
+        just = hits & self.top_nb[None, :]
+        denom = ((cur + 1 - self.prompt).to(torch.float64) ** self.length_penalty).to(torch.float32)
+        cand = top_lp / denom[:, None]
+        full = torch.all(self.finished, dim=-1, keepdim=True) & self.early_true[:, None]
+        cand = cand + full.to(torch.float32) * _BIG
+        cand = cand + (~self.open).to(torch.float32) * _BIG
+        cand = cand + (~just) * _BIG
+        merged = torch.topk(torch.cat((self.beam_scores, cand), dim=1), k=nb)[1]
+        act = live[:, None]
+        self.hyps = torch.where(act[..., None], _gather(torch.cat((self.hyps, top_seq), 1), merged), self.hyps)
+        self.beam_scores = torch.where(act, _gather(torch.cat((self.beam_scores, cand), 1), merged), self.beam_scores)
+        self.beam_indices = torch.where(act[..., None], _gather(torch.cat((self.beam_indices, top_bidx), 1), merged),
+                                        self.beam_indices)
+        self.finished = torch.where(act, _gather(torch.cat((self.finished, just), 1), merged), self.finished)
+
+        # can the running beams still beat the finished ones? (transformers' early-stop heuristic)
+        best_len = torch.where(self.never_lp, self.max_length - self.prompt, cur + 1 - self.prompt).to(torch.float64)
+        best_running = self.running_scores[:, :1] / (best_len ** self.length_penalty).to(torch.float32)[:, None]
+        worst = torch.where(self.finished, torch.min(self.beam_scores, dim=1, keepdim=True)[0], _BIG)
+        self.open = self.open & (torch.any(best_running > worst, dim=-1, keepdim=True) | ~act)
+        all_hits = hits.all(-1)
+        if self.joint:  # transformers' batch-level condition, over the active slots
+            improvable = torch.any(self.open[:, 0] & live)
+            open_beam = ~(torch.all(self.finished | ~act) & torch.any(self.early_true & live))
+            go_on = improvable & open_beam & ~torch.all(all_hits | ~live)
+            done = (~go_on).expand(R)
+        else:
+            open_beam = ~(torch.all(self.finished, dim=-1) & self.early_true)
+            done = ~(self.open[:, 0] & open_beam & ~all_hits)
+        self.done = torch.where(live, self.done | done, self.done)
+
+        # the running beams' tokens move to their decode rows; the caller moves their caches
+        flat = rows.reshape(-1)
+        seq[flat] = torch.where(act[..., None], new_seq, run_seq).reshape(R * nb, -1)
+        parents = torch.arange(N, device=scores.device)
+        parent_rows = torch.where(act, rows.gather(1, parent_beam), rows)
+        parents[flat] = parent_rows.reshape(-1)
+        return parents
+
+    def results(self, slot: int, returned: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(sequences (returned, Lc), scores (returned,), beam_indices (returned, Lc)) of one slot."""
+        return self.hyps[slot, :returned], self.beam_scores[slot, :returned], self.beam_indices[slot, :returned]
