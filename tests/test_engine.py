@@ -99,6 +99,30 @@ def test_mixed_workload_matches_solo_generate_per_request(models, enc, dec):
     assert early >= 2, "no request stopped at eos: the workload would not test refills on early finish"
 
 
+def test_static_step_with_late_looks_matches_solo_generate(models):
+    """The CUDA path on the CPU: every step over the whole static buffers (what a captured graph runs),
+    looks at the stop marks only every 16 steps; greedy, processors, beams and sampling mixed."""
+    model = models("bert", "gpt2")
+    inputs, g = workload(14, model.cfg.encoder.max_length, seed=3)
+    eos = pick_eos(model, inputs)
+    kws = []
+    for i in range(len(inputs)):
+        kw = dict(eos_token_id=eos, max_new_tokens=int(torch.randint(1, 30, (1,), generator=g))) | MIXED[i % 7]
+        if kw["eos_token_id"] != eos:
+            kw["eos_token_id"] = [9, eos]
+        if kw.get("do_sample"):
+            kw["seed"] = 7 + i
+        kws.append(kw)
+    model.static_decode = True
+    try:
+        with encdec_fast.Engine(model, max_batch_size=8, max_batch_tokens=256, check_every=16) as engine:
+            results = engine.generate(inputs, request_kwargs=kws)
+    finally:
+        model.static_decode = False
+    for i, (ids, kw, res) in enumerate(zip(inputs, kws, results)):
+        assert rows_of(res) == solo(model, ids, **kw), (i, kw)
+
+
 def test_triton_backend_matches_solo_generate(make_ckpt):
     """The Triton kernels (the interpreter on a CPU) over the engine's strided cache and pool views, with
     and without kv_index (several sequences share a pool row)."""

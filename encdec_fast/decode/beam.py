@@ -62,11 +62,13 @@ class BeamGroup:
         self.running_bidx = torch.full((R, nb, L), -1, dtype=torch.int32, device=device)
         self.beam_indices = torch.full((R, nb, L), -1, dtype=torch.int32, device=device)
         self.top_nb = torch.arange(self.K, device=device) < nb
+        self.n_active = 0  # host count of active slots (a group with none is skipped by the step)
 
     def start(self, slot: int, tokens: torch.Tensor, *, prompt: int, max_length: int, length_penalty: float,
               early_stopping, offset: int = 0):
         """Slot `slot` begins a request on its decode rows, whose tokens (nb, Lc) hold the prompt and
         then transformers' fill value (pad, else eos, else -1)."""
+        self.n_active += 1
         self.active[slot] = True
         self.prompt[slot], self.max_length[slot] = prompt, max_length
         self.length_penalty[slot] = float(length_penalty)
@@ -83,8 +85,26 @@ class BeamGroup:
         self.running_bidx[slot] = -1
         self.beam_indices[slot] = -1
 
+    def grow(self, seq_cap: int):
+        """More token slots per beam (content kept)."""
+        R, nb, L = self.hyps.shape
+        if seq_cap <= L:
+            return
+        for name, fill in (("hyps", 0), ("running_bidx", -1), ("beam_indices", -1)):
+            old = getattr(self, name)
+            new = old.new_full((R, nb, seq_cap), fill)
+            new[:, :, :L] = old
+            setattr(self, name, new)
+
     def stop(self, slot: int):
+        self.n_active -= 1
         self.active[slot] = False
+
+    def clear(self):
+        """No active slot (a state reused by another generate() call)."""
+        self.n_active = 0
+        self.active.zero_()
+        self.done.zero_()
 
     def step(self, scores: torch.Tensor, seq: torch.Tensor, t: torch.Tensor, eos: torch.Tensor, *,
              sample: int = 0, generator=None) -> torch.Tensor:

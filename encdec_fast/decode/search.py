@@ -195,12 +195,11 @@ def generate(model, input_ids=None, attention_mask=None, generation_config=None,
     cross = net.decoder.cross_kv(net.project(enc, ops), ops)
     N, S, L = B * expand, enc.shape[1], gc.max_length
     state = _decode_state(model, N, B, S, L)
-    state.set_cross(0, cross, enc_mask)
+    state.set_cross(torch.arange(B, device=model.device), cross, enc_mask)
     prefix = prefix.repeat_interleave(expand, dim=0)  # (N, P)
     state.spec = sel.Spec.of([cfg])
     if num_beams > 1:
-        # transformers: `pad_token_id or eos_token_id[0] if eos_token_id is not None else -1` (pad 0 counts as unset)
-        fill = (pad if pad else eos[0]) if eos is not None else -1
+        fill = fill_token(num_beams, pad, eos)
         group = state.beam_group(num_beams, len(eos or ()), joint=True)
         state.beam_sampling = B if gc.do_sample else 0
         kw = dict(length_penalty=gc.length_penalty, early_stopping=gc.early_stopping)
@@ -210,17 +209,22 @@ def generate(model, input_ids=None, attention_mask=None, generation_config=None,
     else:
         state.join(torch.arange(N, device=model.device), prefix, cfg,
                    enc_row=torch.arange(B, device=model.device).repeat_interleave(expand), enc_len=S, limit=L,
-                   fill=pad if pad is not None else 0)
+                   fill=fill_token(1, pad, eos))
     state.prefill(P)
 
     want_scores = bool(gc.return_dict_in_generate and gc.output_scores)
     want_logits = bool(gc.return_dict_in_generate and gc.output_logits)
     scores, raw = [], []
     steps = L - P
-    sampled = N if gc.do_sample and num_beams == 1 else 0
+    choose = None
+    if gc.do_sample and num_beams == 1:  # one multinomial over the request's rows, as transformers draws
+        def choose(scores):
+            toks = sel.greedy(scores)
+            toks[:N] = sel.sample(scores[:N])
+            return toks
     static = state.capture or model.static_decode  # moves whole beam rows, as a captured step must
     for s in range(steps):
-        state.step(sampled=sampled, eager_length=None if static else P + s)
+        state.step(choose=choose, eager_length=None if static else P + s)
         if want_scores:
             scores.append(state.scores[:N].float().clone())
         if want_logits:
@@ -239,6 +243,14 @@ def generate(model, input_ids=None, attention_mask=None, generation_config=None,
                                         logits=tuple(raw[:n_run]) if want_logits else None)
 
 
+def fill_token(num_beams: int, pad: int | None, eos: list[int] | None) -> int:
+    """What transformers' token buffers hold past the prefix: pad for greedy/sampling; for beam search
+    `pad_token_id or eos_token_id[0] if eos_token_id is not None else -1` (pad 0 counts as unset)."""
+    if num_beams == 1:
+        return pad if pad is not None else 0
+    return (pad if pad else eos[0]) if eos is not None else -1
+
+
 def _decode_state(model, rows: int, enc_rows: int, enc_len: int, max_length: int) -> DecodeState:
     """A fresh state, or on CUDA (and for the CPU tests of it, model.static_decode) a bucket-sized one
     from the model's cache, whose captured steps later calls reuse."""
@@ -248,23 +260,30 @@ def _decode_state(model, rows: int, enc_rows: int, enc_len: int, max_length: int
     return DecodeState(model, rows, max_length, enc_rows, enc_len)
 
 
+def beam_results(group, slots: list[int], returned: int, P: int, max_length: int):
+    """The finished hypotheses of beam slots, as transformers returns them: (sequences (len(slots) *
+    returned, P + gen_len), their scores, beam_indices (.., gen_len)), gen_len being the longest of
+    the returned hypotheses' generated lengths."""
+    idx = torch.tensor(slots, device=group.hyps.device)
+    Lc = group.hyps.shape[-1]
+    sequences = group.hyps[idx, :returned].reshape(-1, Lc)[:, :max_length]
+    scores = group.beam_scores[idx, :returned].reshape(-1)
+    beam_indices = group.beam_indices[idx, :returned].reshape(-1, Lc)[:, :max_length - P]
+    gen_len = int((beam_indices + 1).bool().sum(dim=1).max())
+    return sequences[:, :P + gen_len].clone(), scores.clone(), beam_indices[:, :gen_len].clone()
+
+
 def _beam_output(gc, state: DecodeState, B: int, P: int, n_run: int, scores, raw):
     """transformers' beam-search return value, from the finished hypotheses of each request."""
-    R = gc.num_return_sequences or 1
-    group = next(iter(state.groups.values()))
-    L = gc.max_length
-    sequences = group.hyps[:B, :R].reshape(B * R, -1)[:, :L]
-    beam_scores = group.beam_scores[:B, :R].reshape(B * R)
-    beam_indices = group.beam_indices[:B, :R].reshape(B * R, -1)[:, :L - P]
-    gen_len = int((beam_indices + 1).bool().sum(dim=1).max())
-    sequences = sequences[:, :P + gen_len].clone()
-    beam_indices = beam_indices[:, :gen_len].clone()
+    group = state.beam_group(gc.num_beams, len(_ids(gc.eos_token_id, "eos_token_id") or ()), joint=True)
+    sequences, beam_scores, beam_indices = beam_results(group, list(range(B)), gc.num_return_sequences or 1, P,
+                                                        gc.max_length)
     if not gc.return_dict_in_generate:
         return sequences
     from transformers.generation.utils import GenerateBeamEncoderDecoderOutput
 
     want_scores = bool(gc.output_scores)
     return GenerateBeamEncoderDecoderOutput(
-        sequences=sequences, sequences_scores=beam_scores.clone() if want_scores else None,
+        sequences=sequences, sequences_scores=beam_scores if want_scores else None,
         scores=tuple(scores[:n_run]) if want_scores else None,
         logits=tuple(raw[:n_run]) if gc.output_logits else None, beam_indices=beam_indices)

@@ -87,7 +87,7 @@ class DecodeState:
         self.kv_index = torch.zeros(rows, **i64)
         self.enc_lens = torch.ones(rows, dtype=torch.int32, device=self.dev)
         self.tables = sel.RowTables(rows, self.V, self.dev)
-        self.groups: dict[int, BeamGroup] = {}  # num_beams -> group
+        self.groups: dict[tuple, BeamGroup] = {}  # (num_beams, K) -> group
         self.spec = sel.Spec()
         self.capture = capture and self.dev.type == "cuda"
         self.graphs: dict = {}
@@ -111,10 +111,8 @@ class DecodeState:
             cache = KVCache(self.model.cfg.decoder, self.N, seq_cap, dtype=self.dtype, device=self.dev)
             cache.buf[:, :, :, :self.Lc] = self.cache.buf
             self.seq, self.cache, self.Lc = seq, cache, seq_cap
-            for nb, g in list(self.groups.items()):  # beam buffers are per token slot too
-                if g.active.any():
-                    raise RuntimeError("internal: a decode state holding beam requests cannot grow")
-                self.groups[nb] = BeamGroup(self.N, nb, (g.K // nb) - 1, seq_cap, self.dev, joint=g.joint)
+            for g in self.groups.values():  # beam buffers are per token slot too
+                g.grow(seq_cap)
             self.graphs.clear()
         if enc_cap > self.Sc:
             old, old_mask, S = self.cross_buf, self.enc_mask, self.Sc
@@ -124,31 +122,30 @@ class DecodeState:
             self.enc_mask[:, :S] = old_mask
             self.graphs.clear()
 
+    @property
+    def live_groups(self) -> list[BeamGroup]:
+        """The beam groups with an active request (host-side knowledge: no sync)."""
+        return [g for g in self.groups.values() if g.n_active]
+
     def beam_group(self, num_beams: int, n_eos: int, *, joint: bool) -> BeamGroup:
-        """The group serving requests with num_beams beams (created on first use)."""
-        g = self.groups.get(num_beams)
-        K = max(2, 1 + n_eos) * num_beams
-        if g is None or g.K != K:
-            if g is not None and bool(g.active.any()):
-                raise RuntimeError("internal: beam requests with different eos counts share a decode state")
-            g = self.groups[num_beams] = BeamGroup(self.N, num_beams, n_eos, self.Lc, self.dev, joint=joint)
+        """The group serving requests with num_beams beams and n_eos eos ids (created on first use)."""
+        key = (num_beams, max(2, 1 + n_eos) * num_beams)
+        g = self.groups.get(key)
+        if g is None:
+            g = self.groups[key] = BeamGroup(self.N, num_beams, n_eos, self.Lc, self.dev, joint=joint)
             self.graphs.clear()
         return g
 
     # -- requests --------------------------------------------------------------------------------------
-    def set_cross(self, enc_row: int, cross, enc_mask):
-        """Encoder rows [enc_row, enc_row + B) take cross K/V (per layer (K, V) each (B, S, H, D)) and
+    def set_cross(self, enc_rows: torch.Tensor, cross, enc_mask):
+        """Encoder rows enc_rows (long (B,)) take cross K/V (per layer (K, V) each (B, S, H, D)) and
         their key mask (B, S) bool or None (all kept)."""
         B, S = cross[0][0].shape[:2]
         for (sk, sv), (k, v) in zip(self.cross, cross):
-            sk[enc_row:enc_row + B, :S].copy_(k)
-            sv[enc_row:enc_row + B, :S].copy_(v)
-        m = self.enc_mask[enc_row:enc_row + B]
-        m.zero_()
-        if enc_mask is None:
-            m[:, :S] = True
-        else:
-            m[:, :S].copy_(enc_mask)
+            sk[enc_rows, :S] = k
+            sv[enc_rows, :S] = v
+        self.enc_mask[enc_rows] = False
+        self.enc_mask[enc_rows, :S] = True if enc_mask is None else enc_mask
 
     def join(self, rows: torch.Tensor, prefix: torch.Tensor, cfg: sel.RowConfig, *, enc_row: torch.Tensor,
              enc_len: int, limit: int, fill: int, beam=None):
@@ -193,22 +190,31 @@ class DecodeState:
         self.all_stopped_at.zero_()
 
     # -- the step ----------------------------------------------------------------------------------------
-    def forward(self) -> torch.Tensor:
-        """The decoder over every row and the processors: -> scores (N, V) (fp32 when processed; the raw
-        logits when greedy needs nothing more). Beam rows get processed log-probs."""
-        pos = self.t - 1  # (N,) the slot the fed token is written to
-        tok = self.seq.gather(1, pos[:, None]).squeeze(1)
-        logits = self.decoder.step(tok, pos, self.cache.layers, self.cross, self.enc_mask, self.kv_index,
-                                   self.enc_lens, self.ops)
+    def forward(self, extent: tuple[int, int, int] | None = None) -> torch.Tensor:
+        """The decoder over the rows and the processors: -> scores (n, V) (fp32 when processed; the raw
+        logits when greedy needs nothing more). Beam rows get processed log-probs.
+
+        extent (eager steps only): (rows, token slots, encoder positions) that hold anything, so that
+        an idle tail of rows and slots costs nothing; rows past it score nothing (choose treats them
+        as idle). None: every row over the whole buffers, as a captured step runs."""
+        n, L, S = extent if extent is not None else (self.N, self.Lc, self.Sc)
+        t = self.t[:n]
+        pos = t - 1  # (n,) the slot the fed token is written to
+        tok = self.seq[:n].gather(1, pos[:, None]).squeeze(1)
+        ks, vs = self.cache.layers
+        cache = ([k[:n, :L] for k in ks], [v[:n, :L] for v in vs]) if extent is not None else (ks, vs)
+        cross = [(k[:, :S], v[:, :S]) for k, v in self.cross] if extent is not None else self.cross
+        logits = self.decoder.step(tok, pos, cache, cross, self.enc_mask[:, :S], self.kv_index[:n], self.enc_lens[:n],
+                                   self.ops)
         self.logits = logits
         spec = self.spec
-        if not (spec.needs_scores or self.groups):
+        if not (spec.needs_scores or self.live_groups):
             self.scores = logits
             return logits
         scores = logits.float()
-        if self.groups:
-            scores = torch.where(self.is_beam[:, None], torch.log_softmax(scores, dim=-1), scores)
-        self.scores = sel.process(scores, self.seq, self.t, self.tables, spec)
+        if self.live_groups:
+            scores = torch.where(self.is_beam[:n, None], torch.log_softmax(scores, dim=-1), scores)
+        self.scores = sel.process(scores, self.seq[:n], t, self.tables, spec)
         return self.scores
 
     def commit(self, tokens: torch.Tensor | None, *, beam_generator=None, eager_length: int | None = None,
@@ -218,6 +224,12 @@ class DecodeState:
         if tokens is None:
             tokens = sel.greedy(self.scores)
         tab = self.tables
+        n = tokens.shape[0]
+        if n < self.N:  # an eager extent: the rows past it are idle
+            tokens = torch.cat([tokens, tab.pad[n:]])
+        scores = self.scores
+        if self.live_groups and scores.shape[0] < self.N:
+            scores = torch.cat([scores, scores.new_zeros(self.N - n, scores.shape[1])])
         room = self.busy & (self.t < self.limit)  # rows that take a token this step
         tokens = torch.where(self.alive, tokens, tab.pad)
         hit = sel.is_eos(tokens, tab.eos) & self.alive & room
@@ -225,8 +237,8 @@ class DecodeState:
         at = self.t.clamp(max=self.Lc - 1)[:, None]
         self.seq.scatter_(1, at, torch.where(plain, tokens, self.seq.gather(1, at).squeeze(1))[:, None])
         tab.observe(tokens, plain)
-        for g in self.groups.values():
-            parents = g.step(self.scores, self.seq, self.t, tab.eos, sample=self.beam_sampling,
+        for g in self.live_groups:
+            parents = g.step(scores, self.seq, self.t, tab.eos, sample=self.beam_sampling,
                              generator=beam_generator)  # beam_sampling: how many leading slots draw
             rows = g.rows.reshape(-1)
             if move_caches:
@@ -236,7 +248,7 @@ class DecodeState:
         self.alive &= ~hit
         self.t += room.long()
         ended = self.busy & (self.stop_t == 0) & ~self.is_beam & (~self.alive | (self.t >= self.limit))
-        for g in self.groups.values():  # a beam row stops with its request
+        for g in self.live_groups:  # a beam row stops with its request
             slot_done = (g.done & g.active)[:, None].expand_as(g.rows).reshape(-1)
             beam_ended = torch.zeros_like(ended)
             beam_ended[g.rows.reshape(-1)] = slot_done
@@ -248,28 +260,31 @@ class DecodeState:
 
     beam_sampling = 0  # beam sampling: the leading beam slots that draw their candidates (set by the caller)
 
-    def step(self, *, sampled: int = 0, generator=None, eager_length: int | None = None):
-        """One step. sampled: rows 0 .. sampled-1 draw their token (one multinomial over them, with
-        torch's global RNG or `generator`, as transformers draws), the others take argmax. Eager when
-        sampling (the draws stay outside graphs: see README) or without capture; else a graph replay."""
-        if sampled or self.beam_sampling or not self.capture:
-            self.forward()
-            toks = None
-            if sampled:
-                toks = sel.greedy(self.scores)
-                toks[:sampled] = sel.sample(self.scores[:sampled], generator)
-            self.commit(toks, beam_generator=generator, eager_length=eager_length)
+    def step(self, *, choose=None, generator=None, eager_length: int | None = None, extent=None):
+        """One step. choose: None (greedy; with capture, the whole step is one graph replay), or a
+        function scores -> tokens run between the decoder and the commit (sampling: the draws stay
+        outside graphs, see README; with capture the decoder + processors still replay as a graph).
+        generator: beam sampling's RNG. eager_length / extent: see commit / forward (eager only)."""
+        if not self.capture:
+            self.forward(extent)
+            self.commit(choose(self.scores) if choose is not None else None, beam_generator=generator,
+                        eager_length=eager_length)
             return
-        key = (self.spec, tuple(sorted((nb, g.K, g.R) for nb, g in self.groups.items())), self.tables.version)
-        graph = self.graphs.get(key)
-        if graph is None:
-            graph = self._capture(key)
+        whole = choose is None and not self.beam_sampling
+        key = (whole, self.spec, tuple(sorted(k for k, g in self.groups.items() if g.n_active)), self.tables.version)
+        entry = self.graphs.get(key)
+        if entry is None:
+            entry = self._capture(key, whole)
+        graph, self.scores, self.logits = entry
         graph.replay()
+        if not whole:
+            self.commit(choose(self.scores) if choose is not None else None, beam_generator=generator)
 
-    def _capture(self, key):
-        """Captures forward + greedy commit. A warm-up on a side stream comes first (Triton compiles
-        there); it runs the step for real, so the small state is saved and restored around it, and it
-        does not move beam caches (the K/V it writes are those the next real step writes again)."""
+    def _capture(self, key, whole: bool):
+        """Captures forward (+ greedy commit when whole). A warm-up on a side stream comes first
+        (Triton compiles there); it runs the step for real, so the small state is saved and restored
+        around it, and it does not move beam caches (the K/V it writes are those the next real step
+        writes again)."""
         t0 = time.perf_counter()
         saved = self._snapshot()
         s = torch.cuda.Stream(device=self.dev)
@@ -277,23 +292,25 @@ class DecodeState:
         with torch.cuda.stream(s):
             for _ in range(2):
                 self.forward()
-                self.commit(None, move_caches=False)
+                if whole:
+                    self.commit(None, move_caches=False)
                 self._restore(saved)
         torch.cuda.current_stream(self.dev).wait_stream(s)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             self.forward()
-            self.commit(None)
-        self.graphs[key] = graph
+            if whole:
+                self.commit(None)
+        entry = self.graphs[key] = (graph, self.scores, self.logits)
         self.captures += 1
         self.capture_seconds += time.perf_counter() - t0
-        return graph
+        return entry
 
     def _snapshot(self):
         bufs = [self.seq, self.t, self.stop_t, self.alive, self.steps, self.all_stopped_at]
         if self.tables.seen is not None:
             bufs.append(self.tables.seen)
-        for g in self.groups.values():
+        for g in self.live_groups:
             bufs += [g.running_scores, g.beam_scores, g.finished, g.open, g.done, g.hyps, g.running_bidx,
                      g.beam_indices]
         return [(b, b.clone()) for b in bufs]
@@ -354,8 +371,7 @@ class StateCache:
         else:
             state.leave(torch.arange(state.N, device=state.dev))
             for g in state.groups.values():
-                g.active.zero_()
-                g.done.zero_()
+                g.clear()
             state.reset_clock()
             state.beam_sampling = 0
         self.entries[key] = state

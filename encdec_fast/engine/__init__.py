@@ -9,16 +9,17 @@ generation arguments are resolved by decode/search.py's own code (checkpoint def
 tokens), its logits processors are decode/select.py's, applied to exactly the ids a solo run sees.
 
 How requests are served (scheduler.py, pool.py):
-  - greedy and sampling: continuous batching. The encoder runs on micro-batches of similar source
-    length (at most max_batch_tokens padded tokens); each decoder layer's cross K/V is projected once
-    into a pool row; decode slots (max_batch_size rows) step together, each at its own position, and
-    a finished sequence's slot is refilled by a waiting request without touching the others. A
-    sampling request draws from its own torch.Generator: seed=s reproduces
-    `torch.manual_seed(s); model.generate(...)`; without seed, one is drawn from torch's global RNG
-    when the request is submitted.
-  - beam search (num_beams > 1): static batches through model.generate, of requests with the same
-    resolved generation settings, sorted by source length; decoding of the other requests pauses while
-    such a batch runs. Beam sampling runs each request alone on its seed.
+  - greedy, sampling and beam search: continuous batching over one decode state (decode/state.py, the
+    state and step generate() runs). The encoder runs on micro-batches of similar source length (at
+    most max_batch_tokens padded tokens); each decoder layer's cross K/V is projected once into the
+    request's cross row; decode rows (max_batch_size) step together, each at its own position; a beam
+    request's beams are rows of an aligned block sharing that cross row. The host looks at the stop
+    marks every few steps (16 on CUDA), and a finished request's rows are refilled by waiting requests
+    without touching the others. A sampling request draws from its own torch.Generator: seed=s
+    reproduces `torch.manual_seed(s); model.generate(...)`; without seed, one is drawn from torch's
+    global RNG when the request is submitted.
+  - beam sampling (num_beams > 1 with do_sample) runs each request alone through model.generate on
+    its seed; decoding of the other requests pauses while it runs.
 
 One background thread owns the model; submit() only validates and queues. A request with bad input
 or unsupported arguments fails alone (its future holds the encdec_fast error); close() (or leaving the
@@ -35,7 +36,7 @@ import weakref
 import torch
 
 from ..decode import search as gen_mod
-from ..decode import select as procs_mod
+from ..decode import select as sel
 from ..errors import EngineClosedError, InvalidInputError, UnsupportedArgumentError
 from .requests import (
     REFUSED,
@@ -45,7 +46,6 @@ from .requests import (
     Request,
     Result,
     closed_error,
-    freeze,
     token_ids,
 )
 from .scheduler import Scheduler
@@ -60,19 +60,24 @@ class Engine:
     max_batch_tokens: padded source tokens per encoder micro-batch (and per static beam-search batch).
     tokenizer / decoder_tokenizer: for string inputs and text outputs; by default loaded from the
     checkpoint folder (model.path) on first use; decoder_tokenizer defaults to tokenizer.
+    check_every: decode steps between looks at which requests finished (default 1 on CPU, 16 on CUDA):
+    fewer looks, fewer host syncs; more looks, finished rows refilled sooner.
 
     Futures are settled by the thread running the scheduler (the engine's own, or one inside
     generate()): their done-callbacks run there, inside a turn, and must not block or wait on this engine."""
 
     def __init__(self, model, max_batch_size: int = 32, max_batch_tokens: int = 16384, *, tokenizer=None,
-                 decoder_tokenizer=None):
+                 decoder_tokenizer=None, check_every: int | None = None):
         for name, v in (("max_batch_size", max_batch_size), ("max_batch_tokens", max_batch_tokens)):
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise UnsupportedArgumentError(f"{name} must be a positive int, got {v!r}.")
         self.model, self.max_batch_size, self.max_batch_tokens = model, max_batch_size, max_batch_tokens
         self._out = Outcomes(model, tokenizer, decoder_tokenizer)
         self._t0 = time.perf_counter()
-        self._sched = Scheduler(model, max_batch_size, max_batch_tokens, self._out.finish, self._out.fail, closed_error)
+        if check_every is not None and (not isinstance(check_every, int) or isinstance(check_every, bool) or check_every < 1):
+            raise UnsupportedArgumentError(f"check_every must be a positive int, got {check_every!r}.")
+        self._sched = Scheduler(model, max_batch_size, max_batch_tokens, self._out.finish, self._out.fail, closed_error,
+                                check_every)
         # dropped without close(): finish what was submitted, then stop the thread
         self._finalizer = weakref.finalize(self, Scheduler.stop, self._sched, True)
 
@@ -192,25 +197,21 @@ class Engine:
         r.ids = token_ids(self._out.encode_text(inp) if r.is_text else inp, model.cfg.encoder)
         eos, r.pad, start = gen_mod.special_tokens(gc, 1)
         gen_mod.prepare_lengths(model, gc, has_default_max_length, 1)
-        pipeline = procs_mod.build(gc, prompt_len=1, eos=eos, vocab_size=model.cfg.decoder.vocab_size, device="cpu")
         r.gc, r.kwargs, r.generation_config = gc, kwargs, gen_config
+        r.select = sel.RowConfig.from_generation_config(gc, prompt_len=1, eos=eos, pad=r.pad,
+                                                        vocab_size=model.cfg.decoder.vocab_size)
         r.eos, r.eos_set, r.start, r.max_length = eos, set(eos or ()), start[0], gc.max_length
-        beams = gc.num_beams or 1
+        r.num_beams = gc.num_beams or 1
+        r.fill = gen_mod.fill_token(r.num_beams, r.pad, eos)
         r.returned = gc.num_return_sequences or 1
-        r.rows = max(beams, r.returned)
+        r.rows = max(r.num_beams, r.returned)
         if gc.do_sample and seed is None:  # drawn from torch's global RNG: torch.manual_seed makes runs repeatable
             seed = int(torch.randint(0, 2**62, (1,)).item())
         r.seed = seed
-        r.proc_key = None
-        if len(pipeline):  # requests whose processors are the same share one call per step
-            with self._out.lock:
-                keys = self._out.proc_keys
-                r.proc_key = keys.setdefault(freeze(pipeline.steps), len(keys))
-        if beams > 1:
-            r.static_key = repr(sorted(gc.to_dict().items())) + (f"|seed={seed}" if gc.do_sample else "")
-        else:
-            r.static_key = None
-            if r.rows > self.max_batch_size:
-                raise UnsupportedArgumentError(f"num_return_sequences={r.rows} needs {r.rows} decode rows but the engine "
-                                               f"has max_batch_size={self.max_batch_size}; raise max_batch_size.")
+        # beam sampling runs alone through model.generate on its seed; everything else joins the pool
+        r.static_key = f"beam-sampling|seed={seed}" if (r.num_beams > 1 and gc.do_sample) else None
+        if r.static_key is None and r.rows > self.max_batch_size:
+            what = f"num_beams={r.num_beams}" if r.num_beams > 1 else f"num_return_sequences={r.rows}"
+            raise UnsupportedArgumentError(f"{what} needs {r.rows} decode rows but the engine has max_batch_size="
+                                           f"{self.max_batch_size}; raise max_batch_size.")
         return r

@@ -62,22 +62,10 @@ class EngineStats:
 
 
 class Request:
-    __slots__ = ("ids", "is_text", "kwargs", "generation_config", "gc", "eos", "eos_set", "pad", "start", "rows",
-                 "returned", "max_length", "proc_key", "static_key", "seed", "future")
+    """One submitted input, resolved: ids, its GenerationConfig and selection settings, its rows."""
 
-
-def freeze(x):
-    """A hashable, compact key for a processor's settings."""
-    if isinstance(x, torch.Tensor):
-        t = x.detach().cpu()
-        return (str(t.dtype), tuple(t.shape), t.numpy().tobytes())
-    if isinstance(x, (list, tuple)):
-        return tuple(freeze(v) for v in x)
-    if isinstance(x, dict):
-        return tuple(sorted((k, freeze(v)) for k, v in x.items()))
-    if hasattr(x, "__dict__"):
-        return (type(x).__name__, freeze(vars(x)))
-    return x
+    __slots__ = ("ids", "is_text", "kwargs", "generation_config", "gc", "select", "eos", "eos_set", "pad", "fill",
+                 "start", "num_beams", "rows", "returned", "max_length", "static_key", "seed", "future")
 
 
 def token_ids(x, cfg) -> list[int]:
@@ -124,7 +112,6 @@ class Outcomes:
         self.tok_lock = threading.Lock()
         self.lock = threading.Lock()
         self.stats = EngineStats()
-        self.proc_keys: dict = {}
 
     def tokenizers(self):
         with self.tok_lock:

@@ -8,17 +8,17 @@ from a second thread runs 2x slower on 2 cores than from the thread that loaded 
 way exactly one thread touches the model at a time.
 
 Each turn:
-  1. take the newly submitted requests (beam-search ones go to the static queue, the others wait for
-     decode slots);
-  2. run one static batch of beam-search requests, if any wait: requests with the same resolved
-     generation settings, sorted by source length and batched through model.generate (this pauses the
-     decode slots while it runs);
-  3. refill free decode slots (continuous batching): waiting requests join in arrival order once a
-     few slots are free (or all the waiting ones fit), encoded in micro-batches of similar length;
-  4. one decode step over the busy slots; finished requests get their result at once.
+  1. take the newly submitted requests (beam-sampling ones go to the static queue, the others wait for
+     decode rows);
+  2. run one beam-sampling request, if any waits, alone through model.generate on its seed (this
+     pauses the decode rows while it runs);
+  3. refill free decode rows (continuous batching): waiting requests join in arrival order once a
+     few rows are free (or all the waiting ones fit), encoded in micro-batches of similar length;
+  4. a few decode steps over the busy rows (pool.advance: 1 on CPU, 16 on CUDA), then one look at
+     which requests finished; they get their result at once.
 
 Every request ends with a result or an exception on its future: its own bad input (caught when it
-is submitted), a failure of the micro-batch/step/static batch it was in, or EngineClosedError.
+is submitted), a failure of the micro-batch/steps/static run it was in, or EngineClosedError.
 """
 
 from __future__ import annotations
@@ -29,11 +29,12 @@ from collections import deque
 
 import torch
 
-from .pool import DecodePool, length_chunks, pad_batch
+from .pool import DecodePool
 
 
 class Scheduler:
-    def __init__(self, model, max_batch_size: int, max_batch_tokens: int, finish, fail, closed_error):
+    def __init__(self, model, max_batch_size: int, max_batch_tokens: int, finish, fail, closed_error,
+                 check_every: int | None = None):
         """finish(req, rows) and fail(req, exc) settle a request's future (called by the driving
         thread); closed_error() builds the exception pending requests get when the engine closes."""
         self.model, self.max_rows, self.max_tokens = model, max_batch_size, max_batch_tokens
@@ -46,7 +47,7 @@ class Scheduler:
         self.drive_lock = threading.Lock()  # held for a turn: one thread runs the model at a time
         self.waiting: deque = deque()  # continuous-batching requests without a slot yet
         self.static: dict = {}  # static key -> [requests]
-        self.pool = DecodePool(model, max_batch_size, max_batch_tokens)
+        self.pool = DecodePool(model, max_batch_size, max_batch_tokens, check_every)
         self.busy_s = 0.0
         self.turn_thread = None  # the thread inside a turn
         self.thread = threading.Thread(target=self._run, name="encdec_fast-engine", daemon=True)
@@ -140,7 +141,7 @@ class Scheduler:
                     self._static_batch()
                 self._refill()
                 if self.pool.lives:
-                    for req, rows in self.pool.step():
+                    for req, rows in self.pool.advance():
                         self.finish(req, rows)
         except BaseException as e:  # noqa: BLE001  a bug, out-of-memory, an interrupt: fail what was running
             for r in self.pool.clear():
@@ -164,78 +165,38 @@ class Scheduler:
             self.fail(r, err)
 
     def _refill(self):
-        pool, free = self.pool, self.pool.free
-        if not self.waiting or free < min(self.min_refill, sum(r.rows for r in self.waiting)):
+        pool = self.pool
+        if not self.waiting or pool.free < min(self.min_refill, sum(r.rows for r in self.waiting)):
             return
         take = []
-        while self.waiting and self.waiting[0].rows <= free:
+        while self.waiting and pool.reserve(self.waiting[0]):  # in arrival order, as long as rows are free
             r = self.waiting.popleft()
             if not r.future.set_running_or_notify_cancel():
+                pool.unreserve(r)
                 continue  # cancelled by the caller before it started
             take.append(r)
-            free -= r.rows
         if self.waiting and not take and not pool.lives and self.waiting[0].rows > pool.N:
             # cannot happen through Engine.submit (it checks rows <= max_batch_size); never spin on it
             r = self.waiting.popleft()
-            self.fail(r, RuntimeError(f"request needs {r.rows} decode slots, the engine has {pool.N}"))
+            self.fail(r, RuntimeError(f"request needs {r.rows} decode rows, the engine has {pool.N}"))
         for r, e in pool.admit(take):
             self.fail(r, e)
 
     def _static_batch(self):
-        """One batch of the oldest static group through model.generate (beam search)."""
+        """The oldest beam-sampling request, alone through model.generate on its seed."""
         key = next(iter(self.static))
         group = self.static.pop(key)
-        req0 = group[0]
-        if req0.gc.do_sample:  # beam sampling: each request alone, on its own seed
-            batch, rest = [req0], group[1:]
-        else:
-            per_row = max(req0.gc.num_beams or 1, req0.rows)
-            chunks = length_chunks(group, lambda r: len(r.ids), self.max_tokens * per_row, self.max_rows,
-                                   rows=lambda r: per_row)
-            batch = chunks[0]
-            rest = [r for c in chunks[1:] for r in c]
+        req, rest = group[0], group[1:]
         if rest:
-            self.static[key] = rest  # goes back at the end of the line: groups take turns
-        batch = [r for r in batch if r.future.set_running_or_notify_cancel()]
-        if not batch:
+            self.static[key] = rest
+        if not req.future.set_running_or_notify_cancel():
             return
         try:
-            self._run_static(batch)
-        except Exception as e:  # noqa: BLE001
-            if len(batch) == 1:
-                self.fail(batch[0], e)
-                return
-            for r in batch:  # isolate the culprit: each alone
-                try:
-                    self._run_static([r])
-                except Exception as e1:  # noqa: BLE001
-                    self.fail(r, e1)
-
-    def _run_static(self, batch: list):
-        model, req0 = self.model, batch[0]
-        ids, mask = pad_batch([r.ids for r in batch], model.cfg.encoder.pad_token_id or 0, model.device)
-        kwargs = dict(req0.kwargs)
-        if req0.gc.do_sample:
+            model = self.model
+            ids = torch.tensor([req.ids], dtype=torch.long, device=model.device)
             with torch.random.fork_rng(devices=[model.device] if model.device.type == "cuda" else []):
-                torch.manual_seed(req0.seed)
-                out = model.generate(ids, attention_mask=mask, generation_config=req0.generation_config, **kwargs)
-        else:
-            out = model.generate(ids, attention_mask=mask, generation_config=req0.generation_config, **kwargs)
-        R = req0.gc.num_return_sequences or 1
-        out = out.view(len(batch), R, -1).tolist()
-        for r, rows in zip(batch, out):
-            self.finish(r, _strip(rows, r.eos_set))
-
-
-def _strip(rows: list[list[int]], eos: set) -> list[list[int]]:
-    """One input's rows of a padded beam-search batch, cut to the length generating it alone gives:
-    a hypothesis ends at its first eos after the decoder start, else it ran to the batch's full length."""
-    def length(row):
-        if eos:
-            for j in range(1, len(row)):
-                if row[j] in eos:
-                    return j + 1
-        return len(row)
-
-    n = max(length(row) for row in rows)
-    return [row[:n] for row in rows]
+                torch.manual_seed(req.seed)
+                out = model.generate(ids, generation_config=req.generation_config, **req.kwargs)
+            self.finish(req, out.tolist())
+        except Exception as e:  # noqa: BLE001  the request fails alone
+            self.fail(req, e)
