@@ -269,18 +269,22 @@ def _sample(ctx: _Decode, prefix, gc, pipeline, eos_t, pad, check_every: int):
     done = torch.zeros(steps, dtype=torch.bool, device=dev)
     scores, raw = [], []
     n_run = steps
+    fused = not (want_scores or gc.do_sample)  # processors + argmax as one op (a csrc kernel where enabled)
     for s in range(steps):
         t = P + s
         logits = ctx(seq[:, t - 1])
-        next_scores = pipeline(seq[:, :t], logits)
-        if want_scores:
-            scores.append(next_scores)
         if want_logits:
             raw.append(logits)
-        if gc.do_sample:
-            tok = torch.multinomial(F.softmax(next_scores, dim=-1), num_samples=1).squeeze(1)
+        if fused:
+            tok = ctx.ops.select_greedy(logits, seq[:, :t], pipeline)
         else:
-            tok = torch.argmax(next_scores, dim=-1)
+            next_scores = pipeline(seq[:, :t], logits)
+            if want_scores:
+                scores.append(next_scores)
+            if gc.do_sample:
+                tok = torch.multinomial(F.softmax(next_scores, dim=-1), num_samples=1).squeeze(1)
+            else:
+                tok = torch.argmax(next_scores, dim=-1)
         if eos_t is not None:
             tok = torch.where(unfinished, tok, pad)
             unfinished &= ~torch.isin(tok, eos_t)
@@ -345,22 +349,25 @@ def _beam_search(ctx: _Decode, prefix, gc, pipeline, eos_t, pad, B: int, check_e
         cur = P + s
         flat = running_seq.view(N, L)
         logits = ctx(flat[:, cur - 1])
-        log_probs = pipeline(flat[:, :cur], F.log_softmax(logits, dim=-1))
         if want_logits:
             raw.append(logits)
-        if want_scores:
-            scores.append(log_probs)
-        V = log_probs.shape[-1]
-        acc = (log_probs.view(B, nb, V) + running_scores[:, :, None]).view(B, nb * V)
+        V = logits.shape[-1]
 
         # top-K continuations over all beams of an item
-        if do_sample:
-            top_idx = torch.multinomial(F.softmax(acc, dim=-1), num_samples=K)
-            top_lp = torch.gather(acc, 1, top_idx)
-            top_lp, order = top_lp.sort(dim=-1, descending=True)
-            top_idx = top_idx.gather(-1, order)
+        if not (do_sample or want_scores):  # one op (a csrc kernel where enabled)
+            top_lp, top_idx = ctx.ops.select_beam(logits, flat[:, :cur], pipeline, running_scores, K)
         else:
-            top_lp, top_idx = torch.topk(acc, k=K)
+            log_probs = pipeline(flat[:, :cur], F.log_softmax(logits, dim=-1))
+            if want_scores:
+                scores.append(log_probs)
+            acc = (log_probs.view(B, nb, V) + running_scores[:, :, None]).view(B, nb * V)
+            if do_sample:
+                top_idx = torch.multinomial(F.softmax(acc, dim=-1), num_samples=K)
+                top_lp = torch.gather(acc, 1, top_idx)
+                top_lp, order = top_lp.sort(dim=-1, descending=True)
+                top_idx = top_idx.gather(-1, order)
+            else:
+                top_lp, top_idx = torch.topk(acc, k=K)
         src_beam = top_idx // V
         top_bidx = _gather_beams(running_bidx, src_beam)
         top_seq = _gather_beams(running_seq, src_beam)
