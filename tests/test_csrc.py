@@ -29,13 +29,18 @@ def lib():
 
 
 @pytest.fixture
-def fresh(monkeypatch, tmp_path):
-    """A private cache, no loaded library, no remembered log lines, ENCDEC_CUDA unset."""
-    monkeypatch.setenv("ENCDEC_CUDA_CACHE", str(tmp_path / "cache"))
+def unset(monkeypatch):
+    """ENCDEC_CUDA unset, no remembered log lines (the library built for the session stays loaded)."""
     monkeypatch.delenv("ENCDEC_CUDA", raising=False)
     monkeypatch.delenv("ENCDEC_CUDA_LIB", raising=False)
-    monkeypatch.setattr(csrc, "_LOADED", {})
     monkeypatch.setattr(csrc, "_SAID", set())
+
+
+@pytest.fixture
+def fresh(unset, monkeypatch, tmp_path):
+    """As unset, with a private cache and no library loaded."""
+    monkeypatch.setenv("ENCDEC_CUDA_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(csrc, "_LOADED", {})
     return tmp_path
 
 
@@ -216,9 +221,7 @@ def test_encdec_cuda_0_and_bad_values(fresh, monkeypatch):
 
 
 @no_gpu
-def test_encdec_cuda_1_without_a_gpu_is_a_clear_error(fresh, monkeypatch):
-    monkeypatch.delenv("ENCDEC_CUDA_CACHE")  # the real cache: the library the other tests built
-    library_or_skip()
+def test_encdec_cuda_1_without_a_gpu_is_a_clear_error(lib, unset, monkeypatch):
     monkeypatch.setenv("ENCDEC_CUDA", "1")
     with pytest.raises(CudaKernelError, match=r"ENCDEC_CUDA=1 .* failed with error 35 \(CUDA driver version is "
                                               r"insufficient.*Set ENCDEC_CUDA=auto or 0"):
@@ -226,9 +229,7 @@ def test_encdec_cuda_1_without_a_gpu_is_a_clear_error(fresh, monkeypatch):
 
 
 @no_gpu
-def test_auto_with_measured_ops_but_no_gpu_warns_once(fresh, monkeypatch, caplog):
-    monkeypatch.delenv("ENCDEC_CUDA_CACHE")
-    library_or_skip()
+def test_auto_with_measured_ops_but_no_gpu_warns_once(lib, unset, monkeypatch, caplog):
     monkeypatch.setattr(ops, "CSRC_FASTER", frozenset({"linear", "select_greedy"}))
     with caplog.at_level(logging.INFO, logger="encdec_fast.csrc"):
         t = ops.table("triton")
