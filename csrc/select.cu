@@ -7,7 +7,8 @@
  *   banned  tokens that would repeat an n-gram, bad words (single tokens, and the last token of a
  *           longer word whose prefix ends the sequence), eos ids while the row is shorter than min_len;
  * then streams the scores once (16-byte loads) and scores token v as
- *   banned ? -inf : seen ? (s < 0 ? s * penalty : s / penalty) : s
+ *   banned ? -inf : seen ? (s < 0 ? s * penalty : s * (1 / penalty)) : s
+ * (torch on CUDA divides by a Python scalar as a product with its reciprocal; so does this)
  * which is what the processors give in any order (a penalty never turns -inf into a number). Greedy
  * keeps the best (score, index) in the order of torch.argmax (first index among equal maxima, NaN
  * first). Beam search first computes the row's log-sum-exp, then keeps each thread's top k of
@@ -62,10 +63,12 @@ __device__ int64_t build_masks(const encdec_select_params& p, int r, int vocab, 
     return len;
 }
 
-__device__ __forceinline__ float process(float s, int v, const uint32_t* seen, const uint32_t* banned, float penalty) {
+/* inv_penalty = 1 / penalty: torch divides a CUDA tensor by a Python scalar as a product with its reciprocal */
+__device__ __forceinline__ float process(float s, int v, const uint32_t* seen, const uint32_t* banned, float penalty,
+                                         float inv_penalty) {
     const uint32_t bit = 1u << (v & 31);
     if (banned[v >> 5] & bit) return -INFINITY;
-    if (seen[v >> 5] & bit) return s < 0.f ? s * penalty : s / penalty;
+    if (seen[v >> 5] & bit) return s < 0.f ? s * penalty : s * inv_penalty;
     return s;
 }
 
@@ -102,12 +105,12 @@ __global__ void __launch_bounds__(THREADS) greedy_kernel(const T* scores, int64_
     uint32_t* seen = masks;
     uint32_t* banned = masks + ((vocab + 31) >> 5);
     build_masks(p, r, vocab, seen, banned);
-    const float penalty = row_penalty(p, r);
+    const float penalty = row_penalty(p, r), inv_penalty = 1.f / penalty;
 
     float bv = -INFINITY;
     int64_t bi = INT64_MAX;
     for_each_score(scores + r * ld, vocab, [&](int v, float s) {
-        s = process(s, v, seen, banned, penalty);
+        s = process(s, v, seen, banned, penalty, inv_penalty);
         if (better(s, v, bv, bi)) bv = s, bi = v;
     });
     warp_best(bv, bi);
@@ -190,7 +193,7 @@ __global__ void __launch_bounds__(THREADS) beam_rows_kernel(const T* logits, int
     const float log_sum = logf(s);
 
     // pass 2: each thread's top KMAX of the processed, beam-scored log-probabilities
-    const float penalty = row_penalty(p, r), run = running[r];
+    const float penalty = row_penalty(p, r), inv_penalty = 1.f / penalty, run = running[r];
     const int32_t base = (r % beams) * vocab;
     float lv[KMAX];
     int32_t li[KMAX];
@@ -199,7 +202,7 @@ __global__ void __launch_bounds__(THREADS) beam_rows_kernel(const T* logits, int
     // scalar, coalesced loads of a row pass 1 just brought into cache: one copy of the unrolled insert
 #pragma unroll 1
     for (int v = threadIdx.x; v < vocab; v += blockDim.x) {
-        const float lp = process((to_float(row[v]) - m) - log_sum, v, seen, banned, penalty) + run;
+        const float lp = process((to_float(row[v]) - m) - log_sum, v, seen, banned, penalty, inv_penalty) + run;
         insert(lv, li, lp, base + v);
     }
 
