@@ -162,7 +162,7 @@ def test_greedy_with_per_row_lengths_and_finished_rows():
     assert torch.equal(out, want) and torch.equal(unfinished, want_unfinished)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
 @pytest.mark.parametrize("kind", ["none", "all", "ngram2"])
 @pytest.mark.parametrize("requests,beams,vocab", [(1, 2, 97), (3, 4, 50257), (16, 8, 30522), (2, 32, 500)])
 def test_beam_candidates_match_one_beam_search_step(requests, beams, vocab, kind, dtype):
