@@ -5,8 +5,11 @@ setup(
     version="0.1.0",
     description="Fast inference runtime for Hugging Face EncoderDecoderModel checkpoints (BERT/RoBERTa -> GPT-2/BERT)",
     python_requires=">=3.10",
-    packages=["encdec_fast", "encdec_fast.decode", "encdec_fast.engine", "encdec_fast.kernels"],
-    package_dir={"encdec_fast": "encdec_fast", "encdec_fast.kernels": "kernels"},
+    # csrc/ ships as package data (encdec_fast._csrc) so that an installed copy can build its CUDA kernels
+    # with nvcc on first use (encdec_fast/csrc.py); a libencdec_cuda.so placed there is used as is
+    packages=["encdec_fast", "encdec_fast.decode", "encdec_fast.engine", "encdec_fast.kernels", "encdec_fast._csrc"],
+    package_dir={"encdec_fast": "encdec_fast", "encdec_fast.kernels": "kernels", "encdec_fast._csrc": "csrc"},
+    package_data={"encdec_fast._csrc": ["*.cu", "*.h", "libencdec_cuda.so"]},
     install_requires=["torch>=2.4", "triton>=3.0", "transformers>=5.0", "safetensors>=0.4"],
     extras_require={"test": ["pytest>=8", "pytest-benchmark>=4"]},
     entry_points={"console_scripts": ["encdec-fast=encdec_fast.cli:main"]},

@@ -1,8 +1,15 @@
-"""Kernel timings: our Triton kernels vs PyTorch on bert-base-like shapes, fp16 and bf16.
+"""Kernel timings: our Triton and CUDA C++ (csrc/) kernels vs PyTorch on bert-base-like shapes, fp16 and bf16.
 
     python benchmarks/bench_kernels.py                    # prints a markdown table (needs CUDA)
     python benchmarks/bench_kernels.py --out kernels.md   # also writes it to a file
+    python benchmarks/bench_kernels.py --csrc-only        # only the csrc rows
     python benchmarks/bench_kernels.py --quick            # tiny shapes: a smoke run (CPU: interpreter)
+
+csrc rows (when the library builds and finds the GPU; ENCDEC_CUDA=0 leaves them out): the matrix-vector
+kernels at 1, 4 and 16 rows for every projection of bert-base / gpt2, bert-large and the LM head, against
+F.linear (cuBLAS: the triton table's linear), and with fused GELU / residual against the triton table's
+composition; greedy and beam selection (processors fused) against decode/select.py's processors + argmax /
+topk. Their GB/s is also given as a fraction of the measured device-to-device copy rate ("of copy").
 
 Each row times one op with ``triton.testing.do_bench`` (median, L2 flushed between runs) for ours
 and for the PyTorch baseline (SDPA for attention, SDPA over the cache for decode, F.layer_norm,
@@ -149,21 +156,117 @@ def norm_act_cases(dt, dev, M, N_ln, N_mlp) -> list[Case]:
     return cases
 
 
-def run(dtypes, quick: bool) -> str:
+# (name, outputs, k): every projection of bert-base / gpt2 (768), bert-large (1024) and the LM head
+PROJECTIONS = [("qkv", 2304, 768), ("attn out / cross q", 768, 768), ("cross kv", 1536, 768), ("fc1", 3072, 768),
+               ("fc2", 768, 3072), ("large qkv", 3072, 1024), ("large out", 1024, 1024), ("large fc1", 4096, 1024),
+               ("large fc2", 1024, 4096), ("lm head", 50257, 768)]
+
+
+def csrc_available() -> str | None:
+    """None when the csrc kernels can run here, else why not."""
+    from encdec_fast import csrc
+    from encdec_fast.errors import CudaKernelError
+
+    if csrc.mode() == "0":
+        return "ENCDEC_CUDA=0"
+    try:
+        csrc.check_device(csrc.library())
+    except CudaKernelError as e:
+        return str(e)
+    return None
+
+
+def csrc_cases(dt, dev) -> list[Case]:
+    from encdec_fast import csrc_ops, ops
+
+    t = ops.table("triton")
+    elt = torch.finfo(dt).bits // 8
+    cases = []
+    for name, n, k in PROJECTIONS:
+        w = torch.randn(n, k, device=dev, dtype=dt) / k ** 0.5
+        b = torch.randn(n, device=dev, dtype=dt)
+        for rows in (1, 4, 16):
+            x = torch.randn(rows, k, device=dev, dtype=dt)
+            f32 = [v.float() for v in (x, w, b)]
+            nbytes = (n * k + rows * k + rows * n + n) * elt
+            shape = f"{name} {rows}x{k} @ {k}x{n}"
+            cases.append(Case("csrc gemv + bias vs cuBLAS", shape, lambda x=x, w=w, b=b: csrc_ops.gemv(x, w, b, None, "bias"),
+                              lambda x=x, w=w, b=b: F.linear(x, w, b), lambda f=f32: ops.linear(*f), "GB/s", nbytes))
+            if name in ("fc1", "large fc1"):
+                cases.append(Case("csrc gemv + bias + gelu(tanh) vs cuBLAS + Triton bias_gelu", shape,
+                                  lambda x=x, w=w, b=b: csrc_ops.gemv(x, w, b, None, "gelu_tanh"),
+                                  lambda x=x, w=w, b=b: t.linear_gelu(x, w, b, "tanh"),
+                                  lambda f=f32: ops.linear_gelu(*f, "tanh"), "GB/s", nbytes))
+            if name in ("attn out / cross q", "fc2"):
+                r = torch.randn(rows, n, device=dev, dtype=dt)
+                cases.append(Case("csrc gemv + bias + residual vs cuBLAS + add", shape,
+                                  lambda x=x, w=w, b=b, r=r: csrc_ops.gemv(x, w, b, r, "residual"),
+                                  lambda x=x, w=w, b=b, r=r: t.linear_residual(x, w, b, r),
+                                  lambda f=f32, r=r: ops.linear_residual(*f, r.float()), "GB/s",
+                                  nbytes + rows * n * elt))
+    return cases
+
+
+def selection_cases(dev, V=50257) -> list[Case]:
+    """fp32 logits (what the decode step hands over) with repetition penalty, 3-gram ban, bad words and min length."""
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
+    from csrc_checks import pipeline, token_ids
+
+    from encdec_fast import csrc_ops, ops
+
+    cases = []
+    for rows in (1, 64, 512):
+        s = torch.randn(rows, V, device=dev) * 3
+        ids = token_ids(rows, 64).to(dev)
+        p = pipeline("all", V, 64, dev)
+        cases.append(Case("csrc greedy select (processors fused) vs processors + argmax", f"{rows}x{V}",
+                          lambda s=s, ids=ids, p=p: csrc_ops.select_greedy(s, ids, p, fallback=None),
+                          lambda s=s, ids=ids, p=p: ops.select_greedy(s, ids, p),
+                          lambda s=s, ids=ids, p=p: ops.select_greedy(s, ids, p), "GB/s", rows * V * 4))
+    for requests, beams in ((1, 4), (16, 4), (64, 4)):
+        rows = requests * beams
+        s = torch.randn(rows, V, device=dev) * 3
+        ids = token_ids(rows, 64).to(dev)
+        p = pipeline("all", V, 64, dev)
+        run = torch.randn(requests, beams, device=dev)
+        kw = dict(s=s, ids=ids, p=p, run=run, k=2 * beams)
+        cases.append(Case("csrc beam candidates (log-softmax, processors, top 2 x beams) vs torch",
+                          f"{requests} x {beams} beams x {V}",
+                          lambda kw=kw: csrc_ops.select_beam(*kw.values(), fallback=None),
+                          lambda kw=kw: ops.select_beam(*kw.values()),
+                          lambda kw=kw: ops.select_beam(*kw.values()), "GB/s", rows * V * 4))
+    return cases
+
+
+def copy_rate_gbps() -> float:
+    """Measured device-to-device copy rate (read + write), as the workload floors use it."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import workloads
+
+    return workloads.measure_bandwidth_and_flops()["bandwidth_GBps"]
+
+
+def run(dtypes, quick: bool, csrc_only: bool = False) -> str:
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     if quick:
         B, L, H, D, Lmax, N_ln, N_mlp = 2, 64, 2, 64, 80, 48, 96
     else:
         B, L, H, D, Lmax, N_ln, N_mlp = 64, 512, 12, 64, 640, 768, 3072
+    no_csrc = csrc_available() if dev == "cuda" else "no CUDA device"
+    copy = copy_rate_gbps() if dev == "cuda" else None
     rows = []
-    for dt in dtypes:
+    for i, dt in enumerate(dtypes):
         torch.manual_seed(0)
-        cases = attention_cases(dt, dev, B, L, H, D)
-        cases += decode_cases(dt, dev, B, B, Lmax, H, D, cross=False)
-        cases += decode_cases(dt, dev, 1, 1, Lmax, H, D, cross=False)
-        cases += decode_cases(dt, dev, B, max(1, B // 4), L, H, D, cross=True)  # 4 beams per input
-        cases += decode_cases(dt, dev, 1, 1, L, H, D, cross=True)
-        cases += norm_act_cases(dt, dev, B * L, N_ln, N_mlp)
+        cases = []
+        if not csrc_only:
+            cases += attention_cases(dt, dev, B, L, H, D)
+            cases += decode_cases(dt, dev, B, B, Lmax, H, D, cross=False)
+            cases += decode_cases(dt, dev, 1, 1, Lmax, H, D, cross=False)
+            cases += decode_cases(dt, dev, B, max(1, B // 4), L, H, D, cross=True)  # 4 beams per input
+            cases += decode_cases(dt, dev, 1, 1, L, H, D, cross=True)
+            cases += norm_act_cases(dt, dev, B * L, N_ln, N_mlp)
+        if no_csrc is None:
+            cases += csrc_cases(dt, dev) + (selection_cases(dev) if i == 0 else [])  # selection: fp32 logits
         for c in cases:
             ref = _first(c.ref32()).float()
             err_ours = (_first(c.ours()).float() - ref).abs().max().item()
@@ -172,9 +275,10 @@ def run(dtypes, quick: bool) -> str:
             ms_ours, ms_torch = _bench(c.ours), _bench(c.torch_)
             scale = 1e12 if c.unit == "TFLOP/s" else 1e9
             rate = lambda ms: c.work / (ms * 1e-3) / scale  # noqa: E731
+            of_copy = f"{rate(ms_ours) / copy:.2f}" if copy and c.unit == "GB/s" else ""
             rows.append(f"| {c.op} | {c.shape} | {str(dt).replace('torch.', '')} | {ms_ours:.4f} | {ms_torch:.4f} "
                         f"| {ms_torch / ms_ours:.2f}x | {rate(ms_ours):.1f} | {rate(ms_torch):.1f} | {c.unit} "
-                        f"| {err_ours:.2e} | {err_torch:.2e} |")
+                        f"| {of_copy} | {err_ours:.2e} | {err_torch:.2e} |")
             print(rows[-1], flush=True)
             if dev == "cuda":
                 torch.cuda.empty_cache()
@@ -183,10 +287,12 @@ def run(dtypes, quick: bool) -> str:
 
     head = [
         f"Device: {device}; torch {torch.__version__}, triton {triton.__version__}. "
-        "Median of `triton.testing.do_bench` (L2 flushed); max abs error vs an fp32 reference.",
+        "Median of `triton.testing.do_bench` (L2 flushed); max abs error vs an fp32 reference. "
+        + (f"Measured copy rate {copy:.0f} GB/s (\"of copy\": ours as a fraction of it). " if copy else "")
+        + (f"csrc rows left out: {no_csrc}" if no_csrc else ""),
         "",
-        "| op | shape | dtype | ours ms | torch ms | speedup | ours | torch | unit | err ours | err torch |",
-        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: |",
+        "| op | shape | dtype | ours ms | torch ms | speedup | ours | torch | unit | of copy | err ours | err torch |",
+        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: |",
     ]
     return "\n".join(head + rows) + "\n"
 
@@ -196,13 +302,14 @@ def main(argv=None) -> int:
     p.add_argument("--out", help="also write the markdown table to this file")
     p.add_argument("--dtypes", nargs="+", default=["float16", "bfloat16"], choices=["float16", "bfloat16", "float32"])
     p.add_argument("--quick", action="store_true", help="tiny shapes (smoke run)")
+    p.add_argument("--csrc-only", action="store_true", help="only the csrc/ kernel rows")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         if not args.quick:
             print("bench_kernels.py needs a CUDA device (or --quick for a CPU smoke run)", file=sys.stderr)
             return 1
         os.environ.setdefault("TRITON_INTERPRET", "1")  # before encdec_fast.kernels imports triton
-    table = run([getattr(torch, d) for d in args.dtypes], args.quick)
+    table = run([getattr(torch, d) for d in args.dtypes], args.quick, args.csrc_only)
     print()
     print(table)
     if args.out:

@@ -3,6 +3,7 @@ W1-W3 workloads, then rewrite benchmarks/RESULTS.md (device, versions, date, tab
 
     python benchmarks/gpu_report.py                  # everything
     python benchmarks/gpu_report.py --parts tests kernels      # a subset (sections kept from the old file)
+    python benchmarks/gpu_report.py --parts csrc     # W1 with the CUDA C++ kernels off and on
     python benchmarks/gpu_report.py --out DIR        # also copy RESULTS.md and logs to DIR
 """
 
@@ -20,7 +21,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "RESULTS.md"
-PARTS = ("tests", "kernels", "workloads", "engine")
+PARTS = ("tests", "kernels", "workloads", "engine", "csrc")
 
 
 def sh(cmd: list[str], log: Path, env=None, timeout=3000) -> tuple[int, str]:
@@ -81,8 +82,38 @@ def part_engine(tmp: Path) -> str:
     return part_workloads(tmp, "engine", ("benchmarks/test_bench_engine.py",))
 
 
+def part_csrc(tmp: Path) -> str:
+    """W1 (encdec_fast-triton) with the csrc kernels off (ENCDEC_CUDA=0) and all forced on (ENCDEC_CUDA=1), each
+    run next to transformers-sdpa for the token check; same checkpoint, inputs and harness as part_workloads."""
+    import json
+
+    got, notes = {}, []
+    for flag in ("0", "1"):
+        js = tmp / f"csrc_{flag}.json"
+        rc, out = sh([sys.executable, "-m", "pytest", "benchmarks/test_bench_workloads.py", "-q", "-s", "-p",
+                      "no:cacheprovider", "--benchmark-disable-gc", "-k", "W1 and (triton or sdpa)"],
+                     tmp / f"csrc_{flag}.log", env={"ENCDEC_BENCH_JSON": str(js), "ENCDEC_CUDA": flag})
+        if rc != 0:
+            notes.append(f"ENCDEC_CUDA={flag}: pytest exit code {rc}: "
+                         + "; ".join(l for l in out.splitlines() if l.startswith(("FAILED", "E ")))[:1500])
+        rows = json.loads(js.read_text()) if js.exists() else []
+        got[flag] = next((r for r in rows if r.get("provider") == "encdec_fast-triton"), None)
+    body = "| W1 (b1 src512 new128 greedy) | tok/s | vs ENCDEC_CUDA=0 | vs transformers-sdpa | tokens = sdpa |\n"
+    body += "| --- | ---: | ---: | ---: | ---: |\n"
+    off = got["0"]["per_s"] if got["0"] else float("nan")
+    for flag, label in (("0", "ENCDEC_CUDA=0 (Triton + cuBLAS)"), ("1", "ENCDEC_CUDA=1 (every csrc op)")):
+        r = got[flag]
+        if r is None:
+            body += f"| {label} | no result | | | |\n"
+            continue
+        body += (f"| {label} | {r['per_s']:.1f} | {r['per_s'] / off:.3f}x | "
+                 f"{r.get('speedup_vs_transformers_sdpa', float('nan')):.2f}x | "
+                 f"{r.get('tokens_equal_to_transformers_sdpa', float('nan')):.3f} |\n")
+    return body + "".join(f"\n{n}\n" for n in notes)
+
+
 TITLES = {"tests": "GPU parity tests", "kernels": "Kernels vs PyTorch", "workloads": "Workloads W1-W3",
-          "engine": "Batch engine"}
+          "engine": "Batch engine", "csrc": "W1 with the CUDA C++ kernels (csrc) off and on"}
 
 
 def read_sections() -> dict[str, str]:

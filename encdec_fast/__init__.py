@@ -4,6 +4,7 @@ from .engine import Engine
 from .errors import (
                      CheckpointError,
                      CheckpointNotFoundError,
+                     CudaKernelError,
                      EncDecError,
                      EngineClosedError,
                      InvalidInputError,
@@ -13,5 +14,5 @@ from .errors import (
 from .model import EncDecModel, load
 
 __all__ = ["load", "EncDecModel", "Engine", "EngineClosedError", "EncDecError", "CheckpointError",
-           "CheckpointNotFoundError", "InvalidInputError", "UnsupportedArgumentError", "UnsupportedModelError"]
+           "CheckpointNotFoundError", "CudaKernelError", "InvalidInputError", "UnsupportedArgumentError", "UnsupportedModelError"]
 __version__ = "0.1.0"

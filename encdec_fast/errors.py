@@ -27,3 +27,8 @@ class UnsupportedArgumentError(EncDecError, NotImplementedError):
 
 class EngineClosedError(EncDecError, RuntimeError):
     """The engine was closed before this request finished (or it was submitted after close())."""
+
+
+class CudaKernelError(EncDecError, RuntimeError):
+    """The CUDA C++ kernels (csrc/) were asked for (ENCDEC_CUDA=1) or called, and could not be built, loaded or
+    run: the message says why (nvcc's own output for a compiler error, the CUDA error for a failed launch)."""

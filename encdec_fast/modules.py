@@ -54,7 +54,7 @@ class MLP(nn.Module):
         self.gelu = cfg.gelu
 
     def forward(self, x, ops):
-        h = ops.bias_gelu(ops.linear(x, self.fc1.weight, None), self.fc1.bias, self.gelu)
+        h = ops.linear_gelu(x, self.fc1.weight, self.fc1.bias, self.gelu)
         return self.fc2(h, ops)
 
 
@@ -224,7 +224,7 @@ class LMHead(nn.Module):
     def forward(self, h, ops):
         if self.cfg.family == "gpt2":
             return ops.linear(h, self.weight, None)
-        t = ops.bias_gelu(ops.linear(h, self.dense.weight, None), self.dense.bias, self.cfg.head_gelu)
+        t = ops.linear_gelu(h, self.dense.weight, self.dense.bias, self.cfg.head_gelu)
         return ops.linear(self.ln(t, ops), self.weight, self.bias)
 
 

@@ -3,20 +3,31 @@
 Model code calls ``self.ops.<name>(...)`` on the table it was built with and never branches on the
 backend. The plain-PyTorch versions below are the reference the Triton kernels are tested against.
 
-Shape conventions (B batch, L length, H heads, D head dim, N decode rows):
+Shape conventions (B batch, L length, H heads, D head dim, N decode rows, V vocabulary):
   attention        q [B, Lq, H, D], k/v [B, Lk, H, D] (any strides, unit stride on D) -> [B, Lq, H, D]
   decode_attention q [N, H, D], k/v [Bk, Lmax, H, D], seq_lens int32 [N] -> [N, H, D]
+  select_greedy    scores [N, V], ids [N, t] -> tokens long [N]
+  select_beam      logits [B*nb, V], ids [B*nb, t], running scores [B, nb] -> (scores, indices) [B, k]
+
+The triton table can take ops from the CUDA C++ kernels of csrc/ (csrc.py, csrc_ops.py): those listed
+in CSRC_FASTER, or all of them with ENCDEC_CUDA=1.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import dataclasses
+import functools
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
 BACKENDS = ("torch", "triton")
+
+# The ops for which the csrc/ CUDA kernel was measured faster than the triton table's own op, on a GPU
+# (benchmarks/bench_kernels.py rows and W1 in benchmarks/gpu_report.py, ENCDEC_CUDA=1 vs 0). Empty
+# until measured: no GPU has run them yet (issue 10), so ENCDEC_CUDA=auto switches nothing on.
+CSRC_FASTER: frozenset[str] = frozenset()
 
 
 # --------------------------------------------------------------------------------------------
@@ -43,6 +54,17 @@ def bias_gelu(x: torch.Tensor, bias: torch.Tensor | None, approximate: str) -> t
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """x @ weight.T + bias, weight [out, in] (nn.Linear layout)."""
     return F.linear(x, weight, bias)
+
+
+def linear_gelu(x, weight, bias, approximate: str, *, gelu: Callable = bias_gelu) -> torch.Tensor:
+    """gelu(x @ weight.T + bias): the MLP's first projection. The product is rounded to x's dtype before
+    the bias is added (as a matmul without bias followed by the bias_gelu op rounds it)."""
+    return gelu(linear(x, weight, None), bias, approximate)
+
+
+def linear_residual(x, weight, bias, residual) -> torch.Tensor:
+    """x @ weight.T + bias + residual (the linear's output rounded to x's dtype before the add)."""
+    return linear(x, weight, bias) + residual
 
 
 # --------------------------------------------------------------------------------------------
@@ -92,9 +114,27 @@ def decode_attention(q, k, v, *, scale: float, seq_lens: torch.Tensor, kv_index=
 
 
 # --------------------------------------------------------------------------------------------
+# token selection (decode/search.py; the processors are decode/select.py's Pipeline)
+# --------------------------------------------------------------------------------------------
+def select_greedy(scores: torch.Tensor, ids: torch.Tensor, procs) -> torch.Tensor:
+    """Greedy choice: argmax of procs(ids, scores) per row (first index among equal maxima)."""
+    return torch.argmax(procs(ids, scores), dim=-1)
+
+
+def select_beam(logits: torch.Tensor, ids: torch.Tensor, procs, running_scores: torch.Tensor, k: int):
+    """One beam-search step's candidates per request: the top k of procs(ids, log_softmax(logits)) +
+    running_scores over beams x vocabulary, indices beam * V + token (torch.topk)."""
+    B, nb = running_scores.shape
+    log_probs = procs(ids, F.log_softmax(logits, dim=-1))  # (B*nb, V)
+    V = log_probs.shape[-1]
+    acc = (log_probs.view(B, nb, V) + running_scores[:, :, None]).view(B, nb * V)
+    return torch.topk(acc, k=k)
+
+
+# --------------------------------------------------------------------------------------------
 # the switch
 # --------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class OpTable:
     """The ops of one backend; model code calls ``ops.<name>(...)`` and never asks which backend it is."""
 
@@ -103,8 +143,12 @@ class OpTable:
     add_layer_norm: Callable
     bias_gelu: Callable
     linear: Callable
+    linear_gelu: Callable
+    linear_residual: Callable
     attention: Callable
     decode_attention: Callable
+    select_greedy: Callable
+    select_beam: Callable
 
 
 _TORCH = OpTable(
@@ -113,8 +157,12 @@ _TORCH = OpTable(
     add_layer_norm=add_layer_norm,
     bias_gelu=bias_gelu,
     linear=linear,
+    linear_gelu=linear_gelu,
+    linear_residual=linear_residual,
     attention=attention,
     decode_attention=decode_attention,
+    select_greedy=select_greedy,
+    select_beam=select_beam,
 )
 
 
@@ -129,13 +177,30 @@ def table(backend: str) -> OpTable:
         from .kernels import decode_attention as kdec
         from .kernels import layer_norm as kln
 
-        return OpTable(
+        return with_csrc(OpTable(
             name="triton",
             layer_norm=kln.layer_norm,
             add_layer_norm=kln.add_layer_norm,
             bias_gelu=kact.bias_gelu,
             linear=linear,  # cuBLAS; bias fused into neighbours where it pays
+            linear_gelu=functools.partial(linear_gelu, gelu=kact.bias_gelu),
+            linear_residual=linear_residual,
             attention=katt.attention,
             decode_attention=kdec.decode_attention,
-        )
+            select_greedy=select_greedy,
+            select_beam=select_beam,
+        ))
     raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
+
+
+def with_csrc(t: OpTable) -> OpTable:
+    """t with the ops that ENCDEC_CUDA and CSRC_FASTER give to the csrc kernels (each falls back to t's op
+    where the kernel does not apply)."""
+    from . import csrc
+
+    names = csrc.enabled_ops(CSRC_FASTER)
+    if not names:
+        return t
+    from . import csrc_ops
+
+    return dataclasses.replace(t, **{n: csrc_ops.bind(n, getattr(t, n)) for n in names})

@@ -1,0 +1,93 @@
+/* The C ABI of libencdec_cuda: what encdec_fast/csrc.py binds with ctypes.
+ *
+ * Every launcher takes raw device pointers, sizes and the CUDA stream (torch's current stream, as a
+ * pointer-sized integer), launches its kernel(s) on that stream and returns the cudaError_t of the
+ * launch (0 = success). Launchers never allocate, synchronise or query the device, so a CUDA graph
+ * captured around them records their kernels like any other; whatever state a decode step keeps
+ * (token buffer, per-row lengths, processor tables) is read from device memory the caller owns.
+ *
+ * Bump ENCDEC_ABI_VERSION (and csrc.py's ABI_VERSION) whenever a signature, an enum or the layout
+ * of encdec_select_params changes: the loader refuses a library whose version differs.
+ */
+#ifndef ENCDEC_ABI_H
+#define ENCDEC_ABI_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#define ENCDEC_ABI_VERSION 1
+#define ENCDEC_EXPORT extern "C" __attribute__((visibility("default")))
+
+/* element types of activations, weights and logits */
+enum encdec_dtype { ENCDEC_F32 = 0, ENCDEC_F16 = 1, ENCDEC_BF16 = 2 };
+
+/* what the matrix-vector kernel does to acc = x @ w.T before the store (rounding as the torch ops do) */
+enum encdec_epilogue {
+    ENCDEC_EPI_NONE = 0,           /* y = acc                                   (F.linear, no bias) */
+    ENCDEC_EPI_BIAS = 1,           /* y = acc + bias                            (F.linear) */
+    ENCDEC_EPI_BIAS_GELU_ERF = 2,  /* y = gelu(round(round(acc) + bias))        (ops.linear_gelu "none") */
+    ENCDEC_EPI_BIAS_GELU_TANH = 3, /* the same with GPT-2's tanh form           (ops.linear_gelu "tanh") */
+    ENCDEC_EPI_BIAS_RESIDUAL = 4,  /* y = round(acc + bias) + residual          (ops.linear_residual) */
+};
+
+/* The deterministic logits processors of decode/select.py, as device tables (NULL or 0 = off).
+ * Row r's sequence is ids[r * ids_stride + j] for j < len_r, len_r = lens[r * lens_stride] when lens
+ * is not NULL, else len. Per-row scalars are read at [r * *_stride] (stride 0 shares one value). */
+typedef struct {
+    const int64_t* ids;          /* token buffer, int64 */
+    int64_t ids_stride;
+    const int64_t* lens;         /* tokens per row (NULL: `len` for every row) */
+    int64_t lens_stride;
+    int64_t len;
+    const float* penalty;        /* repetition penalty (NULL or 1.0: off) */
+    int64_t penalty_stride;
+    const int32_t* ngram;        /* no_repeat_ngram_size (NULL or 0: off) */
+    int64_t ngram_stride;
+    const int64_t* min_len;      /* eos ids banned while len_r < min_len (NULL: off) */
+    int64_t min_len_stride;
+    const int64_t* eos;          /* eos ids, n_eos of them (min length; finished rows) */
+    int32_t n_eos;
+    int32_t n_bad;               /* bad words: word w is bad_tokens[bad_offsets[w] .. bad_offsets[w+1]) */
+    const int32_t* bad_offsets;  /* n_bad + 1 entries */
+    const int64_t* bad_tokens;
+    uint8_t* unfinished;         /* greedy only, NULL: off. In/out per row: a finished row emits `pad`, */
+    int64_t pad;                 /* and a row that emits an eos id becomes finished */
+} encdec_select_params;
+
+/* Largest vocabulary the selection kernels take (two V-bit masks, 40 KiB, in a block's 48 KiB of
+ * shared memory beside the kernels' own 4 KiB). */
+#define ENCDEC_SELECT_MAX_VOCAB 163840
+/* Largest k of encdec_select_beam, and most beams per request. */
+#define ENCDEC_BEAM_MAX_K 32
+#define ENCDEC_BEAM_MAX_BEAMS 32
+
+ENCDEC_EXPORT int encdec_abi_version(void);
+ENCDEC_EXPORT size_t encdec_select_params_size(void);
+ENCDEC_EXPORT const char* encdec_error_string(int err);
+/* cudaGetDeviceCount: 0 and *count on success; without a driver, 35 (cudaErrorInsufficientDriver). */
+ENCDEC_EXPORT int encdec_probe(int* count);
+
+/* y[r, n] = epilogue(sum_k x[r, k] * w[n, k]) for r < rows <= 16, n < n_out.
+ * x [rows, k] row stride ldx; w [n_out, k] contiguous (nn.Linear layout); bias [n_out] or NULL;
+ * residual [rows, n_out] row stride ldr or NULL; y [rows, n_out] row stride ldy. All of one dtype.
+ * k % 8 == 0 and 16-byte aligned x rows and w. `split` (1, 2, 4 or 8) warps share each output tile
+ * along k (split-K inside a block, reduced in shared memory: deterministic). */
+ENCDEC_EXPORT int encdec_gemv(const void* x, int64_t ldx, const void* w, const void* bias, const void* residual,
+                              int64_t ldr, void* y, int64_t ldy, int rows, int n_out, int k, int dtype,
+                              int epilogue, int split, void* stream);
+
+/* Greedy choice: out[r] = argmax_v processed(scores[r, v]) (first index among equal maxima, NaN
+ * counts as the maximum, as torch.argmax), processors from p; scores [rows, vocab] row stride ld. */
+ENCDEC_EXPORT int encdec_select_greedy(const void* scores, int64_t ld, int rows, int vocab, int dtype,
+                                       const encdec_select_params* p, int64_t* out, void* stream);
+
+/* One beam-search step's candidates: for request b, with row r = b * beams + j,
+ *   acc[b, j * vocab + v] = processed(log_softmax(logits[r])[v]) + running[r]
+ * and out_scores[b, :k], out_index[b, :k] = its top k (descending; equal scores: lower index first).
+ * cand_scores/cand_index [requests * beams, k] are scratch (each row's own top k). */
+ENCDEC_EXPORT int encdec_select_beam(const void* logits, int64_t ld, int requests, int beams, int vocab, int dtype,
+                                     const encdec_select_params* p, const float* running, int k,
+                                     float* cand_scores, int32_t* cand_index, float* out_scores,
+                                     int64_t* out_index, void* stream);
+
+#endif

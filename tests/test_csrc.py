@@ -1,0 +1,344 @@
+"""csrc/ on the CPU: the build, the exported C ABI, the loader's cache and errors, ENCDEC_CUDA, the op-table
+wiring, and the torch semantics the kernels implement. The kernels themselves run in
+test_csrc_kernels.py, on a GPU.
+
+CI sets ENCDEC_CSRC_REQUIRE_BUILD=1 (.ci/run): there a missing nvcc or a broken build fails here.
+"""
+
+import ctypes
+import logging
+import re
+import shutil
+import subprocess
+
+import pytest
+import torch
+import torch.nn.functional as F
+from csrc_checks import EOS, PIPELINES, library_or_skip, nvcc_or_skip, pipeline, scores, token_ids
+
+from encdec_fast import csrc, csrc_ops, ops
+from encdec_fast.decode import select as sel
+from encdec_fast.errors import CudaKernelError, UnsupportedArgumentError
+
+no_gpu = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the behaviour without a GPU driver")
+
+
+@pytest.fixture(scope="module")
+def lib():
+    return library_or_skip()
+
+
+@pytest.fixture
+def unset(monkeypatch):
+    """ENCDEC_CUDA unset, no remembered log lines (the library built for the session stays loaded)."""
+    monkeypatch.delenv("ENCDEC_CUDA", raising=False)
+    monkeypatch.delenv("ENCDEC_CUDA_LIB", raising=False)
+    monkeypatch.setattr(csrc, "_SAID", set())
+
+
+@pytest.fixture
+def fresh(unset, monkeypatch, tmp_path):
+    """As unset, with a private cache and no library loaded."""
+    monkeypatch.setenv("ENCDEC_CUDA_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(csrc, "_LOADED", {})
+    return tmp_path
+
+
+# ------------------------------------------------------------------------------------------------
+# the library: symbols, ABI, errors without a driver
+# ------------------------------------------------------------------------------------------------
+def test_library_exports_exactly_the_c_abi(lib):
+    out = subprocess.run(["nm", "-D", "--defined-only", str(lib.path)], capture_output=True, text=True, check=True)
+    exported = {line.split()[-1] for line in out.stdout.splitlines() if line.split()[1:2] == ["T"]}
+    assert exported == set(csrc.SIGNATURES), f"exported {sorted(exported)}"
+
+
+def test_abi_version_matches_the_header(lib):
+    header = (csrc.source_dir() / "encdec_abi.h").read_text()
+    assert int(re.search(r"#define ENCDEC_ABI_VERSION (\d+)", header).group(1)) == csrc.ABI_VERSION
+    assert lib.lib.encdec_abi_version() == csrc.ABI_VERSION
+    assert lib.lib.encdec_select_params_size() == ctypes.sizeof(csrc.SelectParams)
+
+
+def test_params_struct_layout_matches_ctypes(tmp_path):
+    """Every field of encdec_select_params at the offset ctypes gives it (compiled by the host compiler)."""
+    if shutil.which("g++") is None:
+        pytest.skip("no g++ to compile the layout probe")
+    names = [f[0] for f in csrc.SelectParams._fields_]
+    prints = "".join(f'printf("%s %zu\\n", "{n}", offsetof(encdec_select_params, {n}));' for n in names)
+    probe = tmp_path / "layout.cc"
+    probe.write_text(f'#include <cstddef>\n#include <cstdio>\n#include "encdec_abi.h"\nint main(){{{prints}}}\n')
+    subprocess.run(["g++", "-I", str(csrc.source_dir()), str(probe), "-o", str(tmp_path / "layout")], check=True)
+    got = dict(line.split() for line in subprocess.run([str(tmp_path / "layout")], capture_output=True, text=True,
+                                                        check=True).stdout.splitlines())
+    assert {n: int(v) for n, v in got.items()} == {n: getattr(csrc.SelectParams, n).offset for n in names}
+
+
+@no_gpu
+def test_first_cuda_call_without_a_driver_returns_35(lib):
+    rc, count = lib.device_count()
+    assert (rc, count) == (35, 0)
+    assert "driver" in lib.error_string(rc).lower()
+
+
+@no_gpu
+def test_launchers_return_the_error_and_the_process_goes_on(lib):
+    x = torch.zeros(2, 16)
+    w = torch.zeros(8, 16)
+    y = torch.empty(2, 8)
+    args = [x.data_ptr(), 16, w.data_ptr(), None, None, 0, y.data_ptr(), 8, 2, 8, 16, 0, 0, 1, None]
+    assert lib.lib.encdec_gemv(*args) == 35
+    with pytest.raises(CudaKernelError, match=r"encdec_gemv failed with CUDA error 35 \(CUDA driver version"):
+        csrc_ops._call("encdec_gemv", *args)
+    bad_rows = list(args)
+    bad_rows[8] = 17  # more than 16 rows: refused before any CUDA call
+    assert lib.lib.encdec_gemv(*bad_rows) == 1 and "invalid argument" in lib.error_string(1)
+    p = csrc_ops.ProcessorTables("cpu").params(torch.zeros(3, 4, dtype=torch.long))
+    out = torch.empty(3, dtype=torch.long)
+    s = torch.zeros(3, 50)
+    assert lib.lib.encdec_select_greedy(s.data_ptr(), 50, 3, 50, 0, p, out.data_ptr(), None) == 35
+    assert lib.lib.encdec_select_greedy(s.data_ptr(), 50, 3, 10**6, 0, p, out.data_ptr(), None) == 1  # vocab too big
+    assert torch.zeros(2).add(1).sum().item() == 2  # torch still fine
+
+
+# ------------------------------------------------------------------------------------------------
+# the loader: cache, build errors, ABI checks
+# ------------------------------------------------------------------------------------------------
+def _sources(tmp_path, files: dict) -> object:
+    src = tmp_path / "src"
+    src.mkdir()
+    shutil.copy(csrc.source_dir() / "encdec_abi.h", src)
+    for name, text in files.items():
+        (src / name).write_text(text)
+    return src
+
+
+def test_build_key_follows_sources_and_flags(fresh, monkeypatch):
+    nvcc = nvcc_or_skip()
+    src = _sources(fresh, {"a.cu": "int a;\n"})
+    key = csrc.build_key(src, nvcc)
+    assert csrc.build_key(src, nvcc) == key
+    (src / "a.cu").write_text("int a; \n")
+    assert csrc.build_key(src, nvcc) != key
+    key2 = csrc.build_key(src, nvcc)
+    monkeypatch.setattr(csrc, "COMPILE_FLAGS", csrc.COMPILE_FLAGS + ("-DX",))
+    assert csrc.build_key(src, nvcc) != key2
+
+
+def test_build_goes_to_the_cache_once_and_checks_the_symbols(fresh):
+    """A library built from abi.cu alone lands in <cache>/<key>/ (nothing else left there), is reused, and is
+    refused because it lacks the kernels' symbols."""
+    nvcc_or_skip()
+    src = _sources(fresh, {"abi.cu": (csrc.source_dir() / "abi.cu").read_text()})
+    with pytest.raises(CudaKernelError, match="does not export encdec_gemv"):
+        csrc.library(src)
+    built = list((fresh / "cache").rglob("*"))
+    lib_path = fresh / "cache" / csrc.build_key(src, csrc.find_nvcc()) / csrc.LIB_NAME
+    assert lib_path.is_file() and sorted(built) == sorted([lib_path.parent, lib_path]), built
+    mtime = lib_path.stat().st_mtime_ns
+    assert csrc._locate(src) == lib_path and lib_path.stat().st_mtime_ns == mtime  # no rebuild
+
+
+def test_compiler_error_is_raised_verbatim_with_encdec_cuda_1(fresh, monkeypatch):
+    nvcc_or_skip()
+    src = _sources(fresh, {"broken.cu": "int f() { return undefined_name_xyz; }\n"})
+    monkeypatch.setattr(csrc, "source_dir", lambda: src)
+    monkeypatch.setenv("ENCDEC_CUDA", "1")
+    with pytest.raises(CudaKernelError) as e:
+        csrc.enabled_ops(frozenset())
+    msg = str(e.value)
+    assert "ENCDEC_CUDA=1" in msg and "nvcc could not compile" in msg
+    assert re.search(r"broken\.cu\(1\): error: identifier \"undefined_name_xyz\" is undefined", msg), msg
+    assert not list((fresh / "cache").rglob("*.so"))
+
+
+def test_broken_build_under_auto_logs_one_line_and_keeps_triton(fresh, monkeypatch, caplog):
+    nvcc_or_skip()
+    src = _sources(fresh, {"broken.cu": "int f() { return undefined_name_xyz; }\n"})
+    monkeypatch.setattr(csrc, "source_dir", lambda: src)
+    with caplog.at_level(logging.INFO, logger="encdec_fast.csrc"):
+        assert csrc.enabled_ops(frozenset({"linear"})) == ()
+        assert csrc.enabled_ops(frozenset({"linear"})) == ()
+    lines = [r for r in caplog.records if "csrc) off" in r.getMessage()]
+    assert len(lines) == 1 and lines[0].levelno == logging.WARNING
+    assert "undefined_name_xyz" in lines[0].getMessage()
+
+
+def _fake_library(tmp_path, version: int, params_size: str) -> str:
+    """A shared object with the ABI's symbols whose version / params size are wrong: what an old prebuilt
+    library looks like to the loader."""
+    if shutil.which("g++") is None:
+        pytest.skip("no g++")
+    body = f"""#include "encdec_abi.h"
+ENCDEC_EXPORT int encdec_abi_version(void) {{ return {version}; }}
+ENCDEC_EXPORT size_t encdec_select_params_size(void) {{ return {params_size}; }}
+ENCDEC_EXPORT const char* encdec_error_string(int) {{ return "x"; }}
+ENCDEC_EXPORT int encdec_probe(int* n) {{ *n = 0; return 35; }}
+ENCDEC_EXPORT int encdec_gemv(const void*, int64_t, const void*, const void*, const void*, int64_t, void*, int64_t,
+                              int, int, int, int, int, int, void*) {{ return 35; }}
+ENCDEC_EXPORT int encdec_select_greedy(const void*, int64_t, int, int, int, const encdec_select_params*, int64_t*,
+                                       void*) {{ return 35; }}
+ENCDEC_EXPORT int encdec_select_beam(const void*, int64_t, int, int, int, int, const encdec_select_params*,
+                                     const float*, int, float*, int32_t*, float*, int64_t*, void*) {{ return 35; }}
+"""
+    c = tmp_path / f"fake{version}.cc"
+    c.write_text(body)
+    so = tmp_path / f"libfake{version}.so"
+    subprocess.run(["g++", "-shared", "-fPIC", "-fvisibility=hidden", "-I", str(csrc.source_dir()), str(c), "-o",
+                    str(so)], check=True)
+    return str(so)
+
+
+def test_prebuilt_library_with_another_abi_is_refused(fresh, monkeypatch):
+    monkeypatch.setenv("ENCDEC_CUDA_LIB", _fake_library(fresh, 99, "sizeof(encdec_select_params)"))
+    with pytest.raises(CudaKernelError, match="has ABI version 99, this encdec_fast needs 1"):
+        csrc.library()
+    monkeypatch.setattr(csrc, "_LOADED", {})
+    monkeypatch.setenv("ENCDEC_CUDA_LIB", _fake_library(fresh, csrc.ABI_VERSION, "8"))
+    with pytest.raises(CudaKernelError, match="encdec_select_params is 8 bytes"):
+        csrc.library()
+
+
+# ------------------------------------------------------------------------------------------------
+# ENCDEC_CUDA and the op table
+# ------------------------------------------------------------------------------------------------
+def test_auto_with_nothing_measured_builds_nothing_and_says_why(fresh, caplog):
+    with caplog.at_level(logging.INFO, logger="encdec_fast.csrc"):
+        t = ops.table("triton")
+        ops.table("triton")
+    assert all(getattr(getattr(t, n), "func", None) is not getattr(csrc_ops, n) for n in csrc.OPS)
+    lines = [r.getMessage() for r in caplog.records if "csrc) off" in r.getMessage()]
+    assert len(lines) == 1 and "ENCDEC_CUDA=1 forces them on" in lines[0]
+    assert not (fresh / "cache").exists()
+
+
+def test_encdec_cuda_0_and_bad_values(fresh, monkeypatch):
+    monkeypatch.setenv("ENCDEC_CUDA", "0")
+    assert csrc.enabled_ops(frozenset(csrc.OPS)) == ()
+    monkeypatch.setenv("ENCDEC_CUDA", "yes")
+    with pytest.raises(UnsupportedArgumentError, match="ENCDEC_CUDA='yes'"):
+        ops.table("triton")
+
+
+@no_gpu
+def test_encdec_cuda_1_without_a_gpu_is_a_clear_error(lib, unset, monkeypatch):
+    monkeypatch.setenv("ENCDEC_CUDA", "1")
+    with pytest.raises(CudaKernelError, match=r"ENCDEC_CUDA=1 .* failed with error 35 \(CUDA driver version is "
+                                              r"insufficient.*Set ENCDEC_CUDA=auto or 0"):
+        ops.table("triton")
+
+
+@no_gpu
+def test_auto_with_measured_ops_but_no_gpu_warns_once(lib, unset, monkeypatch, caplog):
+    monkeypatch.setattr(ops, "CSRC_FASTER", frozenset({"linear", "select_greedy"}))
+    with caplog.at_level(logging.INFO, logger="encdec_fast.csrc"):
+        t = ops.table("triton")
+    assert t.linear is ops.linear
+    [line] = [r for r in caplog.records if "csrc) off" in r.getMessage()]
+    assert line.levelno == logging.WARNING and "error 35" in line.getMessage()
+
+
+def test_csrc_ops_replace_exactly_the_enabled_entries_and_fall_back_off_gpu(fresh, monkeypatch):
+    """With the device check passed (as on a GPU), the table takes csrc's versions of the measured ops only;
+    on CPU tensors each falls back to the op it replaced, with the same result."""
+    monkeypatch.setattr(csrc, "check_device", lambda lib: None)
+    monkeypatch.setattr(csrc, "library", lambda src=None: None)
+    monkeypatch.setattr(ops, "CSRC_FASTER", frozenset({"linear", "select_greedy"}))
+    t = ops.table("triton")
+    assert t.linear.func is csrc_ops.linear and t.linear.keywords["fallback"] is ops.linear
+    assert t.select_greedy.func is csrc_ops.select_greedy
+    assert t.linear_gelu.func is ops.linear_gelu and t.select_beam is ops.select_beam  # not measured: unchanged
+    monkeypatch.setenv("ENCDEC_CUDA", "0")
+    plain = ops.table("triton")
+    monkeypatch.setenv("ENCDEC_CUDA", "1")
+    t = ops.table("triton")
+    assert all(getattr(t, n).func is getattr(csrc_ops, n) for n in csrc.OPS)
+    x, w, b, r = torch.randn(3, 16), torch.randn(24, 16), torch.randn(24), torch.randn(3, 24)
+    assert torch.equal(t.linear(x, w, b), plain.linear(x, w, b))
+    assert torch.equal(t.linear_gelu(x, w, b, "tanh"), plain.linear_gelu(x, w, b, "tanh"))
+    assert torch.equal(t.linear_residual(x, w, b, r), plain.linear_residual(x, w, b, r))
+    ids, s = token_ids(4, 9), scores(4, 40)
+    p = pipeline("all", 40, 9)
+    assert torch.equal(t.select_greedy(s, ids, p), plain.select_greedy(s, ids, p))
+    got, want = t.select_beam(s, ids, p, torch.zeros(2, 2), 4), plain.select_beam(s, ids, p, torch.zeros(2, 2), 4)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+# ------------------------------------------------------------------------------------------------
+# the torch semantics the kernels implement
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+def test_fused_linear_references_keep_the_models_rounding(approximate):
+    """linear_gelu is what the MLP computed before it existed (product rounded, then bias_gelu), so the torch
+    and triton tables give the same numbers as before; the csrc epilogue emulates these roundings."""
+    x, w, b, r = torch.randn(5, 32).half(), torch.randn(48, 32).half(), torch.randn(48).half(), torch.randn(5, 48).half()
+    assert torch.equal(ops.linear_gelu(x, w, b, approximate), ops.bias_gelu(F.linear(x, w), b, approximate))
+    assert torch.equal(ops.linear_residual(x, w, b, r), F.linear(x, w, b) + r)
+
+
+def fused(tables: csrc_ops.ProcessorTables, ids, s, lens=None):
+    """csrc/select.cu's rule in torch, from the device tables: per row, masks of seen and banned tokens,
+    then banned -> -inf, seen -> penalised."""
+    out = s.float().clone()
+    N, V = s.shape
+    pen, n, min_len = float(tables.penalty[0]), int(tables.ngram[0]), int(tables.min_len[0])
+    off, toks = tables.bad_offsets.tolist(), tables.bad_tokens.tolist()
+    words = [toks[off[w]:off[w + 1]] for w in range(tables.n_bad)]
+    for r in range(N):
+        t = ids.shape[1] if lens is None else int(lens[r])
+        seq = ids[r, :t].tolist()
+        seen, banned = torch.zeros(V, dtype=torch.bool), torch.zeros(V, dtype=torch.bool)
+        if pen != 1.0:
+            seen[seq] = True
+        if n > 0 and t >= n:
+            for i in range(t - n + 1):
+                if seq[i:i + n - 1] == seq[t - n + 1:]:
+                    banned[seq[i + n - 1]] = True
+        for word in words:
+            if len(word) - 1 <= t and (len(word) == 1 or seq[t - len(word) + 1:] == word[:-1]):
+                banned[word[-1]] = True
+        if t < min_len:
+            banned[tables.eos[:tables.n_eos].tolist()] = True
+        row = out[r]
+        row.copy_(torch.where(seen, torch.where(row < 0, row * pen, row / pen), row).masked_fill(banned, float("-inf")))
+    return out
+
+
+@pytest.mark.parametrize("kind", PIPELINES)
+def test_processor_tables_give_the_pipelines_scores(kind):
+    V, t = 50, 9
+    ids, s = token_ids(6, t), scores(6, V)
+    p = pipeline(kind, V, t)
+    tables = csrc_ops.processor_tables(p, "cpu")
+    want = p(ids, s)
+    assert torch.equal(fused(tables, ids, s), want)
+    assert (want == float("-inf")).any() or kind in ("none", "repetition")  # the bans fire
+    assert csrc_ops.processor_tables(p, "cpu") is tables  # built once per pipeline and device
+
+
+def test_processor_tables_with_per_row_lengths_match_each_row_alone():
+    V = 40
+    ids, s = token_ids(5, 12, seed=3), scores(5, V, seed=4)
+    lens = torch.tensor([12, 1, 5, 9, 3])
+    p = pipeline("all", V, 4)
+    got = fused(csrc_ops.processor_tables(p, "cpu"), ids, s, lens)
+    for r in range(5):
+        assert torch.equal(got[r:r + 1], p(ids[r:r + 1, :int(lens[r])], s[r:r + 1])), r
+
+
+def test_sampling_pipelines_are_not_fused():
+    assert csrc_ops.processor_tables(sel.Pipeline([sel.TopK(5)]), "cpu") is None
+    assert csrc_ops.processor_tables(sel.Pipeline([sel.Temperature(0.7)]), "cpu") is None
+    two = sel.Pipeline([sel.MinLength(5, EOS, 30, "cpu"), sel.MinLength(7, [4], 30, "cpu")])
+    assert csrc_ops.processor_tables(two, "cpu") is None  # different eos sets
+
+
+def test_split_k_choice():
+    dev = torch.device("cpu")  # sm_count: an H100's 132
+    assert csrc_ops.pick_split(50257, 768, torch.float16, dev) == 1  # the LM head fills the GPU alone
+    assert csrc_ops.pick_split(768, 768, torch.float16, dev) == 8
+    assert csrc_ops.pick_split(768, 3072, torch.bfloat16, dev) == 8
+    assert csrc_ops.pick_split(768, 64, torch.float16, dev) == 1  # two steps of k: nothing to split
+    for n, k in [(2304, 768), (3072, 1024), (1024, 4096), (13, 40)]:
+        for dt in (torch.float32, torch.float16):
+            assert csrc_ops.pick_split(n, k, dt, dev) in (1, 2, 4, 8)

@@ -1,0 +1,276 @@
+"""The csrc/ CUDA kernels against their torch references, on a GPU (skipped elsewhere: owed there).
+
+  gemv          every projection of bert-base / gpt2 / bert-large and the LM head, 1-16 rows, each epilogue,
+                fp32 / fp16 / bf16, vs ops.linear / linear_gelu / linear_residual run in fp32 (and, in
+                fp16/bf16, within 2x the error of the torch op run in that precision)
+  select_greedy identical tokens to decode/select.py's processors + torch.argmax (ties, NaN, misaligned rows,
+                per-row lengths, the finished-row update of search.py)
+  select_beam   identical candidates to one step of search.py's beam search (log-softmax, processors,
+                running scores, torch.topk)
+  streams       results right on a non-default stream whose inputs are written late
+  graphs        captured in a CUDA graph and replayed on new inputs
+  model         generate() with ENCDEC_CUDA=1 gives transformers' tokens
+
+`compute-sanitizer --tool memcheck python -m pytest tests/test_csrc_kernels.py -k awkward` runs each kernel once
+on awkward shapes under memcheck.
+"""
+
+import functools
+
+import pytest
+import torch
+from csrc_checks import PIPELINES, library_or_skip, pipeline, scores, token_ids
+from kernel_checks import check
+
+from encdec_fast import csrc, csrc_ops, ops
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="the csrc kernels run on a GPU; owed there")
+DEV = "cuda"
+
+DTYPES = [pytest.param(torch.float32, 1e-4, 1e-4, id="fp32"), pytest.param(torch.float16, 2e-3, 4e-3, id="fp16"),
+          pytest.param(torch.bfloat16, 1.6e-2, 1.6e-2, id="bf16")]
+FLASH_ATOL = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+# (outputs, k): bert-base / gpt2 (QKV, out, cross K/V, MLP), bert-large, the LM head, awkward sizes
+SHAPES = {"qkv": (2304, 768), "o": (768, 768), "cross_kv": (1536, 768), "fc1": (3072, 768), "fc2": (768, 3072),
+          "large_qkv": (3072, 1024), "large_o": (1024, 1024), "large_fc1": (4096, 1024), "large_fc2": (1024, 4096),
+          "lm_head": (50257, 768), "odd": (13, 40), "one": (1, 8)}
+ROWS = [1, 2, 4, 7, 9, 16]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def lib():
+    got = library_or_skip()
+    csrc.check_device(got)
+    return got
+
+
+def _no_fallback(*a, **k):
+    raise AssertionError("the csrc op fell back to the torch op")
+
+
+def _operands(rows, n, k, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, k, generator=g)
+    w = torch.randn(n, k, generator=g) / k ** 0.5
+    b = torch.randn(n, generator=g)
+    r = torch.randn(rows, n, generator=g)
+    return [t.to(DEV, dtype) for t in (x, w, b, r)]
+
+
+def _reference(epilogue, x, w, b, r):
+    if epilogue == "none":
+        return ops.linear(x, w, None)
+    if epilogue == "bias":
+        return ops.linear(x, w, b)
+    if epilogue == "residual":
+        return ops.linear_residual(x, w, b, r)
+    return ops.linear_gelu(x, w, b, epilogue.split("_")[1])
+
+
+def _gemv_check(epilogue, rows, n, k, dtype, atol, rtol, x=None):
+    xx, w, b, r = _operands(rows, n, k, dtype)
+    x = xx if x is None else x
+    assert csrc_ops.gemv_covers(x, w, b, r)
+    out = csrc_ops.gemv(x, w, None if epilogue == "none" else b, r if epilogue == "residual" else None, epilogue)
+    ref32 = _reference(epilogue, x.float(), w.float(), b.float(), r.float())
+    ref_lowp = _reference(epilogue, x, w, b, r)
+    check(out, ref32, atol, rtol, f"gemv {epilogue} rows={rows} {n}x{k} {dtype}", ref_lowp, flash_atol=FLASH_ATOL)
+
+
+@pytest.mark.parametrize("dtype, atol, rtol", DTYPES)
+@pytest.mark.parametrize("rows", ROWS)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_gemv_with_bias_matches_linear(shape, rows, dtype, atol, rtol):
+    _gemv_check("bias", rows, *SHAPES[shape], dtype, atol, rtol)
+
+
+@pytest.mark.parametrize("dtype, atol, rtol", DTYPES)
+@pytest.mark.parametrize("rows", [1, 9, 16])
+@pytest.mark.parametrize("shape", ["fc1", "large_fc2", "odd"])
+@pytest.mark.parametrize("epilogue", ["none", "gelu_none", "gelu_tanh", "residual"])
+def test_gemv_epilogues_match_their_ops(epilogue, shape, rows, dtype, atol, rtol):
+    _gemv_check(epilogue, rows, *SHAPES[shape], dtype, atol, rtol)
+
+
+@pytest.mark.parametrize("dtype, atol, rtol", DTYPES)
+def test_gemv_on_strided_and_3d_rows(dtype, atol, rtol):
+    big = torch.randn(5, 800, device=DEV, dtype=dtype)
+    _gemv_check("bias", 5, 768, 768, dtype, atol, rtol, x=big[:, 16:784])  # row stride 800, offset 32 bytes+
+    x3 = torch.randn(4, 1, 768, device=DEV, dtype=dtype)
+    _, w, b, _ = _operands(4, 2304, 768, dtype)
+    got = csrc_ops.linear(x3, w, b, fallback=_no_fallback)
+    assert got.shape == (4, 1, 2304)
+    check(got, ops.linear(x3.float(), w.float(), b.float()), atol, rtol, "3-D rows", ops.linear(x3, w, b),
+          flash_atol=FLASH_ATOL)
+
+
+def test_ops_fall_back_where_gemv_does_not_apply():
+    x, w, b, _ = _operands(17, 64, 64, torch.float16)  # 17 rows
+    assert not csrc_ops.gemv_covers(x, w, b)
+    assert torch.equal(csrc_ops.linear(x, w, b, fallback=ops.linear), ops.linear(x, w, b))
+    x, w, b, _ = _operands(3, 64, 60, torch.float16)  # k % 8 != 0
+    assert not csrc_ops.gemv_covers(x, w, b)
+    assert not csrc_ops.gemv_covers(torch.randn(3, 64, device=DEV, dtype=torch.float16)[:, 1:], w, b)  # misaligned
+
+
+# ------------------------------------------------------------------------------------------------
+# selection
+# ------------------------------------------------------------------------------------------------
+def _greedy_ref(s, ids, p):
+    return ops.select_greedy(s.float(), ids, p)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("kind", PIPELINES)
+@pytest.mark.parametrize("rows,vocab", [(5, 97), (64, 50257), (512, 30522)])
+def test_greedy_matches_processors_and_argmax(rows, vocab, kind, dtype):
+    t = 11
+    ids, s = token_ids(rows, t).to(DEV), scores(rows, vocab, dtype=dtype).to(DEV)
+    p = pipeline(kind, vocab, t, DEV)
+    got = csrc_ops.select_greedy(s, ids, p, fallback=_no_fallback)
+    assert torch.equal(got, _greedy_ref(s, ids, p)), kind
+
+
+def test_greedy_ties_nan_inf_and_misaligned_rows():
+    V = 101
+    base = torch.randint(0, 3, (6, V + 1), generator=torch.Generator().manual_seed(0)).float()  # many ties
+    base[3, 40], base[3, 7] = float("nan"), float("nan")  # NaN wins, first NaN
+    base[4] = float("-inf")  # all -inf: index 0
+    base[5, :] = -1.0
+    s = base.to(DEV)[:, 1:]  # rows start 4 bytes past a 16-byte boundary, row stride 102
+    ids = token_ids(6, 5).to(DEV)
+    for kind in ("none", "all"):
+        p = pipeline(kind, V, 5, DEV)
+        assert torch.equal(csrc_ops.select_greedy(s, ids, p, fallback=_no_fallback), _greedy_ref(s, ids, p)), kind
+
+
+def test_greedy_with_per_row_lengths_and_finished_rows():
+    """The ABI's graph-friendly form: lengths on the device, and search.py's finished-row update fused."""
+    N, V, L = 7, 61, 16
+    ids, s = token_ids(N, L, seed=5).to(DEV), scores(N, V, seed=6).to(DEV)
+    lens = torch.tensor([16, 1, 4, 9, 3, 12, 2], device=DEV)
+    p = pipeline("all", V, 8, DEV)
+    unfinished = torch.tensor([1, 1, 0, 1, 0, 1, 1], dtype=torch.bool, device=DEV)
+    eos_t = csrc_ops.processor_tables(p, DEV).eos
+    want = torch.cat([_greedy_ref(s[r:r + 1], ids[r:r + 1, :int(lens[r])], p) for r in range(N)])
+    want = torch.where(unfinished, want, 0)
+    want_unfinished = unfinished & ~torch.isin(want, eos_t)
+    out = torch.empty(N, dtype=torch.long, device=DEV)
+    params = csrc_ops.processor_tables(p, DEV).params(ids, lens=lens, unfinished=unfinished, pad=0)
+    csrc_ops._call("encdec_select_greedy", s.data_ptr(), s.stride(0), N, V, 0, params, out.data_ptr(),
+                   torch.cuda.current_stream().cuda_stream)
+    assert torch.equal(out, want) and torch.equal(unfinished, want_unfinished)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("kind", ["none", "all", "ngram2"])
+@pytest.mark.parametrize("requests,beams,vocab", [(1, 2, 97), (3, 4, 50257), (16, 8, 30522), (2, 32, 500)])
+def test_beam_candidates_match_one_beam_search_step(requests, beams, vocab, kind, dtype):
+    t, N = 9, requests * beams
+    ids, logits = token_ids(N, t, seed=2).to(DEV), scores(N, vocab, seed=3, dtype=dtype).to(DEV)
+    running = torch.randn(requests, beams, generator=torch.Generator().manual_seed(4)).to(DEV)
+    running[0, 1:] = -1e9  # the first step's beam scores
+    p = pipeline(kind, vocab, t, DEV)
+    for k in sorted({min(2 * beams, 32), min(3 * beams, 32)}):  # 2 x beams; 3 x beams (two eos ids)
+        top, idx = csrc_ops.select_beam(logits, ids, p, running, k, fallback=_no_fallback)
+        want_top, want_idx = ops.select_beam(logits.float(), ids, p, running, k)
+        assert torch.equal(idx, want_idx), f"k={k}: {idx.tolist()} vs {want_idx.tolist()}"
+        torch.testing.assert_close(top, want_top, atol=2e-5, rtol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------
+# streams, graphs, memcheck
+# ------------------------------------------------------------------------------------------------
+def _run_all(x, w, b, s, ids, p, running):
+    y = csrc_ops.gemv(x, w, b, None, "gelu_tanh")
+    tok = csrc_ops.select_greedy(s, ids, p, fallback=_no_fallback)
+    top, idx = csrc_ops.select_beam(s, ids, p, running, 4, fallback=_no_fallback)
+    return y, tok, top, idx
+
+
+def _refs(x, w, b, s, ids, p, running):
+    return (ops.linear_gelu(x, w, b, "tanh"), _greedy_ref(s, ids, p), *ops.select_beam(s.float(), ids, p, running, 4))
+
+
+def _same(got, want):
+    check(got[0], want[0], 1e-2, 1e-2, "gemv", flash_atol=FLASH_ATOL)
+    assert torch.equal(got[1], want[1]) and torch.equal(got[3], want[3])
+    torch.testing.assert_close(got[2], want[2], atol=2e-5, rtol=1e-6)
+
+
+def _inputs(seed):
+    x, w, b, _ = _operands(4, 2304, 768, torch.float16, seed)
+    s = scores(4, 50257, seed=seed).to(DEV)
+    return x, w, b, s, token_ids(4, 9, seed=seed).to(DEV), pipeline("all", 50257, 9, DEV), torch.zeros(2, 2, device=DEV)
+
+
+def test_kernels_run_on_a_non_default_stream_after_its_writes():
+    src = _inputs(1)
+    dst = [t.clone().zero_() if isinstance(t, torch.Tensor) else t for t in _inputs(2)]
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        torch.cuda._sleep(50_000_000)  # the copies below land late: a kernel on another stream would miss them
+        for d, s_ in zip(dst, src):
+            if isinstance(d, torch.Tensor):
+                d.copy_(s_)
+        got = _run_all(*dst)
+    side.synchronize()
+    _same(got, _refs(*src))
+
+
+def test_kernels_capture_in_a_cuda_graph_and_replay_on_new_inputs():
+    static = list(_inputs(3))
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up before capture (lazy module loading)
+        _run_all(*static)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = _run_all(*static)
+    fresh = _inputs(4)
+    for st, new in zip(static, fresh):
+        if isinstance(st, torch.Tensor):
+            st.copy_(new)
+    graph.replay()
+    torch.cuda.synchronize()
+    _same(out, _refs(*fresh))
+
+
+def test_every_kernel_once_on_awkward_shapes():
+    """The memcheck target: odd sizes, 9 and 16 rows, misaligned selection rows, every dtype."""
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        for rows in (9, 16):
+            _gemv_check("residual", rows, 13, 40, dtype, 1.6e-2, 1.6e-2)
+        s = scores(6, 98, dtype=dtype).to(DEV)[:, 1:]
+        ids = token_ids(6, 7).to(DEV)
+        p = pipeline("all", 97, 7, DEV)
+        assert torch.equal(csrc_ops.select_greedy(s, ids, p, fallback=_no_fallback), _greedy_ref(s, ids, p))
+        got = csrc_ops.select_beam(s, ids, p, torch.zeros(2, 3, device=DEV), 9, fallback=_no_fallback)
+        assert torch.equal(got[1], ops.select_beam(s.float(), ids, p, torch.zeros(2, 3, device=DEV), 9)[1])
+    torch.cuda.synchronize()
+
+
+# ------------------------------------------------------------------------------------------------
+# the whole model
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.usefixtures("quiet")
+@pytest.mark.parametrize("kw", [dict(), dict(num_beams=4), dict(no_repeat_ngram_size=2, repetition_penalty=1.3,
+                                                                 min_new_tokens=4, bad_words_ids=[[5], [7, 8]])])
+def test_generate_with_encdec_cuda_1_gives_transformers_tokens(make_ckpt, monkeypatch, kw):
+    from conftest import hf_model
+    from test_parity import make_inputs
+
+    import encdec_fast
+
+    path = make_ckpt("bert", "gpt2", enc_hidden=64)
+    monkeypatch.setenv("ENCDEC_CUDA", "1")
+    ours = encdec_fast.load(path, device="cuda", dtype=torch.float32)
+    assert isinstance(ours.ops.linear, functools.partial) and ours.ops.linear.func is csrc_ops.linear
+    ref = hf_model(path)
+    ids, mask, _ = make_inputs(3, 11, 1, 97, 0, padded=True, avoid=(0, ref.config.pad_token_id))
+    with torch.no_grad():
+        want = ref.generate(ids, attention_mask=mask, max_new_tokens=10, **kw)
+    got = ours.generate(ids.cuda(), attention_mask=mask.cuda(), max_new_tokens=10, **kw)
+    assert torch.equal(got.cpu(), want), f"\nours {got.tolist()}\ntransformers {want.tolist()}"
