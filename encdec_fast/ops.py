@@ -6,6 +6,7 @@ backend. The plain-PyTorch versions below are the reference the Triton kernels a
 Shape conventions (B batch, L length, H heads, D head dim, N decode rows):
   attention        q [B, Lq, H, D], k/v [B, Lk, H, D] (any strides, unit stride on D) -> [B, Lq, H, D]
   decode_attention q [N, H, D], k/v [T, H, D] key rows, starts/lens int [N] (row n's window) -> [N, H, D]
+  fused_linear     x [M, K], weight [N, K] (nn.Linear layout) -> [M, N], LayerNorm/GELU/residual fused
 """
 
 from __future__ import annotations
@@ -43,6 +44,26 @@ def bias_gelu(x: torch.Tensor, bias: torch.Tensor | None, approximate: str) -> t
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """x @ weight.T + bias, weight [out, in] (nn.Linear layout)."""
     return F.linear(x, weight, bias)
+
+
+def fused_linear(x, weight, bias=None, *, x_ln=None, gelu=None, residual=None, residual_ln=None):
+    """gelu?(LN_x?(x) @ weight.T + bias) + LN_r?(residual): a decode-step projection with its
+    neighbours. x [..., K]; weight [N, K]; bias [N] or None; x_ln, residual_ln: (weight, bias, eps) of
+    a LayerNorm over K / N or None; gelu: None, "none" (erf form) or "tanh"; residual [..., N] or None.
+    GPT-2 (pre-LN) uses x_ln (+ gelu) and residual; BERT (post-LN) also residual_ln, the residual of a
+    sublayer being the LayerNorm of the previous sum."""
+    if gelu not in (None, "none", "tanh"):
+        raise ValueError(f"fused_linear: gelu must be None, 'none' or 'tanh', got {gelu!r}")
+    if x_ln is not None:
+        x = F.layer_norm(x, (x.shape[-1],), x_ln[0], x_ln[1], x_ln[2])
+    y = F.linear(x, weight, bias)
+    if gelu is not None:
+        y = F.gelu(y, approximate=gelu)
+    if residual is not None:
+        if residual_ln is not None:
+            residual = F.layer_norm(residual, (residual.shape[-1],), residual_ln[0], residual_ln[1], residual_ln[2])
+        y = y + residual
+    return y
 
 
 # --------------------------------------------------------------------------------------------
@@ -143,6 +164,7 @@ class OpTable:
     add_layer_norm: Callable
     bias_gelu: Callable
     linear: Callable
+    fused_linear: Callable
     attention: Callable
     decode_attention: Callable
 
@@ -153,6 +175,7 @@ _TORCH = OpTable(
     add_layer_norm=add_layer_norm,
     bias_gelu=bias_gelu,
     linear=linear,
+    fused_linear=fused_linear,
     attention=attention,
     decode_attention=decode_attention,
 )
@@ -168,6 +191,18 @@ def table(backend: str) -> OpTable:
         from .kernels import attention as katt
         from .kernels import decode_attention as kdec
         from .kernels import layer_norm as kln
+        from .kernels import linear as klin
+
+        def triton_fused_linear(x, weight, bias=None, **kw):
+            """The Triton GEMV for decode-sized inputs (<= klin.MAX_ROWS rows), cuBLAS beyond."""
+            rows = x.numel() // max(1, x.shape[-1])
+            if rows > klin.MAX_ROWS or x.shape[-1] == 0:
+                return fused_linear(x, weight, bias, **kw)
+            r = kw.get("residual")
+            if r is not None:
+                kw = kw | {"residual": r.reshape(rows, r.shape[-1])}
+            y = klin.fused_linear(x.reshape(rows, x.shape[-1]), weight, bias, **kw)
+            return y.view(*x.shape[:-1], weight.shape[0])
 
         return OpTable(
             name="triton",
@@ -175,6 +210,7 @@ def table(backend: str) -> OpTable:
             add_layer_norm=kln.add_layer_norm,
             bias_gelu=kact.bias_gelu,
             linear=linear,  # cuBLAS; bias fused into neighbours where it pays
+            fused_linear=triton_fused_linear,
             attention=katt.attention,
             decode_attention=kdec.decode_attention,
         )
