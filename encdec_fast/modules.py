@@ -97,11 +97,14 @@ def _key_rows(kv: torch.Tensor) -> tuple[torch.Tensor, int]:
     row b's key j is key b*r + j, the packed layout of decode_attention (no copy; a cut of a longer
     cache keeps its row stride r > L). Raises if the rows are not a whole number of keys apart."""
     B, L, H, D = kv.shape
-    r = kv.stride(0) // kv.stride(1) if B > 1 else L
-    if B > 1 and r * kv.stride(1) != kv.stride(0):
+    sb, sl, sh, sd = kv.stride()
+    if L == 1:  # one key per row: the rows are the keys (a size-1 dim's stride says nothing)
+        return kv.as_strided((B, H, D), (sb, sh, sd)), 1
+    r = sb // sl if B > 1 else L
+    if B > 1 and r * sl != sb:
         raise ValueError(f"decode step: K/V strides {kv.stride()} do not place rows a whole number of keys apart")
     T = (B - 1) * r + L if B else 0
-    return kv.as_strided((T, H, D), kv.stride()[1:]), r
+    return kv.as_strided((T, H, D), (sl, sh, sd)), r
 
 
 class SelfAttention(nn.Module):

@@ -63,7 +63,8 @@ def _decode_kernel(
     stride_kn_n, stride_kn_h, stride_vn_n, stride_vn_h,
     N, H, T, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    NUM_SPLITS: tl.constexpr, SPLITS_P2: tl.constexpr, HAS_MASK: tl.constexpr, HAS_NEW: tl.constexpr, DOT_IEEE: tl.constexpr,
+    NUM_SPLITS: tl.constexpr, SPLITS_P2: tl.constexpr,
+    HAS_MASK: tl.constexpr, HAS_NEW: tl.constexpr, DOT_IEEE: tl.constexpr,
 ):
     pid_g = tl.program_id(0)
     h = tl.program_id(1)
