@@ -16,7 +16,10 @@ and for the PyTorch baseline (SDPA for attention, SDPA over the cache for decode
 F.gelu), reports TFLOP/s (attention: 4*B*H*Lq*Lk*D, halved for causal) or GB/s (bytes that must
 move: inputs read + outputs written, shared K/V rows counted once), and the max abs error of both
 against an fp32 reference computed with ``encdec_fast.ops`` on the same rounded inputs.
-Decode rows use full caches (seq_lens = Lmax) so both sides do the same work. Not a pytest file.
+Decode rows use full caches (lens = Lmax, the last key written by the call) so both sides do the same
+work, at 1, 64 and 256 rows; their GB/s is also given as a fraction of the measured device-to-device
+copy rate (the bandwidth target: >= 70% at 64 and 256 rows). fused_linear rows (decode-sized GEMVs
+with their LayerNorm/GELU/residual neighbours) count the weight bytes. Not a pytest file.
 """
 
 from __future__ import annotations
@@ -95,37 +98,89 @@ def attention_cases(dt, dev, B, L, H, D) -> list[Case]:
     ]
 
 
-def decode_cases(dt, dev, N, Bk, L, H, D, *, cross: bool) -> list[Case]:
-    """Self-attention decode over an (N, L) cache, or cross-attention of N beam rows over Bk encoder
-    rows (kv_index, padding mask)."""
+def decode_cases(dt, dev, N, L, H, D, *, cross: bool, beams: int = 1) -> list[Case]:
+    """Packed decode attention. Self: N rows over their (N, L) cache, the new K/V written by the
+    kernel at slot L-1 (torch: index_put into the cache, then SDPA over it). Cross: N rows, `beams`
+    per request, over N/beams padded encoder rows of L keys with a padding mask, beams sharing their
+    request's window (torch: gather each row's K/V, then SDPA)."""
     from encdec_fast import ops
     from encdec_fast.kernels import decode_attention as kdec
 
+    B = N // beams if cross else N  # K/V rows that must be read
     q = torch.randn(N, H, D, device=dev, dtype=dt)
-    k = torch.randn(Bk, L, H, D, device=dev, dtype=dt)
-    v = torch.randn(Bk, L, H, D, device=dev, dtype=dt)
+    k = torch.randn(B, L, H, D, device=dev, dtype=dt)
+    v = torch.randn(B, L, H, D, device=dev, dtype=dt)
+    kf, vf = k.view(B * L, H, D), v.view(B * L, H, D)  # key rows
     lens = torch.full((N,), L, dtype=torch.int32, device=dev)
-    kv_index = torch.arange(N, device=dev) * Bk // N if cross else None
-    key_mask = _padding_mask(Bk, L, dev) if cross else None
+    row = torch.arange(N, device=dev) // beams if cross else torch.arange(N, device=dev)
+    starts = (row * L).to(torch.int32)
+    key_mask = _padding_mask(B, L, dev) if cross else None
+    k_new = None if cross else torch.randn(N, H, D, device=dev, dtype=dt)
+    v_new = None if cross else torch.randn(N, H, D, device=dev, dtype=dt)
     s = D ** -0.5
-    kw = dict(scale=s, seq_lens=lens, kv_index=kv_index, key_mask=key_mask)
-    q32, k32, v32 = q.float(), k.float(), v.float()
+    kw = dict(scale=s, starts=starts, lens=lens, key_mask=None if key_mask is None else key_mask.reshape(-1),
+              k_new=k_new, v_new=v_new, max_len=L)
+    q32, kf32, vf32 = q.float(), kf.float(), vf.float()
+    new32 = {} if cross else dict(k_new=k_new.float(), v_new=v_new.float())
 
-    def torch_decode():  # plain torch: gather rows, SDPA with one query over the cache
-        kk, vv = (k[kv_index], v[kv_index]) if cross else (k, v)
-        visible = torch.arange(L, device=dev)[None, :] < lens[:, None]
+    def torch_decode():  # plain torch: write the cache / gather rows, SDPA with one query over them
         if cross:
-            visible = visible & key_mask[kv_index]
+            kk, vv, visible = k[row], v[row], key_mask[row]
+        else:
+            k[row, L - 1], v[row, L - 1] = k_new, v_new
+            kk, vv, visible = k, v, None
         o = F.scaled_dot_product_attention(q[:, :, None], kk.transpose(1, 2), vv.transpose(1, 2),
-                                           attn_mask=visible[:, None, None, :], scale=s)
+                                           attn_mask=None if visible is None else visible[:, None, None, :], scale=s)
         return o[:, :, 0]
 
     elt = q.element_size()
-    nbytes = (2 * Bk * L * H * D + 2 * N * H * D) * elt
-    name = "decode cross-attention (beams share K/V)" if cross else "decode self-attention"
-    shape = f"N={N} rows over {Bk}x{L} H={H} D={D}"
-    return [Case(name, shape, lambda: kdec.decode_attention(q, k, v, **kw), torch_decode,
-                 lambda: ops.decode_attention(q32, k32, v32, **kw), "GB/s", nbytes)]
+    nbytes = (2 * B * L * H * D + (2 if cross else 4) * N * H * D) * elt  # K/V once, q and out (+ new K/V)
+    name = ("decode self-attention (+ cache write)" if not cross else
+            f"decode cross-attention ({beams} beams share K/V)" if beams > 1 else "decode cross-attention (own K/V)")
+    shape = f"N={N} rows over {B}x{L} H={H} D={D}"
+    return [Case(name, shape, lambda: kdec.decode_attention(q, kf, vf, **kw), torch_decode,
+                 lambda: ops.decode_attention(q32, kf32, vf32, **(kw | new32)), "GB/s", nbytes)]
+
+
+def linear_cases(dt, dev, M, E, F_) -> list[Case]:
+    """fused_linear at decode sizes (bert-base/gpt2: E=768, F_=3072) against the unfused torch chain."""
+    from encdec_fast import ops
+    from encdec_fast.kernels import linear as klin
+
+    def rnd(*shape, scale=1.0, shift=0.0):
+        return torch.randn(*shape, device=dev, dtype=dt) * scale + shift
+
+    ln_e = (rnd(E, scale=0.1, shift=1.0), rnd(E, scale=0.1), 1e-5)
+    x, r = rnd(M, E), rnd(M, E)
+    h = rnd(M, F_)
+    w_qkv, b_qkv = rnd(3 * E, E, scale=E ** -0.5), rnd(3 * E, scale=0.1)
+    w_fc1, b_fc1 = rnd(F_, E, scale=E ** -0.5), rnd(F_, scale=0.1)
+    w_fc2, b_fc2 = rnd(E, F_, scale=F_ ** -0.5), rnd(E, scale=0.1)
+    f32 = lambda t: tuple(f32(a) for a in t) if isinstance(t, tuple) else (  # noqa: E731
+        t.float() if isinstance(t, torch.Tensor) else t)
+    elt = x.element_size()
+    cases = []
+    for name, (xx, w, b, kw) in {
+        "fused_linear LN+QKV": (x, w_qkv, b_qkv, dict(x_ln=ln_e)),
+        "fused_linear LN+fc1+gelu(tanh)": (x, w_fc1, b_fc1, dict(x_ln=ln_e, gelu="tanh")),
+        "fused_linear fc2+LN(residual) (BERT)": (h, w_fc2, b_fc2, dict(residual=r, residual_ln=ln_e)),
+    }.items():
+        nbytes = (w.numel() + b.numel() + xx.numel() + w.shape[0] * M * (2 if "residual" in kw else 1)) * elt
+        cases.append(Case(name, f"M={M} {w.shape[1]}->{w.shape[0]}",
+                          lambda xx=xx, w=w, b=b, kw=kw: klin.fused_linear(xx, w, b, **kw),
+                          lambda xx=xx, w=w, b=b, kw=kw: ops.fused_linear(xx, w, b, **kw),
+                          lambda xx=xx, w=w, b=b, kw=kw: ops.fused_linear(f32(xx), f32(w), f32(b),
+                                                                            **{n: f32(a) for n, a in kw.items()}),
+                          "GB/s", nbytes))
+    return cases
+
+
+def copy_rate(dev) -> float:
+    """GB/s of a device-to-device copy of 512 MB (bytes read + written): the bandwidth yardstick."""
+    n = (512 << 20) if dev == "cuda" else (1 << 20)
+    src = torch.empty(n, dtype=torch.uint8, device=dev)
+    dst = torch.empty_like(src)
+    return 2 * n / (_bench(lambda: dst.copy_(src)) * 1e-3) / 1e9
 
 
 def norm_act_cases(dt, dev, M, N_ln, N_mlp) -> list[Case]:
@@ -238,32 +293,28 @@ def selection_cases(dev, V=50257) -> list[Case]:
     return cases
 
 
-def copy_rate_gbps() -> float:
-    """Measured device-to-device copy rate (read + write), as the workload floors use it."""
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    import workloads
-
-    return workloads.measure_bandwidth_and_flops()["bandwidth_GBps"]
-
-
 def run(dtypes, quick: bool, csrc_only: bool = False) -> str:
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     if quick:
-        B, L, H, D, Lmax, N_ln, N_mlp = 2, 64, 2, 64, 80, 48, 96
+        B, L, H, D, Lmax, N_ln, N_mlp, rows = 2, 64, 2, 64, 80, 48, 96, (4, 8)
     else:
-        B, L, H, D, Lmax, N_ln, N_mlp = 64, 512, 12, 64, 640, 768, 3072
+        B, L, H, D, Lmax, N_ln, N_mlp, rows = 64, 512, 12, 64, 640, 768, 3072, (64, 256)
     no_csrc = csrc_available() if dev == "cuda" else "no CUDA device"
-    copy = copy_rate_gbps() if dev == "cuda" else None
-    rows = []
+    copy = copy_rate(dev)
+    out = []
     for i, dt in enumerate(dtypes):
         torch.manual_seed(0)
         cases = []
         if not csrc_only:
             cases += attention_cases(dt, dev, B, L, H, D)
-            cases += decode_cases(dt, dev, B, B, Lmax, H, D, cross=False)
-            cases += decode_cases(dt, dev, 1, 1, Lmax, H, D, cross=False)
-            cases += decode_cases(dt, dev, B, max(1, B // 4), L, H, D, cross=True)  # 4 beams per input
-            cases += decode_cases(dt, dev, 1, 1, L, H, D, cross=True)
+            for n in rows + (1,):
+                cases += decode_cases(dt, dev, n, Lmax, H, D, cross=False)
+            for n in rows:
+                cases += decode_cases(dt, dev, n, L, H, D, cross=True, beams=4)
+                cases += decode_cases(dt, dev, n, L, H, D, cross=True, beams=1)
+            cases += decode_cases(dt, dev, 1, L, H, D, cross=True)
+            for m in (1, 64 if not quick else 3):
+                cases += linear_cases(dt, dev, m, N_ln, N_mlp)
             cases += norm_act_cases(dt, dev, B * L, N_ln, N_mlp)
         if no_csrc is None:
             cases += csrc_cases(dt, dev) + (selection_cases(dev) if i == 0 else [])  # selection: fp32 logits
@@ -275,11 +326,11 @@ def run(dtypes, quick: bool, csrc_only: bool = False) -> str:
             ms_ours, ms_torch = _bench(c.ours), _bench(c.torch_)
             scale = 1e12 if c.unit == "TFLOP/s" else 1e9
             rate = lambda ms: c.work / (ms * 1e-3) / scale  # noqa: E731
-            of_copy = f"{rate(ms_ours) / copy:.2f}" if copy and c.unit == "GB/s" else ""
-            rows.append(f"| {c.op} | {c.shape} | {str(dt).replace('torch.', '')} | {ms_ours:.4f} | {ms_torch:.4f} "
-                        f"| {ms_torch / ms_ours:.2f}x | {rate(ms_ours):.1f} | {rate(ms_torch):.1f} | {c.unit} "
-                        f"| {of_copy} | {err_ours:.2e} | {err_torch:.2e} |")
-            print(rows[-1], flush=True)
+            of_copy = f"{rate(ms_ours) / copy:.0%}" if c.unit == "GB/s" else "-"
+            out.append(f"| {c.op} | {c.shape} | {str(dt).replace('torch.', '')} | {ms_ours:.4f} | {ms_torch:.4f} "
+                       f"| {ms_torch / ms_ours:.2f}x | {rate(ms_ours):.1f} | {rate(ms_torch):.1f} | {c.unit} "
+                       f"| {of_copy} | {err_ours:.2e} | {err_torch:.2e} |")
+            print(out[-1], flush=True)
             if dev == "cuda":
                 torch.cuda.empty_cache()
     device = torch.cuda.get_device_name() if dev == "cuda" else "CPU (Triton interpreter; timings meaningless)"
@@ -288,13 +339,13 @@ def run(dtypes, quick: bool, csrc_only: bool = False) -> str:
     head = [
         f"Device: {device}; torch {torch.__version__}, triton {triton.__version__}. "
         "Median of `triton.testing.do_bench` (L2 flushed); max abs error vs an fp32 reference. "
-        + (f"Measured copy rate {copy:.0f} GB/s (\"of copy\": ours as a fraction of it). " if copy else "")
+        f"Copy rate (device-to-device copy, bytes read + written): {copy:.0f} GB/s; 'of copy' = ours / that. "
         + (f"csrc rows left out: {no_csrc}" if no_csrc else ""),
         "",
         "| op | shape | dtype | ours ms | torch ms | speedup | ours | torch | unit | of copy | err ours | err torch |",
         "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: |",
     ]
-    return "\n".join(head + rows) + "\n"
+    return "\n".join(head + out) + "\n"
 
 
 def main(argv=None) -> int:

@@ -92,6 +92,21 @@ def _heads(t: torch.Tensor, parts: int, H: int):
     return [t[..., i, :, :] for i in range(parts)]
 
 
+def _key_rows(kv: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """(B, L, H, D) K or V -> ((T, H, D) key-row view of the same memory, row stride r in keys):
+    row b's key j is key b*r + j, the packed layout of decode_attention (no copy; a cut of a longer
+    cache keeps its row stride r > L). Raises if the rows are not a whole number of keys apart."""
+    B, L, H, D = kv.shape
+    sb, sl, sh, sd = kv.stride()
+    if L == 1:  # one key per row: the rows are the keys (a size-1 dim's stride says nothing)
+        return kv.as_strided((B, H, D), (sb, sh, sd)), 1
+    r = sb // sl if B > 1 else L
+    if B > 1 and r * sl != sb:
+        raise ValueError(f"decode step: K/V strides {kv.stride()} do not place rows a whole number of keys apart")
+    T = (B - 1) * r + L if B else 0
+    return kv.as_strided((T, H, D), (sl, sh, sd)), r
+
+
 class SelfAttention(nn.Module):
     def __init__(self, cfg: StackConfig, layer: int):
         super().__init__()
@@ -106,12 +121,13 @@ class SelfAttention(nn.Module):
         return self.o(a.flatten(-2), ops)
 
     def step(self, x, ops, *, k_cache, v_cache, pos, seq_lens):
-        """x (N, E); writes row n's K/V at slot pos[n] of the (N, Lmax, H, D) caches."""
+        """x (N, E); row n's K/V are written at slot pos[n] = seq_lens[n] - 1 of the (N, Lmax, H, D)
+        caches by the attention kernel itself (k_new/v_new)."""
         q, k, v = _heads(self.qkv(x, ops), 3, self.H)  # each (N, H, D)
-        rows = torch.arange(x.shape[0], device=x.device)
-        k_cache[rows, pos] = k
-        v_cache[rows, pos] = v
-        a = ops.decode_attention(q, k_cache, v_cache, scale=self.scale, seq_lens=seq_lens)
+        (kf, r), (vf, _) = _key_rows(k_cache), _key_rows(v_cache)  # (N*r, H, D) key rows
+        starts = torch.arange(0, x.shape[0] * r, r, device=x.device)  # row n's cache starts at key n*r
+        a = ops.decode_attention(q, kf, vf, scale=self.scale, starts=starts, lens=seq_lens, k_new=k, v_new=v,
+                                 max_len=k_cache.shape[1])
         return self.o(a.flatten(-2), ops)
 
 
@@ -134,9 +150,21 @@ class CrossAttention(nn.Module):
         return self.o(a.flatten(-2), ops)
 
     def step(self, x, ops, *, kv, enc_mask, kv_index, enc_lens):
+        """x (N, E); kv: K, V (B, S, H, D); row n reads encoder row kv_index[n] (None: row n), its first
+        enc_lens[n] keys, minus enc_mask (B, S) False (None: all)."""
         q = self.q(x, ops).unflatten(-1, (self.H, -1))  # (N, H, D)
-        a = ops.decode_attention(q, kv[0], kv[1], scale=self.scale, seq_lens=enc_lens,
-                                 kv_index=kv_index, key_mask=enc_mask)
+        (kf, r), (vf, _) = _key_rows(kv[0]), _key_rows(kv[1])  # (B*r, H, D) key rows
+        S = kv[0].shape[1]
+        if kv_index is None:
+            starts = torch.arange(0, x.shape[0] * r, r, device=x.device)
+        else:
+            starts = kv_index * r
+        key_mask = None
+        if enc_mask is not None:  # (B, S) -> (B*r,) flat, like the key rows
+            key_mask = (enc_mask if r == S else torch.nn.functional.pad(enc_mask, (0, r - S))).reshape(-1)
+            key_mask = key_mask[:kf.shape[0]]
+        a = ops.decode_attention(q, kf, vf, scale=self.scale, starts=starts, lens=enc_lens, key_mask=key_mask,
+                                 max_len=S)
         return self.o(a.flatten(-2), ops)
 
 

@@ -5,7 +5,8 @@ backend. The plain-PyTorch versions below are the reference the Triton kernels a
 
 Shape conventions (B batch, L length, H heads, D head dim, N decode rows, V vocabulary):
   attention        q [B, Lq, H, D], k/v [B, Lk, H, D] (any strides, unit stride on D) -> [B, Lq, H, D]
-  decode_attention q [N, H, D], k/v [Bk, Lmax, H, D], seq_lens int32 [N] -> [N, H, D]
+  decode_attention q [N, H, D], k/v [T, H, D] key rows, starts/lens int [N] (row n's window) -> [N, H, D]
+  fused_linear     x [M, K], weight [N, K] (nn.Linear layout) -> [M, N], LayerNorm/GELU/residual fused
   select_greedy    scores [N, V], ids [N, t] -> tokens long [N]
   select_beam      logits [B*nb, V], ids [B*nb, t], running scores [B, nb] -> (scores, indices) [B, k]
 
@@ -65,6 +66,24 @@ def linear_gelu(x, weight, bias, approximate: str, *, gelu: Callable = bias_gelu
 def linear_residual(x, weight, bias, residual) -> torch.Tensor:
     """x @ weight.T + bias + residual (the linear's output rounded to x's dtype before the add)."""
     return linear(x, weight, bias) + residual
+def fused_linear(x, weight, bias=None, *, x_ln=None, gelu=None, residual=None, residual_ln=None):
+    """gelu?(LN_x?(x) @ weight.T + bias) + LN_r?(residual): a decode-step projection with its
+    neighbours. x [..., K]; weight [N, K]; bias [N] or None; x_ln, residual_ln: (weight, bias, eps) of
+    a LayerNorm over K / N or None; gelu: None, "none" (erf form) or "tanh"; residual [..., N] or None.
+    GPT-2 (pre-LN) uses x_ln (+ gelu) and residual; BERT (post-LN) also residual_ln, the residual of a
+    sublayer being the LayerNorm of the previous sum."""
+    if gelu not in (None, "none", "tanh"):
+        raise ValueError(f"fused_linear: gelu must be None, 'none' or 'tanh', got {gelu!r}")
+    if x_ln is not None:
+        x = F.layer_norm(x, (x.shape[-1],), x_ln[0], x_ln[1], x_ln[2])
+    y = F.linear(x, weight, bias)
+    if gelu is not None:
+        y = F.gelu(y, approximate=gelu)
+    if residual is not None:
+        if residual_ln is not None:
+            residual = F.layer_norm(residual, (residual.shape[-1],), residual_ln[0], residual_ln[1], residual_ln[2])
+        y = y + residual
+    return y
 
 
 # --------------------------------------------------------------------------------------------
@@ -92,25 +111,65 @@ def attention(q, k, v, *, scale: float, causal: bool = False, key_mask: torch.Te
     return out.transpose(1, 2).contiguous()  # (B, Lq, H, D)
 
 
-def decode_attention(q, k, v, *, scale: float, seq_lens: torch.Tensor, kv_index=None, key_mask=None):
-    """Attention of one query token per row over a cache.
+def decode_attention(q, k, v, *, scale: float, starts: torch.Tensor, lens: torch.Tensor, key_mask=None,
+                     k_new=None, v_new=None, max_len: int | None = None):
+    """Attention of one query token per row over a window of key rows (packed layout).
 
-    q [N, H, D]; k, v [Bk, Lmax, H, D]; seq_lens int [N]: keys 0..seq_lens[n]-1 are visible to row n;
-    kv_index int [N] or None: which k/v row serves query row n (None: row n itself, Bk == N);
-    key_mask bool [Bk, Lmax] or None: further masks keys (encoder padding)."""
+    q [N, H, D]; k, v [T, H, D]; starts, lens int [N]: row n attends k[starts[n] : starts[n] + lens[n]];
+    key_mask bool [T] or None: keys with False are excluded; a row with no visible key gets zeros.
+    k_new, v_new [N, H, D] or None: first written in place at k/v[starts + lens - 1] (every lens >= 1,
+    slots distinct), so the new key takes part. max_len: an upper bound on lens known from shapes (the
+    cache length, the encoder length); the key window is sized with it on CUDA, where reading lens on
+    the host would sync (and is impossible during CUDA-graph capture). Without it, lens.max() is read."""
     N, H, D = q.shape
-    Lmax = k.shape[1]
-    if kv_index is not None:
-        k, v = k.index_select(0, kv_index), v.index_select(0, kv_index)
+    T = k.shape[0]
+    if k_new is not None:
+        slot = starts.long() + lens.long() - 1  # (N,)
+        k.index_copy_(0, slot, k_new.to(k.dtype))
+        v.index_copy_(0, slot, v_new.to(v.dtype))
+    W = _window_len(lens, max_len, T)
+    if N == 0 or W == 0:
+        return torch.zeros_like(q)
+    j = torch.arange(W, device=q.device)
+    visible = j[None, :] < lens[:, None]  # (N, W)
+    kw, vw = _window_view(k, starts, W), _window_view(v, starts, W)  # each (N, W, H, D), or None
+    if kw is None or key_mask is not None:
+        idx = (starts.long()[:, None] + j[None, :]).clamp_(0, T - 1)  # (N, W) key rows of each window
+        if kw is None:
+            kw, vw = k[idx], v[idx]
         if key_mask is not None:
-            key_mask = key_mask.index_select(0, kv_index)
-    visible = torch.arange(Lmax, device=q.device)[None, :] < seq_lens.to(q.device)[:, None]  # (N, Lmax)
-    if key_mask is not None:
-        visible = visible & key_mask.bool()
-    # SDPA on (N, H, 1|Lmax, D) views of the cache layout (no permute copies); fp32 math
-    out = F.scaled_dot_product_attention(q.float().unsqueeze(2), k.float().transpose(1, 2), v.float().transpose(1, 2),
-                                         attn_mask=visible[:, None, None, :], scale=scale)  # (N, H, 1, D)
+            visible = visible & key_mask.bool()[idx]
+    # SDPA on (N, H, 1|W, D) views; fp32 math
+    out = F.scaled_dot_product_attention(q.float().unsqueeze(2), kw.float().transpose(1, 2),
+                                         vw.float().transpose(1, 2), attn_mask=visible[:, None, None, :],
+                                         scale=scale)  # (N, H, 1, D)
     return out.squeeze(2).nan_to_num(0.0).to(q.dtype)  # a row with no visible key -> zeros
+
+
+def _window_len(lens: torch.Tensor, max_len: int | None, T: int) -> int:
+    """Keys per window: lens.max() where reading it is free (CPU), else the static bound max_len."""
+    if lens.numel() == 0:
+        return 0
+    if lens.device.type == "cpu" or max_len is None:
+        if lens.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise ValueError("decode_attention: pass max_len (a bound on lens from shapes) when capturing "
+                             "a CUDA graph with the torch backend; lens cannot be read on the host then")
+        return max(0, min(int(lens.max()), T))
+    return min(int(max_len), T)
+
+
+def _window_view(k: torch.Tensor, starts: torch.Tensor, W: int) -> torch.Tensor | None:
+    """The windows k[starts[n] : starts[n] + W] as a strided (N, W, H, D) view (no copy) when they are
+    evenly spaced and in range (a self-attention cache; rows sharing one window), else None. Checked
+    on the host, so only when starts is on the CPU."""
+    if starts.device.type != "cpu" or not starts.numel():
+        return None
+    s = starts.tolist()
+    step = s[1] - s[0] if len(s) > 1 else 0
+    if step < 0 or s[0] < 0 or s[-1] + W > k.shape[0] or any(b - a != step for a, b in zip(s, s[1:])):
+        return None
+    st = k.stride()
+    return k.as_strided((len(s), W, *k.shape[1:]), (step * st[0], *st), k.storage_offset() + s[0] * st[0])
 
 
 # --------------------------------------------------------------------------------------------
@@ -145,6 +204,7 @@ class OpTable:
     linear: Callable
     linear_gelu: Callable
     linear_residual: Callable
+    fused_linear: Callable
     attention: Callable
     decode_attention: Callable
     select_greedy: Callable
@@ -159,6 +219,7 @@ _TORCH = OpTable(
     linear=linear,
     linear_gelu=linear_gelu,
     linear_residual=linear_residual,
+    fused_linear=fused_linear,
     attention=attention,
     decode_attention=decode_attention,
     select_greedy=select_greedy,
@@ -176,6 +237,18 @@ def table(backend: str) -> OpTable:
         from .kernels import attention as katt
         from .kernels import decode_attention as kdec
         from .kernels import layer_norm as kln
+        from .kernels import linear as klin
+
+        def triton_fused_linear(x, weight, bias=None, **kw):
+            """The Triton GEMV for decode-sized inputs (<= klin.MAX_ROWS rows), cuBLAS beyond."""
+            rows = x.numel() // max(1, x.shape[-1])
+            if rows > klin.MAX_ROWS or x.shape[-1] == 0:
+                return fused_linear(x, weight, bias, **kw)
+            r = kw.get("residual")
+            if r is not None:
+                kw = kw | {"residual": r.reshape(rows, r.shape[-1])}
+            y = klin.fused_linear(x.reshape(rows, x.shape[-1]), weight, bias, **kw)
+            return y.view(*x.shape[:-1], weight.shape[0])
 
         return with_csrc(OpTable(
             name="triton",
@@ -185,6 +258,7 @@ def table(backend: str) -> OpTable:
             linear=linear,  # cuBLAS; bias fused into neighbours where it pays
             linear_gelu=functools.partial(linear_gelu, gelu=kact.bias_gelu),
             linear_residual=linear_residual,
+            fused_linear=triton_fused_linear,
             attention=katt.attention,
             decode_attention=kdec.decode_attention,
             select_greedy=select_greedy,

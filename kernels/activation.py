@@ -26,6 +26,19 @@ _APPROXIMATE = ("none", "tanh")
 
 
 @triton.jit
+def gelu_fp32(s, APPROX_TANH: tl.constexpr):
+    """GELU of an fp32 tensor: erf form, or (APPROX_TANH) the tanh form; shared with linear.py."""
+    if APPROX_TANH:
+        # 0.5 * s * (1 + tanh(u)) == s * sigmoid(2u),  u = sqrt(2/pi) * (s + 0.044715 s^3)
+        u2 = 1.5957691216057308 * (s + 0.044715 * s * s * s)  # 2u
+        # exp argument clamped: beyond 80 the result is s * ~1e-35 either way, and exp stays finite
+        y = s / (1.0 + tl.exp(tl.minimum(-u2, 80.0)))
+    else:
+        y = 0.5 * s * (1.0 + tl.math.erf(s * 0.7071067811865476))
+    return y
+
+
+@triton.jit
 def _bias_gelu_kernel(
     x_ptr,  # [M, N] rows (row stride stride_x, unit column stride)
     b_ptr,  # [N] bias (HAS_BIAS)
@@ -46,16 +59,7 @@ def _bias_gelu_kernel(
         b = tl.load(b_ptr + cols, mask=col_ok, other=0.0)
         # rounded to x's dtype like the reference's `x + bias`
         x = (x.to(tl.float32) + b.to(tl.float32)[None, :]).to(x_ptr.dtype.element_ty)
-    s = x.to(tl.float32)
-
-    if APPROX_TANH:
-        # 0.5 * s * (1 + tanh(u)) == s * sigmoid(2u),  u = sqrt(2/pi) * (s + 0.044715 s^3)
-        u2 = 1.5957691216057308 * (s + 0.044715 * s * s * s)  # 2u
-        # exp argument clamped: beyond 80 the result is s * ~1e-35 either way, and exp stays finite
-        y = s / (1.0 + tl.exp(tl.minimum(-u2, 80.0)))
-    else:
-        y = 0.5 * s * (1.0 + tl.math.erf(s * 0.7071067811865476))
-
+    y = gelu_fp32(x.to(tl.float32), APPROX_TANH)
     tl.store(y_ptr + rows64[:, None] * stride_y + cols[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
