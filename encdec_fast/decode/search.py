@@ -222,9 +222,8 @@ def generate(model, input_ids=None, attention_mask=None, generation_config=None,
             toks = sel.greedy(scores)
             toks[:N] = sel.sample(scores[:N])
             return toks
-    static = state.capture or model.static_decode  # moves whole beam rows, as a captured step must
     for s in range(steps):
-        state.step(choose=choose, eager_length=None if static else P + s)
+        state.step(choose=choose, filled=P + s)
         if want_scores:
             scores.append(state.scores[:N].float().clone())
         if want_logits:

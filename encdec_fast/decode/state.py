@@ -24,8 +24,8 @@ replayed; every buffer it touches keeps its address for the life of the state. A
 when a buffer is reallocated (growth, a new table). `capture=False` runs the very same step eagerly,
 which is what the CPU tests exercise.
 
-Beam search moves caches physically: eager steps copy the filled prefix of the beam rows; a captured
-step copies whole beam rows (the prefix length is not known to a graph).
+Beam search moves caches physically: a step copies the filled prefix of the beam rows (as far as the
+host knows it without a sync; a captured step rounds it up to a multiple of 64 slots, one graph each).
 """
 
 from __future__ import annotations
@@ -90,6 +90,7 @@ class DecodeState:
         self.groups: dict[tuple, BeamGroup] = {}  # (num_beams, K) -> group
         self.spec = sel.Spec()
         self.capture = capture and self.dev.type == "cuda"
+        self.static = self.capture or model.static_decode  # steps as a graph runs them (the CPU tests' way)
         self.graphs: dict = {}
         self.captures, self.capture_seconds = 0, 0.0
         self.scores = self.logits = None
@@ -217,7 +218,7 @@ class DecodeState:
         self.scores = sel.process(scores, self.seq[:n], t, self.tables, spec)
         return self.scores
 
-    def commit(self, tokens: torch.Tensor | None, *, beam_generator=None, eager_length: int | None = None,
+    def commit(self, tokens: torch.Tensor | None, *, beam_generator=None, move_length: int | None = None,
                move_caches: bool = True):
         """Writes the chosen tokens (N,) of the non-beam rows (None: greedy), runs the beam groups'
         choice, advances every busy row that has not reached its limit, and updates the finished flags."""
@@ -242,7 +243,7 @@ class DecodeState:
                              generator=beam_generator)  # beam_sampling: how many leading slots draw
             rows = g.rows.reshape(-1)
             if move_caches:
-                self.cache.move(rows, parents[rows], eager_length)
+                self.cache.move(rows, parents[rows], move_length)
             tab.reorder(rows, parents[rows])
             tab.observe(self.seq.gather(1, at).squeeze(1), self.is_beam & room)
         self.alive &= ~hit
@@ -260,27 +261,34 @@ class DecodeState:
 
     beam_sampling = 0  # beam sampling: the leading beam slots that draw their candidates (set by the caller)
 
-    def step(self, *, choose=None, generator=None, eager_length: int | None = None, extent=None):
+    def step(self, *, choose=None, generator=None, filled: int | None = None, extent=None):
         """One step. choose: None (greedy; with capture, the whole step is one graph replay), or a
         function scores -> tokens run between the decoder and the commit (sampling: the draws stay
         outside graphs, see README; with capture the decoder + processors still replay as a graph).
-        generator: beam sampling's RNG. eager_length / extent: see commit / forward (eager only)."""
+        generator: beam sampling's RNG. filled: an upper bound on the tokens any row holds (the host
+        knows it without a sync): beam caches move only that prefix; a captured step moves it rounded
+        up to a multiple of 64 (one graph per such bucket). extent: see forward (eager steps only)."""
+        move = filled if filled is not None and self.live_groups else None
+        if move is not None and self.static:
+            move = min(_round(move, SEQ_BUCKET), self.Lc)
         if not self.capture:
             self.forward(extent)
             self.commit(choose(self.scores) if choose is not None else None, beam_generator=generator,
-                        eager_length=eager_length)
+                        move_length=move)
             return
         whole = choose is None and not self.beam_sampling
-        key = (whole, self.spec, tuple(sorted(k for k, g in self.groups.items() if g.n_active)), self.tables.version)
+        key = (whole, self.spec, tuple(sorted(k for k, g in self.groups.items() if g.n_active)), self.tables.version,
+               move)
         entry = self.graphs.get(key)
         if entry is None:
-            entry = self._capture(key, whole)
+            entry = self._capture(key, whole, move)
         graph, self.scores, self.logits = entry
         graph.replay()
         if not whole:
-            self.commit(choose(self.scores) if choose is not None else None, beam_generator=generator)
+            self.commit(choose(self.scores) if choose is not None else None, beam_generator=generator,
+                        move_length=move)
 
-    def _capture(self, key, whole: bool):
+    def _capture(self, key, whole: bool, move: int | None):
         """Captures forward (+ greedy commit when whole). A warm-up on a side stream comes first
         (Triton compiles there); it runs the step for real, so the small state is saved and restored
         around it, and it does not move beam caches (the K/V it writes are those the next real step
@@ -300,7 +308,7 @@ class DecodeState:
         with torch.cuda.graph(graph):
             self.forward()
             if whole:
-                self.commit(None)
+                self.commit(None, move_length=move)
         entry = self.graphs[key] = (graph, self.scores, self.logits)
         self.captures += 1
         self.capture_seconds += time.perf_counter() - t0

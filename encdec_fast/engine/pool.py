@@ -184,7 +184,7 @@ class DecodePool:
                 extent = (max(max(lv.rows) for lv in self.lives) + 1, max(lv.t for lv in self.lives),
                           max(len(lv.req.ids) for lv in self.lives))
             st.step(choose=self._choose if sampling else None, extent=extent,
-                    eager_length=extent[1] if extent else None)
+                    filled=max(lv.t for lv in self.lives))
             self.steps += 1
             self.rows_stepped += sum(len(lv.rows) for lv in self.lives)
             for lv in self.lives:
