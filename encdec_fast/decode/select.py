@@ -4,12 +4,12 @@ Each processor is a callable (ids (N, t) long, scores (N, V) float32) -> scores 
 modifies its input in place, none syncs with the host, none loops over rows in Python. build()
 returns them in the order transformers' GenerationMixin._get_logits_processor (5.x) appends them:
 
-    repetition penalty -> no-repeat n-gram -> bad words -> min length -> min new tokens
+    repetition penalty -> no-repeat n-gram -> bad words -> min length -> min new tokens -> forced eos
     -> (sampling only) temperature -> top-k -> top-p
 
 The semantics are those of transformers.generation.logits_process (RepetitionPenaltyLogitsProcessor,
 NoRepeatNGramLogitsProcessor, NoBadWordsLogitsProcessor, MinLengthLogitsProcessor,
-MinNewTokensLengthLogitsProcessor, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper); the
+MinNewTokensLengthLogitsProcessor, ForcedEOSTokenLogitsProcessor, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper); the
 tests compare every processor against its transformers class on the same inputs.
 """
 
@@ -117,6 +117,23 @@ class MinLength:
         return scores.masked_fill(self.eos_mask, NEG_INF)
 
 
+class ForcedEOS:
+    """At the last step (the sequence is max_length - 1 long) every score is -inf but the eos ids', which are 0.
+    BART configs set forced_eos_token_id."""
+
+    def __init__(self, max_length: int, eos: list[int], vocab_size: int, device):
+        if any(e < 0 for e in eos):
+            raise InvalidInputError(f"forced_eos_token_id must be non-negative token ids, got {eos}.")
+        self.max_length = max_length
+        self.forced = torch.full((vocab_size,), NEG_INF, device=device)
+        self.forced[[e for e in eos if e < vocab_size]] = 0.0
+
+    def __call__(self, ids, scores):
+        if ids.shape[1] != self.max_length - 1:
+            return scores
+        return self.forced.expand_as(scores).clone()
+
+
 class Temperature:
     def __init__(self, temperature: float):
         if not temperature > 0:
@@ -191,6 +208,9 @@ def build(gc, *, prompt_len: int, eos: list[int] | None, vocab_size: int, device
         steps.append(MinLength(gc.min_length, eos, vocab_size, device))
     if gc.min_new_tokens is not None and eos is not None and gc.min_new_tokens > 0:
         steps.append(MinLength(prompt_len + gc.min_new_tokens, eos, vocab_size, device))
+    if gc.forced_eos_token_id is not None:
+        forced = gc.forced_eos_token_id
+        steps.append(ForcedEOS(gc.max_length, [forced] if isinstance(forced, int) else list(forced), vocab_size, device))
     if gc.do_sample:
         # beams keep one non-eos token beyond the eos ids, so a continuation always survives
         keep = (len(eos) + 1 if eos is not None else 2) if (gc.num_beams or 1) > 1 else 1
