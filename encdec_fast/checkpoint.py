@@ -197,7 +197,7 @@ def read_config(path: Path):
 
     try:
         return AutoConfig.from_pretrained(str(path), local_files_only=True)
-    except (ValueError, KeyError, OSError) as e:
+    except (ValueError, KeyError, OSError, TypeError) as e:
         raise UnsupportedModelError(
             f"cannot read {str(path / 'config.json')!r} as a transformers config: {e}. "
             "encdec_fast reads EncoderDecoderModel folders (see the README's supported checkpoints)."
