@@ -323,7 +323,8 @@ def build_net(src: Source, *, device, dtype, seed: int) -> EncoderDecoderNet:
         net = EncoderDecoderNet(src.cfg)
     plan = src.plan
     if src.init_missing:
-        std = getattr(src.hf_config.decoder, "initializer_range", 0.02)
+        dec = src.hf_config.decoder
+        std = getattr(dec, "initializer_range", None) or getattr(dec, "init_std", None) or 0.02  # BART: init_std
         done = _init_missing(net, plan, src.init_missing, seed, std, dtype, device)
         plan = {k: v for k, v in plan.items() if not any(h in src.init_missing for h in v[0])}
         warnings.warn(
