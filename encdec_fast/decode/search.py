@@ -61,8 +61,8 @@ def _refuse(names, where: str):
         raise UnsupportedArgumentError(
             f"generate() does not support {', '.join(names)} ({where}); encdec_fast implements greedy, sampling "
             "(temperature, top_k, top_p) and beam search with repetition_penalty, no_repeat_ngram_size, bad_words_ids, "
-            "min_length/min_new_tokens, forced_eos_token_id, length_penalty, early_stopping, num_return_sequences, output_scores/"
-            "output_logits. Use transformers' generate() for the rest.")
+            "min_length/min_new_tokens, forced_eos_token_id, length_penalty, early_stopping, num_return_sequences, "
+            "output_scores/output_logits. Use transformers' generate() for the rest.")
 
 
 def resolve_config(model, generation_config=None, kwargs=None):

@@ -9,8 +9,8 @@ returns them in the order transformers' GenerationMixin._get_logits_processor (5
 
 The semantics are those of transformers.generation.logits_process (RepetitionPenaltyLogitsProcessor,
 NoRepeatNGramLogitsProcessor, NoBadWordsLogitsProcessor, MinLengthLogitsProcessor,
-MinNewTokensLengthLogitsProcessor, ForcedEOSTokenLogitsProcessor, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper); the
-tests compare every processor against its transformers class on the same inputs.
+MinNewTokensLengthLogitsProcessor, ForcedEOSTokenLogitsProcessor, TemperatureLogitsWarper, TopKLogitsWarper,
+TopPLogitsWarper); the tests compare every processor against its transformers class on the same inputs.
 """
 
 from __future__ import annotations
@@ -118,8 +118,8 @@ class MinLength:
 
 
 class ForcedEOS:
-    """At the last step (the sequence is max_length - 1 long) every score is -inf but the eos ids', which are 0.
-    BART configs set forced_eos_token_id."""
+    """At the last step (the sequence is max_length - 1 long) every score is -inf but the eos ids', which
+    are 0. BART configs set forced_eos_token_id."""
 
     def __init__(self, max_length: int, eos: list[int], vocab_size: int, device):
         if any(e < 0 for e in eos):
