@@ -3,14 +3,16 @@ from setuptools import setup
 setup(
     name="encdec_fast",
     version="0.1.0",
-    description="Fast inference runtime for Hugging Face EncoderDecoderModel checkpoints (BERT/RoBERTa -> GPT-2/BERT)",
+    description="Fast inference runtime for Hugging Face EncoderDecoderModel checkpoints (BERT-family encoders -> GPT-2, BERT-family or BART decoders)",
     python_requires=">=3.10",
     # csrc/ ships as package data (encdec_fast._csrc) so that an installed copy can build its CUDA kernels
     # with nvcc on first use (encdec_fast/csrc.py); a libencdec_cuda.so placed there is used as is
     packages=["encdec_fast", "encdec_fast.decode", "encdec_fast.engine", "encdec_fast.kernels", "encdec_fast._csrc"],
     package_dir={"encdec_fast": "encdec_fast", "encdec_fast.kernels": "kernels", "encdec_fast._csrc": "csrc"},
     package_data={"encdec_fast._csrc": ["*.cu", "*.h", "libencdec_cuda.so"]},
-    install_requires=["torch>=2.4", "triton>=3.0", "transformers>=5.0", "safetensors>=0.4"],
+    # sentencepiece: transformers needs it to load BertGenerationTokenizer (spiece.model), the tokenizer of the
+    # bert-generation checkpoints of Rothe et al.; it has no tokenizers-library counterpart
+    install_requires=["torch>=2.4", "triton>=3.0", "transformers>=5.0", "safetensors>=0.4", "sentencepiece>=0.2"],
     extras_require={"test": ["pytest>=8", "pytest-benchmark>=4"]},
     entry_points={"console_scripts": ["encdec-fast=encdec_fast.cli:main"]},
 )

@@ -2,6 +2,10 @@
 
     python benchmarks/load_memory.py --size base      # bert-base + gpt2 (random weights)
     python benchmarks/load_memory.py --size small
+    python benchmarks/load_memory.py --size rothe --format legacy_bin   # Rothe et al.'s bert-generation shape
+
+--format: safetensors (default), bin (torch.save's zip format, memory-mapped) or legacy_bin (the pre-zip
+format, which torch.load must read whole).
 
 Builds the checkpoint with transformers in one process, then loads it in a fresh one and reports
 (peak RSS during load - RSS before load) / weight bytes.
@@ -14,32 +18,45 @@ import subprocess
 import sys
 import tempfile
 
-SIZES = {  # (encoder layers, hidden, heads, ffn), (decoder layers), vocab
+SIZES = {  # (encoder layers, hidden, heads, ffn), (decoder layers), vocab; bert2gpt2 unless a family is named
     "base": dict(enc=(12, 768, 12, 3072), dec_layers=12, vocab=50257),
     "medium": dict(enc=(6, 512, 8, 2048), dec_layers=6, vocab=16000),
     "small": dict(enc=(4, 256, 4, 1024), dec_layers=4, vocab=8000),
+    # google/roberta2roberta_L-24_* and bert2bert_L-24_*: bert-generation on both sides
+    "rothe": dict(enc=(24, 1024, 16, 4096), dec_layers=24, vocab=50358, family="bert-generation"),
 }
+FORMATS = ("safetensors", "bin", "legacy_bin")
 
 
-def build(path: str, size: str):
+def build(path: str, size: str, fmt: str = "safetensors"):
     import torch
     import transformers as T
 
     s = SIZES[size]
     L, E, H, F = s["enc"]
-    enc = T.BertConfig(vocab_size=30522 if size == "base" else s["vocab"], hidden_size=E, num_hidden_layers=L,
-                       num_attention_heads=H, intermediate_size=F)
-    dec = T.GPT2Config(vocab_size=s["vocab"], n_embd=E, n_layer=s["dec_layers"], n_head=H, is_decoder=True,
-                       add_cross_attention=True)
+    if s.get("family") == "bert-generation":
+        half = dict(vocab_size=s["vocab"], hidden_size=E, num_attention_heads=H, intermediate_size=F)
+        enc = T.BertGenerationConfig(num_hidden_layers=L, **half)
+        dec = T.BertGenerationConfig(num_hidden_layers=s["dec_layers"], is_decoder=True, add_cross_attention=True, **half)
+    else:
+        enc = T.BertConfig(vocab_size=30522 if size == "base" else s["vocab"], hidden_size=E, num_hidden_layers=L,
+                           num_attention_heads=H, intermediate_size=F)
+        dec = T.GPT2Config(vocab_size=s["vocab"], n_embd=E, n_layer=s["dec_layers"], n_head=H, is_decoder=True,
+                           add_cross_attention=True)
     cfg = T.EncoderDecoderConfig.from_encoder_decoder_configs(enc, dec)
     cfg.decoder_start_token_id, cfg.pad_token_id = 0, 0
     with torch.device("meta"):
         model = T.EncoderDecoderModel(cfg)
     model = model.to_empty(device="cpu")
+    model.tie_weights()  # to_empty() gave the tied head its own tensor
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0, 0.02)
-    model.save_pretrained(path)
+    if fmt == "safetensors":
+        model.save_pretrained(path)
+    else:  # a transformers-4 style folder: config.json and the whole state dict (tied tensors stored once)
+        model.config.save_pretrained(path)
+        torch.save(model.state_dict(), os.path.join(path, "pytorch_model.bin"), _use_new_zipfile_serialization=fmt == "bin")
 
 
 def measure(path: str) -> dict:
@@ -63,7 +80,7 @@ def measure(path: str) -> dict:
     before = rss()
     model = encdec_fast.load(path, device="cpu")
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    weights = sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path) if f.endswith(".safetensors"))
+    weights = sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path) if f.endswith((".safetensors", ".bin")))
     params = sum(b.numel() * b.element_size() for b in {id(b): b for b in model.net.buffers()}.values())
     status = dict(line.split(":", 1) for line in open("/proc/self/status").read().splitlines() if ":" in line)
     return dict(weight_bytes=weights, model_bytes=params, rss_before=before, peak_rss=peak,
@@ -71,9 +88,9 @@ def measure(path: str) -> dict:
                 rss_anon=status["RssAnon"].strip(), rss_file=status["RssFile"].strip())
 
 
-def run(size: str) -> dict:
+def run(size: str, fmt: str = "safetensors") -> dict:
     with tempfile.TemporaryDirectory() as d:
-        subprocess.run([sys.executable, __file__, "--build", d, "--size", size], check=True,
+        subprocess.run([sys.executable, __file__, "--build", d, "--size", size, "--format", fmt], check=True,
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         out = subprocess.run([sys.executable, __file__, "--measure", d], check=True, capture_output=True, text=True)
         return json.loads(out.stdout.strip().splitlines()[-1])
@@ -82,14 +99,15 @@ def run(size: str) -> dict:
 if __name__ == "__main__":
     ap = argparse.ArgumentParser()
     ap.add_argument("--size", default="base", choices=sorted(SIZES))
+    ap.add_argument("--format", default="safetensors", choices=FORMATS)
     ap.add_argument("--build")
     ap.add_argument("--measure")
     a = ap.parse_args()
     if a.build:
-        build(a.build, a.size)
+        build(a.build, a.size, a.format)
     elif a.measure:
         print(json.dumps(measure(a.measure)))
     else:
-        r = run(a.size)
-        print(f"weights {r['weight_bytes'] / 2**20:.0f} MiB, peak RSS increase during load "
+        r = run(a.size, a.format)
+        print(f"{a.size} {a.format}: weights {r['weight_bytes'] / 2**20:.0f} MiB, peak RSS increase during load "
               f"{r['peak_increase'] / 2**20:.0f} MiB = {r['ratio']:.2f}x the weights")

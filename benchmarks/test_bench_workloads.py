@@ -19,27 +19,28 @@ CASES = [(w, p) for w in W.WORKLOADS for p in W.PROVIDERS
 
 @pytest.fixture(scope="module")
 def bench_env(tmp_path_factory):
-    path = str(tmp_path_factory.mktemp("bench_ckpt"))
-    W.build_checkpoint(path)
-    env = {"path": path, "models": {}, "rows": [], "outputs": {}, "ceilings": W.measure_bandwidth_and_flops()}
+    env = {"tmp": tmp_path_factory, "paths": {}, "models": {}, "rows": [], "outputs": {},
+           "ceilings": W.measure_bandwidth_and_flops()}
     yield env
     _report(env)
 
 
-def _model(env, provider):
-    if provider not in env["models"]:
-        env["models"].clear()  # one provider resident at a time
+def _model(env, provider, name):
+    """One (checkpoint, provider) resident at a time; each workload model's checkpoint is built once."""
+    if name not in env["paths"]:
+        env["paths"][name] = W.build_checkpoint(str(env["tmp"].mktemp(f"bench_{name}")), name)
+    if (name, provider) not in env["models"]:
+        env["models"].clear()
         if W.CUDA:
             torch.cuda.empty_cache()
-        env["models"][provider] = W.load_provider(env["path"], provider)
-    return env["models"][provider]
+        env["models"][name, provider] = W.load_provider(env["paths"][name], provider)
+    return env["models"][name, provider]
 
 
 @pytest.mark.parametrize("w,provider", CASES, ids=[f"{w.label}-{p}" for w, p in CASES])
 def test_workload(benchmark, bench_env, w, provider):
-    model = _model(bench_env, provider)
-    vocab = W.MODEL[3] if not W.CUDA else 30522
-    ids, mask = W.inputs(w, min(vocab, W.MODEL[3]))
+    model = _model(bench_env, provider, w.model)
+    ids, mask = W.inputs(w, W.input_vocab(w.model))
     t0 = time.perf_counter()
     out = W.run_once(model, provider, w, ids, mask)  # warm-up: Triton compilation, CUDA-graph capture
     warm = time.perf_counter() - t0

@@ -4,6 +4,8 @@ Sized for a GPU when CUDA is present, shrunk on the CPU so `pytest benchmarks/` 
   W1  bert-base + gpt2, batch 1, 512 source tokens, 128 new tokens, greedy
   W2  same model, batch 64 and 256, 256 source tokens, 64 new tokens, greedy and beam 4
   W3  encoder only, batch 64 x 512 tokens
+  W1/W2 "rothe": the size people run from Rothe et al. 2019 (google/roberta2roberta_L-24_*,
+      bert2bert_L-24_*): bert-generation on both sides, 24 layers x 1024, 16 heads, vocabulary 50358
 """
 
 from __future__ import annotations
@@ -18,8 +20,11 @@ CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
 DTYPE = torch.bfloat16 if CUDA else torch.float32
 
-# (layers, hidden, heads, vocab) for the encoder and the decoder alike
-MODEL = (12, 768, 12, 50257) if CUDA else (2, 128, 4, 4000)
+# (layers, hidden, heads, vocab) for the encoder and the decoder alike, per workload model
+MODELS = {
+    "bert2gpt2": (12, 768, 12, 50257) if CUDA else (2, 128, 4, 4000),
+    "rothe": (24, 1024, 16, 50358) if CUDA else (2, 128, 4, 4000),
+}
 
 
 @dataclass(frozen=True)
@@ -30,13 +35,15 @@ class Workload:
     new_tokens: int
     num_beams: int = 1
     encoder_only: bool = False
+    model: str = "bert2gpt2"  # a key of MODELS
 
     @property
     def label(self):
+        name = self.name if self.model == "bert2gpt2" else f"{self.name} {self.model}"
         if self.encoder_only:
-            return f"{self.name} encoder b{self.batch}x{self.src_len}"
+            return f"{name} encoder b{self.batch}x{self.src_len}"
         mode = "greedy" if self.num_beams == 1 else f"beam{self.num_beams}"
-        return f"{self.name} b{self.batch} src{self.src_len} new{self.new_tokens} {mode}"
+        return f"{name} b{self.batch} src{self.src_len} new{self.new_tokens} {mode}"
 
 
 if CUDA:
@@ -47,6 +54,9 @@ if CUDA:
         Workload("W2", 64, 256, 64, num_beams=4),
         Workload("W2", 256, 256, 64, num_beams=4),
         Workload("W3", 64, 512, 0, encoder_only=True),
+        Workload("W1", 1, 512, 128, model="rothe"),
+        Workload("W2", 64, 256, 64, model="rothe"),
+        Workload("W2", 64, 256, 64, num_beams=4, model="rothe"),
     ]
 else:
     WORKLOADS = [
@@ -54,6 +64,8 @@ else:
         Workload("W2", 8, 32, 8),
         Workload("W2", 8, 32, 8, num_beams=4),
         Workload("W3", 8, 64, 0, encoder_only=True),
+        Workload("W1", 1, 64, 16, model="rothe"),
+        Workload("W2", 8, 32, 8, model="rothe"),
     ]
 
 PROVIDERS = ["encdec_fast-triton", "encdec_fast-torch", "transformers-sdpa", "transformers-eager"]
@@ -76,6 +88,32 @@ def build_bert2gpt2(path: str, *, layers: int, hidden: int, heads: int, enc_voca
     cfg = T.EncoderDecoderConfig.from_encoder_decoder_configs(enc, dec)
     cfg.decoder_start_token_id, cfg.pad_token_id, cfg.eos_token_id = 1, 0, 2
     model = T.EncoderDecoderModel(cfg)
+    _randomise(model, seed)
+    model.save_pretrained(path)
+    return path
+
+
+def build_bertgen2bertgen(path: str, *, layers: int, hidden: int, heads: int, vocab: int, positions: int = 512,
+                          seed: int = 0) -> str:
+    """Save a random bert-generation pair shaped like Rothe et al.'s (tied decoder head; weights std 0.05,
+    biases 0, LayerNorms 1; pad 0, eos 1, decoder start 2 as BertGenerationConfig's defaults)."""
+    import transformers as T
+
+    torch.manual_seed(seed)
+    half = dict(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                intermediate_size=4 * hidden, max_position_embeddings=positions)
+    enc = T.BertGenerationConfig(**half)
+    dec = T.BertGenerationConfig(**half, is_decoder=True, add_cross_attention=True)
+    cfg = T.EncoderDecoderConfig.from_encoder_decoder_configs(enc, dec)
+    cfg.decoder_start_token_id, cfg.pad_token_id, cfg.eos_token_id = 2, 0, 1
+    model = T.EncoderDecoderModel(cfg)
+    _randomise(model, seed)
+    model.save_pretrained(path)
+    return path
+
+
+def _randomise(model, seed: int):
+    """Weights std 0.05 (keeps greedy outputs varied), biases 0, LayerNorms 1."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -85,14 +123,20 @@ def build_bert2gpt2(path: str, *, layers: int, hidden: int, heads: int, enc_voca
                 p.fill_(1.0)
             else:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.05)
-    model.save_pretrained(path)
-    return path
 
 
-def build_checkpoint(path: str, seed: int = 0) -> str:
-    """The W1-W3 checkpoint: bert-base encoder + gpt2-size decoder on CUDA, shrunk on the CPU."""
-    L, E, H, V = MODEL
+def build_checkpoint(path: str, model: str = "bert2gpt2", seed: int = 0) -> str:
+    """A workload's checkpoint: bert-base encoder + gpt2-size decoder, or the Rothe-size bert-generation
+    pair, on CUDA; shrunk on the CPU."""
+    L, E, H, V = MODELS[model]
+    if model == "rothe":
+        return build_bertgen2bertgen(path, layers=L, hidden=E, heads=H, vocab=V, seed=seed)
     return build_bert2gpt2(path, layers=L, hidden=E, heads=H, enc_vocab=30522 if CUDA else V, dec_vocab=V, seed=seed)
+
+
+def input_vocab(model: str) -> int:
+    """Source ids are drawn below this (the encoder's vocabulary)."""
+    return 30522 if CUDA and model == "bert2gpt2" else MODELS[model][3]
 
 
 def load_provider(path: str, provider: str):
@@ -163,7 +207,7 @@ def floor_seconds(w: Workload, ceilings: dict, enc_bytes: int, dec_bytes: int, b
     KV bytes (self cache so far + cross K/V); the encoder and the prefill are bounded by FLOPs."""
     if not ceilings:
         return None
-    L, E, H, V = MODEL
+    L, E, H, V = MODELS[w.model]
     bw, fl = ceilings["bandwidth_GBps"] * 1e9, ceilings["bf16_TFLOPs"] * 1e12
     enc_params = enc_bytes / bytes_per
     enc_flops = 2 * enc_params * w.batch * w.src_len + 4 * w.batch * w.src_len**2 * E * L

@@ -11,8 +11,9 @@ from .errors import (
                      UnsupportedArgumentError,
                      UnsupportedModelError,
 )
-from .model import EncDecModel, load
+from .model import EncDecModel, from_transformers, load
 
-__all__ = ["load", "EncDecModel", "Engine", "EngineClosedError", "EncDecError", "CheckpointError",
-           "CheckpointNotFoundError", "CudaKernelError", "InvalidInputError", "UnsupportedArgumentError", "UnsupportedModelError"]
+__all__ = ["load", "from_transformers", "EncDecModel", "Engine", "EngineClosedError", "EncDecError", "CheckpointError",
+           "CheckpointNotFoundError", "CudaKernelError", "InvalidInputError", "UnsupportedArgumentError",
+           "UnsupportedModelError"]
 __version__ = "0.1.0"

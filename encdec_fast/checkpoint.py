@@ -1,18 +1,21 @@
 """Find and read a checkpoint: config, weights and generation config; build the net from them.
 
 Weights are read lazily (safetensors ``safe_open``; ``.bin`` only through
-``torch.load(weights_only=True, mmap=True)``) and assigned tensor by tensor into modules built on the
-meta device, so peak memory stays about one copy of the model. weight_map.py says which Hugging Face
-tensors fill which buffer; this file finds them (one folder, a tied checkpoint whose decoder borrows
-the encoder's tensors, or two glued checkpoints), initialises what a glued pair lacks, and checks
-every shape.
+``torch.load(weights_only=True)``, memory-mapped for the zip format, read whole for the legacy pre-zip
+format, which cannot be mapped; no pickle ever runs code) and assigned tensor by tensor into modules
+built on the meta device, so peak memory stays about one copy of the model. weight_map.py says which
+Hugging Face tensors fill which buffer; this file finds them (one folder, a tied checkpoint whose decoder
+borrows the encoder's tensors, two glued checkpoints, or a transformers model in memory), initialises
+what a glued pair lacks, and checks every shape.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import warnings
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -85,8 +88,8 @@ class WeightReader:
                     from safetensors import safe_open
 
                     self._open[f] = safe_open(str(f), framework="pt", device="cpu")
-                else:
-                    self._open[f] = torch.load(str(f), map_location="cpu", weights_only=True, mmap=True)
+                else:  # the legacy (pre-zip) format cannot be memory-mapped: it is read whole
+                    self._open[f] = torch.load(str(f), map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(f))
             except Exception as e:  # corrupt file: say which
                 raise CheckpointError(f"cannot read weights file {str(f)!r}: {e}. Re-save the checkpoint.") from None
         return self._open[f]
@@ -183,9 +186,10 @@ class Source:
     plan: wm.Plan
     fetch: Callable[[str], torch.Tensor]
     stored_dtype: torch.dtype
-    gen_dir: Path  # where generation_config.json is looked for
-    folder: Path | None  # the EncoderDecoderModel folder (None when glued)
+    gen_dir: Path | None  # where generation_config.json is looked for (None: in memory)
+    folder: Path | None  # the EncoderDecoderModel folder (None when glued or in memory)
     init_missing: set[str] = field(default_factory=set)  # HF names only the glued model has
+    gen_config: object = None  # the in-memory model's GenerationConfig
 
 
 def read_config(path: Path):
@@ -193,10 +197,10 @@ def read_config(path: Path):
 
     try:
         return AutoConfig.from_pretrained(str(path), local_files_only=True)
-    except (ValueError, KeyError, OSError) as e:
+    except (ValueError, KeyError, OSError, TypeError) as e:
         raise UnsupportedModelError(
             f"cannot read {str(path / 'config.json')!r} as a transformers config: {e}. "
-            "encdec_fast reads EncoderDecoderModel folders (BERT/RoBERTa encoder, GPT-2/BERT/RoBERTa decoder)."
+            "encdec_fast reads EncoderDecoderModel folders (see the README's supported checkpoints)."
         ) from None
 
 
@@ -215,8 +219,8 @@ def open_folder(path) -> Source:
     plan = wm.full_plan(cfg, keys)
     fetch, names = reader.get, keys
     if cfg.tie_encoder_decoder:  # checkpoints saved with tied halves drop the decoder's copies
-        fam = cfg.decoder.family
-        tied = {f"decoder.{fam}." + k[len("encoder."):]: k for k in keys if k.startswith("encoder.")}
+        base = "decoder." + wm.DECODER_BASE[cfg.decoder.family]
+        tied = {base + k[len("encoder."):]: k for k in keys if k.startswith("encoder.")}
         names = keys | set(tied)
 
         def fetch(n):
@@ -242,16 +246,18 @@ def open_pair(encoder, decoder) -> Source:
     hf = EncoderDecoderConfig.from_encoder_decoder_configs(ecfg, dcfg)
     cfg = from_hf(hf)
     er, dr = WeightReader(ef), WeightReader(df)
-    fam = cfg.decoder.family
-    ealias = wm.alias(er.keys(), ("bert.", "roberta."), "encoder.", {"cls.": "encoder.cls.", "lm_head.": "encoder.lm_head."})
-    if fam == "gpt2":
-        dalias = wm.alias(dr.keys(), ("transformer.",), "decoder.transformer.", {"lm_head.": "decoder.lm_head."})
-    else:
-        dalias = wm.alias(dr.keys(), (f"{fam}.",), f"decoder.{fam}.", {"cls.": "decoder.cls.", "lm_head.": "decoder.lm_head."})
+    base = wm.DECODER_BASE[cfg.decoder.family]
+    if cfg.decoder.family == "bart" and any(k.startswith(("model.encoder.", "encoder.")) for k in dr.keys()):
+        raise UnsupportedModelError(
+            f"decoder {str(df)!r} holds a whole BART model (encoder and decoder); transformers 5 loads it into "
+            "BartForCausalLM without its word embeddings (they come out random). Build a BartForCausalLM with the "
+            "decoder's weights and the shared embeddings, save it, and pass that folder as decoder=.")
+    ealias = wm.alias(er.keys(), wm.ENCODER_BASES, "encoder.", wm.ENCODER_HEADS, "encoder.")
+    dalias = wm.alias(dr.keys(), (base,), "decoder." + base, wm.DECODER_HEADS, "decoder.")
     names = set(ealias) | set(dalias)
     plan = wm.full_plan(cfg, names)
     missing, unexpected = wm.missing_and_unexpected(plan, names)
-    unexpected = [u for u in unexpected if not u.startswith(("encoder.cls.", "encoder.lm_head.", "decoder.lm_head.bias"))]
+    unexpected = [u for u in unexpected if not u.startswith(tuple("encoder." + h for h in wm.ENCODER_HEADS))]
     enc_missing = [m for m in missing if not m.startswith(("decoder.", "enc_to_dec_proj."))]
     report_missing(f"encoder {str(ef)!r} / decoder {str(df)!r}", enc_missing, unexpected)
 
@@ -259,6 +265,35 @@ def open_pair(encoder, decoder) -> Source:
         return er.get(ealias[n]) if n in ealias else dr.get(dalias[n])
 
     return Source(hf, cfg, plan, fetch, er.dtype(), df, None, set(missing))
+
+
+def open_module(model) -> Source:
+    """A transformers EncoderDecoderModel in memory (for example right after fine-tuning), read through
+    the same plan as its save_pretrained() folder. Every tensor is copied: the net shares no storage with
+    the model, and later changes to either leave the other alone."""
+    from transformers import EncoderDecoderModel
+
+    if not isinstance(model, EncoderDecoderModel):
+        raise UnsupportedModelError(
+            f"from_transformers() takes a transformers EncoderDecoderModel, got {type(model).__name__}; for a "
+            "folder use encdec_fast.load(path).")
+    hf = copy.deepcopy(model.config)
+    cfg = from_hf(hf)
+    sd = model.state_dict()
+    on_meta = sorted(k for k, t in sd.items() if t.is_meta)
+    if on_meta:
+        raise CheckpointError(f"the model holds tensors on the meta device ({on_meta[:3]}...): it is offloaded or was "
+                              "never materialised. Load it fully into memory first, or save it and use load(path).")
+    keys = set(sd)
+    plan = wm.full_plan(cfg, keys)
+    missing, unexpected = wm.missing_and_unexpected(plan, keys)
+    report_missing(f"transformers model {type(model).__name__}", missing, unexpected)
+
+    def fetch(n):
+        return sd[n].detach().clone()
+
+    dtype = next((t.dtype for t in sd.values() if t.is_floating_point()), torch.float32)
+    return Source(hf, cfg, plan, fetch, dtype, None, None, gen_config=copy.deepcopy(model.generation_config))
 
 
 def _init_missing(net, plan: wm.Plan, missing: set[str], seed: int, std: float, dtype, device) -> list[str]:
@@ -288,7 +323,8 @@ def build_net(src: Source, *, device, dtype, seed: int) -> EncoderDecoderNet:
         net = EncoderDecoderNet(src.cfg)
     plan = src.plan
     if src.init_missing:
-        std = getattr(src.hf_config.decoder, "initializer_range", 0.02)
+        dec = src.hf_config.decoder
+        std = getattr(dec, "initializer_range", None) or getattr(dec, "init_std", None) or 0.02  # BART: init_std
         done = _init_missing(net, plan, src.init_missing, seed, std, dtype, device)
         plan = {k: v for k, v in plan.items() if not any(h in src.init_missing for h in v[0])}
         warnings.warn(
@@ -309,6 +345,8 @@ def generation_config(src: Source):
     """The checkpoint's generation_config.json, else one derived from config.json (as transformers does)."""
     from transformers import GenerationConfig
 
+    if src.gen_dir is None:
+        return copy.deepcopy(src.gen_config) if src.gen_config is not None else GenerationConfig.from_model_config(src.hf_config)
     f = src.gen_dir / "generation_config.json"
     try:
         if f.is_file():

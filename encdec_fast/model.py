@@ -150,24 +150,46 @@ class EncDecModel:
             raise InvalidInputError(f"{name} masks every token of some sequence; each sequence needs at least one real token.")
         return None if bool(mask.all()) else mask
 
+    def check_token_types(self, token_type_ids, ids):
+        """-> long (B, S) on the device, or None (every token type 0, the default)."""
+        if token_type_ids is None:
+            return None
+        half = self.cfg.encoder
+        if not half.type_vocab_size:
+            raise InvalidInputError(f"token_type_ids given, but this encoder ({half.model_type}) has no token type "
+                                    "embeddings; drop token_type_ids (tokenize with return_token_type_ids=False).")
+        types = torch.as_tensor(token_type_ids)
+        if types.is_floating_point() or types.is_complex() or types.dtype == torch.bool:
+            raise InvalidInputError(f"token_type_ids must hold integers, got dtype {types.dtype}.")
+        if tuple(types.shape) != tuple(ids.shape):
+            raise InvalidInputError(f"token_type_ids has shape {tuple(types.shape)} but input_ids has {tuple(ids.shape)}; "
+                                    "they must match.")
+        lo, hi = int(types.min()), int(types.max())
+        if lo < 0 or hi >= half.type_vocab_size:
+            raise InvalidInputError(f"token_type_ids holds {lo if lo < 0 else hi}, outside [0, {half.type_vocab_size}) "
+                                    "(the encoder's type_vocab_size).")
+        return types.to(device=self.device, dtype=torch.long)
+
     # -- the net -----------------------------------------------------------------------------------
     @torch.inference_mode()
-    def encode(self, input_ids, attention_mask=None):
+    def encode(self, input_ids, attention_mask=None, token_type_ids=None):
         """-> (encoder last hidden state (B, S, E_enc), key mask bool (B, S) or None)"""
         ids = self.check_ids(input_ids, "input_ids", self.cfg.encoder)
         mask = self.check_mask(attention_mask, ids, "attention_mask")
-        return self.net.encoder(ids, mask, self.ops), mask
+        types = self.check_token_types(token_type_ids, ids)
+        return self.net.encoder(ids, mask, self.ops, types), mask
 
     @torch.inference_mode()
     def forward(self, input_ids=None, attention_mask=None, decoder_input_ids=None, decoder_attention_mask=None,
-                labels=None, encoder_outputs=None, **kwargs):
+                labels=None, encoder_outputs=None, token_type_ids=None, **kwargs):
         from transformers.modeling_outputs import Seq2SeqLMOutput
 
         unsupported = sorted(k for k, v in kwargs.items() if k not in _FORWARD_IGNORED and v is not None)
         if unsupported or kwargs.get("output_attentions") or kwargs.get("output_hidden_states"):
             names = unsupported or ["output_attentions/output_hidden_states"]
             raise UnsupportedArgumentError(f"forward() does not support {names}; encdec_fast takes input_ids, attention_mask, "
-                                           "decoder_input_ids, decoder_attention_mask, labels and encoder_outputs.")
+                                           "token_type_ids, decoder_input_ids, decoder_attention_mask, labels and "
+                                           "encoder_outputs.")
         ops, g = self.ops, self.net
         if encoder_outputs is not None:
             enc = encoder_outputs[0] if isinstance(encoder_outputs, (tuple, list)) else getattr(
@@ -177,7 +199,7 @@ class EncDecModel:
             if attention_mask is not None:
                 enc_mask = self.check_mask(attention_mask, enc[..., 0], "attention_mask")
         else:
-            enc, enc_mask = self.encode(input_ids, attention_mask)
+            enc, enc_mask = self.encode(input_ids, attention_mask, token_type_ids)
         if labels is not None:
             labels = torch.as_tensor(labels).to(self.device)
             if decoder_input_ids is None:
@@ -217,6 +239,15 @@ class EncDecModel:
 
 
 # ------------------------------------------------------------------------------------------------
+def _build(src, device, dtype, backend, seed: int) -> EncDecModel:
+    """The model for a resolved checkpoint source (checkpoint.py): what load() and from_transformers() share."""
+    dev = _pick_device(device)
+    be = _pick_backend(backend, dev)
+    dt = _pick_dtype(dtype, src.stored_dtype, dev)
+    net = ckpt.build_net(src, device=dev, dtype=dt, seed=seed)
+    return EncDecModel(net, src.hf_config, ckpt.generation_config(src), be, path=src.folder)
+
+
 def load(path=None, *, encoder=None, decoder=None, device=None, dtype=None, backend=None, seed: int = 0) -> EncDecModel:
     """Load an EncoderDecoderModel folder, or glue an encoder and a decoder checkpoint.
 
@@ -225,10 +256,16 @@ def load(path=None, *, encoder=None, decoder=None, device=None, dtype=None, back
     a glued decoder checkpoint lacks (its cross-attention), reproducibly."""
     if path is not None and (encoder is not None or decoder is not None):
         raise UnsupportedArgumentError("pass either path or encoder=/decoder=, not both.")
-    dev = _pick_device(device)
-    be = _pick_backend(backend, dev)
+    _pick_backend(backend, _pick_device(device))  # argument errors before any file is read
     glued = path is None and (encoder is not None or decoder is not None)
     src = ckpt.open_pair(encoder, decoder) if glued else ckpt.open_folder(path)
-    dt = _pick_dtype(dtype, src.stored_dtype, dev)
-    net = ckpt.build_net(src, device=dev, dtype=dt, seed=seed)
-    return EncDecModel(net, src.hf_config, ckpt.generation_config(src), be, path=src.folder)
+    return _build(src, device, dtype, backend, seed)
+
+
+def from_transformers(hf_model, *, device=None, dtype=None, backend=None) -> EncDecModel:
+    """The encdec_fast model of a transformers EncoderDecoderModel in memory (for example right after
+    fine-tuning): the same model load() gives for its save_pretrained() folder, without the round trip.
+    Every tensor, the config and the generation config are copied: nothing is shared with hf_model.
+    device, dtype and backend as for load()."""
+    _pick_backend(backend, _pick_device(device))
+    return _build(ckpt.open_module(hf_model), device, dtype, backend, seed=0)

@@ -2,7 +2,8 @@
 
 Weights are buffers laid out for the fast path: fused QKV (BERT's query/key/value concatenated,
 GPT-2's Conv1D c_attn transposed to nn.Linear's [out, in]), cross-attention K/V fused. weight_map.py
-maps Hugging Face names onto these.
+maps Hugging Face names onto these. The families differ only in StackConfig's options (embeddings,
+position rows, pre- or post-LN layers, head), never in a branch on the family's name here.
 
 Two decoder paths share the layer code:
   full(ids [B, L])        -> hidden [B, L, E]   (forward pass, no cache)
@@ -59,31 +60,52 @@ class MLP(nn.Module):
 
 
 class Embeddings(nn.Module):
-    """Word + position (+ token type 0) embeddings; BERT/RoBERTa add a LayerNorm."""
+    """Word (x embed_scale) + token type + position embeddings, then LayerNorm (all but GPT-2), then a
+    projection to the hidden size (ELECTRA with narrower embeddings): transformers' order of additions."""
 
     def __init__(self, cfg: StackConfig):
         super().__init__()
         self.cfg = cfg
-        self.register_buffer("word", _buf(cfg.vocab_size, cfg.hidden_size))
-        self.register_buffer("position", _buf(cfg.max_positions, cfg.hidden_size))
-        if cfg.family != "gpt2":
-            self.register_buffer("type0", _buf(cfg.hidden_size))  # row 0 of token_type_embeddings
-            self.ln = LayerNorm(cfg.hidden_size, cfg.layer_norm_eps)
+        E = cfg.embed_dim
+        self.register_buffer("word", _buf(cfg.vocab_size, E))
+        self.register_buffer("position", _buf(cfg.max_positions, E))
+        if cfg.type_vocab_size:
+            self.register_buffer("token_type", _buf(cfg.type_vocab_size, E))
+        if cfg.embed_ln:
+            self.ln = LayerNorm(E, cfg.layer_norm_eps)
+        if cfg.embedding_size:
+            self.proj = Linear(E, cfg.hidden_size)
 
     def positions(self, ids: torch.Tensor, start) -> torch.Tensor:
-        """Position ids as transformers computes them; start is the number of tokens before ids[:, 0]."""
+        """Rows of the position table, as transformers computes them; start is the number of tokens
+        before ids[:, 0]. ids (B, L) -> (B, L)."""
         cfg = self.cfg
-        if cfg.family == "roberta":
+        if cfg.positions_skip_pad:
             keep = (ids != cfg.pad_token_id).long()
             return (torch.cumsum(keep, dim=1) + start) * keep + cfg.pad_token_id
         L = ids.shape[1]
-        return (torch.arange(L, device=ids.device) + start).expand(ids.shape[0], L)
+        return (torch.arange(L, device=ids.device) + (start + cfg.position_offset)).expand(ids.shape[0], L)
 
-    def forward(self, ids: torch.Tensor, pos: torch.Tensor, ops):
-        x = self.word[ids] + self.position[pos]
-        if self.cfg.family == "gpt2":
-            return x
-        return self.ln(x + self.type0, ops)
+    def step_positions(self, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """positions() for one token per row: ids (N,), pos (N,) tokens already before it -> (N,)."""
+        cfg = self.cfg
+        if cfg.positions_skip_pad:
+            return torch.where(ids != cfg.pad_token_id, pos + cfg.position_offset, cfg.pad_token_id)
+        return pos + cfg.position_offset
+
+    def forward(self, ids: torch.Tensor, pos: torch.Tensor, ops, types: torch.Tensor | None = None):
+        """ids, pos (and types, token type ids; None: type 0) (B, L) -> (B, L, hidden)."""
+        x = self.word[ids]
+        if self.cfg.embed_scale != 1.0:
+            x = x * self.cfg.embed_scale
+        if self.cfg.type_vocab_size:
+            x = x + (self.token_type[types] if types is not None else self.token_type[0])
+        x = x + self.position[pos]
+        if self.cfg.embed_ln:
+            x = self.ln(x, ops)
+        if self.cfg.embedding_size:
+            x = self.proj(x, ops)
+        return x
 
 
 def _heads(t: torch.Tensor, parts: int, H: int):
@@ -169,7 +191,7 @@ class CrossAttention(nn.Module):
 
 
 # ------------------------------------------------------------------------------------------------
-# BERT / RoBERTa layers (post-LN)
+# post-LN layers: BERT, RoBERTa, bert-generation, ELECTRA, and BART's decoder layer
 # ------------------------------------------------------------------------------------------------
 class BertLayer(nn.Module):
     def __init__(self, cfg: StackConfig, layer: int):
@@ -202,9 +224,9 @@ class Encoder(nn.Module):
         self.embed = Embeddings(cfg)
         self.layers = nn.ModuleList(BertLayer(cfg, i) for i in range(cfg.num_layers))
 
-    def forward(self, ids, key_mask, ops):
-        """ids (B, S); key_mask bool (B, S) or None -> hidden (B, S, E)"""
-        x = self.embed(ids, self.embed.positions(ids, 0), ops)
+    def forward(self, ids, key_mask, ops, types=None):
+        """ids (B, S); key_mask bool (B, S) or None; types: token type ids (B, S) or None -> hidden (B, S, E)"""
+        x = self.embed(ids, self.embed.positions(ids, 0), ops, types)
         for layer in self.layers:
             x = layer.full(x, ops, causal=False, key_mask=key_mask)
         return x
@@ -238,22 +260,25 @@ class GPT2Block(nn.Module):
 
 
 class LMHead(nn.Module):
-    """GPT-2: logits = h @ wte.T. BERT/RoBERTa: dense -> gelu -> LayerNorm -> @ word.T + bias."""
+    """logits = t(h) @ weight.T (+ bias). t is the identity (GPT-2, BART, bert-generation) or, with
+    head_transform (BERT, RoBERTa, ELECTRA), dense -> gelu -> LayerNorm, whose output has the embedding
+    width (ELECTRA's may be narrower than the hidden size)."""
 
     def __init__(self, cfg: StackConfig):
         super().__init__()
         self.cfg = cfg
-        self.register_buffer("weight", _buf(cfg.vocab_size, cfg.hidden_size))  # tied or own
-        if cfg.family != "gpt2":
-            self.dense = Linear(cfg.hidden_size, cfg.hidden_size)
-            self.ln = LayerNorm(cfg.hidden_size, cfg.layer_norm_eps)
-            self.register_buffer("bias", _buf(cfg.vocab_size))
+        width = cfg.embed_dim if cfg.head_transform else cfg.hidden_size
+        self.register_buffer("weight", _buf(cfg.vocab_size, width))  # tied to the word embeddings or its own
+        if cfg.head_transform:
+            self.dense = Linear(cfg.hidden_size, width)
+            self.ln = LayerNorm(width, cfg.layer_norm_eps)
+        self.register_buffer("bias", _buf(cfg.vocab_size) if cfg.head_bias else None)
 
     def forward(self, h, ops):
-        if self.cfg.family == "gpt2":
-            return ops.linear(h, self.weight, None)
-        t = ops.linear_gelu(h, self.dense.weight, self.dense.bias, self.cfg.head_gelu)
-        return ops.linear(self.ln(t, ops), self.weight, self.bias)
+        if self.cfg.head_transform:
+            t = ops.linear_gelu(h, self.dense.weight, self.dense.bias, self.cfg.head_gelu)
+            h = self.ln(t, ops)
+        return ops.linear(h, self.weight, self.bias)
 
 
 class Decoder(nn.Module):
@@ -261,9 +286,9 @@ class Decoder(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.embed = Embeddings(cfg)
-        block = GPT2Block if cfg.family == "gpt2" else BertLayer
+        block = GPT2Block if cfg.pre_ln else BertLayer
         self.layers = nn.ModuleList(block(cfg, i) for i in range(cfg.num_layers))
-        if cfg.family == "gpt2":
+        if cfg.pre_ln:
             self.ln_f = LayerNorm(cfg.hidden_size, cfg.layer_norm_eps)
         self.head = LMHead(cfg)
 
@@ -281,12 +306,8 @@ class Decoder(nn.Module):
         """One token per row. ids (N,); pos long (1,) or (N,) = number of tokens already in each row's
         cache (the slot this token is written to; per row for continuous batching).
         cache: (k_caches, v_caches) lists of (N, Lmax, H, D). Returns logits (N, V)."""
-        cfg = self.cfg
         pos = pos.expand(ids.shape[0])
-        if cfg.family == "roberta":
-            p = torch.where(ids != cfg.pad_token_id, pos + cfg.pad_token_id + 1, cfg.pad_token_id)
-        else:
-            p = pos
+        p = self.embed.step_positions(ids, pos)
         x = self.embed(ids.unsqueeze(1), p.unsqueeze(1), ops).squeeze(1)  # (N, E)
         seq_lens = (pos + 1).to(torch.int32)
         ks, vs = cache
@@ -298,7 +319,7 @@ class Decoder(nn.Module):
         return self.head(self._run(x, ops, kw, "step"), ops)
 
     def _run(self, x, ops, kwargs_for, mode):
-        if self.cfg.family != "gpt2":
+        if not self.cfg.pre_ln:
             for i, layer in enumerate(self.layers):
                 x = getattr(layer, mode)(x, ops, **kwargs_for(layer, i))
             return x

@@ -1,10 +1,10 @@
 """The name table: which Hugging Face tensors fill each of our buffers, and how they are combined.
 
-Our layout is the fast path's: fused QKV (BERT's query/key/value concatenated, GPT-2's Conv1D c_attn
-transposed to nn.Linear's [out, in]), cross-attention K/V fused. A plan maps each buffer name of
-modules.EncoderDecoderNet to (HF names, combine function); checkpoint.py reads the tensors and fills
-the buffers. Standalone checkpoints (glued with load(encoder=, decoder=)) are first mapped onto the
-EncoderDecoderModel names by alias().
+Our layout is the fast path's: fused QKV (BERT's query/key/value and BART's q/k/v_proj concatenated,
+GPT-2's Conv1D c_attn transposed to nn.Linear's [out, in]), cross-attention K/V fused. A plan maps each
+buffer name of modules.EncoderDecoderNet to (HF names, combine function); checkpoint.py reads the
+tensors and fills the buffers. Standalone checkpoints (glued with load(encoder=, decoder=)) are first
+mapped onto the EncoderDecoderModel names by alias().
 """
 
 from __future__ import annotations
@@ -18,7 +18,31 @@ from .config import ModelConfig, StackConfig
 # tensors a checkpoint may hold that the inference net does not use
 _IGNORED_SUFFIXES = (".position_ids", ".token_type_ids", "attn.bias", "attn.masked_bias",
                      "crossattention.bias", "crossattention.masked_bias")
-_IGNORED_PARTS = ("pooler.", "cls.seq_relationship.", "lm_head.decoder.bias", "cls.predictions.decoder.bias")
+_IGNORED_PARTS = ("pooler.", "cls.seq_relationship.", "lm_head.decoder.bias", "cls.predictions.decoder.bias",
+                  "lm_head.bias", "cls.predictions.bias")
+
+# a decoder's base model inside its ForCausalLM class (in an EncoderDecoderModel: "decoder." + this)
+DECODER_BASE = {"gpt2": "transformer.", "bert": "bert.", "roberta": "roberta.", "bert-generation": "bert.",
+                "electra": "electra.", "bart": "model.decoder."}
+# a standalone encoder checkpoint may be a base model (no prefix) or a model with a head (prefix + head)
+ENCODER_BASES = ("bert.", "roberta.", "electra.")
+ENCODER_HEADS = ("cls.", "lm_head.", "discriminator_predictions.", "generator_predictions.", "generator_lm_head.")
+
+# decoder heads, relative to the ForCausalLM: (transform dense, transform LayerNorm, vocab matrix,
+# vocab biases in order of preference: the projection's own bias is what forward adds; transformers ties
+# it to the second name, which is all a tied transformers-5 save keeps)
+_HEADS = {
+    "bert": ("cls.predictions.transform.dense", "cls.predictions.transform.LayerNorm", "cls.predictions.decoder.weight",
+             ("cls.predictions.decoder.bias", "cls.predictions.bias")),
+    "roberta": ("lm_head.dense", "lm_head.layer_norm", "lm_head.decoder.weight", ("lm_head.decoder.bias", "lm_head.bias")),
+    "electra": ("generator_predictions.dense", "generator_predictions.LayerNorm", "generator_lm_head.weight",
+                ("generator_lm_head.bias",)),
+    "bert-generation": (None, None, "lm_head.decoder.weight", ("lm_head.decoder.bias", "lm_head.bias")),
+    "gpt2": (None, None, "lm_head.weight", ()),
+    "bart": (None, None, "lm_head.weight", ()),
+}
+# first component of every head name above: what a standalone decoder checkpoint holds besides its base
+DECODER_HEADS = ("cls.", "lm_head.", "generator_predictions.", "generator_lm_head.")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -30,10 +54,6 @@ def _cat(*ts):
 
 def _t(t):  # GPT-2 Conv1D [in, out] -> nn.Linear [out, in]
     return t.t()
-
-
-def _row0(t):
-    return t[0]
 
 
 Plan = dict[str, tuple[list[str], Callable]]
@@ -51,14 +71,22 @@ def _ln(plan: Plan, ours: str, hf: str):
     plan[f"{ours}.bias"] = ([f"{hf}.bias"], lambda t: t)
 
 
+def _one(plan: Plan, ours: str, hf: str):
+    plan[ours] = ([hf], lambda t: t)
+
+
 def _bert_plan(cfg: StackConfig, ours: str, base: str) -> Plan:
-    """BERT/RoBERTa body. base: HF prefix of the base model ("encoder." or "decoder.bert.")."""
+    """BERT-like body (bert, roberta, bert-generation, electra). base: HF prefix of the base model
+    ("encoder." or "decoder.bert.")."""
     plan: Plan = {}
     e = f"{base}embeddings."
-    plan[f"{ours}embed.word"] = ([e + "word_embeddings.weight"], lambda t: t)
-    plan[f"{ours}embed.position"] = ([e + "position_embeddings.weight"], lambda t: t)
-    plan[f"{ours}embed.type0"] = ([e + "token_type_embeddings.weight"], _row0)
+    _one(plan, f"{ours}embed.word", e + "word_embeddings.weight")
+    _one(plan, f"{ours}embed.position", e + "position_embeddings.weight")
+    if cfg.type_vocab_size:
+        _one(plan, f"{ours}embed.token_type", e + "token_type_embeddings.weight")
     _ln(plan, f"{ours}embed.ln", e + "LayerNorm")
+    if cfg.embedding_size:
+        _linear(plan, f"{ours}embed.proj", [f"{base}embeddings_project"])
     for i in range(cfg.num_layers):
         L, o = f"{base}encoder.layer.{i}.", f"{ours}layers.{i}."
         _linear(plan, o + "attn.qkv", [L + "attention.self.query", L + "attention.self.key", L + "attention.self.value"])
@@ -75,10 +103,31 @@ def _bert_plan(cfg: StackConfig, ours: str, base: str) -> Plan:
     return plan
 
 
+def _bart_plan(cfg: StackConfig, ours: str, base: str) -> Plan:
+    """BART's decoder stack (post-LN, the same layer as BERT's under other names)."""
+    plan: Plan = {}
+    _one(plan, f"{ours}embed.word", base + "embed_tokens.weight")
+    _one(plan, f"{ours}embed.position", base + "embed_positions.weight")
+    _ln(plan, f"{ours}embed.ln", base + "layernorm_embedding")
+    for i in range(cfg.num_layers):
+        L, o = f"{base}layers.{i}.", f"{ours}layers.{i}."
+        _linear(plan, o + "attn.qkv", [L + "self_attn.q_proj", L + "self_attn.k_proj", L + "self_attn.v_proj"])
+        _linear(plan, o + "attn.o", [L + "self_attn.out_proj"])
+        _ln(plan, o + "ln1", L + "self_attn_layer_norm")
+        _linear(plan, o + "cross.q", [L + "encoder_attn.q_proj"])
+        _linear(plan, o + "cross.kv", [L + "encoder_attn.k_proj", L + "encoder_attn.v_proj"])
+        _linear(plan, o + "cross.o", [L + "encoder_attn.out_proj"])
+        _ln(plan, o + "ln_cross", L + "encoder_attn_layer_norm")
+        _linear(plan, o + "mlp.fc1", [L + "fc1"])
+        _linear(plan, o + "mlp.fc2", [L + "fc2"])
+        _ln(plan, o + "ln2", L + "final_layer_norm")
+    return plan
+
+
 def _gpt2_plan(cfg: StackConfig, ours: str, base: str) -> Plan:
     plan: Plan = {}
-    plan[f"{ours}embed.word"] = ([base + "wte.weight"], lambda t: t)
-    plan[f"{ours}embed.position"] = ([base + "wpe.weight"], lambda t: t)
+    _one(plan, f"{ours}embed.word", base + "wte.weight")
+    _one(plan, f"{ours}embed.position", base + "wpe.weight")
     for i in range(cfg.num_layers):
         L, o = f"{base}h.{i}.", f"{ours}layers.{i}."
         _ln(plan, o + "ln1", L + "ln_1")
@@ -95,35 +144,36 @@ def _gpt2_plan(cfg: StackConfig, ours: str, base: str) -> Plan:
     return plan
 
 
-def decoder_plan(cfg: StackConfig, prefix: str) -> tuple[Plan, str, str]:
-    """The decoder's plan, plus the HF names of its own LM-head matrix and of the word embeddings."""
-    if cfg.family == "gpt2":
-        plan = _gpt2_plan(cfg, "decoder.", prefix + "transformer.")
-        return plan, prefix + "lm_head.weight", prefix + "transformer.wte.weight"
-    fam = cfg.family
-    plan = _bert_plan(cfg, "decoder.", f"{prefix}{fam}.")
-    head = f"{prefix}cls.predictions." if fam == "bert" else f"{prefix}lm_head."
-    if fam == "bert":
-        _linear(plan, "decoder.head.dense", [head + "transform.dense"])
-        _ln(plan, "decoder.head.ln", head + "transform.LayerNorm")
-    else:
-        _linear(plan, "decoder.head.dense", [head + "dense"])
-        _ln(plan, "decoder.head.ln", head + "layer_norm")
-    plan["decoder.head.bias"] = ([head + "bias"], lambda t: t)
-    return plan, head + "decoder.weight", f"{prefix}{fam}.embeddings.word_embeddings.weight"
+def word_embeddings(cfg: StackConfig, base: str) -> str:
+    """HF name of a stack's word embedding matrix, under base."""
+    return base + {"gpt2": "wte.weight", "bart": "embed_tokens.weight"}.get(cfg.family, "embeddings.word_embeddings.weight")
+
+
+def decoder_plan(cfg: StackConfig, prefix: str, keys: set[str]) -> Plan:
+    """The decoder's plan, head included. prefix: "decoder." in an EncoderDecoderModel; keys: the
+    names the checkpoint holds (a head matrix or bias absent from them is the tied one)."""
+    base = prefix + DECODER_BASE[cfg.family]
+    body = {"gpt2": _gpt2_plan, "bart": _bart_plan}.get(cfg.family, _bert_plan)
+    plan = body(cfg, "decoder.", base)
+    dense, ln, matrix, biases = _HEADS[cfg.family]
+    if dense is not None:
+        _linear(plan, "decoder.head.dense", [prefix + dense])
+        _ln(plan, "decoder.head.ln", prefix + ln)
+    # transformers 5 keeps a head matrix stored in the checkpoint even when the config ties it (the
+    # loader shares the two tensors again when they are equal); only a missing one is tied
+    tied = cfg.tie_word_embeddings
+    matrix = prefix + matrix
+    _one(plan, "decoder.head.weight", matrix if matrix in keys or not tied else word_embeddings(cfg, base))
+    if biases:
+        own, *shared = [prefix + b for b in biases]
+        _one(plan, "decoder.head.bias", shared[0] if shared and tied and own not in keys else own)
+    return plan
 
 
 def full_plan(cfg: ModelConfig, keys: set[str]) -> Plan:
     """The whole EncoderDecoderModel's plan; keys: the tensor names the checkpoint holds."""
     plan = _bert_plan(cfg.encoder, "encoder.", "encoder.")
-    dplan, head_w, word_w = decoder_plan(cfg.decoder, "decoder.")
-    plan.update(dplan)
-    # transformers 5 keeps a head matrix stored in the checkpoint even when the config ties it (the
-    # loader shares the two tensors again when they are equal); only a missing one is tied
-    if head_w in keys or not cfg.decoder.tie_word_embeddings:
-        plan["decoder.head.weight"] = ([head_w], lambda t: t)
-    else:
-        plan["decoder.head.weight"] = ([word_w], lambda t: t)
+    plan.update(decoder_plan(cfg.decoder, "decoder.", keys))
     if cfg.has_enc_to_dec_proj:
         _linear(plan, "enc_to_dec_proj", ["enc_to_dec_proj"])
     return plan
@@ -140,19 +190,19 @@ def missing_and_unexpected(plan: Plan, keys: set[str]) -> tuple[list[str], list[
     return missing, unexpected
 
 
-def alias(keys: set[str], strip: tuple[str, ...], canon: str, extra: dict[str, str]) -> dict[str, str]:
-    """Map canonical EncoderDecoderModel names onto a standalone checkpoint's names."""
+def alias(keys: set[str], strip: tuple[str, ...], canon: str, extra: tuple[str, ...], extra_canon: str) -> dict[str, str]:
+    """Map canonical EncoderDecoderModel names onto a standalone checkpoint's names: a name starting
+    with one of `extra` (a head) becomes extra_canon + name, any other loses its `strip` prefix (if it has
+    one) and becomes canon + the rest."""
     out = {}
     for k in keys:
-        for head, target in extra.items():
-            if k.startswith(head):
-                out[target + k[len(head):]] = k
+        if k.startswith(extra):
+            out[extra_canon + k] = k
+            continue
+        rest = k
+        for s in strip:
+            if rest.startswith(s):
+                rest = rest[len(s):]
                 break
-        else:
-            rest = k
-            for s in strip:
-                if rest.startswith(s):
-                    rest = rest[len(s):]
-                    break
-            out[canon + rest] = k
+        out[canon + rest] = k
     return out

@@ -12,56 +12,75 @@ import pytest  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
-_FAMILY = {"bert": "BertConfig", "roberta": "RobertaConfig", "gpt2": "GPT2Config"}
+_FAMILY = {"bert": "BertConfig", "roberta": "RobertaConfig", "gpt2": "GPT2Config", "xlm-roberta": "XLMRobertaConfig",
+           "camembert": "CamembertConfig", "electra": "ElectraConfig", "bert-generation": "BertGenerationConfig"}
+ROBERTA_LIKE = ("roberta", "xlm-roberta", "camembert")
 
 
-def half_config(family: str, *, hidden: int, layers: int, heads: int, vocab: int, decoder: bool, **kw):
+def half_config(family: str, *, hidden: int, layers: int, heads: int, vocab: int, decoder: bool, intermediate=None, **kw):
+    """A transformers config for one half; intermediate defaults to 2 * hidden + 5."""
     import transformers as T
 
+    ffn = intermediate or 2 * hidden + 5
     if family == "gpt2":
         c = T.GPT2Config(vocab_size=vocab, n_embd=hidden, n_layer=layers, n_head=heads, n_positions=kw.pop("positions", 128),
-                         bos_token_id=1, eos_token_id=2, **kw)
+                         n_inner=intermediate, bos_token_id=1, eos_token_id=2, **kw)
+    elif family == "bart":  # BartForCausalLM reads the decoder_* fields (its DynamicCache sizes by encoder_layers)
+        c = T.BartConfig(vocab_size=vocab, d_model=hidden, decoder_layers=layers, decoder_attention_heads=heads,
+                         decoder_ffn_dim=ffn, encoder_layers=layers, encoder_attention_heads=heads, encoder_ffn_dim=ffn,
+                         max_position_embeddings=kw.pop("positions", 130), pad_token_id=kw.pop("pad", 1), bos_token_id=0,
+                         eos_token_id=2, **kw)
     else:
-        pad = kw.pop("pad", 1 if family == "roberta" else 0)
+        pad = kw.pop("pad", 1 if family in ROBERTA_LIKE else 0)
         c = getattr(T, _FAMILY[family])(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers,
-                                        num_attention_heads=heads, intermediate_size=2 * hidden + 5,
+                                        num_attention_heads=heads, intermediate_size=ffn,
                                         max_position_embeddings=kw.pop("positions", 130), pad_token_id=pad,
-                                        bos_token_id=0 if family == "roberta" else None,
+                                        bos_token_id=0 if family in ROBERTA_LIKE else None,
                                         eos_token_id=2, **kw)
     if decoder:
         c.is_decoder, c.add_cross_attention = True, True
     return c
 
 
+def perturb(model, std: float):
+    """Every weight away from its initialisation: matrices and biases ~ N(0, std), LayerNorm weights
+    1 + N(0, 0.1) and biases N(0, 0.1), so a missed bias or a wrong LayerNorm shows in the outputs."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if any(s in name for s in ("LayerNorm", "ln_", "layer_norm", "layernorm")):
+                p.copy_(1 + 0.1 * torch.randn_like(p)) if name.endswith("weight") else p.normal_(0, 0.1)
+            else:
+                p.normal_(0, std)
+
+
 def build_checkpoint(path, enc="bert", dec="gpt2", *, enc_hidden=32, dec_hidden=None, layers=2, heads=2, vocab=97,
-                     seed=0, std=0.3, enc_kw=None, dec_kw=None, fmt="safetensors", gen_kw=None):
-    """fmt: "safetensors", "sharded" (safetensors index) or "bin" (pytorch_model.bin).
+                     seed=0, std=0.3, enc_kw=None, dec_kw=None, fmt="safetensors", gen_kw=None, intermediate=None):
+    """fmt: "safetensors", "sharded" (safetensors index), "bin" (pytorch_model.bin) or "legacy_bin" (the
+    pre-zip torch.save format, which cannot be memory-mapped).
     Save a random EncoderDecoderModel with transformers and return the folder. Weights are drawn
     with a large std so that greedy/beam outputs are diverse (not one token repeated)."""
     import transformers as T
 
     dec_hidden = dec_hidden or enc_hidden
     torch.manual_seed(seed)
-    ec = half_config(enc, hidden=enc_hidden, layers=layers, heads=heads, vocab=vocab, decoder=False, **(enc_kw or {}))
-    dc = half_config(dec, hidden=dec_hidden, layers=layers, heads=heads, vocab=vocab, decoder=True, **(dec_kw or {}))
+    ec = half_config(enc, hidden=enc_hidden, layers=layers, heads=heads, vocab=vocab, decoder=False,
+                     intermediate=intermediate, **(enc_kw or {}))
+    dc = half_config(dec, hidden=dec_hidden, layers=layers, heads=heads, vocab=vocab, decoder=True,
+                     intermediate=intermediate, **(dec_kw or {}))
     cfg = T.EncoderDecoderConfig.from_encoder_decoder_configs(ec, dc)
     cfg.decoder_start_token_id = 3
     cfg.pad_token_id = dc.pad_token_id if dc.pad_token_id is not None else 0
     cfg.eos_token_id = 2
     model = T.EncoderDecoderModel(cfg).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "LayerNorm" in name or "ln_" in name or "layer_norm" in name:
-                p.copy_(1 + 0.1 * torch.randn_like(p)) if name.endswith("weight") else p.normal_(0, 0.1)
-            else:
-                p.normal_(0, std)
+    perturb(model, std)
     if fmt == "sharded":
         model.save_pretrained(path, max_shard_size="30KB")
     else:
         model.save_pretrained(path)
-    if fmt == "bin":  # transformers 5 writes safetensors only; the legacy layout is a plain state dict
+    if fmt in ("bin", "legacy_bin"):  # transformers 5 writes safetensors only; the .bin layout is a plain state dict
         os.remove(os.path.join(path, "model.safetensors"))
-        torch.save(model.state_dict(), os.path.join(path, "pytorch_model.bin"))
+        torch.save(model.state_dict(), os.path.join(path, "pytorch_model.bin"),
+                   _use_new_zipfile_serialization=fmt == "bin")
     if gen_kw:
         gc = T.GenerationConfig.from_pretrained(path)
         for k, v in gen_kw.items():

@@ -105,11 +105,65 @@ def test_native_seq2seq_folder_is_refused(tmp_path, model_type):
         encdec_fast.load(tmp_path)
 
 
-def test_unsupported_decoder_family_is_refused(ckpt, tmp_path):
+@pytest.mark.parametrize("role,model_type,match", [
+    ("decoder", "gpt_neo", r"decoder model_type 'gpt_neo' is not supported; supported decoders: bert, roberta, "
+                           r"xlm-roberta, camembert, bert-generation, electra, gpt2, bart"),
+    ("decoder", "prophetnet", "n-gram streams"),
+    ("encoder", "albert", r"encoder model_type 'albert' is not supported; supported encoders: bert, roberta, xlm-roberta"),
+    ("encoder", "gpt2", "supported encoders"),
+])
+def test_unsupported_model_type_is_refused_naming_it_and_what_is_supported(ckpt, tmp_path, role, model_type, match):
     d = copy(ckpt, tmp_path)
-    _edit_config(d, lambda c: c["decoder"].update(model_type="gpt_neo"))
-    with pytest.raises(UnsupportedModelError):
+    _edit_config(d, lambda c: c[role].update(model_type=model_type))
+    with pytest.raises(UnsupportedModelError, match=match):
         encdec_fast.load(d)
+
+
+@pytest.mark.parametrize("fam", ["bert-generation", "electra", "xlm-roberta"])
+def test_relative_position_embeddings_are_refused(tmp_path, fam):
+    from conftest import build_checkpoint
+
+    d = build_checkpoint(tmp_path / fam, fam, fam, layers=1)
+    _edit_config(d, lambda c: c["decoder"].update(position_embedding_type="relative_key_query"))
+    with pytest.raises(UnsupportedModelError, match="relative position embeddings"):
+        encdec_fast.load(d)
+
+
+def test_a_whole_bart_model_as_glued_decoder_is_refused(tmp_path):
+    import transformers as T
+    from conftest import half_config
+
+    T.BertModel(half_config("bert", hidden=32, layers=1, heads=2, vocab=97, decoder=False)).save_pretrained(tmp_path / "e")
+    T.BartForConditionalGeneration(half_config("bart", hidden=32, layers=1, heads=2, vocab=97, decoder=False)).save_pretrained(
+        tmp_path / "d")
+    with pytest.raises(UnsupportedModelError, match="whole BART model"):
+        encdec_fast.load(encoder=tmp_path / "e", decoder=tmp_path / "d")
+
+
+def test_from_transformers_refuses_other_models():
+    import transformers as T
+    from conftest import half_config
+
+    with pytest.raises(UnsupportedModelError, match="takes a transformers EncoderDecoderModel, got BertModel"):
+        encdec_fast.from_transformers(T.BertModel(half_config("bert", hidden=32, layers=1, heads=2, vocab=97, decoder=False)))
+
+
+def test_legacy_bin_holding_code_is_refused_without_running_it(ckpt, tmp_path):
+    """weights_only=True stays for the legacy format that cannot be memory-mapped: a pickle that would
+    run code is an error, and the code never runs."""
+    d = copy(ckpt, tmp_path)
+    os.remove(d / "model.safetensors")
+    marker = tmp_path / "ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    torch.save({"encoder.embeddings.word_embeddings.weight": Payload()}, d / "pytorch_model.bin",
+               _use_new_zipfile_serialization=False)
+    with pytest.raises(CheckpointError, match="cannot read weights file"):
+        encdec_fast.load(d)
+    assert not marker.exists()
 
 
 @pytest.mark.parametrize("edit,match", [
@@ -163,6 +217,25 @@ def test_decoder_input_too_long_and_mask_mismatch(model):
         model(ids, attention_mask=torch.ones(1, 3), decoder_input_ids=ids)
     with pytest.raises(InvalidInputError, match="masks every token"):
         model(ids, attention_mask=torch.zeros(1, 4), decoder_input_ids=ids)
+
+
+@pytest.mark.parametrize("types,match", [
+    (torch.full((1, 4), 2), r"outside \[0, 2\)"),
+    (torch.zeros(1, 3, dtype=torch.long), "shape"),
+    (torch.zeros(1, 4), "integers"),
+])
+def test_bad_token_type_ids(model, types, match):
+    ids = torch.ones(1, 4, dtype=torch.long)
+    with pytest.raises(InvalidInputError, match=match):
+        model(ids, token_type_ids=types, decoder_input_ids=ids)
+    with pytest.raises(InvalidInputError, match=match):
+        model.generate(ids, token_type_ids=types, max_new_tokens=2)
+
+
+def test_engine_refuses_token_type_ids_per_request(model):
+    with encdec_fast.Engine(model) as engine:
+        with pytest.raises(UnsupportedArgumentError, match="token_type_ids"):
+            engine.submit([5, 6, 7], token_type_ids=[0, 1, 0]).result()
 
 
 def test_unsupported_forward_argument(model):

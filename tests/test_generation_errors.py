@@ -40,7 +40,7 @@ IDS = torch.tensor([[5, 6, 7], [8, 9, 10]])
     (dict(output_hidden_states=True), "output_hidden_states"),
     (dict(do_sample=True, typical_p=0.5), "typical_p"),
     (dict(do_sample=True, min_p=0.1), "min_p"),
-    (dict(forced_eos_token_id=2), "forced_eos_token_id"),
+    (dict(forced_bos_token_id=2), "forced_bos_token_id"),
     (dict(suppress_tokens=[4]), "suppress_tokens"),
     (dict(encoder_no_repeat_ngram_size=2), "encoder_no_repeat_ngram_size"),
     (dict(max_time=1.0), "max_time"),

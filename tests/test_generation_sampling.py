@@ -108,6 +108,22 @@ def test_min_length_and_min_new_tokens_match_transformers(t):
     check(cfg(eos=eos, min_len=2 + 4), LP.MinNewTokensLengthLogitsProcessor(2, 4, eos), ids, scores)
 
 
+@pytest.mark.parametrize("eos", [2, [2, 9]])
+def test_forced_eos_matches_transformers(eos):
+    for t in (1, 9, 10, 11):  # forced at t == max_length - 1 == 10 only
+        ids, scores = scores_and_ids(t=t)
+        eos_list = [eos] if isinstance(eos, int) else eos
+        check(P.ForcedEOS(11, eos_list, V, "cpu"), LP.ForcedEOSTokenLogitsProcessor(11, eos), ids, scores)
+
+
+@pytest.mark.parametrize("eos", [2, [2, 9]])
+def test_forced_eos_matches_transformers(eos):
+    for t in (1, 9, 10, 11):  # forced at t == max_length - 1 == 10 only
+        ids, scores = scores_and_ids(t=t)
+        eos_list = [eos] if isinstance(eos, int) else eos
+        check(cfg(forced_eos=eos_list, forced_at=10), LP.ForcedEOSTokenLogitsProcessor(11, eos), ids, scores)
+
+
 @pytest.mark.parametrize("keep", [1, 3])
 def test_warpers_match_transformers(keep):
     ids, scores = scores_and_ids()
@@ -141,6 +157,7 @@ GC_CASES = [
          do_sample=True, temperature=0.8, top_k=20, top_p=0.9),
     dict(min_length=20, do_sample=True, num_beams=3, top_k=2, top_p=0.5),  # beams keep len(eos)+1 tokens
     dict(no_repeat_ngram_size=3, num_beams=2, length_penalty=0.5),
+    dict(min_new_tokens=2, forced_eos_token_id=7, do_sample=True, top_k=5),
     dict(do_sample=True),  # the default top_k=50
 ]
 
@@ -151,13 +168,14 @@ def test_settings_from_a_generation_config_match_transformers_get_logits_process
     kw = dict(max_new_tokens=10, eos_token_id=[2, 7]) | kw
     gc, _, _ = resolve_config(ours_model, None, kw)
     gc.min_length = gc.min_new_tokens + 2 if gc.min_new_tokens else gc.min_length  # prompt length 2
+    gc.max_length = 12  # max_new_tokens 10 + prompt length 2
     c = P.RowConfig.from_generation_config(gc, prompt_len=2, eos=[2, 7], pad=0, vocab_size=V)
     hgc, _ = hf._prepare_generation_config(None, **kw)
     hf._prepare_special_tokens(hgc, True, device="cpu", batch_size=6)
-    hgc.min_length = gc.min_length
+    hgc.min_length, hgc.max_length = gc.min_length, gc.max_length
     theirs = hf._get_logits_processor(generation_config=hgc, input_ids_seq_length=2, encoder_input_ids=None,
                                       device="cpu", model_kwargs={})
-    for t in (2, 4, 11):
+    for t in (2, 4, 11):  # 11 == max_length - 1: forced eos
         ids, scores = scores_and_ids(t=t)
         check(c, theirs, ids, scores)
 

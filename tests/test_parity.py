@@ -79,7 +79,7 @@ def test_enc_to_dec_proj_when_widths_differ(make_ckpt, dec):
     compare(path, B=2, S=7, T=5, padded=True)
 
 
-@pytest.mark.parametrize("fmt", ["sharded", "bin"])
+@pytest.mark.parametrize("fmt", ["sharded", "bin", "legacy_bin"])
 def test_weight_file_layouts_load_identically(make_ckpt, fmt):
     compare(make_ckpt("bert", "gpt2", fmt=fmt), B=2, S=7, T=5, padded=True)
 
@@ -177,23 +177,30 @@ def test_glued_decoder_without_cross_attention_is_initialised_reproducibly_with_
     assert torch.equal(a(ids, decoder_input_ids=ids).logits, b(ids, decoder_input_ids=ids).logits)
 
 
-def test_tie_encoder_decoder_checkpoint_takes_missing_decoder_tensors_from_the_encoder(tmp_path):
-    """A bert2bert saved with tie_encoder_decoder=True (transformers 4.x) stores the shared body once."""
+@pytest.mark.parametrize("fam", ["bert", "bert-generation", "electra"])
+def test_tie_encoder_decoder_checkpoint_takes_missing_decoder_tensors_from_the_encoder(tmp_path, fam):
+    """A bert2bert (or Rothe et al.'s shared bert-generation pair) saved with tie_encoder_decoder=True
+    (transformers 4.x) stores the shared body once."""
     import json
 
     from conftest import build_checkpoint
     from safetensors.torch import load_file, save_file
 
-    path = build_checkpoint(tmp_path / "tied", "bert", "bert")
+    from encdec_fast.weight_map import DECODER_BASE
+
+    kw = dict(embedding_size=24) if fam == "electra" else {}
+    path = build_checkpoint(tmp_path / "tied", fam, fam, enc_kw=kw, dec_kw=kw)
     ref = hf_model(path)
+    base = DECODER_BASE[fam]
     with torch.no_grad():  # make the decoder body equal to the encoder's, as tying does
         enc_sd = ref.encoder.state_dict()
-        for n, p in ref.decoder.bert.named_parameters():
+        for n, p in ref.decoder.get_submodule(base.rstrip(".")).named_parameters():
             if n in enc_sd and "crossattention" not in n:
                 p.copy_(enc_sd[n])
     ref.save_pretrained(path)
     sd = load_file(str(path / "model.safetensors"))
-    dropped = [k for k in sd if k.startswith("decoder.bert.") and "encoder." + k[len("decoder.bert."):] in sd]
+    base = "decoder." + base
+    dropped = [k for k in sd if k.startswith(base) and "encoder." + k[len(base):] in sd]
     assert len(dropped) > 10
     for k in dropped:
         del sd[k]

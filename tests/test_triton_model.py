@@ -29,7 +29,8 @@ def test_triton_backend_logits_and_greedy_tokens_match_transformers(make_ckpt, e
 
 @pytest.mark.skipif(not CUDA, reason="fp16/bf16 whole-model error is judged on a GPU (bf16 is garbage under the interpreter)")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("enc,dec", [("bert", "gpt2"), ("roberta", "roberta")])
+@pytest.mark.parametrize("enc,dec", [("bert", "gpt2"), ("roberta", "roberta"), ("bert-generation", "bert-generation"),
+                                     ("electra", "bart")])
 def test_triton_low_precision_error_at_most_2x_torch(make_ckpt, enc, dec, dtype):
     path = make_ckpt(enc, dec, layers=2, std=0.1)
     ref32 = encdec_fast.load(path, device="cuda", dtype=torch.float32, backend="torch")

@@ -37,7 +37,7 @@ _OFF_VALUES = {
     "max_time": (None,), "stop_strings": (None,), "use_mtp": (None, False), "min_p": (None,), "top_h": (None,),
     "typical_p": (None, 1.0), "epsilon_cutoff": (None, 0.0), "eta_cutoff": (None, 0.0),
     "encoder_repetition_penalty": (None, 1.0), "renormalize_logits": (None, False), "forced_bos_token_id": (None,),
-    "forced_eos_token_id": (None,), "remove_invalid_values": (None, False), "exponential_decay_length_penalty": (None,),
+    "remove_invalid_values": (None, False), "exponential_decay_length_penalty": (None,),
     "suppress_tokens": (None,), "begin_suppress_tokens": (None,), "sequence_bias": (None,),
     "token_healing": (None, False), "guidance_scale": (None, 1.0), "watermarking_config": (None,),
     "output_attentions": (None, False), "output_hidden_states": (None, False),
@@ -46,8 +46,8 @@ _OFF_VALUES = {
     "penalty_alpha": (None, 0.0), "dola_layers": (None,), "diversity_penalty": (None, 0.0),
     "num_beam_groups": (None, 1), "constraints": (None,), "force_words_ids": (None,),
 }
-# model kwargs (what GenerationConfig.update leaves over) that we take
-_MODEL_KWARGS = ("decoder_input_ids",)
+# model kwargs (what GenerationConfig.update leaves over) that we take; token_type_ids go to the encoder
+_MODEL_KWARGS = ("decoder_input_ids", "token_type_ids")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -59,8 +59,8 @@ def _refuse(names, where: str):
         raise UnsupportedArgumentError(
             f"generate() does not support {', '.join(names)} ({where}); encdec_fast implements greedy, sampling "
             "(temperature, top_k, top_p) and beam search with repetition_penalty, no_repeat_ngram_size, bad_words_ids, "
-            "min_length/min_new_tokens, length_penalty, early_stopping, num_return_sequences, output_scores/"
-            "output_logits. Use transformers' generate() for the rest.")
+            "min_length/min_new_tokens, forced_eos_token_id, length_penalty, early_stopping, num_return_sequences, "
+            "output_scores/output_logits. Use transformers' generate() for the rest.")
 
 
 def resolve_config(model, generation_config=None, kwargs=None):
@@ -191,7 +191,7 @@ def generate(model, input_ids=None, attention_mask=None, generation_config=None,
 
     # encoder once; cross K/V once per layer, per encoder row
     net, ops = model.net, model.ops
-    enc, enc_mask = model.encode(ids, attention_mask)
+    enc, enc_mask = model.encode(ids, attention_mask, model_kwargs.get("token_type_ids"))
     cross = net.decoder.cross_kv(net.project(enc, ops), ops)
     N, S, L = B * expand, enc.shape[1], gc.max_length
     state = _decode_state(model, N, B, S, L)

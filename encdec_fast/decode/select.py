@@ -8,7 +8,7 @@ results equal transformers' processors on `seq[n, :t[n]]` element for element (s
 order), which the tests check against transformers' own classes.
 
 Order, as GenerationMixin._get_logits_processor (5.x) appends them:
-    repetition penalty -> no-repeat n-gram -> bad words -> min length / min new tokens
+    repetition penalty -> no-repeat n-gram -> bad words -> min length / min new tokens -> forced eos
     -> (sampling) temperature -> top-k -> top-p
 The masks (n-gram, bad words, min length) commute with each other; the repetition penalty runs first.
 
@@ -45,6 +45,8 @@ class RowConfig:
     bad_single: list[int] = field(default_factory=list)
     bad_multi: list[tuple[int, ...]] = field(default_factory=list)
     min_len: int = 0  # eos is banned while a row holds fewer tokens (decoder start included)
+    forced_eos: list[int] = field(default_factory=list)  # forced when a row holds forced_at tokens (BART)
+    forced_at: int = -1
     temperature: float = 1.0
     top_k: int = 0
     top_p: float = 1.0
@@ -72,6 +74,12 @@ class RowConfig:
                 c.min_len = gc.min_length
             if gc.min_new_tokens is not None and gc.min_new_tokens > 0:
                 c.min_len = max(c.min_len, prompt_len + gc.min_new_tokens)
+        if gc.forced_eos_token_id is not None:  # the last token of a max_length sequence is eos (BART)
+            forced = gc.forced_eos_token_id
+            forced = [forced] if isinstance(forced, int) else list(forced)
+            if any(isinstance(e, bool) or not isinstance(e, int) or e < 0 for e in forced):
+                raise InvalidInputError(f"forced_eos_token_id must be non-negative token ids, got {forced!r}.")
+            c.forced_eos, c.forced_at = [e for e in forced if e < vocab_size], gc.max_length - 1
         if c.do_sample:
             # beams keep one non-eos token beyond the eos ids, so a continuation always survives
             c.min_keep = (len(eos) + 1 if eos is not None else 2) if (gc.num_beams or 1) > 1 else 1
@@ -124,6 +132,7 @@ class Spec:
     bad_single: bool = False
     bad_multi: bool = False
     min_len: bool = False
+    forced_eos: bool = False
     temperature: bool = False
     top_k: bool = False
     top_p: bool = False
@@ -138,6 +147,7 @@ class Spec:
             bad_single=any(c.bad_single for c in configs),
             bad_multi=any(c.bad_multi for c in configs),
             min_len=any(c.min_len > 0 for c in configs),
+            forced_eos=any(c.forced_at >= 0 for c in configs),
             temperature=any(c.do_sample and c.temperature != 1.0 for c in configs),
             top_k=any(c.do_sample and c.top_k > 0 for c in configs),
             top_p=any(c.do_sample and c.top_p < 1.0 for c in configs),
@@ -147,7 +157,7 @@ class Spec:
     @property
     def needs_scores(self) -> bool:
         """Whether the logits go through any processor (else greedy takes argmax of the raw logits)."""
-        return any((self.penalty, self.ngram_sizes, self.bad_single, self.bad_multi, self.min_len,
+        return any((self.penalty, self.ngram_sizes, self.bad_single, self.bad_multi, self.min_len, self.forced_eos,
                     self.temperature, self.top_k, self.top_p, self.sample))
 
 
@@ -172,6 +182,8 @@ class RowTables:
         self.min_keep = torch.ones(rows, **i64)
         self.do_sample = torch.zeros(rows, dtype=torch.bool, device=device)
         self.eos = torch.full((rows, 1), -1, **i64)
+        self.forced_at = torch.full((rows,), -1, **i64)  # token count at which eos is forced (-1: never)
+        self.forced = torch.full((rows, 1), -1, **i64)  # the forced eos ids, padded with -1
         self.seen = self.ban = None  # (N, V) bool, allocated on first use
         self.bad_prefix = torch.full((0, 1), -1, **i64)  # (G, P) prefixes, left-aligned, -1 padded
         self.bad_plen = torch.zeros(0, **i64)
@@ -192,13 +204,9 @@ class RowTables:
         self.one_minus_p[rows] = torch.tensor(1 - cfg.top_p, dtype=torch.float32)  # the double, rounded once
         self.min_keep[rows] = cfg.min_keep
         self.do_sample[rows] = cfg.do_sample
-        eos = cfg.eos or []
-        if len(eos) > self.eos.shape[1]:
-            self.eos = torch.cat([self.eos, self.eos.new_full((self.N, len(eos) - self.eos.shape[1]), -1)], 1)
-            self.version += 1
-        self.eos[rows] = -1
-        if eos:
-            self.eos[rows, :len(eos)] = torch.tensor(eos, dtype=torch.long, device=self.dev)
+        self.eos = self._put(self.eos, rows, cfg.eos or [])
+        self.forced_at[rows] = cfg.forced_at
+        self.forced = self._put(self.forced, rows, cfg.forced_eos)
         if cfg.penalty != 1.0:
             if self.seen is None:
                 self.seen = torch.zeros(self.N, self.V, dtype=torch.bool, device=self.dev)
@@ -216,6 +224,16 @@ class RowTables:
             self.bad_owner[rows] = False
         if cfg.bad_multi:
             self._add_bad_multi(rows, cfg.bad_multi)
+
+    def _put(self, table: torch.Tensor, rows: torch.Tensor, ids: list[int]) -> torch.Tensor:
+        """Rows of an (N, E) id table padded with -1 take `ids` (the table widens if needed)."""
+        if len(ids) > table.shape[1]:
+            table = torch.cat([table, table.new_full((self.N, len(ids) - table.shape[1]), -1)], 1)
+            self.version += 1
+        table[rows] = -1
+        if ids:
+            table[rows, :len(ids)] = torch.tensor(ids, dtype=torch.long, device=self.dev)
+        return table
 
     def _add_bad_multi(self, rows, words):
         """Appends the request's multi-token bad words (rows may share a word with other requests)."""
@@ -279,6 +297,10 @@ def process(scores: torch.Tensor, seq: torch.Tensor, t: torch.Tensor, tab: RowTa
         short = t < tab.min_len[:N]  # (N,)
         eos_col = _eos_columns(tab.eos[:N], V)  # (N, V)
         scores = scores.masked_fill(eos_col & short[:, None], NEG_INF)
+    if spec.forced_eos:  # rows at max_length - 1 tokens: eos ids 0, every other token -inf
+        last = (t == tab.forced_at[:N])[:, None]
+        forced = torch.where(_eos_columns(tab.forced[:N], V), 0.0, NEG_INF).to(scores.dtype)
+        scores = torch.where(last, forced, scores)
     if spec.temperature:
         scores = scores / tab.temperature[:N, None]
     if spec.top_k:

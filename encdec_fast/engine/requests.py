@@ -23,6 +23,7 @@ REFUSED = {
     "output_logits": "the engine returns token ids (and text); call model.generate for logits",
     "decoder_input_ids": "decoder prefixes are not served by the engine; call model.generate",
     "attention_mask": "each engine input is one unpadded sequence; drop the padding instead of masking it",
+    "token_type_ids": "the engine encodes every token with type 0; call model.generate for token_type_ids",
     "stop_check_every": "the engine checks every step",
 }
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "spiece.model",
@@ -129,6 +130,9 @@ class Outcomes:
                     from transformers import AutoTokenizer
 
                     self.tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+                except ImportError as e:  # a sentencepiece tokenizer (spiece.model) without the sentencepiece package
+                    raise InvalidInputError(f"the tokenizer in {str(path)!r} needs a package that is not installed ({e}); "
+                                            "pip install sentencepiece (an encdec_fast dependency), or submit token ids.") from None
                 except (OSError, ValueError, TypeError, KeyError) as e:
                     raise InvalidInputError(f"string inputs need a tokenizer, and none could be loaded from {str(path)!r} "
                                             f"({type(e).__name__}: {e}); save one there (tokenizer.save_pretrained), "
