@@ -12,6 +12,8 @@ Two decoder paths share the layer code:
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
@@ -129,6 +131,38 @@ def _key_rows(kv: torch.Tensor) -> tuple[torch.Tensor, int]:
     return kv.as_strided((T, H, D), (sl, sh, sd)), r
 
 
+def _ln(m: "LayerNorm") -> tuple:
+    """A LayerNorm as fused_linear's (weight, bias, eps) prologue / residual argument."""
+    return m.weight, m.bias, m.eps
+
+
+@dataclass
+class StepContext:
+    """What every layer of one decode step shares, computed once per step (not once per layer)."""
+
+    self_starts: torch.Tensor  # (N,) key row of row n's cache slot 0 in a layer's flat (rows*r, H, D) cache
+    seq_lens: torch.Tensor  # (N,) int32 keys each row attends (the new token included)
+    max_len: int  # cache slots per row: a bound on seq_lens
+    cross_starts: torch.Tensor  # (N,) key row where row n's encoder keys start
+    enc_lens: torch.Tensor  # (N,) encoder keys each row may attend
+    key_mask: torch.Tensor | None  # flat (rows*r,) encoder key mask, or None
+    enc_len: int  # encoder positions per cross row: a bound on enc_lens
+
+    @classmethod
+    def build(cls, k_cache, cross_k, pos, kv_index, enc_lens, enc_mask) -> "StepContext":
+        """From layer 0's cache (N, Lmax, H, D) and cross K (B, S, H, D); every layer's have the same layout."""
+        N, dev = pos.shape[0], pos.device
+        r_self = _key_rows(k_cache)[1]
+        kf, r = _key_rows(cross_k)
+        S = cross_k.shape[1]
+        key_mask = None
+        if enc_mask is not None:  # (B, S) -> (B*r,) flat, like the key rows
+            key_mask = (enc_mask if r == S else torch.nn.functional.pad(enc_mask, (0, r - S))).reshape(-1)[:kf.shape[0]]
+        cross_starts = torch.arange(0, N * r, r, device=dev) if kv_index is None else kv_index * r
+        return cls(torch.arange(0, N * r_self, r_self, device=dev), (pos + 1).to(torch.int32), k_cache.shape[1],
+                   cross_starts, enc_lens, key_mask, S)
+
+
 class SelfAttention(nn.Module):
     def __init__(self, cfg: StackConfig, layer: int):
         super().__init__()
@@ -142,15 +176,14 @@ class SelfAttention(nn.Module):
         a = ops.attention(q, k, v, scale=self.scale, causal=causal, key_mask=key_mask)
         return self.o(a.flatten(-2), ops)
 
-    def step(self, x, ops, *, k_cache, v_cache, pos, seq_lens):
-        """x (N, E); row n's K/V are written at slot pos[n] = seq_lens[n] - 1 of the (N, Lmax, H, D)
-        caches by the attention kernel itself (k_new/v_new)."""
-        q, k, v = _heads(self.qkv(x, ops), 3, self.H)  # each (N, H, D)
-        (kf, r), (vf, _) = _key_rows(k_cache), _key_rows(v_cache)  # (N*r, H, D) key rows
-        starts = torch.arange(0, x.shape[0] * r, r, device=x.device)  # row n's cache starts at key n*r
-        a = ops.decode_attention(q, kf, vf, scale=self.scale, starts=starts, lens=seq_lens, k_new=k, v_new=v,
-                                 max_len=k_cache.shape[1])
-        return self.o(a.flatten(-2), ops)
+    def step(self, x, ops, ctx: StepContext, k_cache, v_cache, *, x_ln=None):
+        """x (N, E) (LayerNorm-ed first with x_ln) -> attention output (N, E), before the output projection.
+        Row n's new K/V are written at slot seq_lens[n] - 1 of the (N, Lmax, H, D) caches by the
+        attention kernel itself."""
+        q, k, v = _heads(ops.fused_linear(x, self.qkv.weight, self.qkv.bias, x_ln=x_ln), 3, self.H)  # (N, H, D)
+        a = ops.decode_attention(q, _key_rows(k_cache)[0], _key_rows(v_cache)[0], scale=self.scale,
+                                 starts=ctx.self_starts, lens=ctx.seq_lens, k_new=k, v_new=v, max_len=ctx.max_len)
+        return a.flatten(-2)
 
 
 class CrossAttention(nn.Module):
@@ -171,23 +204,14 @@ class CrossAttention(nn.Module):
         a = ops.attention(q, kv[0], kv[1], scale=self.scale, causal=False, key_mask=enc_mask)
         return self.o(a.flatten(-2), ops)
 
-    def step(self, x, ops, *, kv, enc_mask, kv_index, enc_lens):
-        """x (N, E); kv: K, V (B, S, H, D); row n reads encoder row kv_index[n] (None: row n), its first
-        enc_lens[n] keys, minus enc_mask (B, S) False (None: all)."""
-        q = self.q(x, ops).unflatten(-1, (self.H, -1))  # (N, H, D)
-        (kf, r), (vf, _) = _key_rows(kv[0]), _key_rows(kv[1])  # (B*r, H, D) key rows
-        S = kv[0].shape[1]
-        if kv_index is None:
-            starts = torch.arange(0, x.shape[0] * r, r, device=x.device)
-        else:
-            starts = kv_index * r
-        key_mask = None
-        if enc_mask is not None:  # (B, S) -> (B*r,) flat, like the key rows
-            key_mask = (enc_mask if r == S else torch.nn.functional.pad(enc_mask, (0, r - S))).reshape(-1)
-            key_mask = key_mask[:kf.shape[0]]
-        a = ops.decode_attention(q, kf, vf, scale=self.scale, starts=starts, lens=enc_lens, key_mask=key_mask,
-                                 max_len=S)
-        return self.o(a.flatten(-2), ops)
+    def step(self, x, ops, ctx: StepContext, kv, *, x_ln=None):
+        """x (N, E) (LayerNorm-ed first with x_ln); kv: K, V (B, S, H, D) -> attention output (N, E) over
+        each row's encoder keys, before the output projection."""
+        q = ops.fused_linear(x, self.q.weight, self.q.bias, x_ln=x_ln).unflatten(-1, (self.H, -1))  # (N, H, D)
+        a = ops.decode_attention(q, _key_rows(kv[0])[0], _key_rows(kv[1])[0], scale=self.scale,
+                                 starts=ctx.cross_starts, lens=ctx.enc_lens, key_mask=ctx.key_mask,
+                                 max_len=ctx.enc_len)
+        return a.flatten(-2)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -210,11 +234,18 @@ class BertLayer(nn.Module):
             x = self.ln_cross.add(self.cross.full(x, ops, kv=cross_kv, enc_mask=enc_mask), x, ops)[0]
         return self.ln2.add(self.mlp(x, ops), x, ops)[0]
 
-    def step(self, x, ops, *, k_cache, v_cache, pos, seq_lens, cross_kv, enc_mask, kv_index, enc_lens):
-        x = self.ln1.add(self.attn.step(x, ops, k_cache=k_cache, v_cache=v_cache, pos=pos, seq_lens=seq_lens), x, ops)[0]
-        c = self.cross.step(x, ops, kv=cross_kv, enc_mask=enc_mask, kv_index=kv_index, enc_lens=enc_lens)
-        x = self.ln_cross.add(c, x, ops)[0]
-        return self.ln2.add(self.mlp(x, ops), x, ops)[0]
+    def step(self, s, ln_prev, ops, ctx: StepContext, k_cache, v_cache, cross_kv):
+        """A decode step of the post-LN layer over (s, ln_prev): its input is ln_prev(s) (s itself when
+        ln_prev is None), the LayerNorm fused into the projections that read it. Returns (s', ln2): the
+        next layer's input is ln2(s'). Eight launches: 4 projections with their LayerNorm prologue or
+        residual epilogue, 2 attentions, fc1 + gelu, fc2 + residual."""
+        a = self.attn.step(s, ops, ctx, k_cache, v_cache, x_ln=ln_prev)
+        s1 = ops.fused_linear(a, self.attn.o.weight, self.attn.o.bias, residual=s, residual_ln=ln_prev)
+        c = self.cross.step(s1, ops, ctx, cross_kv, x_ln=_ln(self.ln1))
+        s2 = ops.fused_linear(c, self.cross.o.weight, self.cross.o.bias, residual=s1, residual_ln=_ln(self.ln1))
+        h = ops.fused_linear(s2, self.mlp.fc1.weight, self.mlp.fc1.bias, x_ln=_ln(self.ln_cross), gelu=self.mlp.gelu)
+        s3 = ops.fused_linear(h, self.mlp.fc2.weight, self.mlp.fc2.bias, residual=s2, residual_ln=_ln(self.ln_cross))
+        return s3, _ln(self.ln2)
 
 
 class Encoder(nn.Module):
@@ -251,12 +282,16 @@ class GPT2Block(nn.Module):
         n, x = self.ln2.add(self.cross.full(n, ops, kv=cross_kv, enc_mask=enc_mask), x, ops)
         return self.mlp(n, ops), x  # caller adds (fused with the next LayerNorm)
 
-    def step(self, x, n, ops, *, k_cache, v_cache, pos, seq_lens, cross_kv, enc_mask, kv_index, enc_lens):
-        a = self.attn.step(n, ops, k_cache=k_cache, v_cache=v_cache, pos=pos, seq_lens=seq_lens)
-        n, x = self.ln_cross.add(a, x, ops)
-        c = self.cross.step(n, ops, kv=cross_kv, enc_mask=enc_mask, kv_index=kv_index, enc_lens=enc_lens)
-        n, x = self.ln2.add(c, x, ops)
-        return self.mlp(n, ops), x
+    def step(self, x, ops, ctx: StepContext, k_cache, v_cache, cross_kv):
+        """A decode step of the pre-LN block over the residual stream x (N, E): eight launches, each
+        LayerNorm fused into the projection that reads it, each residual add into the one that ends
+        its sublayer."""
+        a = self.attn.step(x, ops, ctx, k_cache, v_cache, x_ln=_ln(self.ln1))
+        x = ops.fused_linear(a, self.attn.o.weight, self.attn.o.bias, residual=x)
+        c = self.cross.step(x, ops, ctx, cross_kv, x_ln=_ln(self.ln_cross))
+        x = ops.fused_linear(c, self.cross.o.weight, self.cross.o.bias, residual=x)
+        h = ops.fused_linear(x, self.mlp.fc1.weight, self.mlp.fc1.bias, x_ln=_ln(self.ln2), gelu=self.mlp.gelu)
+        return ops.fused_linear(h, self.mlp.fc2.weight, self.mlp.fc2.bias, residual=x)
 
 
 class LMHead(nn.Module):
@@ -279,6 +314,13 @@ class LMHead(nn.Module):
             t = ops.linear_gelu(h, self.dense.weight, self.dense.bias, self.cfg.head_gelu)
             h = self.ln(t, ops)
         return ops.linear(h, self.weight, self.bias)
+
+    def step(self, h, ops, *, x_ln=None):
+        """forward() of a decode step's x_ln(h) (N, E), the LayerNorm fused into the first projection."""
+        if self.cfg.head_transform:
+            t = ops.fused_linear(h, self.dense.weight, self.dense.bias, x_ln=x_ln, gelu=self.cfg.head_gelu)
+            return ops.fused_linear(t, self.weight, self.bias, x_ln=_ln(self.ln))
+        return ops.fused_linear(h, self.weight, self.bias, x_ln=x_ln)
 
 
 class Decoder(nn.Module):
@@ -309,14 +351,16 @@ class Decoder(nn.Module):
         pos = pos.expand(ids.shape[0])
         p = self.embed.step_positions(ids, pos)
         x = self.embed(ids.unsqueeze(1), p.unsqueeze(1), ops).squeeze(1)  # (N, E)
-        seq_lens = (pos + 1).to(torch.int32)
         ks, vs = cache
-
-        def kw(layer, i):
-            return dict(k_cache=ks[i], v_cache=vs[i], pos=pos, seq_lens=seq_lens, cross_kv=cross_kv[i],
-                        enc_mask=enc_mask, kv_index=kv_index, enc_lens=enc_lens)
-
-        return self.head(self._run(x, ops, kw, "step"), ops)
+        ctx = StepContext.build(ks[0], cross_kv[0][0], pos, kv_index, enc_lens, enc_mask)
+        if self.cfg.pre_ln:
+            for i, layer in enumerate(self.layers):
+                x = layer.step(x, ops, ctx, ks[i], vs[i], cross_kv[i])
+            return self.head.step(x, ops, x_ln=_ln(self.ln_f))
+        ln = None
+        for i, layer in enumerate(self.layers):
+            x, ln = layer.step(x, ln, ops, ctx, ks[i], vs[i], cross_kv[i])
+        return self.head.step(x, ops, x_ln=ln)
 
     def _run(self, x, ops, kwargs_for, mode):
         if not self.cfg.pre_ln:

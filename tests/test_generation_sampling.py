@@ -113,14 +113,6 @@ def test_forced_eos_matches_transformers(eos):
     for t in (1, 9, 10, 11):  # forced at t == max_length - 1 == 10 only
         ids, scores = scores_and_ids(t=t)
         eos_list = [eos] if isinstance(eos, int) else eos
-        check(P.ForcedEOS(11, eos_list, V, "cpu"), LP.ForcedEOSTokenLogitsProcessor(11, eos), ids, scores)
-
-
-@pytest.mark.parametrize("eos", [2, [2, 9]])
-def test_forced_eos_matches_transformers(eos):
-    for t in (1, 9, 10, 11):  # forced at t == max_length - 1 == 10 only
-        ids, scores = scores_and_ids(t=t)
-        eos_list = [eos] if isinstance(eos, int) else eos
         check(cfg(forced_eos=eos_list, forced_at=10), LP.ForcedEOSTokenLogitsProcessor(11, eos), ids, scores)
 
 
