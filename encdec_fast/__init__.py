@@ -6,12 +6,15 @@ from .errors import (
                      CheckpointNotFoundError,
                      EncDecError,
                      EngineClosedError,
+                     EngineUsageError,
                      InvalidInputError,
+                     NumericalError,
                      UnsupportedArgumentError,
                      UnsupportedModelError,
 )
 from .model import EncDecModel, load
 
-__all__ = ["load", "EncDecModel", "Engine", "EngineClosedError", "EncDecError", "CheckpointError",
-           "CheckpointNotFoundError", "InvalidInputError", "UnsupportedArgumentError", "UnsupportedModelError"]
+__all__ = ["load", "EncDecModel", "Engine", "EngineClosedError", "EngineUsageError", "EncDecError", "CheckpointError",
+           "CheckpointNotFoundError", "InvalidInputError", "NumericalError", "UnsupportedArgumentError",
+           "UnsupportedModelError"]
 __version__ = "0.1.0"

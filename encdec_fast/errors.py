@@ -18,7 +18,7 @@ class UnsupportedModelError(EncDecError, ValueError):
 
 
 class InvalidInputError(EncDecError, ValueError):
-    """Bad model input: empty batch, non-integer or out-of-range token ids, too long, bad mask."""
+    """A bad value: token ids, masks, labels, generation or engine arguments of the wrong type or range."""
 
 
 class UnsupportedArgumentError(EncDecError, NotImplementedError):
@@ -27,3 +27,11 @@ class UnsupportedArgumentError(EncDecError, NotImplementedError):
 
 class EngineClosedError(EncDecError, RuntimeError):
     """The engine was closed before this request finished (or it was submitted after close())."""
+
+
+class EngineUsageError(EncDecError, RuntimeError):
+    """The engine was called in a way that cannot work, e.g. waiting on it from its own done-callback."""
+
+
+class NumericalError(EncDecError, FloatingPointError):
+    """The model produced NaN or inf logits (e.g. float16 overflow): the request fails instead of emitting junk."""
