@@ -147,16 +147,26 @@ def test_weights_beyond_float16_are_refused_when_loading_in_float16(ckpt, tmp_pa
     encdec_fast.load(d, dtype=torch.float32)  # fine in float32
 
 
-def test_float16_overflow_at_run_time_is_a_numerical_error_not_junk_tokens(ckpt, tmp_path):
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="the captured CUDA step and multinomial's device-side assert need a GPU"))])
+def test_float16_overflow_at_run_time_is_a_numerical_error_not_junk_tokens(ckpt, tmp_path, device):
     """The final layer norm scaled so that the logits exceed float16's range (65504): float32 generates,
-    float16 raises NumericalError (transformers would emit whatever argmax picks among inf/NaN)."""
+    float16 raises NumericalError (transformers would emit whatever argmax picks among inf/NaN), in
+    generate() and per request in the Engine, and the process stays usable (on CUDA: no device-side
+    assert from torch.multinomial)."""
     d = copy(ckpt, tmp_path)
     _weights(d, lambda sd: sd["decoder.transformer.ln_f.weight"].mul_(3e4))
     ids = torch.tensor([[5, 6, 7], [8, 9, 10]])
-    fp32 = encdec_fast.load(d)
-    out = fp32.generate(ids, max_new_tokens=4)
-    assert out.shape == (2, 5) and float(fp32(ids, decoder_input_ids=out).logits.abs().max()) > 65504
-    fp16 = encdec_fast.load(d, dtype=torch.float16)
-    for kw in (dict(), dict(num_beams=2), dict(do_sample=True)):
+    fp32 = encdec_fast.load(d, device=device, dtype=torch.float32)
+    want = fp32.generate(ids, max_new_tokens=4)
+    assert want.shape == (2, 5) and float(fp32(ids, decoder_input_ids=want).logits.abs().max()) > 65504
+    fp16 = encdec_fast.load(d, device=device, dtype=torch.float16)
+    for kw in (dict(), dict(num_beams=2), dict(do_sample=True), dict(num_beams=2, do_sample=True)):
         with pytest.raises(NumericalError, match="float16 overflow"):
             fp16.generate(ids, max_new_tokens=4, **kw)
+    with encdec_fast.Engine(fp16) as engine:
+        out = engine.generate([[5, 6, 7]] * 4, return_exceptions=True, max_new_tokens=4,
+                              request_kwargs=[{}, dict(do_sample=True, seed=1), dict(num_beams=2),
+                                              dict(num_beams=2, do_sample=True, seed=2)])
+    assert all(isinstance(r, NumericalError) for r in out), out
+    assert torch.equal(fp32.generate(ids, max_new_tokens=4), want)  # the process (its CUDA context) still works
