@@ -26,7 +26,6 @@ from .errors import (
     CheckpointError,
     CheckpointNotFoundError,
     InvalidInputError,
-    UnsupportedArgumentError,
     UnsupportedModelError,
 )
 
@@ -311,12 +310,12 @@ def open_pair(encoder, decoder) -> Source:
     from transformers import EncoderDecoderConfig
 
     if encoder is None or decoder is None:
-        raise UnsupportedArgumentError("gluing needs both encoder= and decoder= checkpoint folders.")
+        raise InvalidInputError("gluing needs both encoder= and decoder= checkpoint folders.")
     ef, df = folder(encoder), folder(decoder)
     ecfg, dcfg = read_config(ef), read_config(df)
     for c, role in ((ecfg, "encoder"), (dcfg, "decoder")):
         if getattr(c, "model_type", None) == "encoder-decoder":
-            raise UnsupportedArgumentError(f"{role}= got an EncoderDecoderModel folder; pass it as load(path).")
+            raise InvalidInputError(f"{role}= got an EncoderDecoderModel folder; pass it as load(path).")
     dcfg.is_decoder, dcfg.add_cross_attention = True, True
     hf = EncoderDecoderConfig.from_encoder_decoder_configs(ecfg, dcfg)
     cfg = from_hf(hf)

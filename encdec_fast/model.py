@@ -204,7 +204,8 @@ def load(path=None, *, encoder=None, decoder=None, device=None, dtype=None, back
     validate.number(seed, "seed", validate.SEED)
     validate.number(check_finite, "check_finite", validate.Field("bool"))
     if path is not None and (encoder is not None or decoder is not None):
-        raise UnsupportedArgumentError("pass either path or encoder=/decoder=, not both.")
+        raise InvalidInputError("pass either path (an EncoderDecoderModel folder) or encoder= and decoder= (two "
+                                "checkpoints to glue), not both.")
     dev = _pick_device(device)
     be = _pick_backend(backend, dev)
     glued = path is None and (encoder is not None or decoder is not None)

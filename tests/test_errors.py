@@ -233,6 +233,8 @@ def test_labels_need_valid_special_ids_in_the_config(model):
     (dict(device=5.5), InvalidInputError, "is not a torch device"),
     (dict(dtype="float8"), InvalidInputError, "is not a torch dtype"),
     (dict(dtype=torch.int8), UnsupportedArgumentError, "is not supported"),  # a dtype, just not one we run
+    (dict(encoder="enc", decoder="dec"), InvalidInputError, "not both"),
+    (dict(path=None, encoder="enc"), InvalidInputError, "needs both encoder= and decoder="),
 ])
 def test_bad_load_arguments_raise_one_clear_error(ckpt, kw, cls, match):
     kw = {"path": ckpt, **kw}
