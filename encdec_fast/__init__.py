@@ -7,13 +7,16 @@ from .errors import (
                      CudaKernelError,
                      EncDecError,
                      EngineClosedError,
+                     EngineUsageError,
                      InvalidInputError,
+                     NumericalError,
                      UnsupportedArgumentError,
                      UnsupportedModelError,
 )
 from .model import EncDecModel, from_transformers, load
 
-__all__ = ["load", "from_transformers", "EncDecModel", "Engine", "EngineClosedError", "EncDecError", "CheckpointError",
-           "CheckpointNotFoundError", "CudaKernelError", "InvalidInputError", "UnsupportedArgumentError",
+__all__ = ["load", "from_transformers", "EncDecModel", "Engine", "EngineClosedError", "EngineUsageError", "EncDecError",
+           "CheckpointError", "CheckpointNotFoundError", "CudaKernelError", "InvalidInputError", "NumericalError",
+           "UnsupportedArgumentError",
            "UnsupportedModelError"]
 __version__ = "0.1.0"

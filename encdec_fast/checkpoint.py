@@ -12,8 +12,11 @@ what a glued pair lacks, and checks every shape.
 from __future__ import annotations
 
 import copy
+import ctypes
 import json
+import mmap
 import os
+import sys
 import warnings
 import zipfile
 from dataclasses import dataclass, field
@@ -22,18 +25,37 @@ from typing import Callable
 
 import torch
 
+from . import validate
 from . import weight_map as wm
 from .config import ModelConfig, from_hf
 from .errors import (
     CheckpointError,
     CheckpointNotFoundError,
-    UnsupportedArgumentError,
+    InvalidInputError,
     UnsupportedModelError,
 )
+
+try:  # transformers 5 checks config fields through huggingface_hub's strict dataclasses
+    from huggingface_hub.errors import StrictDataclassError
+except ImportError:  # pragma: no cover
+    StrictDataclassError = ()
 from .modules import EncoderDecoderNet, LayerNorm
 
 SAFE, SAFE_INDEX = "model.safetensors", "model.safetensors.index.json"
 BIN, BIN_INDEX = "pytorch_model.bin", "pytorch_model.bin.index.json"
+_RESAVE = "re-save the checkpoint with save_pretrained()"
+
+
+def read_json(f: Path) -> dict:
+    """A metadata file that must hold one JSON object."""
+    try:
+        raw = json.loads(f.read_text(encoding="utf-8"))
+    except ValueError as e:  # bad JSON or bad UTF-8
+        raise CheckpointError(f"{str(f)!r} is not valid JSON ({e}); fix it or {_RESAVE}.") from None
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{str(f)!r} must hold a JSON object, got a {type(raw).__name__}; fix it or {_RESAVE}.")
+    return raw
+
 
 def folder(path) -> Path:
     if path is None:
@@ -71,15 +93,26 @@ class WeightReader:
             )
 
     def _index_json(self, index: Path):
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (ValueError, KeyError) as e:
-            raise CheckpointError(f"{str(index)!r} is not a valid shard index ({e}); re-save the checkpoint.") from None
+        weight_map = read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise CheckpointError(f"{str(index)!r}: weight_map must be a JSON object (tensor name -> shard file), got "
+                                  f"{type(weight_map).__name__}; {_RESAVE}.")
+        by_shard: dict[Path, list[str]] = {}
         for name, shard in weight_map.items():
+            if not isinstance(shard, str) or not shard or Path(shard).name != shard:
+                raise CheckpointError(f"{str(index)!r}: weight_map[{name!r}] = {shard!r} is not the name of a shard file "
+                                      f"in this folder; {_RESAVE}.")
             f = index.parent / shard
             if not f.is_file():
                 raise CheckpointNotFoundError(f"shard {shard!r} listed in {index.name} is missing from {str(index.parent)!r}.")
             self._where[name] = f
+            by_shard.setdefault(f, []).append(name)
+        for f, names in by_shard.items():  # headers only: the index and the shards must agree
+            held = set(self._handle(f).keys())
+            lacking = [n for n in names if n not in held]
+            if lacking:
+                raise CheckpointError(f"{str(index)!r} places {lacking[:3]}{' ...' if len(lacking) > 3 else ''} in "
+                                      f"{f.name}, which does not hold them; the index and the shards disagree: {_RESAVE}.")
 
     def _handle(self, f: Path):
         if f not in self._open:
@@ -89,7 +122,10 @@ class WeightReader:
 
                     self._open[f] = safe_open(str(f), framework="pt", device="cpu")
                 else:  # the legacy (pre-zip) format cannot be memory-mapped: it is read whole
-                    self._open[f] = torch.load(str(f), map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(f))
+                    self._open[f] = _state_dict(f, torch.load(str(f), map_location="cpu", weights_only=True,
+                                                              mmap=zipfile.is_zipfile(f)))
+            except CheckpointError:
+                raise
             except Exception as e:  # corrupt file: say which
                 raise CheckpointError(f"cannot read weights file {str(f)!r}: {e}. Re-save the checkpoint.") from None
         return self._open[f]
@@ -103,8 +139,12 @@ class WeightReader:
         return set(self._where)
 
     def get(self, name: str) -> torch.Tensor:
-        h = self._handle(self._where[name])
-        return h.get_tensor(name) if hasattr(h, "get_tensor") else h[name]
+        f = self._where[name]  # a KeyError: the tensor is missing (the caller names it)
+        h = self._handle(f)
+        try:
+            return h.get_tensor(name) if hasattr(h, "get_tensor") else h[name]
+        except Exception as e:  # noqa: BLE001  a damaged file
+            raise CheckpointError(f"cannot read tensor {name} from {str(f)!r}: {e}; {_RESAVE}.") from None
 
     def dtype(self) -> torch.dtype:
         for name in self._where:
@@ -112,6 +152,17 @@ class WeightReader:
             if t.is_floating_point():
                 return t.dtype
         return torch.float32
+
+
+def _state_dict(f: Path, obj) -> dict:
+    """What a .bin must hold: a mapping of tensor names to tensors."""
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{str(f)!r} holds a {type(obj).__name__}, not a state dict (tensor name -> tensor); {_RESAVE}.")
+    for k, v in obj.items():
+        if not isinstance(k, str) or not isinstance(v, torch.Tensor):
+            raise CheckpointError(f"{str(f)!r} maps {k!r} to a {type(v).__name__}, not a tensor; a weights file holds "
+                                  f"tensors only: {_RESAVE}.")
+    return obj
 
 
 # ------------------------------------------------------------------------------------------------
@@ -129,20 +180,95 @@ def _set_buffer(model: torch.nn.Module, name: str, value: torch.Tensor):
     mod._buffers[leaf] = value
 
 
-def assign(model, plan: wm.Plan, fetch: Callable[[str], torch.Tensor], *, device, dtype):
+def _floating(name: str, t: torch.Tensor) -> torch.Tensor:
+    if not t.is_floating_point():
+        raise CheckpointError(f"tensor {name} is stored as {t.dtype}; encdec_fast loads floating-point weights only "
+                              "(float32, float16, bfloat16; quantised checkpoints are not supported). Re-save the "
+                              "checkpoint with floating-point weights.")
+    return t
+
+
+def _finite(t: torch.Tensor) -> bool:
+    """One pass and no tensor-sized temporary (load memory): min and max propagate NaN."""
+    return bool(torch.isfinite(torch.stack(torch.aminmax(t))).all())
+
+
+def _nonfinite(names: list[str], parts: list[torch.Tensor], dtype) -> Exception:
+    what = names[0] if len(names) == 1 else names
+    if not all(_finite(p) for p in parts):
+        return CheckpointError(f"tensor {what} holds NaN or inf values: the checkpoint is damaged (or its training "
+                               f"diverged). Re-save good weights, or pass load(..., check_finite=False) to load it anyway.")
+    big = max(float(p.abs().max()) for p in parts)
+    return InvalidInputError(f"tensor {what} holds values up to {big:.3g}, beyond the range of {dtype}; load with "
+                             "dtype=torch.bfloat16 or torch.float32.")
+
+
+class _MappedPages:
+    """Gives back the resident pages of memory-mapped source tensors once they were copied (Linux).
+
+    A checkpoint file is memory-mapped (safetensors, zip pytorch_model.bin): a weight used as it is stays
+    a view of the file, but one that is transformed (fused QKV, transposed Conv1D, another dtype) is
+    copied, and the pages of its source, read for the copy, would stay resident next to the copy. They
+    are file-backed and never written, so madvise(MADV_DONTNEED) drops them safely: a later read maps
+    them from the file again. Only ranges inside a file mapping (/proc/self/maps) are touched."""
+
+    def __init__(self):
+        self.ranges: list[tuple[int, int]] | None = None
+        self.libc = None
+        if sys.platform.startswith("linux"):
+            try:
+                self.libc = ctypes.CDLL(None, use_errno=True)
+                self.page = mmap.PAGESIZE
+            except OSError:
+                self.libc = None
+
+    def _file_ranges(self) -> list[tuple[int, int]]:
+        out = []
+        with open("/proc/self/maps") as f:
+            for line in f:
+                parts = line.split(maxsplit=5)
+                if len(parts) == 6 and parts[5].strip().startswith("/"):  # backed by a file
+                    lo, hi = (int(x, 16) for x in parts[0].split("-"))
+                    out.append((lo, hi))
+        return out
+
+    def release(self, t: torch.Tensor):
+        if self.libc is None or t.device.type != "cpu" or t.numel() == 0:
+            return
+        start = t.data_ptr()
+        end = start + t.numel() * t.element_size()
+        lo, hi = -(-start // self.page) * self.page, end // self.page * self.page  # whole pages inside
+        if hi <= lo:
+            return
+        if self.ranges is None:
+            self.ranges = self._file_ranges()
+        if not any(a <= lo and hi <= b for a, b in self.ranges):
+            return
+        self.libc.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), 4)  # MADV_DONTNEED
+
+
+def assign(model, plan: wm.Plan, fetch: Callable[[str], torch.Tensor], *, device, dtype, check_finite: bool = True):
     """Fill every buffer of `model` (built on meta) from the plan. fetch(hf_name) returns a CPU tensor.
-    Tensors listed under the same HF names are shared (tied weights stay one tensor)."""
+    Tensors listed under the same HF names are shared (tied weights stay one tensor). Every tensor must
+    be floating point and, with check_finite, finite once cast to dtype. The mapped pages of sources
+    that were copied are given back (_MappedPages)."""
     shared: dict = {}
+    pages = _MappedPages()
     for ours, (hf_names, fn) in plan.items():
         key = (tuple(hf_names), fn.__name__)
         if key in shared:
             _set_buffer(model, ours, shared[key])
             continue
-        t = fn(*[fetch(h) for h in hf_names])
-        t = t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype).contiguous()
+        parts = [_floating(h, fetch(h)) for h in hf_names]
+        t = fn(*parts).to(device=device, dtype=dtype).contiguous()
+        if check_finite and not _finite(t):
+            raise _nonfinite(hf_names, parts, dtype)
         _set_buffer(model, ours, t)
         if fn.__name__ == "<lambda>" and len(hf_names) == 1:
             shared[key] = t
+        for p in parts:
+            if p.untyped_storage().data_ptr() != t.untyped_storage().data_ptr():  # copied: its source is not needed
+                pages.release(p)
 
 
 def share_tied_head(model):
@@ -195,9 +321,14 @@ class Source:
 def read_config(path: Path):
     from transformers import AutoConfig
 
+    file = path / "config.json"
+    validate.config_fields(read_json(file), str(file))
     try:
         return AutoConfig.from_pretrained(str(path), local_files_only=True)
-    except (ValueError, KeyError, OSError, TypeError) as e:
+    except (StrictDataclassError, TypeError) as e:  # a field of the wrong type that our table does not know
+        msg = " ".join(str(e).split())
+        raise CheckpointError(f"{str(file)!r}: {msg}; fix the file or {_RESAVE}.") from None
+    except (ValueError, KeyError, OSError) as e:
         raise UnsupportedModelError(
             f"cannot read {str(path / 'config.json')!r} as a transformers config: {e}. "
             "encdec_fast reads EncoderDecoderModel folders (see the README's supported checkpoints)."
@@ -236,12 +367,12 @@ def open_pair(encoder, decoder) -> Source:
     from transformers import EncoderDecoderConfig
 
     if encoder is None or decoder is None:
-        raise UnsupportedArgumentError("gluing needs both encoder= and decoder= checkpoint folders.")
+        raise InvalidInputError("gluing needs both encoder= and decoder= checkpoint folders.")
     ef, df = folder(encoder), folder(decoder)
     ecfg, dcfg = read_config(ef), read_config(df)
     for c, role in ((ecfg, "encoder"), (dcfg, "decoder")):
         if getattr(c, "model_type", None) == "encoder-decoder":
-            raise UnsupportedArgumentError(f"{role}= got an EncoderDecoderModel folder; pass it as load(path).")
+            raise InvalidInputError(f"{role}= got an EncoderDecoderModel folder; pass it as load(path).")
     dcfg.is_decoder, dcfg.add_cross_attention = True, True
     hf = EncoderDecoderConfig.from_encoder_decoder_configs(ecfg, dcfg)
     cfg = from_hf(hf)
@@ -317,7 +448,7 @@ def _init_missing(net, plan: wm.Plan, missing: set[str], seed: int, std: float, 
     return done
 
 
-def build_net(src: Source, *, device, dtype, seed: int) -> EncoderDecoderNet:
+def build_net(src: Source, *, device, dtype, seed: int, check_finite: bool = True) -> EncoderDecoderNet:
     """The net on the meta device, then every buffer assigned from the checkpoint (or initialised)."""
     with torch.device("meta"):
         net = EncoderDecoderNet(src.cfg)
@@ -332,7 +463,7 @@ def build_net(src: Source, *, device, dtype, seed: int) -> EncoderDecoderNet:
             f"cross-attention, enc_to_dec_proj); initialised from seed {seed}. Fine-tune before use, as after "
             f"from_encoder_decoder_pretrained: {sorted(done)}", stacklevel=3)
     try:
-        assign(net, plan, src.fetch, device=device, dtype=dtype)
+        assign(net, plan, src.fetch, device=device, dtype=dtype, check_finite=check_finite)
     except KeyError as e:
         raise CheckpointError(f"tensor {e} is missing from the checkpoint; re-save it with save_pretrained().") from None
     check_complete(net)
@@ -348,9 +479,18 @@ def generation_config(src: Source):
     if src.gen_dir is None:
         return copy.deepcopy(src.gen_config) if src.gen_config is not None else GenerationConfig.from_model_config(src.hf_config)
     f = src.gen_dir / "generation_config.json"
+    own = f.is_file()
+    where = f if own else src.gen_dir / "config.json"  # without the file, the values come from config.json
+    fix = f"fix or delete {str(f)!r}" if own else f"fix {str(where)!r}"
     try:
-        if f.is_file():
-            return GenerationConfig.from_pretrained(str(src.gen_dir), local_files_only=True)
-        return GenerationConfig.from_model_config(src.hf_config)
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"cannot read {str(f)!r}: {e}; fix or delete it.") from None
+        if own:
+            validate.generation_values(read_json(f), f"{str(f)!r}: ", CheckpointError, fix)
+            gc = GenerationConfig.from_pretrained(str(src.gen_dir), local_files_only=True)
+        else:
+            gc = GenerationConfig.from_model_config(src.hf_config)
+    except CheckpointError:
+        raise
+    except (OSError, ValueError, TypeError) as e:
+        raise CheckpointError(f"cannot read {str(where)!r}: {e}; {fix}.") from None
+    validate.generation_values(gc.to_dict(), f"{str(where)!r}: ", CheckpointError, fix)
+    return gc

@@ -7,11 +7,16 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
+import signal
 import sys
+import threading
 import time
+from pathlib import Path
 
-from .errors import EncDecError
+from .errors import EncDecError, EngineClosedError, InvalidInputError
 
 # generation flags exposed on the command line: (flag, type, help)
 _GEN_FLAGS = [
@@ -33,63 +38,160 @@ _GEN_FLAGS = [
 ]
 
 
+def _json_input(line: str):
+    """One JSONL line -> its input (token ids or text), or the InvalidInputError saying what is wrong."""
+    try:
+        obj = json.loads(line)
+    except ValueError as e:
+        return InvalidInputError(f"invalid JSON ({e}); give one JSON object or one text per line.")
+    if not isinstance(obj, dict):
+        return InvalidInputError("a JSON line must hold an object with a \"text\" or an \"input_ids\" field.")
+    if "input_ids" in obj:
+        ids = obj["input_ids"]
+        return ids if isinstance(ids, list) else InvalidInputError(f"\"input_ids\" must be a list of token ids, got {ids!r}.")
+    if "text" in obj:
+        text = obj["text"]
+        return text if isinstance(text, str) else InvalidInputError(f"\"text\" must be a string, got {text!r}.")
+    return InvalidInputError("a JSON line needs a \"text\" or an \"input_ids\" field.")
+
+
 def _read_inputs(path: str) -> list:
-    """Text lines, or JSONL with "text" or "input_ids" per line."""
+    """Text lines, or JSONL with "text" or "input_ids" per line -> [(line number, input or the
+    InvalidInputError of a malformed or undecodable line)]; blank lines are skipped."""
+    with open(path, "rb") as f:
+        data = f.read()
     items = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            line = line.rstrip("\n")
-            if not line.strip():
-                continue
-            if line.lstrip().startswith("{"):
-                try:
-                    obj = json.loads(line)
-                except ValueError as e:
-                    raise EncDecError(f"{path}:{n}: invalid JSON ({e}); give one JSON object or one text per line.") from None
-                if "input_ids" in obj:
-                    items.append(list(obj["input_ids"]))
-                elif "text" in obj:
-                    items.append(str(obj["text"]))
-                else:
-                    raise EncDecError(f"{path}:{n}: a JSON line needs a \"text\" or an \"input_ids\" field.")
-            else:
-                items.append(line)
+    for n, raw in enumerate(data.splitlines(), 1):
+        try:
+            line = raw.decode("utf-8-sig" if n == 1 else "utf-8")
+        except UnicodeDecodeError as e:
+            items.append((n, InvalidInputError(f"the line is not UTF-8 ({e}); save the input file as UTF-8.")))
+            continue
+        if line.strip():
+            items.append((n, _json_input(line) if line.lstrip().startswith("{") else line))
     if not items:
-        raise EncDecError(f"{path} holds no inputs; write one text (or JSON object) per line.")
+        raise InvalidInputError(f"{path} holds no inputs; write one text (or JSON object) per line.")
     return items
+
+
+class _Output:
+    """The output JSONL: checked and emptied before any work (an older file never passes for this run's),
+    one flushed line per input as it finishes (in finishing order, each with its index), rewritten in
+    input order at the end (atomically: a crash then leaves the unsorted file, complete)."""
+
+    def __init__(self, path: str):
+        p = Path(path)
+        if p.is_dir():
+            raise InvalidInputError(f"--output {path!r} is a folder; name a file to write.")
+        if not p.parent.is_dir():
+            raise InvalidInputError(f"--output {path!r}: the folder {str(p.parent)!r} does not exist; create it first.")
+        try:
+            self.f = open(p, "w", encoding="utf-8")
+        except OSError as e:
+            raise InvalidInputError(f"cannot write --output {path!r}: {e.strerror or e}.") from None
+        self.path, self.records, self.errors, self.tokens = p, {}, [], 0
+        self.write_error = None  # the OSError that stopped writing, if any
+
+    def add(self, i: int, outcome, line: int | None = None):
+        if isinstance(outcome, BaseException):
+            rec = {"index": i, "error": f"{type(outcome).__name__}: {outcome}"}
+            if line is not None:
+                rec["line"] = line
+            self.errors.append((i, line, rec["error"]))
+        else:
+            rec = {"index": i, "output_ids": outcome.output_ids}
+            if outcome.text is not None:
+                rec["text"] = outcome.text
+            self.tokens += outcome.num_generated
+        self.records[i] = rec
+        self.f.write(json.dumps(rec) + "\n")
+        self.f.flush()
+
+    def close_sorted(self):
+        self.f.close()
+        tmp = self.path.with_name(self.path.name + ".sorting")
+        with open(tmp, "w", encoding="utf-8") as f:
+            for i in sorted(self.records):
+                f.write(json.dumps(self.records[i]) + "\n")
+        os.replace(tmp, self.path)
+
+
+@contextlib.contextmanager
+def _first_sigint_stops(engine):
+    """Ctrl-C stops taking work: the engine closes (its current step completes, the rest fails with
+    EngineClosedError) and generate() returns what is finished. A second Ctrl-C interrupts at once."""
+    hit = {"sigint": False}
+    if threading.current_thread() is not threading.main_thread():
+        yield hit
+        return
+
+    def stop(signum, frame):
+        hit["sigint"] = True
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        engine.close(timeout=0)
+
+    old = signal.signal(signal.SIGINT, stop)
+    try:
+        yield hit
+    finally:
+        signal.signal(signal.SIGINT, old)
 
 
 def cmd_generate(a) -> int:
     import encdec_fast
 
-    inputs = _read_inputs(a.input)
-    model = encdec_fast.load(a.path, device=a.device, dtype=a.dtype)
-    kwargs = {name: getattr(a, name) for name, _, _ in _GEN_FLAGS if getattr(a, name) is not None}
-    if a.do_sample:
-        kwargs["do_sample"] = True
-    if a.seed is not None:
-        import torch
-
-        torch.manual_seed(a.seed)
+    items = _read_inputs(a.input)
+    out = _Output(a.output)
+    todo = []  # (index, input) of the well-formed lines
+    for i, (n, item) in enumerate(items):
+        if isinstance(item, Exception):
+            out.add(i, item, line=n)
+        else:
+            todo.append((i, item))
+    interrupted = False
     t0 = time.perf_counter()
-    with encdec_fast.Engine(model, max_batch_size=a.batch_size) as engine:
-        results = engine.generate(inputs, progress=not a.quiet, return_exceptions=True, **kwargs)
+    try:
+        model = encdec_fast.load(a.path, device=a.device, dtype=a.dtype)
+        kwargs = {name: getattr(a, name) for name, _, _ in _GEN_FLAGS if getattr(a, name) is not None}
+        if a.do_sample:
+            kwargs["do_sample"] = True
+        if a.seed is not None:
+            import torch
+
+            torch.manual_seed(a.seed)
+        with encdec_fast.Engine(model, max_batch_size=a.batch_size) as engine, _first_sigint_stops(engine) as sigint:
+            def save(j, outcome):  # each input as it settles
+                if sigint["sigint"] and isinstance(outcome, EngineClosedError):
+                    return  # not generated: left out of the output
+                if not isinstance(outcome, Exception) and isinstance(outcome, BaseException):
+                    return  # a second Ctrl-C
+                try:
+                    out.add(todo[j][0], outcome)
+                except OSError as e:  # disk full...: stop, and say so below
+                    out.write_error = out.write_error or e
+                    engine.close(timeout=0)
+
+            engine.generate([x for _, x in todo], progress=not a.quiet, return_exceptions=True, on_result=save, **kwargs)
+        interrupted = sigint["sigint"]
+    except KeyboardInterrupt:
+        interrupted = True
+    finally:
+        out.close_sorted()
     wall = time.perf_counter() - t0
-    n_tok, n_err = 0, 0
-    with open(a.output, "w", encoding="utf-8") as out:
-        for i, r in enumerate(results):
-            if isinstance(r, Exception):
-                n_err += 1
-                out.write(json.dumps({"index": i, "error": f"{type(r).__name__}: {r}"}) + "\n")
-                continue
-            rec = {"index": i, "output_ids": r.output_ids}
-            if r.text is not None:
-                rec["text"] = r.text
-            n_tok += r.num_generated
-            out.write(json.dumps(rec) + "\n")
-    print(f"{len(results)} inputs, {n_err} errors, {n_tok} tokens in {wall:.2f} s = {n_tok / wall:.1f} tokens/s",
-          file=sys.stderr)
-    return 1 if n_err else 0
+    if out.write_error is not None:
+        raise out.write_error
+    n_done = len(out.records)
+    if interrupted:
+        print(f"encdec-fast: interrupted: {n_done} of {len(items)} inputs finished and written to {str(out.path)!r}; "
+              f"the other {len(items) - n_done} were not generated.", file=sys.stderr)
+        return 130
+    print(f"{len(items)} inputs, {len(out.errors)} errors, {out.tokens} tokens in {wall:.2f} s = "
+          f"{out.tokens / wall:.1f} tokens/s", file=sys.stderr)
+    for i, line, msg in sorted(out.errors)[:5]:
+        print(f"  input {i}{f' (line {line})' if line is not None else ''}: {msg}", file=sys.stderr)
+    if len(out.errors) > 5:
+        print(f"  ... and {len(out.errors) - 5} more: see the \"error\" records in {str(out.path)!r}.", file=sys.stderr)
+    return 1 if out.errors else 0
 
 
 def cmd_demo(a) -> int:
@@ -105,7 +207,8 @@ def main(argv=None) -> int:
     g = sub.add_parser("generate", help="generate for every line of a file")
     g.add_argument("path", help="EncoderDecoderModel folder (with a tokenizer for text inputs)")
     g.add_argument("--input", required=True, help="text lines or JSONL ({\"text\": ...} or {\"input_ids\": [...]})")
-    g.add_argument("--output", required=True, help="JSONL out: index, output_ids, text")
+    g.add_argument("--output", required=True, help="JSONL out, one line per input as it finishes (then sorted): index, "
+                   "output_ids, text, or error (and line, for a malformed input line)")
     g.add_argument("--device", default=None)
     g.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"])
     g.add_argument("--batch-size", type=int, default=64)
@@ -129,6 +232,9 @@ def main(argv=None) -> int:
     except (EncDecError, OSError) as e:
         print(f"encdec-fast: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("encdec-fast: interrupted.", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

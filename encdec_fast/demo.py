@@ -53,8 +53,9 @@ def _time(fn, device, reps=2):
 
 def run_demo(size="small", batch=8, new_tokens=32, src_len=64, device=None, num_beams=1) -> int:
     import encdec_fast
+    from encdec_fast.model import _pick_device
 
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dev = _pick_device(device)  # a clear error for a device this machine lacks
     with tempfile.TemporaryDirectory() as d:
         print(f"building a random bert2gpt2 ({size}) checkpoint in {d} ...")
         ref = build(d, size).to(dev)

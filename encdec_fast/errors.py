@@ -18,7 +18,7 @@ class UnsupportedModelError(EncDecError, ValueError):
 
 
 class InvalidInputError(EncDecError, ValueError):
-    """Bad model input: empty batch, non-integer or out-of-range token ids, too long, bad mask."""
+    """A bad value: token ids, masks, labels, generation or engine arguments of the wrong type or range."""
 
 
 class UnsupportedArgumentError(EncDecError, NotImplementedError):
@@ -32,3 +32,11 @@ class EngineClosedError(EncDecError, RuntimeError):
 class CudaKernelError(EncDecError, RuntimeError):
     """The CUDA C++ kernels (csrc/) were asked for (ENCDEC_CUDA=1) or called, and could not be built, loaded or
     run: the message says why (nvcc's own output for a compiler error, the CUDA error for a failed launch)."""
+
+
+class EngineUsageError(EncDecError, RuntimeError):
+    """The engine was called in a way that cannot work, e.g. waiting on it from its own done-callback."""
+
+
+class NumericalError(EncDecError, FloatingPointError):
+    """The model produced NaN or inf logits (e.g. float16 overflow): the request fails instead of emitting junk."""

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 
 from . import checkpoint as ckpt
 from . import ops as ops_mod
+from . import validate
 from .config import ModelConfig
 from .errors import InvalidInputError, UnsupportedArgumentError
 from .modules import EncoderDecoderNet
@@ -19,8 +20,8 @@ def _pick_device(device):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         dev = torch.device(device)
-    except (RuntimeError, TypeError) as e:
-        raise UnsupportedArgumentError(f"device={device!r} is not a torch device ({e}); use 'cpu' or 'cuda'.") from None
+    except (RuntimeError, TypeError, ValueError) as e:
+        raise InvalidInputError(f"device={device!r} is not a torch device ({e}); use 'cpu' or 'cuda'.") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise UnsupportedArgumentError(f"device={device!r} asks for CUDA, but this torch build or machine has no CUDA "
                                        "device; use device='cpu' (or install a CUDA build of torch).")
@@ -48,9 +49,13 @@ def _pick_backend(backend, device):
 def _pick_dtype(dtype, stored: torch.dtype, device):
     if dtype is None:
         return torch.float32 if device.type == "cpu" else stored
+    names = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+             "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
     if isinstance(dtype, str):
-        dtype = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
-                 "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}.get(dtype, dtype)
+        dtype = names.get(dtype, dtype)
+    if not isinstance(dtype, torch.dtype):
+        raise InvalidInputError(f"dtype={dtype!r} is not a torch dtype; use torch.float32, torch.float16 or "
+                                f"torch.bfloat16 (or one of the names {sorted(names)}).")
     if dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise UnsupportedArgumentError(f"dtype={dtype!r} is not supported; use torch.float32, torch.float16 or torch.bfloat16.")
     return dtype
@@ -112,71 +117,15 @@ class EncDecModel:
                 f"dec {c.decoder.num_layers}x{c.decoder.hidden_size}, vocab {c.decoder.vocab_size}, "
                 f"{self.dtype}, {self.device}, backend={self.backend})")
 
-    # -- input checks --------------------------------------------------------------------------------
-    def check_ids(self, ids, name: str, half) -> torch.Tensor:
-        if ids is None:
-            raise InvalidInputError(f"{name} is required.")
-        if not isinstance(ids, torch.Tensor):
-            try:
-                ids = torch.as_tensor(ids)
-            except (ValueError, TypeError) as e:
-                raise InvalidInputError(f"{name} must be a 2-D tensor (or nested list) of token ids: {e}") from None
-        if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
-            raise InvalidInputError(f"{name} must hold integer token ids, got dtype {ids.dtype}; pass a torch.long tensor.")
-        if ids.dim() != 2:
-            raise InvalidInputError(f"{name} must be 2-D (batch, length), got shape {tuple(ids.shape)}; "
-                                    "for one sequence use ids.unsqueeze(0).")
-        if ids.shape[0] == 0 or ids.shape[1] == 0:
-            raise InvalidInputError(f"{name} is empty (shape {tuple(ids.shape)}); pass at least one sequence of at least one token.")
-        lo, hi = int(ids.min()), int(ids.max())
-        if lo < 0 or hi >= half.vocab_size:
-            bad = lo if lo < 0 else hi
-            raise InvalidInputError(f"{name} holds token id {bad}, outside the vocabulary [0, {half.vocab_size}); "
-                                    "check the tokenizer matches this checkpoint.")
-        if ids.shape[1] > half.max_length:
-            raise InvalidInputError(f"{name} has length {ids.shape[1]} but the model has positions for at most "
-                                    f"{half.max_length} tokens; truncate the input to {half.max_length} tokens.")
-        return ids.to(device=self.device, dtype=torch.long)
-
-    def check_mask(self, mask, ids, name: str):
-        """-> bool (B, L) on the device, or None when every position is kept."""
-        if mask is None:
-            return None
-        mask = torch.as_tensor(mask)
-        if tuple(mask.shape) != tuple(ids.shape):
-            raise InvalidInputError(f"{name} has shape {tuple(mask.shape)} but the ids have {tuple(ids.shape)}; they must match.")
-        mask = mask.to(self.device) != 0
-        if not bool(mask.any(dim=1).all()):
-            raise InvalidInputError(f"{name} masks every token of some sequence; each sequence needs at least one real token.")
-        return None if bool(mask.all()) else mask
-
-    def check_token_types(self, token_type_ids, ids):
-        """-> long (B, S) on the device, or None (every token type 0, the default)."""
-        if token_type_ids is None:
-            return None
-        half = self.cfg.encoder
-        if not half.type_vocab_size:
-            raise InvalidInputError(f"token_type_ids given, but this encoder ({half.model_type}) has no token type "
-                                    "embeddings; drop token_type_ids (tokenize with return_token_type_ids=False).")
-        types = torch.as_tensor(token_type_ids)
-        if types.is_floating_point() or types.is_complex() or types.dtype == torch.bool:
-            raise InvalidInputError(f"token_type_ids must hold integers, got dtype {types.dtype}.")
-        if tuple(types.shape) != tuple(ids.shape):
-            raise InvalidInputError(f"token_type_ids has shape {tuple(types.shape)} but input_ids has {tuple(ids.shape)}; "
-                                    "they must match.")
-        lo, hi = int(types.min()), int(types.max())
-        if lo < 0 or hi >= half.type_vocab_size:
-            raise InvalidInputError(f"token_type_ids holds {lo if lo < 0 else hi}, outside [0, {half.type_vocab_size}) "
-                                    "(the encoder's type_vocab_size).")
-        return types.to(device=self.device, dtype=torch.long)
-
     # -- the net -----------------------------------------------------------------------------------
     @torch.inference_mode()
     def encode(self, input_ids, attention_mask=None, token_type_ids=None):
         """-> (encoder last hidden state (B, S, E_enc), key mask bool (B, S) or None)"""
-        ids = self.check_ids(input_ids, "input_ids", self.cfg.encoder)
-        mask = self.check_mask(attention_mask, ids, "attention_mask")
-        types = self.check_token_types(token_type_ids, ids)
+        ids = validate.token_ids(input_ids, "input_ids", self.cfg.encoder).to(self.device)
+        mask = validate.attention_mask(attention_mask, ids.shape, "attention_mask")
+        mask = mask.to(self.device) if mask is not None else None
+        types = validate.token_type_ids(token_type_ids, ids.shape, self.cfg.encoder)
+        types = types.to(self.device) if types is not None else None
         return self.net.encoder(ids, mask, self.ops, types), mask
 
     @torch.inference_mode()
@@ -190,31 +139,34 @@ class EncDecModel:
             raise UnsupportedArgumentError(f"forward() does not support {names}; encdec_fast takes input_ids, attention_mask, "
                                            "token_type_ids, decoder_input_ids, decoder_attention_mask, labels and "
                                            "encoder_outputs.")
-        ops, g = self.ops, self.net
+        ops, g, dev = self.ops, self.net, self.device
         if encoder_outputs is not None:
-            enc = encoder_outputs[0] if isinstance(encoder_outputs, (tuple, list)) else getattr(
-                encoder_outputs, "last_hidden_state", encoder_outputs)
-            enc = enc.to(device=self.device, dtype=self.dtype)
-            enc_mask = None
-            if attention_mask is not None:
-                enc_mask = self.check_mask(attention_mask, enc[..., 0], "attention_mask")
+            enc = validate.encoder_outputs(encoder_outputs, self.cfg.encoder.hidden_size).to(device=dev, dtype=self.dtype)
+            enc_mask = validate.attention_mask(attention_mask, enc.shape[:2], "attention_mask")
+            enc_mask = enc_mask.to(dev) if enc_mask is not None else None
         else:
             enc, enc_mask = self.encode(input_ids, attention_mask, token_type_ids)
+        B = enc.shape[0]
         if labels is not None:
-            labels = torch.as_tensor(labels).to(self.device)
+            labels = validate.labels(labels, self.cfg.decoder, B).to(dev)
             if decoder_input_ids is None:
                 decoder_input_ids = self.shift_right(labels)
                 if decoder_attention_mask is None:
                     decoder_attention_mask = decoder_input_ids != self.config.pad_token_id
-        dec_ids = self.check_ids(decoder_input_ids, "decoder_input_ids", self.cfg.decoder)
-        if dec_ids.shape[0] != enc.shape[0]:
-            raise InvalidInputError(f"decoder_input_ids has batch {dec_ids.shape[0]} but the encoder input has {enc.shape[0]}.")
-        dec_mask = self.check_mask(decoder_attention_mask, dec_ids, "decoder_attention_mask")
+        dec_ids = validate.token_ids(decoder_input_ids, "decoder_input_ids", self.cfg.decoder).to(dev)
+        if dec_ids.shape[0] != B:
+            raise InvalidInputError(f"decoder_input_ids has batch {dec_ids.shape[0]} but the encoder input has {B}.")
+        if labels is not None and labels.shape != dec_ids.shape:
+            raise InvalidInputError(f"labels have shape {tuple(labels.shape)} but decoder_input_ids {tuple(dec_ids.shape)}; "
+                                    "they must match (or leave decoder_input_ids out: it is built from the labels).")
+        dec_mask = validate.attention_mask(decoder_attention_mask, dec_ids.shape, "decoder_attention_mask")
+        dec_mask = dec_mask.to(dev) if dec_mask is not None else None
         cross = g.decoder.cross_kv(g.project(enc, ops), ops)
         logits = g.decoder.full(dec_ids, dec_mask, cross, enc_mask, ops)
         loss = None
         if labels is not None:
-            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
+            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                                   ignore_index=validate.IGNORE_INDEX)
         return Seq2SeqLMOutput(loss=loss, logits=logits, encoder_last_hidden_state=enc)
 
     def shift_right(self, labels):
@@ -222,10 +174,13 @@ class EncDecModel:
         if start is None or pad is None:
             raise InvalidInputError("labels need config.decoder_start_token_id and config.pad_token_id to build "
                                     "decoder_input_ids; set them on model.config or pass decoder_input_ids.")
+        V, fix = self.cfg.decoder.vocab_size, "set a valid one on model.config or pass decoder_input_ids"
+        start = validate.special_id(start, "config.decoder_start_token_id", V, fix)
+        pad = validate.special_id(pad, "config.pad_token_id", V, fix)
         shifted = labels.new_zeros(labels.shape)
         shifted[:, 1:] = labels[:, :-1]
         shifted[:, 0] = start
-        return shifted.masked_fill(shifted == -100, pad)
+        return shifted.masked_fill(shifted == validate.IGNORE_INDEX, pad)
 
     # -- generation ------------------------------------------------------------------------------
     def generate(self, input_ids=None, generation_config=None, **kwargs):
@@ -239,33 +194,40 @@ class EncDecModel:
 
 
 # ------------------------------------------------------------------------------------------------
-def _build(src, device, dtype, backend, seed: int) -> EncDecModel:
+def _build(src, device, dtype, backend, seed: int, check_finite: bool) -> EncDecModel:
     """The model for a resolved checkpoint source (checkpoint.py): what load() and from_transformers() share."""
     dev = _pick_device(device)
     be = _pick_backend(backend, dev)
     dt = _pick_dtype(dtype, src.stored_dtype, dev)
-    net = ckpt.build_net(src, device=dev, dtype=dt, seed=seed)
+    net = ckpt.build_net(src, device=dev, dtype=dt, seed=seed, check_finite=check_finite)
     return EncDecModel(net, src.hf_config, ckpt.generation_config(src), be, path=src.folder)
 
 
-def load(path=None, *, encoder=None, decoder=None, device=None, dtype=None, backend=None, seed: int = 0) -> EncDecModel:
+def load(path=None, *, encoder=None, decoder=None, device=None, dtype=None, backend=None, seed: int = 0,
+         check_finite: bool = True) -> EncDecModel:
     """Load an EncoderDecoderModel folder, or glue an encoder and a decoder checkpoint.
 
     device: default cuda when available, else cpu. dtype: default float32 on CPU, the stored dtype on
     CUDA. backend: "triton" (default on CUDA) or "torch" (default on CPU). seed: initialises the weights
-    a glued decoder checkpoint lacks (its cross-attention), reproducibly."""
+    a glued decoder checkpoint lacks (its cross-attention), reproducibly. check_finite: refuse weights
+    holding NaN or inf (or overflowing dtype) with an error naming the tensor; False skips the check."""
+    for name, value in (("path", path), ("encoder", encoder), ("decoder", decoder)):
+        validate.path(value, name)
+    validate.number(seed, "seed", validate.SEED)
+    validate.number(check_finite, "check_finite", validate.Field("bool"))
     if path is not None and (encoder is not None or decoder is not None):
-        raise UnsupportedArgumentError("pass either path or encoder=/decoder=, not both.")
+        raise InvalidInputError("pass either path (an EncoderDecoderModel folder) or encoder= and decoder= (two "
+                                "checkpoints to glue), not both.")
     _pick_backend(backend, _pick_device(device))  # argument errors before any file is read
     glued = path is None and (encoder is not None or decoder is not None)
     src = ckpt.open_pair(encoder, decoder) if glued else ckpt.open_folder(path)
-    return _build(src, device, dtype, backend, seed)
+    return _build(src, device, dtype, backend, seed, check_finite)
 
 
-def from_transformers(hf_model, *, device=None, dtype=None, backend=None) -> EncDecModel:
+def from_transformers(hf_model, *, device=None, dtype=None, backend=None, check_finite: bool = True) -> EncDecModel:
     """The encdec_fast model of a transformers EncoderDecoderModel in memory (for example right after
     fine-tuning): the same model load() gives for its save_pretrained() folder, without the round trip.
     Every tensor, the config and the generation config are copied: nothing is shared with hf_model.
-    device, dtype and backend as for load()."""
+    device, dtype, backend and check_finite as for load()."""
     _pick_backend(backend, _pick_device(device))
-    return _build(ckpt.open_module(hf_model), device, dtype, backend, seed=0)
+    return _build(ckpt.open_module(hf_model), device, dtype, backend, 0, check_finite)

@@ -249,3 +249,67 @@ def test_unsupported_forward_argument(model):
 def test_all_errors_share_one_base_class():
     for cls in (CheckpointError, CheckpointNotFoundError, InvalidInputError, UnsupportedArgumentError, UnsupportedModelError):
         assert issubclass(cls, encdec_fast.EncDecError)
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(labels=torch.tensor([[5, 500]])), "labels hold 500, neither a token id in \\[0, 97\\) nor -100"),
+    (dict(labels=torch.tensor([[5, -7]])), "labels hold -7"),
+    (dict(labels=torch.tensor([5, 6])), "labels must be a non-empty 2-D"),
+    (dict(labels=torch.tensor([[5.0, 6.0]])), "labels must hold integer token ids"),
+    (dict(labels=torch.tensor([[5, 6], [7, 8]])), "labels has batch 2 but the encoder input has 1"),
+    (dict(labels=torch.ones(1, 129, dtype=torch.long)), "labels have length 129"),
+    (dict(labels=torch.tensor([[5, 6]]), decoder_input_ids=torch.tensor([[3, 5, 6]])), "labels have shape \\(1, 2\\)"),
+    (dict(attention_mask=torch.tensor([[1, 0.5, 1, 1]])), "must hold 0 \\(padding\\) and 1"),
+    (dict(decoder_input_ids=torch.ones(1, 2, dtype=torch.long), decoder_attention_mask=torch.tensor([[2, 1]])),
+     "decoder_attention_mask must hold 0"),
+    (dict(decoder_input_ids="3 5 6"), "decoder_input_ids is a string"),
+])
+def test_bad_forward_arguments_raise_invalid_input(model, kw, match):
+    with pytest.raises(InvalidInputError, match=match):
+        model(torch.tensor([[5, 6, 7, 8]]), **kw)
+
+
+@pytest.mark.parametrize("enc,match", [
+    ((torch.zeros(1, 3, 17),), "width 32|\\(batch, source length, 32\\)"),
+    (torch.zeros(3, 32), "got torch.float32 \\(3, 32\\)"),
+    ((torch.zeros(1, 3, 32, dtype=torch.long),), "floating"),
+    ("encoded", "got str"),
+])
+def test_bad_encoder_outputs_raise_invalid_input(model, enc, match):
+    with pytest.raises(InvalidInputError, match=match):
+        model(encoder_outputs=enc, decoder_input_ids=torch.ones(1, 2, dtype=torch.long))
+
+
+def test_encoder_outputs_in_every_accepted_form_give_the_same_logits(model):
+    ids, dec = torch.tensor([[5, 6, 7, 8]]), torch.tensor([[3, 9, 10]])
+    full = model(ids, decoder_input_ids=dec)
+    for enc in (full.encoder_last_hidden_state, (full.encoder_last_hidden_state,), full):
+        enc = enc if not hasattr(enc, "encoder_last_hidden_state") else (enc.encoder_last_hidden_state,)
+        assert torch.equal(model(encoder_outputs=enc, decoder_input_ids=dec).logits, full.logits)
+
+
+def test_labels_need_valid_special_ids_in_the_config(model):
+    saved = model.config.decoder_start_token_id
+    model.config.decoder_start_token_id = 500
+    try:
+        with pytest.raises(InvalidInputError, match="config.decoder_start_token_id=500 is outside"):
+            model(torch.tensor([[5, 6]]), labels=torch.tensor([[5, 6]]))
+    finally:
+        model.config.decoder_start_token_id = saved
+
+
+@pytest.mark.parametrize("kw,cls,match", [
+    (dict(path=5), InvalidInputError, "path must be a folder path \\(a str or os.PathLike\\), got int 5"),
+    (dict(path=None, encoder=["a"], decoder="b"), InvalidInputError, "encoder must be a folder path"),
+    (dict(seed="x"), InvalidInputError, "seed must be an int"),
+    (dict(check_finite="yes"), InvalidInputError, "check_finite must be True or False"),
+    (dict(device=5.5), InvalidInputError, "is not a torch device"),
+    (dict(dtype="float8"), InvalidInputError, "is not a torch dtype"),
+    (dict(dtype=torch.int8), UnsupportedArgumentError, "is not supported"),  # a dtype, just not one we run
+    (dict(encoder="enc", decoder="dec"), InvalidInputError, "not both"),
+    (dict(path=None, encoder="enc"), InvalidInputError, "needs both encoder= and decoder="),
+])
+def test_bad_load_arguments_raise_one_clear_error(ckpt, kw, cls, match):
+    kw = {"path": ckpt, **kw}
+    with pytest.raises(cls, match=match):
+        encdec_fast.load(kw.pop("path"), **kw)

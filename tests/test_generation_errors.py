@@ -56,7 +56,7 @@ def test_unsupported_argument_is_refused_by_name(model, kw, name):
 def test_unsupported_option_in_a_generation_config_is_refused(model):
     with pytest.raises(UnsupportedArgumentError, match="renormalize_logits"):
         model.generate(IDS, generation_config=GenerationConfig(renormalize_logits=True, max_new_tokens=3))
-    with pytest.raises(UnsupportedArgumentError, match="GenerationConfig"):
+    with pytest.raises(InvalidInputError, match="GenerationConfig"):  # a wrong type, not a missing feature
         model.generate(IDS, generation_config={"max_new_tokens": 3})
 
 
@@ -125,3 +125,56 @@ def test_missing_decoder_start_raises_invalid_input(model):
 def test_invalid_generation_values_raise_invalid_input(model, kw):
     with pytest.raises(InvalidInputError):
         model.generate(IDS, **({"max_new_tokens": 3} | kw))
+
+
+@pytest.mark.parametrize("kw,words", [
+    # ran silently before: negative ids index the embedding from its end and come out as -1 tokens
+    (dict(decoder_start_token_id=-1), "decoder_start_token_id=-1 is outside the decoder's vocabulary [0, 97)"),
+    (dict(decoder_start_token_id=97), "decoder_start_token_id=97 is outside"),
+    (dict(decoder_start_token_id=[3, 500]), "decoder_start_token_id=500 is outside"),
+    (dict(pad_token_id=-1), "pad_token_id=-1 is outside"),
+    (dict(pad_token_id=200, eos_token_id=[9]), "pad_token_id=200 is outside"),
+    (dict(pad_token_id=None, eos_token_id=[500, 9]), "pad_token_id (unset, so eos_token_id[0])=500 is outside"),
+    (dict(num_beams=0), "num_beams must be an int >= 1, got 0"),  # ran greedy before
+    (dict(eos_token_id=-1), "eos_token_id holds -1"),
+    # reached torch before (raw TypeError)
+    (dict(max_new_tokens=6.5), "max_new_tokens must be an int >= 1, got 6.5"),
+    (dict(max_new_tokens=True), "max_new_tokens must be an int >= 1, got True"),
+    (dict(max_length=2.5), "max_length must be an int"),
+    (dict(num_beams=2, length_penalty="x"), "length_penalty must be a number, got 'x'"),
+    (dict(num_beams="four"), "num_beams must be an int >= 1, got 'four'"),
+    (dict(do_sample=True, temperature="hot"), "temperature must be a number >= 0"),
+    (dict(repetition_penalty=float("nan")), "repetition_penalty must be a number > 0"),
+    (dict(min_length="a"), "min_length must be an int >= 0"),
+    (dict(do_sample="yes"), "do_sample must be True or False"),
+    (dict(do_sample=True, top_p=2.0), "top_p must be a number in [0, 1], got 2.0"),
+    (dict(eos_token_id=[9, "x"]), "eos_token_id must be an int or a non-empty list of ints"),
+    (dict(stop_check_every=0), "stop_check_every must be an int >= 1"),
+    (dict(bad_words_ids=[[5, 500]]), "bad_words_ids holds [5, 500], outside the vocabulary"),
+])
+def test_values_of_the_wrong_type_or_range_raise_invalid_input_naming_them(model, kw, words):
+    with pytest.raises(InvalidInputError) as e:
+        model.generate(IDS, **({"max_new_tokens": 3} | kw))
+    assert words in str(e.value), str(e.value)
+
+
+def test_bad_values_in_a_generation_config_or_the_models_defaults_are_named_by_source(model):
+    gc = GenerationConfig(max_new_tokens=3)
+    gc.num_beams = "four"
+    with pytest.raises(InvalidInputError, match="generation_config.num_beams must be an int >= 1, got 'four'"):
+        model.generate(IDS, generation_config=gc)
+    saved = model.generation_config.top_k
+    model.generation_config.top_k = 2.5
+    try:
+        with pytest.raises(InvalidInputError, match="model.generation_config.top_k must be an int >= 0, got 2.5"):
+            model.generate(IDS, max_new_tokens=3)
+    finally:
+        model.generation_config.top_k = saved
+
+
+def test_eos_ids_outside_the_vocabulary_never_stop_a_sequence_as_in_transformers(model, make_ckpt):
+    from conftest import hf_model
+
+    ref = hf_model(make_ckpt("bert", "gpt2"))
+    kw = dict(max_new_tokens=5, eos_token_id=500, pad_token_id=0)
+    assert torch.equal(model.generate(IDS, **kw), ref.generate(IDS, attention_mask=torch.ones_like(IDS), **kw))

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import torch
 
-from .select import is_eos
+from .select import is_eos, sampling_probs
 
 _BIG = -1.0e9
 
@@ -128,7 +128,7 @@ class BeamGroup:
         # without replacement, in one multinomial as transformers draws them; idle slots take the top K)
         top_lp, top_idx = torch.topk(acc, k=K)
         if sample:
-            idx = torch.multinomial(torch.softmax(acc[:sample], dim=-1), num_samples=K, generator=generator)
+            idx = torch.multinomial(sampling_probs(acc[:sample]), num_samples=K, generator=generator)
             lp, order = torch.gather(acc[:sample], 1, idx).sort(dim=-1, descending=True)
             top_lp[:sample], top_idx[:sample] = lp, idx.gather(-1, order)
         src = top_idx // V  # (R, K) beam each continuation extends

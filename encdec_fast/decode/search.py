@@ -23,6 +23,7 @@ import warnings
 
 import torch
 
+from .. import validate
 from ..errors import InvalidInputError, UnsupportedArgumentError
 from . import select as sel
 from .state import DecodeState
@@ -72,48 +73,57 @@ def resolve_config(model, generation_config=None, kwargs=None):
     for k in _CALL_ARGS:
         kwargs.pop(k, None)
     if generation_config is not None and not isinstance(generation_config, GenerationConfig):
-        raise UnsupportedArgumentError(f"generation_config must be a transformers GenerationConfig, got "
-                                       f"{type(generation_config).__name__}; pass options as keyword arguments instead.")
+        raise InvalidInputError(f"generation_config must be a transformers GenerationConfig, got "
+                                f"{type(generation_config).__name__}; pass options as keyword arguments instead.")
     base = model.generation_config if model.generation_config is not None else GenerationConfig()
+    base_values = base.to_dict()
+    # every source, before transformers compares its values (a str where an int belongs raises TypeError there)
+    validate.generation_values(base_values, "model.generation_config.")
+    if generation_config is not None:
+        validate.generation_values(generation_config.to_dict(), "generation_config.")
+    validate.generation_values(kwargs)
     has_default_max_length = (kwargs.get("max_length") is None
                               and (generation_config is None or generation_config.max_length is None)
                               and base.max_length is None)
     try:
         gc = copy.deepcopy(generation_config) if generation_config is not None else GenerationConfig()
-        gc.update(**base.to_dict(), defaults_only=True, allow_custom_entries=True)
+        gc.update(**base_values, defaults_only=True, allow_custom_entries=True)
         gc.update(**GenerationConfig._get_default_generation_params(), defaults_only=True)
         model_kwargs = gc.update(**kwargs)
-    except ValueError as e:
+    except (ValueError, TypeError) as e:
         raise InvalidInputError(f"invalid generation argument: {e}") from None
     _refuse([k for k in model_kwargs if k not in _MODEL_KWARGS and model_kwargs[k] is not None], "unknown or model argument")
     _refuse([k for k, off in _OFF_VALUES.items() if getattr(gc, k, None) not in off], "generation option")
+    validate.generation(gc, model.cfg.decoder.vocab_size)
     return gc, model_kwargs, has_default_max_length
 
 
-def _ids(x, name: str) -> list[int] | None:
-    """int, list of ints or tensor -> list of ints (None stays None)."""
+def _as_list(x) -> list[int] | None:
+    """int, list of ints or tensor (types checked by validate.generation_values) -> list of ints; None stays None."""
     if x is None:
         return None
     if isinstance(x, torch.Tensor):
         x = x.tolist()
-    x = [x] if isinstance(x, int) else list(x)
-    if not x or any(not isinstance(i, int) for i in x):
-        raise InvalidInputError(f"{name} must be an int or a non-empty list of ints, got {x!r}.")
-    return x
+    return [int(x)] if not isinstance(x, (list, tuple)) else [int(i) for i in x]
 
 
-def special_tokens(gc, batch: int):
-    """-> (eos list or None, pad int or None, decoder start (B, 1) list-able), as _prepare_special_tokens."""
-    eos = _ids(gc.eos_token_id, "eos_token_id")
+def special_tokens(gc, batch: int, vocab_size: int):
+    """-> (eos list or None, pad int or None, decoder start (B, 1) list-able), as _prepare_special_tokens;
+    the decoder start and the padding id are checked against the vocabulary (the decoder is fed them)."""
+    eos = _as_list(gc.eos_token_id)
+    if eos is not None and min(eos) < 0:
+        raise InvalidInputError(f"eos_token_id holds {min(eos)}, not a token id; pass ids >= 0 (or None).")
     pad = gc.pad_token_id
     if isinstance(pad, torch.Tensor):
         pad = int(pad)
+    if pad is not None:
+        pad = validate.special_id(pad, "pad_token_id", vocab_size)
     start = gc.decoder_start_token_id if gc.decoder_start_token_id is not None else gc.bos_token_id
     if start is None:
         raise InvalidInputError(
             "no decoder_start_token_id: neither generation_config.decoder_start_token_id nor bos_token_id is set. "
             "Pass decoder_start_token_id=... to generate(), or set model.generation_config.decoder_start_token_id.")
-    start = _ids(start, "decoder_start_token_id")
+    start = [validate.special_id(s, "decoder_start_token_id", vocab_size) for s in _as_list(start)]
     if len(start) == 1:
         start = start * batch
     elif len(start) != batch:
@@ -122,6 +132,8 @@ def special_tokens(gc, batch: int):
         warnings.warn(f"pad_token_id is not set: finished sequences are padded with eos_token_id {eos[0]} "
                       "(as transformers does). Set pad_token_id to silence this.", stacklevel=3)
         pad = eos[0]
+        if any(0 <= e < vocab_size for e in eos):  # rows can finish, and are then fed the padding id
+            validate.special_id(pad, "pad_token_id (unset, so eos_token_id[0])", vocab_size)
     return eos, pad, start
 
 
@@ -130,7 +142,7 @@ def _decoder_prefix(model, decoder_input_ids, start: list[int], batch: int) -> t
     start_t = torch.tensor(start, dtype=torch.long, device=model.device).view(-1, 1)
     if decoder_input_ids is None:
         return start_t
-    dec = model.check_ids(decoder_input_ids, "decoder_input_ids", model.cfg.decoder)
+    dec = validate.token_ids(decoder_input_ids, "decoder_input_ids", model.cfg.decoder).to(model.device)
     if dec.shape[0] != batch:
         raise InvalidInputError(f"decoder_input_ids has batch {dec.shape[0]} but input_ids has {batch}; they must match.")
     if bool((dec[:, 0] != start_t[:, 0]).all()):
@@ -153,14 +165,7 @@ def prepare_lengths(model, gc, has_default_max_length: bool, P: int):
         warnings.warn(f"Using the model-agnostic default `max_length` (={gc.max_length}) to control the generation "
                       "length. We recommend setting `max_new_tokens` to control the maximum length of the generation.",
                       UserWarning, stacklevel=3)
-    if P >= gc.max_length:
-        raise InvalidInputError(f"decoder_input_ids has length {P} (decoder start included) but max_length is "
-                                f"{gc.max_length}; increase max_length or, better, set max_new_tokens.")
-    positions = model.cfg.decoder.max_length
-    if gc.max_length - 1 > positions:  # the last token is never fed back
-        raise InvalidInputError(
-            f"max_length {gc.max_length} (prefix {P} + new tokens) needs {gc.max_length - 1} decoder positions but the "
-            f"decoder has {positions}; lower max_new_tokens to at most {positions + 1 - P}.")
+    validate.generation_length(gc.max_length, P, model.cfg.decoder.max_length)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -173,21 +178,18 @@ def generate(model, input_ids=None, attention_mask=None, generation_config=None,
 
     stop_check_every: host checks for finished sequences every this many steps (default 1 on CPU, 16 else)."""
     gc, model_kwargs, has_default_max_length = resolve_config(model, generation_config, kwargs)
-    ids = model.check_ids(input_ids, "input_ids", model.cfg.encoder)
+    ids = validate.token_ids(input_ids, "input_ids", model.cfg.encoder).to(model.device)
     B = ids.shape[0]
-    eos, pad, start = special_tokens(gc, B)
+    eos, pad, start = special_tokens(gc, B, model.cfg.decoder.vocab_size)
     prefix = _decoder_prefix(model, model_kwargs.get("decoder_input_ids"), start, B)
     P = prefix.shape[1]
     prepare_lengths(model, gc, has_default_max_length, P)
     num_beams = gc.num_beams or 1
-    if num_beams < 1:
-        raise InvalidInputError(f"num_beams must be a positive integer, got {gc.num_beams!r}.")
     expand = max(num_beams, gc.num_return_sequences or 1)
     cfg = sel.RowConfig.from_generation_config(gc, prompt_len=P, eos=eos, pad=pad, vocab_size=model.cfg.decoder.vocab_size)
     if stop_check_every is None:
         stop_check_every = 1 if model.device.type == "cpu" else 16
-    if not isinstance(stop_check_every, int) or stop_check_every < 1:
-        raise UnsupportedArgumentError(f"stop_check_every must be a positive int, got {stop_check_every!r}.")
+    validate.number(stop_check_every, "stop_check_every", validate.Field("int", 1))
 
     # encoder once; cross K/V once per layer, per encoder row
     net, ops = model.net, model.ops
@@ -231,6 +233,8 @@ def generate(model, input_ids=None, attention_mask=None, generation_config=None,
         if ((s + 1) % stop_check_every == 0 or s + 1 == steps) and int(state.all_stopped_at):
             break
     n_run = int(state.all_stopped_at) or steps
+    if bool(state.nonfinite[:N].any()):  # NaN/inf logits (float16 overflow...): an error, not junk tokens
+        raise validate.nonfinite_error()
     if num_beams > 1:
         return _beam_output(gc, state, B, P, n_run, scores, raw)
     seq = state.seq[:N, :P + n_run].clone()
@@ -274,7 +278,7 @@ def beam_results(group, slots: list[int], returned: int, P: int, max_length: int
 
 def _beam_output(gc, state: DecodeState, B: int, P: int, n_run: int, scores, raw):
     """transformers' beam-search return value, from the finished hypotheses of each request."""
-    group = state.beam_group(gc.num_beams, len(_ids(gc.eos_token_id, "eos_token_id") or ()), joint=True)
+    group = state.beam_group(gc.num_beams, len(_as_list(gc.eos_token_id) or ()), joint=True)
     sequences, beam_scores, beam_indices = beam_results(group, list(range(B)), gc.num_return_sequences or 1, P,
                                                         gc.max_length)
     if not gc.return_dict_in_generate:

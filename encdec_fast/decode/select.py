@@ -17,6 +17,9 @@ penalty) is updated in place by `RowTables.observe` when a token is chosen.
 
 `Spec` says which processors a step runs at all (the union over its rows; a row whose setting is
 neutral passes through unchanged, bit for bit): it is part of a captured step's key.
+
+The settings are checked once, when generate() or Engine.submit() resolves them
+(validate.generation_values / validate.generation); nothing here raises.
 """
 
 from __future__ import annotations
@@ -24,8 +27,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-
-from ..errors import InvalidInputError
 
 NEG_INF = float("-inf")
 
@@ -59,13 +60,8 @@ class RowConfig:
         already prepared: gc.min_length includes the prompt when min_new_tokens is set)."""
         c = cls(eos=eos, pad=pad if pad is not None else 0, do_sample=bool(gc.do_sample))
         if gc.repetition_penalty is not None and gc.repetition_penalty != 1.0:
-            if not gc.repetition_penalty > 0:
-                raise InvalidInputError(f"repetition_penalty must be a positive float, got {gc.repetition_penalty!r}; "
-                                        "1.0 means no penalty.")
             c.penalty = float(gc.repetition_penalty)
         if gc.no_repeat_ngram_size is not None and gc.no_repeat_ngram_size > 0:
-            if not isinstance(gc.no_repeat_ngram_size, int):
-                raise InvalidInputError(f"no_repeat_ngram_size must be a positive integer, got {gc.no_repeat_ngram_size!r}.")
             c.ngram = gc.no_repeat_ngram_size
         if gc.bad_words_ids is not None:
             c.bad_single, c.bad_multi = _bad_words(gc.bad_words_ids, eos, vocab_size)
@@ -76,25 +72,16 @@ class RowConfig:
                 c.min_len = max(c.min_len, prompt_len + gc.min_new_tokens)
         if gc.forced_eos_token_id is not None:  # the last token of a max_length sequence is eos (BART)
             forced = gc.forced_eos_token_id
-            forced = [forced] if isinstance(forced, int) else list(forced)
-            if any(isinstance(e, bool) or not isinstance(e, int) or e < 0 for e in forced):
-                raise InvalidInputError(f"forced_eos_token_id must be non-negative token ids, got {forced!r}.")
+            forced = [forced] if isinstance(forced, int) else list(forced)  # validate.py checked the ids
             c.forced_eos, c.forced_at = [e for e in forced if e < vocab_size], gc.max_length - 1
         if c.do_sample:
             # beams keep one non-eos token beyond the eos ids, so a continuation always survives
             c.min_keep = (len(eos) + 1 if eos is not None else 2) if (gc.num_beams or 1) > 1 else 1
             if gc.temperature is not None and gc.temperature != 1.0:
-                if not gc.temperature > 0:
-                    raise InvalidInputError(f"temperature must be a strictly positive float, got {gc.temperature!r}; "
-                                            "for greedy decoding set do_sample=False.")
                 c.temperature = float(gc.temperature)
             if gc.top_k is not None and gc.top_k != 0:
-                if not isinstance(gc.top_k, int) or gc.top_k <= 0:
-                    raise InvalidInputError(f"top_k must be a positive integer, got {gc.top_k!r}; 0 disables it.")
                 c.top_k = max(gc.top_k, c.min_keep)
             if gc.top_p is not None and gc.top_p < 1.0:
-                if gc.top_p < 0:
-                    raise InvalidInputError(f"top_p must be in [0, 1], got {gc.top_p!r}.")
                 c.top_p = float(gc.top_p)
         return c
 
@@ -106,16 +93,9 @@ class RowConfig:
 def _bad_words(bad_words_ids, eos: list[int] | None, vocab_size: int):
     """-> (single-token bans, multi-token sequences), as NoBadWordsLogitsProcessor reads them: single
     tokens equal to an eos id are dropped, duplicates removed."""
-    if not isinstance(bad_words_ids, (list, tuple)) or len(bad_words_ids) == 0 or any(
-            not isinstance(w, (list, tuple)) or len(w) == 0 for w in bad_words_ids):
-        raise InvalidInputError(f"bad_words_ids must be a non-empty list of non-empty lists of token ids, got {bad_words_ids!r}.")
     words = []
     for w in bad_words_ids:
-        if any(isinstance(i, bool) or not isinstance(i, int) for i in w):
-            raise InvalidInputError(f"bad_words_ids must hold integer token ids, got {w!r}.")
         w = [int(i) for i in w]
-        if any(i < 0 or i >= vocab_size for i in w):
-            raise InvalidInputError(f"bad_words_ids holds {w}, outside the vocabulary [0, {vocab_size}).")
         if eos is not None and len(w) == 1 and w[0] in eos:
             continue
         words.append(tuple(w))
@@ -362,10 +342,16 @@ def greedy(scores: torch.Tensor) -> torch.Tensor:
     return torch.argmax(scores, dim=-1)
 
 
+def sampling_probs(scores: torch.Tensor) -> torch.Tensor:
+    """softmax(scores) for torch.multinomial, the NaN of a non-finite row replaced: on CUDA a NaN
+    probability is a device-side assert that kills the process. Identity on finite rows; the row's
+    request still fails, through DecodeState.nonfinite (validate.nonfinite_rows)."""
+    return torch.softmax(scores, dim=-1).nan_to_num_(nan=1.0)
+
+
 def sample(scores: torch.Tensor, generator=None) -> torch.Tensor:
     """One draw per row from softmax(scores), as transformers draws it (torch.multinomial)."""
-    probs = torch.softmax(scores, dim=-1)
-    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(1)
+    return torch.multinomial(sampling_probs(scores), num_samples=1, generator=generator).squeeze(1)
 
 
 def is_eos(tokens: torch.Tensor, eos: torch.Tensor) -> torch.Tensor:

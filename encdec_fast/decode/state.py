@@ -12,6 +12,8 @@ that request's cross-attention K/V through kv_index. All of it lives on the devi
   beams    beam bookkeeping of requests searched with beams (decode/beam.py)
   alive, limit, stop_t, busy     rows still generating, their max_length, the length at which they
                                  stopped (eos or max_length), rows in use
+  nonfinite (N,) bool            a running row got NaN/inf logits (float16 overflow...): its request
+                                 fails with NumericalError instead of emitting junk (validate.py)
 
 One step = the decoder over every row (all layers + LM head) -> the logits processors -> token choice
 (greedy argmax; sampled rows draw between `forward` and `commit`; beams choose in decode/beam.py) ->
@@ -34,6 +36,7 @@ import time
 
 import torch
 
+from .. import validate
 from ..config import StackConfig
 from . import select as sel
 from .beam import BeamGroup
@@ -79,6 +82,7 @@ class DecodeState:
         self.stop_t = torch.zeros(rows, **i64)  # 0 while the row runs
         self.alive = torch.zeros(rows, dtype=torch.bool, device=self.dev)
         self.busy = torch.zeros(rows, dtype=torch.bool, device=self.dev)
+        self.nonfinite = torch.zeros(rows, dtype=torch.bool, device=self.dev)
         self.is_beam = torch.zeros(rows, dtype=torch.bool, device=self.dev)
         self.steps = torch.zeros((), **i64)  # steps taken since the last reset_clock()
         self.all_stopped_at = torch.zeros((), **i64)  # step at which every busy row had stopped (0: not yet)
@@ -160,6 +164,7 @@ class DecodeState:
         self.t[rows] = P
         self.limit[rows] = limit
         self.stop_t[rows] = 0
+        self.nonfinite[rows] = False
         self.alive[rows] = True
         self.busy[rows] = True
         self.kv_index[rows] = enc_row
@@ -208,6 +213,8 @@ class DecodeState:
         logits = self.decoder.step(tok, pos, cache, cross, self.enc_mask[:, :S], self.kv_index[:n], self.enc_lens[:n],
                                    self.ops)
         self.logits = logits
+        running = self.busy[:n] & (self.stop_t[:n] == 0)
+        self.nonfinite[:n] |= validate.nonfinite_rows(logits) & running  # the sampled draws are kept safe
         spec = self.spec
         if not (spec.needs_scores or self.live_groups):
             self.scores = logits
@@ -315,7 +322,7 @@ class DecodeState:
         return entry
 
     def _snapshot(self):
-        bufs = [self.seq, self.t, self.stop_t, self.alive, self.steps, self.all_stopped_at]
+        bufs = [self.seq, self.t, self.stop_t, self.alive, self.nonfinite, self.steps, self.all_stopped_at]
         if self.tables.seen is not None:
             bufs.append(self.tables.seen)
         for g in self.live_groups:

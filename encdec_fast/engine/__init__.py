@@ -21,20 +21,27 @@ How requests are served (scheduler.py, pool.py):
   - beam sampling (num_beams > 1 with do_sample) runs each request alone through model.generate on
     its seed; decoding of the other requests pauses while it runs.
 
-One background thread owns the model; submit() only validates and queues. A request with bad input
-or unsupported arguments fails alone (its future holds the encdec_fast error); close() (or leaving the
-`with` block on an exception) fails whatever has not finished with EngineClosedError.
+One background thread owns the model; submit() only validates and queues (encdec_fast/validate.py, the
+same checks as model.generate), so a request with bad input or unsupported arguments fails alone, its
+future holding the encdec_fast error. Whatever still fails inside a batch is pinned on the request that
+caused it (scheduler.py): NaN/inf logits fail their own request; a failed encoder micro-batch or decode
+step reruns its requests one by one through model.generate, and only a request that fails alone gets an
+error. close() (or leaving the `with` block on an exception) fails whatever has not finished with
+EngineClosedError; so does the end of the interpreter for an engine never closed (exit code 0), and an
+engine garbage-collected without close() finishes what was submitted.
 """
 
 from __future__ import annotations
 
 import concurrent.futures as cf
+import functools
 import threading
 import time
 import weakref
 
 import torch
 
+from .. import validate
 from ..decode import search as gen_mod
 from ..decode import select as sel
 from ..errors import EngineClosedError, InvalidInputError, UnsupportedArgumentError
@@ -46,7 +53,7 @@ from .requests import (
     Request,
     Result,
     closed_error,
-    token_ids,
+    too_many_rows,
 )
 from .scheduler import Scheduler
 
@@ -68,14 +75,12 @@ class Engine:
 
     def __init__(self, model, max_batch_size: int = 32, max_batch_tokens: int = 16384, *, tokenizer=None,
                  decoder_tokenizer=None, check_every: int | None = None):
-        for name, v in (("max_batch_size", max_batch_size), ("max_batch_tokens", max_batch_tokens)):
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise UnsupportedArgumentError(f"{name} must be a positive int, got {v!r}.")
+        for name, v in (("max_batch_size", max_batch_size), ("max_batch_tokens", max_batch_tokens),
+                        ("check_every", check_every)):
+            validate.number(v, name, validate.Field("int", 1))
         self.model, self.max_batch_size, self.max_batch_tokens = model, max_batch_size, max_batch_tokens
         self._out = Outcomes(model, tokenizer, decoder_tokenizer)
         self._t0 = time.perf_counter()
-        if check_every is not None and (not isinstance(check_every, int) or isinstance(check_every, bool) or check_every < 1):
-            raise UnsupportedArgumentError(f"check_every must be a positive int, got {check_every!r}.")
         self._sched = Scheduler(model, max_batch_size, max_batch_tokens, self._out.finish, self._out.fail, closed_error,
                                 check_every)
         # dropped without close(): finish what was submitted, then stop the thread
@@ -109,14 +114,27 @@ class Engine:
                                                                 "submit requests."))
 
     def generate(self, inputs, *, progress=False, return_exceptions: bool = False, request_kwargs=None,
-                 **generation_kwargs) -> list:
+                 on_result=None, **generation_kwargs) -> list:
         """Generates for every input; returns results in input order. generation_kwargs apply to all;
         request_kwargs (a list of dicts, one per input, or None) add per-input arguments on top.
         progress: True for a tqdm bar, or a callable(done, total). With return_exceptions=False the first
-        failed input's error is raised once all have finished; with True errors stand in their place."""
-        inputs = list(inputs)
-        if request_kwargs is not None and len(request_kwargs) != len(inputs):
-            raise InvalidInputError(f"request_kwargs has {len(request_kwargs)} entries but there are {len(inputs)} inputs.")
+        failed input's error is raised once all have finished; with True errors stand in their place.
+        on_result: a callable(index, Result or exception) called as each input settles (cancelled ones
+        excepted), in the thread driving the engine: save finished work as it comes."""
+        inputs = _input_list(inputs)
+        if request_kwargs is not None:
+            request_kwargs = _input_list(request_kwargs, "request_kwargs")
+            if len(request_kwargs) != len(inputs):
+                raise InvalidInputError(f"request_kwargs has {len(request_kwargs)} entries but there are {len(inputs)} "
+                                        "inputs.")
+            bad = next((kw for kw in request_kwargs if kw is not None and not isinstance(kw, dict)), None)
+            if bad is not None:
+                raise InvalidInputError(f"request_kwargs entries must be dicts (or None), got {type(bad).__name__}.")
+        validate.number(return_exceptions, "return_exceptions", validate.Field("bool"))
+        if not (progress is None or isinstance(progress, bool) or callable(progress)):
+            raise InvalidInputError(f"progress must be True, False or a callable(done, total), got {progress!r}.")
+        if on_result is not None and not callable(on_result):
+            raise InvalidInputError(f"on_result must be a callable(index, result or exception), got {on_result!r}.")
         n = len(inputs)
         futures: list = [None] * n
         settled = Countdown(n, progress)
@@ -126,6 +144,8 @@ class Engine:
             for i in range(n):
                 kw = generation_kwargs if request_kwargs is None else {**generation_kwargs, **(request_kwargs[i] or {})}
                 futures[i], req = self._make(inputs[i], kw)
+                if on_result is not None:  # before settled.one: saved before generate() can return
+                    futures[i].add_done_callback(functools.partial(_report, on_result, i))
                 futures[i].add_done_callback(settled.one)
                 if req is not None:
                     reqs.append(req)
@@ -189,13 +209,13 @@ class Engine:
             if kwargs.get(name) not in (None, False):
                 raise UnsupportedArgumentError(f"Engine does not take {name}: {why}.")
             kwargs.pop(name, None)
-        if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
-            raise UnsupportedArgumentError(f"seed must be an int, got {seed!r}.")
+        validate.number(seed, "seed", validate.SEED)
         r = Request()
         gc, _, has_default_max_length = gen_mod.resolve_config(model, gen_config, kwargs)
         r.is_text = isinstance(inp, str)
-        r.ids = token_ids(self._out.encode_text(inp) if r.is_text else inp, model.cfg.encoder)
-        eos, r.pad, start = gen_mod.special_tokens(gc, 1)
+        ids = self._out.encode_text(inp) if r.is_text else inp
+        r.ids = validate.token_ids(ids, "input", model.cfg.encoder, one_sequence=True).tolist()
+        eos, r.pad, start = gen_mod.special_tokens(gc, 1, model.cfg.decoder.vocab_size)
         gen_mod.prepare_lengths(model, gc, has_default_max_length, 1)
         r.gc, r.kwargs, r.generation_config = gc, kwargs, gen_config
         r.select = sel.RowConfig.from_generation_config(gc, prompt_len=1, eos=eos, pad=r.pad,
@@ -211,7 +231,17 @@ class Engine:
         # beam sampling runs alone through model.generate on its seed; everything else joins the pool
         r.static_key = f"beam-sampling|seed={seed}" if (r.num_beams > 1 and gc.do_sample) else None
         if r.static_key is None and r.rows > self.max_batch_size:
-            what = f"num_beams={r.num_beams}" if r.num_beams > 1 else f"num_return_sequences={r.rows}"
-            raise UnsupportedArgumentError(f"{what} needs {r.rows} decode rows but the engine has max_batch_size="
-                                           f"{self.max_batch_size}; raise max_batch_size.")
+            raise too_many_rows(r, self.max_batch_size)
         return r
+
+
+def _input_list(inputs, name: str = "inputs") -> list:
+    if isinstance(inputs, (str, bytes)) or not hasattr(inputs, "__iter__"):
+        raise InvalidInputError(f"{name} must be a list (one entry per input), got {type(inputs).__name__}; for one "
+                                "input pass [input], or use submit().")
+    return list(inputs)
+
+
+def _report(on_result, i: int, fut: cf.Future):
+    if not fut.cancelled():
+        on_result(i, fut.exception() or fut.result())

@@ -15,12 +15,16 @@ torch.Generator between the captured decoder and the commit (seed=s reproduces
 
 Capacities (token slots per row, encoder positions per cross row) grow with the longest request seen
 so far, in multiples of 64; growing drops the captured graphs, which are captured again.
+
+A request whose running rows got NaN/inf logits (the state's nonfinite flags, read in the same look as
+the stop marks) fails alone with NumericalError; the others go on.
 """
 
 from __future__ import annotations
 
 import torch
 
+from .. import validate
 from ..decode import select as sel
 from ..decode.search import beam_results
 from ..decode.state import DecodeState
@@ -142,8 +146,16 @@ class DecodePool:
         st.grow(_round_up(max(r.max_length for r in chunk), _GROW), _round_up(ids.shape[1], _GROW))
         rows = [self.reserved[id(r)] for r in chunk]
         st.set_cross(torch.tensor([rw[0] for rw in rows], device=self.dev), cross, mask)
-        for r, rw in zip(chunk, rows):
-            self.lives.append(self._start(r, rw))
+        started = []
+        try:  # all or nothing: a request of a failed chunk must not stay in the state
+            for r, rw in zip(chunk, rows):
+                started.append(self._start(r, rw))
+        except BaseException:
+            for lv in started:
+                self._release(lv, free=False)  # admit() gives the reserved rows back
+            raise
+        for r, lv in zip(chunk, started):
+            self.lives.append(lv)
             del self.reserved[id(r)]
             self.configs.setdefault(r.select.key(), r.select)
         st.spec = sel.Spec.of(self.configs.values())
@@ -175,7 +187,8 @@ class DecodePool:
 
     def advance(self) -> list:
         """Up to check_every steps, then one look at the stop marks. Returns [(request, rows as lists of
-        ids)] for the requests that finished (beam search: its returned hypotheses)."""
+        ids)] for the requests that finished (beam search: its returned hypotheses), and [(request,
+        NumericalError)] for those whose logits turned NaN or inf."""
         st = self.state
         sampling = any(lv.generator is not None for lv in self.lives)
         for _ in range(self.check_every):
@@ -194,13 +207,20 @@ class DecodePool:
         return self._collect()
 
     def _collect(self) -> list:
-        stop_t = self.state.stop_t.tolist()  # the one host sync per look
-        done, keep = [], []
+        st = self.state
+        stop_t = torch.where(st.nonfinite, -1, st.stop_t).tolist()  # the one host sync per look; -1: NaN/inf
+        done, keep, bad = [], [], []
         for lv in self.lives:
             marks = [stop_t[r] for r in lv.rows]
-            (done if all(m > 0 for m in marks) else keep).append((lv, marks))
+            if any(m < 0 for m in marks):
+                bad.append(lv)
+            else:
+                (done if all(m > 0 for m in marks) else keep).append((lv, marks))
         self.lives = [lv for lv, _ in keep]
         out = []
+        for lv in bad:
+            out.append((lv.req, validate.nonfinite_error()))
+            self._release(lv)
         for lv, marks in done:
             if lv.group is not None:
                 seqs, _, _ = beam_results(lv.group, [lv.slot], lv.req.returned, 1, lv.req.max_length)
@@ -211,11 +231,12 @@ class DecodePool:
             self._release(lv)
         return out
 
-    def _release(self, lv: Live):
+    def _release(self, lv: Live, free: bool = True):
         self.state.leave(lv.rows_t)
         if lv.group is not None:
             lv.group.stop(lv.slot)
-        self.free_rows.update(lv.rows)
+        if free:
+            self.free_rows.update(lv.rows)
 
     def clear(self) -> list:
         """Drops every request in the pool (after a failed step, or at shutdown); returns them."""

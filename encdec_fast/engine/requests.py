@@ -12,9 +12,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
-from ..errors import EngineClosedError, InvalidInputError
+from ..errors import EngineClosedError, InvalidInputError, UnsupportedArgumentError
 
 # generate() arguments that make sense for one model.generate call but not for an engine request
 REFUSED = {
@@ -69,31 +67,10 @@ class Request:
                  "start", "num_beams", "rows", "returned", "max_length", "static_key", "seed", "future")
 
 
-def token_ids(x, cfg) -> list[int]:
-    """A 1-D sequence of token ids (list, tuple, tensor, array) -> list of ints, checked like check_ids."""
-    if x is None:
-        raise InvalidInputError("an engine input is None; pass a string or a 1-D sequence of token ids.")
-    try:
-        t = x.detach().cpu() if isinstance(x, torch.Tensor) else torch.as_tensor(x)
-    except (ValueError, TypeError, RuntimeError) as e:
-        raise InvalidInputError(f"an engine input must be a string or a 1-D sequence of token ids ({e}).") from None
-    if t.dim() == 2 and t.shape[0] == 1:
-        t = t[0]
-    if t.dim() != 1:
-        raise InvalidInputError(f"an engine input must be one sequence (1-D) of token ids, got shape {tuple(t.shape)}; "
-                                "submit each sequence as its own request.")
-    if t.numel() == 0:
-        raise InvalidInputError("an engine input is empty; pass at least one token.")
-    if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
-        raise InvalidInputError(f"an engine input must hold integer token ids, got dtype {t.dtype}.")
-    lo, hi = int(t.min()), int(t.max())
-    if lo < 0 or hi >= cfg.vocab_size:
-        raise InvalidInputError(f"input holds token id {lo if lo < 0 else hi}, outside the vocabulary [0, {cfg.vocab_size}); "
-                                "check the tokenizer matches this checkpoint.")
-    if t.numel() > cfg.max_length:
-        raise InvalidInputError(f"input has length {t.numel()} but the model has positions for at most {cfg.max_length} "
-                                f"tokens; truncate the input to {cfg.max_length} tokens.")
-    return t.tolist()
+def too_many_rows(req, slots: int) -> UnsupportedArgumentError:
+    what = f"num_beams={req.num_beams}" if req.num_beams > 1 else f"num_return_sequences={req.rows}"
+    return UnsupportedArgumentError(f"{what} needs {req.rows} decode rows but the engine has max_batch_size={slots}; "
+                                    "raise max_batch_size.")
 
 
 def count_generated(row: list[int], eos: set) -> int:
@@ -170,12 +147,12 @@ class Outcomes:
         self.fail_future(req.future, exc)
 
     def fail_future(self, fut: cf.Future, exc: BaseException):
-        with self.lock:
-            self.stats.requests_failed += 1
         try:
             fut.set_exception(exc)
-        except cf.InvalidStateError:  # cancelled by the caller
-            pass
+        except cf.InvalidStateError:  # cancelled by the caller, or already settled
+            return
+        with self.lock:
+            self.stats.requests_failed += 1
 
 
 def closed_error():

@@ -18,18 +18,45 @@ Each turn:
      which requests finished; they get their result at once.
 
 Every request ends with a result or an exception on its future: its own bad input (caught when it
-is submitted), a failure of the micro-batch/steps/static run it was in, or EngineClosedError.
+is submitted), its own failure inside a batch (see "Failure isolation" below), or EngineClosedError.
+
+Failure isolation: one request never fails another. NaN/inf logits are found per row (pool._collect)
+and fail their own request. Anything else that fails an encoder micro-batch or the decode steps is
+retried: its requests run again one by one through model.generate (the reference a request's tokens
+must equal anyway; a sampling request on its own seed), and only a request that fails alone gets an
+error. The pool is cleared and the engine goes on serving.
+
+At interpreter exit, every engine still running is stopped (pending requests get EngineClosedError, a
+beam-sampling run already going completes) and its thread joined, so a script that never calls
+close() exits cleanly instead of tearing down a thread inside torch.
 """
 
 from __future__ import annotations
 
+import atexit
 import threading
 import time
 from collections import deque
 
 import torch
 
+from ..errors import EngineUsageError
 from .pool import DecodePool
+from .requests import too_many_rows
+
+_RUNNING: set = set()  # schedulers whose thread runs; stopped and joined at interpreter exit
+_RUNNING_LOCK = threading.Lock()
+
+
+@atexit.register
+def _stop_all_at_exit():
+    with _RUNNING_LOCK:
+        running = list(_RUNNING)
+    for s in running:
+        s.stop(drain=False)
+    for s in running:
+        if s.thread is not threading.current_thread():
+            s.thread.join()
 
 
 class Scheduler:
@@ -51,6 +78,8 @@ class Scheduler:
         self.busy_s = 0.0
         self.turn_thread = None  # the thread inside a turn
         self.thread = threading.Thread(target=self._run, name="encdec_fast-engine", daemon=True)
+        with _RUNNING_LOCK:
+            _RUNNING.add(self)
         self.thread.start()
 
     # -- called from any thread ------------------------------------------------------------------
@@ -74,8 +103,8 @@ class Scheduler:
         """Runs turns in the calling thread until done() (or the engine stops); first() runs once the
         background thread stands aside (submit there, so that it never starts on the work)."""
         if self.turn_thread is threading.current_thread():
-            raise RuntimeError("Engine.generate() was called from a future's done-callback, which runs inside the "
-                               "engine's own turn; wait for results outside the callbacks.")
+            raise EngineUsageError("Engine.generate() was called from a future's done-callback, which runs inside the "
+                                   "engine's own turn; wait for results outside the callbacks.")
         with self.cv:
             self.drivers += 1
         try:
@@ -100,17 +129,21 @@ class Scheduler:
         return bool(self.inbox or self.waiting or self.static or self.pool.lives)
 
     def _run(self):
-        while True:
-            with self.cv:
-                while not (self.stopped or self.closing or (self.drivers == 0 and self._has_work())):
-                    self.cv.wait()
-                if self.stopped:
-                    return
-                if self.drivers and not self.closing:
-                    continue
-            with self.drive_lock:
-                if self._turn() == "stop":
-                    return
+        try:
+            while True:
+                with self.cv:
+                    while not (self.stopped or self.closing or (self.drivers == 0 and self._has_work())):
+                        self.cv.wait()
+                    if self.stopped:
+                        return
+                    if self.drivers and not self.closing:
+                        continue
+                with self.drive_lock:
+                    if self._turn() == "stop":
+                        return
+        finally:
+            with _RUNNING_LOCK:
+                _RUNNING.discard(self)
 
     def _turn(self) -> str:
         """One turn (the caller holds drive_lock): "busy", "idle" (nothing to do) or "stop"."""
@@ -141,13 +174,15 @@ class Scheduler:
                     self._static_batch()
                 self._refill()
                 if self.pool.lives:
-                    for req, rows in self.pool.advance():
-                        self.finish(req, rows)
-        except BaseException as e:  # noqa: BLE001  a bug, out-of-memory, an interrupt: fail what was running
+                    for req, out in self.pool.advance():  # rows, or the request's own NumericalError
+                        self.fail(req, out) if isinstance(out, Exception) else self.finish(req, out)
+        except Exception:  # noqa: BLE001  failed steps: each request again alone
+            with torch.inference_mode():
+                self._run_alone(self.pool.clear())
+        except BaseException as e:  # an interrupt: fail what was running, and stop
             for r in self.pool.clear():
                 self.fail(r, e)
-            if not isinstance(e, Exception):
-                raise
+            raise
         finally:
             self.turn_thread = None
             self.busy_s += time.perf_counter() - t0
@@ -178,9 +213,14 @@ class Scheduler:
         if self.waiting and not take and not pool.lives and self.waiting[0].rows > pool.N:
             # cannot happen through Engine.submit (it checks rows <= max_batch_size); never spin on it
             r = self.waiting.popleft()
-            self.fail(r, RuntimeError(f"request needs {r.rows} decode rows, the engine has {pool.N}"))
-        for r, e in pool.admit(take):
-            self.fail(r, e)
+            self.fail(r, too_many_rows(r, pool.N))
+        try:
+            failed = pool.admit(take)
+        except BaseException as e:  # an interrupt: what did not join the pool is settled here
+            for r in take:
+                self.fail(r, e)
+            raise
+        self._run_alone([r for r, _ in failed])  # a failed encoder micro-batch
 
     def _static_batch(self):
         """The oldest beam-sampling request, alone through model.generate on its seed."""
@@ -189,14 +229,24 @@ class Scheduler:
         req, rest = group[0], group[1:]
         if rest:
             self.static[key] = rest
-        if not req.future.set_running_or_notify_cancel():
-            return
-        try:
-            model = self.model
-            ids = torch.tensor([req.ids], dtype=torch.long, device=model.device)
-            with torch.random.fork_rng(devices=[model.device] if model.device.type == "cuda" else []):
-                torch.manual_seed(req.seed)
-                out = model.generate(ids, generation_config=req.generation_config, **req.kwargs)
-            self.finish(req, out.tolist())
-        except Exception as e:  # noqa: BLE001  the request fails alone
-            self.fail(req, e)
+        if req.future.set_running_or_notify_cancel():
+            self._run_alone([req])
+
+    def _run_alone(self, reqs: list):
+        """Requests one by one through model.generate (a sampling one on its seed): beam sampling, and the
+        failure isolation of requests that failed together; only a request that fails alone gets an error."""
+        model = self.model
+        for i, req in enumerate(reqs):
+            try:
+                ids = torch.tensor([req.ids], dtype=torch.long, device=model.device)
+                with torch.random.fork_rng(devices=[model.device] if model.device.type == "cuda" else []):
+                    if req.gc.do_sample:
+                        torch.manual_seed(req.seed)
+                    out = model.generate(ids, generation_config=req.generation_config, **req.kwargs)
+                self.finish(req, out.tolist())
+            except Exception as e:  # noqa: BLE001  its own error
+                self.fail(req, e)
+            except BaseException as e:  # an interrupt: nothing left unsettled
+                for r in reqs[i:]:
+                    self.fail(r, e)
+                raise
