@@ -10,6 +10,7 @@ from . import ops as ops_mod
 from .config import ModelConfig
 from .errors import InvalidInputError, UnsupportedArgumentError
 from .modules import EncoderDecoderNet
+from .packing import Packing
 
 _FORWARD_IGNORED = {"use_cache", "return_dict", "output_attentions", "output_hidden_states"}
 
@@ -152,11 +153,24 @@ class EncDecModel:
 
     # -- the net -----------------------------------------------------------------------------------
     @torch.inference_mode()
-    def encode(self, input_ids, attention_mask=None):
-        """-> (encoder last hidden state (B, S, E_enc), key mask bool (B, S) or None)"""
+    def encode_packed(self, input_ids, attention_mask=None):
+        """The encoder on packed tokens: the padding is dropped before the embeddings, every encoder op
+        runs on the T real tokens. -> (hidden (T, E_enc), Packing), Packing (packing.py) giving
+        cu_seqlens int32 (B + 1,) (row b = hidden[cu[b]:cu[b+1]]), lengths, max_seqlen and the way
+        back to the padded layout (unpack)."""
         ids = self.check_ids(input_ids, "input_ids", self.cfg.encoder)
         mask = self.check_mask(attention_mask, ids, "attention_mask")
-        return self.net.encoder(ids, mask, self.ops), mask
+        packing = Packing.from_mask(mask, ids.shape[0], ids.shape[1], self.device)
+        enc = self.net.encoder
+        pos = enc.embed.positions(ids, 0)  # (B, S), on the padded batch as transformers computes them
+        return enc(packing.pack(ids), packing.pack(pos), packing, self.ops), packing
+
+    @torch.inference_mode()
+    def encode(self, input_ids, attention_mask=None):
+        """-> (encoder last hidden state (B, S, E_enc), key mask bool (B, S) or None). Computed packed
+        (encode_packed); padding positions hold zeros."""
+        hidden, packing = self.encode_packed(input_ids, attention_mask)
+        return packing.unpack(hidden), packing.mask
 
     @torch.inference_mode()
     def forward(self, input_ids=None, attention_mask=None, decoder_input_ids=None, decoder_attention_mask=None,

@@ -4,7 +4,9 @@ Weights are buffers laid out for the fast path: fused QKV (BERT's query/key/valu
 GPT-2's Conv1D c_attn transposed to nn.Linear's [out, in]), cross-attention K/V fused. weight_map.py
 maps Hugging Face names onto these.
 
-Two decoder paths share the layer code:
+The encoder runs on packed tokens (packing.py): ids [T] -> hidden [T, E], T = the batch's real
+tokens, self-attention within each sequence (ops.varlen_attention). Two decoder paths share the
+layer code:
   full(ids [B, L])        -> hidden [B, L, E]   (forward pass, no cache)
   step(ids [N], pos, ...) -> hidden [N, E]      (one token per row over the preallocated cache)
 """
@@ -100,9 +102,14 @@ class SelfAttention(nn.Module):
         self.qkv = Linear(cfg.hidden_size, 3 * cfg.hidden_size)
         self.o = Linear(cfg.hidden_size, cfg.hidden_size)
 
-    def full(self, x, ops, *, causal: bool, key_mask):
-        q, k, v = _heads(self.qkv(x, ops), 3, self.H)  # each (B, L, H, D)
-        a = ops.attention(q, k, v, scale=self.scale, causal=causal, key_mask=key_mask)
+    def full(self, x, ops, *, causal: bool, key_mask, packing=None):
+        """x (B, L, E) padded, key_mask bool (B, L) or None; or x (T, E) packed as `packing` says."""
+        q, k, v = _heads(self.qkv(x, ops), 3, self.H)  # each (B, L, H, D), or (T, H, D) packed
+        if packing is not None:
+            a = ops.varlen_attention(q, k, v, cu_seqlens=packing.cu_seqlens, max_seqlen=packing.max_seqlen,
+                                     scale=self.scale, causal=causal)
+        else:
+            a = ops.attention(q, k, v, scale=self.scale, causal=causal, key_mask=key_mask)
         return self.o(a.flatten(-2), ops)
 
     def step(self, x, ops, *, k_cache, v_cache, pos, seq_lens):
@@ -125,7 +132,8 @@ class CrossAttention(nn.Module):
         self.o = Linear(cfg.hidden_size, cfg.hidden_size)
 
     def project_kv(self, enc, ops):
-        """enc (B, S, E) -> K, V each (B, S, H, D): computed once per request, reused every step."""
+        """enc (B, S, E) -> K, V each (B, S, H, D), or packed enc (T, E) -> K, V each (T, H, D):
+        computed once per request, reused every step."""
         return _heads(self.kv(enc, ops), 2, self.H)
 
     def full(self, x, ops, *, kv, enc_mask):
@@ -154,8 +162,8 @@ class BertLayer(nn.Module):
         self.mlp = MLP(cfg)
         self.ln2 = LayerNorm(cfg.hidden_size, cfg.layer_norm_eps)
 
-    def full(self, x, ops, *, causal, key_mask, cross_kv=None, enc_mask=None):
-        x = self.ln1.add(self.attn.full(x, ops, causal=causal, key_mask=key_mask), x, ops)[0]
+    def full(self, x, ops, *, causal, key_mask, cross_kv=None, enc_mask=None, packing=None):
+        x = self.ln1.add(self.attn.full(x, ops, causal=causal, key_mask=key_mask, packing=packing), x, ops)[0]
         if cross_kv is not None:
             x = self.ln_cross.add(self.cross.full(x, ops, kv=cross_kv, enc_mask=enc_mask), x, ops)[0]
         return self.ln2.add(self.mlp(x, ops), x, ops)[0]
@@ -174,11 +182,12 @@ class Encoder(nn.Module):
         self.embed = Embeddings(cfg)
         self.layers = nn.ModuleList(BertLayer(cfg, i) for i in range(cfg.num_layers))
 
-    def forward(self, ids, key_mask, ops):
-        """ids (B, S); key_mask bool (B, S) or None -> hidden (B, S, E)"""
-        x = self.embed(ids, self.embed.positions(ids, 0), ops)
+    def forward(self, ids, pos, packing, ops):
+        """Packed tokens: ids, pos long (T,) (positions as Embeddings.positions gives them on the
+        padded batch), packing: their Packing -> hidden (T, E)"""
+        x = self.embed(ids, pos, ops)
         for layer in self.layers:
-            x = layer.full(x, ops, causal=False, key_mask=key_mask)
+            x = layer.full(x, ops, causal=False, key_mask=None, packing=packing)
         return x
 
 
@@ -240,7 +249,8 @@ class Decoder(nn.Module):
         self.head = LMHead(cfg)
 
     def cross_kv(self, enc, ops):
-        """Per-layer cross-attention (K, V), each (B, S, H, D)."""
+        """Per-layer cross-attention (K, V), each (B, S, H, D) from padded enc (B, S, E), or each
+        (T, H, D) from packed enc (T, E) (EncDecModel.encode_packed): K/V of real tokens only."""
         return [layer.cross.project_kv(enc, ops) for layer in self.layers]
 
     def full(self, ids, key_mask, cross_kv, enc_mask, ops):

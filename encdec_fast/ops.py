@@ -5,6 +5,7 @@ backend. The plain-PyTorch versions below are the reference the Triton kernels a
 
 Shape conventions (B batch, L length, H heads, D head dim, N decode rows):
   attention        q [B, Lq, H, D], k/v [B, Lk, H, D] (any strides, unit stride on D) -> [B, Lq, H, D]
+  varlen_attention q/k/v [T, H, D] packed, cu_seqlens int32 [B+1] (row b = tokens cu[b]:cu[b+1]) -> [T, H, D]
   decode_attention q [N, H, D], k/v [Bk, Lmax, H, D], seq_lens int32 [N] -> [N, H, D]
 """
 
@@ -70,6 +71,27 @@ def attention(q, k, v, *, scale: float, causal: bool = False, key_mask: torch.Te
     return out.transpose(1, 2).contiguous()  # (B, Lq, H, D)
 
 
+def varlen_attention(q, k, v, *, cu_seqlens: torch.Tensor, max_seqlen: int, scale: float, causal: bool = False):
+    """Self-attention within each of B packed sequences: q, k, v [T, H, D], sequence b owns rows
+    cu_seqlens[b]:cu_seqlens[b+1] (int32 [B+1]); max_seqlen is the kernel's grid size (unused here).
+    Equal lengths run as one padded-free batch through ``attention``; otherwise one SDPA per
+    sequence, unmasked (on the CPU that is PyTorch's flash kernel, and no padded token is computed)."""
+    bounds = cu_seqlens.tolist()
+    lens = [e - s for s, e in zip(bounds, bounds[1:])]
+    if not lens or q.shape[0] == 0:
+        return torch.empty_like(q)
+    if min(lens) == max(lens):  # (T, H, D) -> (B, L, H, D): a view, no copy
+        B, L = len(lens), lens[0]
+        return attention(*(t.unflatten(0, (B, L)) for t in (q, k, v)), scale=scale, causal=causal).flatten(0, 1)
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    for s, e in zip(bounds, bounds[1:]):
+        if e > s:
+            qs, ks, vs = (t[s:e].transpose(0, 1) for t in (q, k, v))  # (H, L, D) views
+            o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=causal, scale=scale)  # (H, L, D)
+            out[s:e] = o.transpose(0, 1)
+    return out
+
+
 def decode_attention(q, k, v, *, scale: float, seq_lens: torch.Tensor, kv_index=None, key_mask=None):
     """Attention of one query token per row over a cache.
 
@@ -104,6 +126,7 @@ class OpTable:
     bias_gelu: Callable
     linear: Callable
     attention: Callable
+    varlen_attention: Callable
     decode_attention: Callable
 
 
@@ -114,6 +137,7 @@ _TORCH = OpTable(
     bias_gelu=bias_gelu,
     linear=linear,
     attention=attention,
+    varlen_attention=varlen_attention,
     decode_attention=decode_attention,
 )
 
@@ -136,6 +160,7 @@ def table(backend: str) -> OpTable:
             bias_gelu=kact.bias_gelu,
             linear=linear,  # cuBLAS; bias fused into neighbours where it pays
             attention=katt.attention,
+            varlen_attention=katt.varlen_attention,
             decode_attention=kdec.decode_attention,
         )
     raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")

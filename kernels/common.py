@@ -20,8 +20,8 @@ def sm_count(device: torch.device) -> int:
     return _SM_COUNTS[idx]
 
 
-def check_qkv(q, k, v, q_dims: int, name: str) -> None:
-    for t, nm, nd in ((q, "q", q_dims), (k, "k", 4), (v, "v", 4)):
+def check_qkv(q, k, v, q_dims: int, name: str, kv_dims: int = 4) -> None:
+    for t, nm, nd in ((q, "q", q_dims), (k, "k", kv_dims), (v, "v", kv_dims)):
         if not isinstance(t, torch.Tensor) or t.dim() != nd:
             raise ValueError(f"{name}: {nm} must be a {nd}-D tensor, got "
                              f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")

@@ -9,9 +9,9 @@ generation arguments are resolved by decode/search.py's own code (checkpoint def
 tokens), its logits processors are decode/select.py's, applied to exactly the ids a solo run sees.
 
 How requests are served (scheduler.py, pool.py):
-  - greedy and sampling: continuous batching. The encoder runs on micro-batches of similar source
-    length (at most max_batch_tokens padded tokens); each decoder layer's cross K/V is projected once
-    into a pool row; decode slots (max_batch_size rows) step together, each at its own position, and
+  - greedy and sampling: continuous batching. The encoder runs on packed micro-batches (no padding
+    computed) of at most max_batch_tokens real source tokens; each decoder layer's cross K/V is
+    projected once, from the packed states, into a pool row; decode slots (max_batch_size rows) step together, each at its own position, and
     a finished sequence's slot is refilled by a waiting request without touching the others. A
     sampling request draws from its own torch.Generator: seed=s reproduces
     `torch.manual_seed(s); model.generate(...)`; without seed, one is drawn from torch's global RNG
@@ -57,7 +57,8 @@ class Engine:
     """Continuous-batching generation over an encdec_fast model (see the module docstring).
 
     max_batch_size: decode rows stepped together (beam search: rows of one static batch, beams included).
-    max_batch_tokens: padded source tokens per encoder micro-batch (and per static beam-search batch).
+    max_batch_tokens: real source tokens per (packed) encoder micro-batch, and padded source tokens per
+    static beam-search batch.
     tokenizer / decoder_tokenizer: for string inputs and text outputs; by default loaded from the
     checkpoint folder (model.path) on first use; decoder_tokenizer defaults to tokenizer.
 

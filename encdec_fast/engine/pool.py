@@ -58,6 +58,23 @@ def length_chunks(items: list, length, max_tokens: int, max_rows: int, rows=lamb
     return out
 
 
+def token_chunks(items: list, length, max_tokens: int, max_rows: int) -> list[list]:
+    """Sorts items by length and cuts them into runs of at most max_tokens real tokens and max_rows rows:
+    the packed encoder computes real tokens only, so padding costs nothing there (similar lengths still
+    go together: the varlen kernel's grid follows the longest). An item longer than max_tokens goes alone."""
+    out, cur, cur_tokens = [], [], 0
+    for it in sorted(items, key=length):
+        n = length(it)
+        if cur and (cur_tokens + n > max_tokens or len(cur) + 1 > max_rows):
+            out.append(cur)
+            cur, cur_tokens = [], 0
+        cur.append(it)
+        cur_tokens += n
+    if cur:
+        out.append(cur)
+    return out
+
+
 def pad_batch(seqs: list[list[int]], pad: int, device):
     """Right-padded (B, S) ids and a bool mask (None when no row is padded)."""
     S = max(len(s) for s in seqs)
@@ -146,11 +163,12 @@ class DecodePool:
         return got
 
     def admit(self, reqs: list) -> list:
-        """Encodes reqs (their rows must fit in the free slots) in micro-batches of similar source
-        length, writes their cross K/V into pool rows and gives them slots. Returns [(req, exc)] for
-        the requests that failed (a failing micro-batch fails only its own requests)."""
+        """Encodes reqs (their rows must fit in the free slots) in packed micro-batches of at most
+        max_batch_tokens real source tokens, writes their cross K/V into pool rows and gives them slots.
+        Returns [(req, exc)] for the requests that failed (a failing micro-batch fails only its own
+        requests)."""
         failed = []
-        chunks = length_chunks(reqs, lambda r: len(r.ids), self.max_batch_tokens, self.N)
+        chunks = token_chunks(reqs, lambda r: len(r.ids), self.max_batch_tokens, self.N)
         for chunk in chunks:
             try:
                 self._join(chunk)
@@ -161,9 +179,8 @@ class DecodePool:
     def _join(self, chunk: list):
         g, ops = self.model.net, self.model.ops
         ids, mask = pad_batch([r.ids for r in chunk], self.enc_pad, self.dev)
-        S = ids.shape[1]
-        enc, _ = self.model.encode(ids, mask)
-        cross = g.decoder.cross_kv(g.project(enc, ops), ops)  # per layer (K, V) each (B, S, H, D)
+        enc, packing = self.model.encode_packed(ids, mask)  # (T, E): real source tokens only
+        cross = g.decoder.cross_kv(g.project(enc, ops), ops)  # per layer (K, V) each (T, H, D)
         pipes = [self._pipeline(r) for r in chunk]
         gens = []
         for r in chunk:
@@ -172,12 +189,14 @@ class DecodePool:
                 gen = torch.Generator(device=self.dev)
                 gen.manual_seed(r.seed)
             gens.append(gen)
-        self._grow(max(r.max_length for r in chunk), S)
+        self._grow(max(r.max_length for r in chunk), packing.max_seqlen)
         slots = [[heapq.heappop(self.free_slots) for _ in range(r.rows)] for r in chunk]
         rows_t = torch.tensor([sl[0] for sl in slots], dtype=torch.long, device=self.dev)
+        row, offset = packing.rows_and_offsets()
+        dest = rows_t[row] * self.Scap + offset  # (T,) each token's place in the flattened (N * Scap) pool
         for i, (k, v) in enumerate(cross):
-            self.cross_kv[0, i][rows_t, :S] = k
-            self.cross_kv[1, i][rows_t, :S] = v
+            self.cross_kv[0, i].view(-1, self.H, self.D).index_copy_(0, dest, k)
+            self.cross_kv[1, i].view(-1, self.H, self.D).index_copy_(0, dest, v)
         for r, sl, (pipe, needs_ids), gen in zip(chunk, slots, pipes, gens):
             for s in sl:
                 self.pos[s], self.kv_index[s], self.enc_len[s] = 0, sl[0], len(r.ids)
