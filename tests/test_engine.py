@@ -99,6 +99,19 @@ def test_mixed_workload_matches_solo_generate_per_request(models, enc, dec):
     assert early >= 2, "no request stopped at eos: the workload would not test refills on early finish"
 
 
+def test_encoder_micro_batches_are_cut_by_real_tokens_not_rows_times_longest():
+    """The packed encoder pays for real tokens: 1 + 1 + 100 tokens fit a 128-token budget (padded they
+    would be 3 x 100); rows and the budget still cut; an input over the budget goes alone."""
+    from encdec_fast.engine.pool import length_chunks, token_chunks
+
+    size = lambda n: n  # noqa: E731
+    assert token_chunks([100, 1, 1], size, 128, 6) == [[1, 1, 100]]
+    assert len(length_chunks([100, 1, 1], size, 128, 6)) == 2  # the padded budget splits them
+    lens = [100, 1, 1, 30, 200, 20]
+    assert token_chunks(lens, size, 128, 6) == [[1, 1, 20, 30], [100], [200]]
+    assert token_chunks(lens, size, 10_000, 2) == [[1, 1], [20, 30], [100, 200]]
+
+
 def test_triton_backend_matches_solo_generate(make_ckpt):
     """The Triton kernels (the interpreter on a CPU) over the engine's strided cache and pool views, with
     and without kv_index (several sequences share a pool row)."""
