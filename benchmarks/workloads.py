@@ -1,9 +1,15 @@
-"""Workloads W1-W3 (issue 5), shared checkpoint building, timing and physical floors.
+"""Workloads W1-W4 (issues 5 and 14), shared checkpoint building, timing and physical floors.
 
-Sized for a GPU when CUDA is present, shrunk on the CPU so `pytest benchmarks/` stays short there.
+Sized for a GPU when CUDA is present, shrunk on the CPU so `pytest benchmarks/` stays short there;
+ENCDEC_BENCH_SIZE=base runs W4 alone at bert-base + gpt2 size on the CPU (16 sources for the encoder,
+8 end to end: what a 2-core machine finishes in minutes).
   W1  bert-base + gpt2, batch 1, 512 source tokens, 128 new tokens, greedy
   W2  same model, batch 64 and 256, 256 source tokens, 64 new tokens, greedy and beam 4
   W3  encoder only, batch 64 x 512 tokens
+  W4  mixed lengths: 64 sources of lengths uniform in 32-512 (seeded), padded to the longest; encoder
+      only, and end to end with 64 new tokens greedy
+Rows of W1-W3 are also padded (lengths between half and all of the source length, the first row
+full); every floor counts real tokens only (the work a packed encoder and cross-attention must do).
 """
 
 from __future__ import annotations
@@ -18,8 +24,10 @@ CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
 DTYPE = torch.bfloat16 if CUDA else torch.float32
 
+BASE = CUDA or os.environ.get("ENCDEC_BENCH_SIZE") == "base"
 # (layers, hidden, heads, vocab) for the encoder and the decoder alike
-MODEL = (12, 768, 12, 50257) if CUDA else (2, 128, 4, 4000)
+MODEL = (12, 768, 12, 50257) if BASE else (2, 128, 4, 4000)
+ENC_VOCAB = 30522 if BASE else MODEL[3]
 
 
 @dataclass(frozen=True)
@@ -30,13 +38,15 @@ class Workload:
     new_tokens: int
     num_beams: int = 1
     encoder_only: bool = False
+    min_len: int = 0  # > 0: source lengths uniform in [min_len, src_len] (W4)
 
     @property
     def label(self):
+        src = f"{self.min_len}-{self.src_len}" if self.min_len else f"{self.src_len}"
         if self.encoder_only:
-            return f"{self.name} encoder b{self.batch}x{self.src_len}"
+            return f"{self.name} encoder b{self.batch}x{src}"
         mode = "greedy" if self.num_beams == 1 else f"beam{self.num_beams}"
-        return f"{self.name} b{self.batch} src{self.src_len} new{self.new_tokens} {mode}"
+        return f"{self.name} b{self.batch} src{src} new{self.new_tokens} {mode}"
 
 
 if CUDA:
@@ -47,6 +57,13 @@ if CUDA:
         Workload("W2", 64, 256, 64, num_beams=4),
         Workload("W2", 256, 256, 64, num_beams=4),
         Workload("W3", 64, 512, 0, encoder_only=True),
+        Workload("W4", 64, 512, 0, encoder_only=True, min_len=32),
+        Workload("W4", 64, 512, 64, min_len=32),
+    ]
+elif BASE:
+    WORKLOADS = [
+        Workload("W4", 16, 512, 0, encoder_only=True, min_len=32),
+        Workload("W4", 8, 512, 64, min_len=32),
     ]
 else:
     WORKLOADS = [
@@ -54,6 +71,8 @@ else:
         Workload("W2", 8, 32, 8),
         Workload("W2", 8, 32, 8, num_beams=4),
         Workload("W3", 8, 64, 0, encoder_only=True),
+        Workload("W4", 16, 64, 0, encoder_only=True, min_len=4),
+        Workload("W4", 8, 64, 8, min_len=4),
     ]
 
 PROVIDERS = ["encdec_fast-triton", "encdec_fast-torch", "transformers-sdpa", "transformers-eager"]
@@ -90,9 +109,9 @@ def build_bert2gpt2(path: str, *, layers: int, hidden: int, heads: int, enc_voca
 
 
 def build_checkpoint(path: str, seed: int = 0) -> str:
-    """The W1-W3 checkpoint: bert-base encoder + gpt2-size decoder on CUDA, shrunk on the CPU."""
+    """The W1-W4 checkpoint: bert-base encoder + gpt2-size decoder on CUDA (or BASE), shrunk on the CPU."""
     L, E, H, V = MODEL
-    return build_bert2gpt2(path, layers=L, hidden=E, heads=H, enc_vocab=30522 if CUDA else V, dec_vocab=V, seed=seed)
+    return build_bert2gpt2(path, layers=L, hidden=E, heads=H, enc_vocab=ENC_VOCAB, dec_vocab=V, seed=seed)
 
 
 def load_provider(path: str, provider: str):
@@ -107,12 +126,17 @@ def load_provider(path: str, provider: str):
 
 
 def inputs(w: Workload, vocab: int, seed: int = 0):
-    """Random ids (never the special ids 0-2), padded rows of varied length."""
+    """Random ids (never the special ids 0-2), right-padded rows of varied length: W4's lengths uniform in
+    [min_len, src_len], padded to the longest; the others' between src_len/2 and src_len, the first full."""
     g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(3, vocab, (w.batch, w.src_len), generator=g)
+    if w.min_len:
+        lens = torch.randint(w.min_len, w.src_len + 1, (w.batch,), generator=g)
+        ids = torch.randint(3, vocab, (w.batch, int(lens.max())), generator=g)
+    else:
+        ids = torch.randint(3, vocab, (w.batch, w.src_len), generator=g)
+        lens = torch.randint(max(1, w.src_len // 2), w.src_len + 1, (w.batch,), generator=g)
+        lens[0] = w.src_len
     mask = torch.ones_like(ids)
-    lens = torch.randint(max(1, w.src_len // 2), w.src_len + 1, (w.batch,), generator=g)
-    lens[0] = w.src_len
     for b in range(w.batch):
         mask[b, lens[b]:] = 0
         ids[b, lens[b]:] = 0
@@ -158,22 +182,34 @@ def measure_bandwidth_and_flops() -> dict:
     return {"bandwidth_GBps": bw / 1e9, "bf16_TFLOPs": fl / 1e12}
 
 
-def floor_seconds(w: Workload, ceilings: dict, enc_bytes: int, dec_bytes: int, bytes_per: int) -> float | None:
-    """Lower bound on the workload's time: each decode step must read the decoder weights and the
-    KV bytes (self cache so far + cross K/V); the encoder and the prefill are bounded by FLOPs."""
+def cross_kv_bytes(lengths: list[int], bytes_per: int, padded_to: int | None = None) -> int:
+    """Cross-attention K/V bytes of all decoder layers for sources of these lengths: what one decode
+    step reads when each request's K/V is stored once (packed: real lengths), or when every row is
+    padded to padded_to positions."""
+    L, E, H, V = MODEL
+    tokens = len(lengths) * padded_to if padded_to is not None else sum(lengths)
+    return L * 2 * E * bytes_per * tokens
+
+
+def floor_seconds(w: Workload, ceilings: dict, enc_bytes: int, dec_bytes: int, bytes_per: int,
+                  lengths: list[int]) -> float | None:
+    """Lower bound on the workload's time for sources of these real lengths: each decode step must read
+    the decoder weights and the KV bytes (self cache so far + cross K/V of the real source tokens); the
+    encoder (real tokens only) and the prefill are bounded by FLOPs."""
     if not ceilings:
         return None
     L, E, H, V = MODEL
     bw, fl = ceilings["bandwidth_GBps"] * 1e9, ceilings["bf16_TFLOPs"] * 1e12
     enc_params = enc_bytes / bytes_per
-    enc_flops = 2 * enc_params * w.batch * w.src_len + 4 * w.batch * w.src_len**2 * E * L
+    enc_flops = 2 * enc_params * sum(lengths) + 4 * sum(n * n for n in lengths) * E * L
     enc_t = max(enc_flops / fl, enc_bytes / bw)
     if w.encoder_only:
         return enc_t
     rows = w.batch * w.num_beams
     t = enc_t
+    cross = cross_kv_bytes(lengths, bytes_per)
     for step in range(w.new_tokens):
-        kv = L * 2 * E * bytes_per * rows * (step + 1) + L * 2 * E * bytes_per * w.batch * w.src_len
+        kv = L * 2 * E * bytes_per * rows * (step + 1) + cross
         flops = 2 * (dec_bytes / bytes_per) * rows
         t += max((dec_bytes + kv) / bw, flops / fl)
     return t

@@ -85,10 +85,10 @@ def varlen_attention(q, k, v, *, cu_seqlens: torch.Tensor, max_seqlen: int, scal
         return attention(*(t.unflatten(0, (B, L)) for t in (q, k, v)), scale=scale, causal=causal).flatten(0, 1)
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     for s, e in zip(bounds, bounds[1:]):
-        if e > s:
-            qs, ks, vs = (t[s:e].transpose(0, 1) for t in (q, k, v))  # (H, L, D) views
-            o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=causal, scale=scale)  # (H, L, D)
-            out[s:e] = o.transpose(0, 1)
+        if e > s:  # 4-D views: with 3-D inputs SDPA takes its slow math path on the CPU
+            qs, ks, vs = (t[s:e].transpose(0, 1).unsqueeze(0) for t in (q, k, v))  # (1, H, L, D)
+            o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=causal, scale=scale)  # (1, H, L, D)
+            out[s:e] = o[0].transpose(0, 1)
     return out
 
 
