@@ -134,4 +134,4 @@ def _report(env):
     if env["ceilings"]:
         print(f"ceilings: {env['ceilings']}")
     for note in env["notes"]:
-        print(note)
+        print(f"note: {note}")
