@@ -116,9 +116,9 @@ def test_cross_kv_of_packed_states_equals_the_padded_projection_at_real_position
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_a_rows_outputs_do_not_depend_on_the_other_rows(make_ckpt, backend):
-    """Batch invariance: each row run alone gives its encoder states and logits in the batch (fp32;
-    the packed encoder never sees the other rows' padding), and, on the torch backend, its greedy
-    tokens."""
+    """Batch invariance: each row run alone gives its encoder states and logits in the batch (fp32,
+    to rounding; the packed encoder never sees the other rows or their padding), and, on the torch
+    backend, its greedy tokens."""
     ours = encdec_fast.load(make_ckpt("roberta", "roberta"), device=DEVICE, backend=backend)
     ids, mask, dec = batch(97, 1)
     hidden, packing = ours.encode_packed(ids, mask)
@@ -130,7 +130,8 @@ def test_a_rows_outputs_do_not_depend_on_the_other_rows(make_ckpt, backend):
     for b, n in enumerate(LENGTHS):
         one_ids, one_dec = ids[b:b + 1, :n], dec[b:b + 1]
         alone, _ = ours.encode_packed(one_ids)
-        torch.testing.assert_close(hidden[cu[b]:cu[b + 1]], alone, rtol=1e-6, atol=1e-6)
+        # fp32 rounding only (matmuls over T tokens may block differently); a leak between rows is O(0.1)
+        torch.testing.assert_close(hidden[cu[b]:cu[b + 1]], alone, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(logits[b:b + 1], ours(one_ids, decoder_input_ids=one_dec).logits,
                                    rtol=1e-5, atol=1e-5)
         if greedy:
