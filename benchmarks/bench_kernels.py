@@ -4,6 +4,7 @@
     python benchmarks/bench_kernels.py --out kernels.md   # also writes it to a file
     python benchmarks/bench_kernels.py --csrc-only        # only the csrc rows
     python benchmarks/bench_kernels.py --quick            # tiny shapes: a smoke run (CPU: interpreter)
+    python benchmarks/bench_kernels.py --tiles            # attention tile sweep per head dim 64/80/128
 
 csrc rows (when the library builds and finds the GPU; ENCDEC_CUDA=0 leaves them out): the matrix-vector
 kernels at 1, 4 and 16 rows for every projection of bert-base / gpt2, bert-large and the LM head, against
@@ -13,7 +14,8 @@ topk. Their GB/s is also given as a fraction of the measured device-to-device co
 
 Each row times one op with ``triton.testing.do_bench`` (median, L2 flushed between runs) for ours
 and for the PyTorch baseline (SDPA for attention, SDPA over the cache for decode, F.layer_norm,
-F.gelu), reports TFLOP/s (attention: 4*B*H*Lq*Lk*D, halved for causal) or GB/s (bytes that must
+F.gelu; SDPA over the padded batch with a key mask for the packed varlen kernel), reports TFLOP/s
+(attention: 4*B*H*Lq*Lk*D, halved for causal; varlen: 4*H*D*sum(L^2), real tokens only) or GB/s (bytes that must
 move: inputs read + outputs written, shared K/V rows counted once), and the max abs error of both
 against an fp32 reference computed with ``encdec_fast.ops`` on the same rounded inputs.
 Decode rows use full caches (lens = Lmax, the last key written by the call) so both sides do the same
@@ -44,6 +46,7 @@ class Case:
     ref32: Callable[[], torch.Tensor]
     unit: str  # "TFLOP/s" or "GB/s"
     work: float  # FLOPs or bytes per call
+    torch_as_ref: Callable = lambda t: t  # noqa: E731  torch's output in ref32's layout (for its error)
 
 
 def _first(t):
@@ -96,6 +99,39 @@ def attention_cases(dt, dev, B, L, H, D) -> list[Case]:
         Case("attention (causal prefill)", shape, lambda: katt.attention(q, k, v, scale=s, causal=True),
              sdpa(causal=True), lambda: ops.attention(q32, k32, v32, scale=s, causal=True), "TFLOP/s", flops / 2),
     ]
+
+
+def w4_lengths(B: int, L: int) -> list[int]:
+    """W4's source lengths: uniform in [L/16, L] (32-512 at L=512), seeded."""
+    g = torch.Generator().manual_seed(0)
+    return torch.randint(max(1, L // 16), L + 1, (B,), generator=g).tolist()
+
+
+def varlen_cases(dt, dev, lengths, H, D, tiles=None) -> list[Case]:
+    """The packed encoder's attention (varlen kernel) vs SDPA over the same sequences padded to the
+    longest with a key mask (what an encoder without packing runs)."""
+    from encdec_fast import ops
+    from encdec_fast.kernels import attention as katt
+
+    B, S, T = len(lengths), max(lengths), sum(lengths)
+    qkv = torch.randn(T, 3, H, D, device=dev, dtype=dt)
+    q, k, v = qkv.unbind(1)  # (T, H, D) strided views
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=dev)
+    mask = torch.arange(S, device=dev)[None, :] < torch.tensor(lengths, device=dev)[:, None]  # (B, S)
+    index = mask.flatten().nonzero().squeeze(1)
+    padded = [torch.zeros(B * S, H, D, device=dev, dtype=dt).index_copy_(0, index, t).view(B, S, H, D).transpose(1, 2)
+              for t in (q, k, v)]  # (B, H, S, D)
+    s = D ** -0.5
+    kw = dict(cu_seqlens=cu, max_seqlen=S, scale=s)
+
+    def sdpa():
+        return F.scaled_dot_product_attention(*padded, attn_mask=mask[:, None, None, :], scale=s)  # (B, H, S, D)
+
+    flops = 4.0 * H * D * sum(n * n for n in lengths)
+    return [Case("varlen attention (packed encoder)", f"{B} seqs, {T} of {B * S} tokens H={H} D={D}",
+                 lambda: katt.varlen_attention(q, k, v, tiles=tiles, **kw), sdpa,
+                 lambda: ops.varlen_attention(q.float(), k.float(), v.float(), **kw), "TFLOP/s", flops,
+                 torch_as_ref=lambda o: o.transpose(1, 2).flatten(0, 1).index_select(0, index))]
 
 
 def decode_cases(dt, dev, N, L, H, D, *, cross: bool, beams: int = 1) -> list[Case]:
@@ -307,6 +343,7 @@ def run(dtypes, quick: bool, csrc_only: bool = False) -> str:
         cases = []
         if not csrc_only:
             cases += attention_cases(dt, dev, B, L, H, D)
+            cases += varlen_cases(dt, dev, w4_lengths(B, L), H, D)
             for n in rows + (1,):
                 cases += decode_cases(dt, dev, n, Lmax, H, D, cross=False)
             for n in rows:
@@ -321,7 +358,7 @@ def run(dtypes, quick: bool, csrc_only: bool = False) -> str:
         for c in cases:
             ref = _first(c.ref32()).float()
             err_ours = (_first(c.ours()).float() - ref).abs().max().item()
-            err_torch = (_first(c.torch_()).float() - ref).abs().max().item()
+            err_torch = (c.torch_as_ref(_first(c.torch_())).float() - ref).abs().max().item()
             del ref
             ms_ours, ms_torch = _bench(c.ours), _bench(c.torch_)
             scale = 1e12 if c.unit == "TFLOP/s" else 1e9
@@ -348,19 +385,62 @@ def run(dtypes, quick: bool, csrc_only: bool = False) -> str:
     return "\n".join(head + out) + "\n"
 
 
+# tiles to compare per head dim: (BLOCK_M, BLOCK_N, num_warps, num_stages); the kernel's own choice
+# (kernels/attention.py HALF_TILES, FlashAttention-2's) is timed first, then the tiles used before it
+SWEEP_TILES = [(128, 64, 8, 3), (128, 64, 8, 2), (64, 64, 4, 3), (128, 128, 8, 3), (128, 32, 4, 3), (64, 128, 4, 3)]
+
+
+def tile_sweep(dt, quick: bool) -> str:
+    """Dense (no mask, causal) and varlen attention per head dim 64, 80, 128 at W3/W4 sizes, for each
+    tile choice; SDPA alongside. Which tiles win is what HALF_TILES should hold (measurement owed)."""
+    from encdec_fast.kernels import attention as katt
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    B, L = (2, 64) if quick else (64, 512)
+    rows = []
+    for D in (64, 80, 128):
+        H = 2 if quick else 768 // D  # about bert-base width
+        torch.manual_seed(0)
+        q, k, v = torch.randn(B, L, 3, H, D, device=dev, dtype=dt).unbind(2)
+        t = lambda x: x.transpose(1, 2)  # noqa: E731  (B, L, H, D) <-> (B, H, L, D)
+        own = katt._attention_config(L, D, dt)
+        tiles = [(own[0], own[1], own[3], own[4])] + [c for c in SWEEP_TILES if c != (own[0], own[1], own[3], own[4])]
+        for name, causal in (("no mask", False), ("causal", True)):
+            flops = 4.0 * B * H * L * L * D / (2 if causal else 1)
+            ms_sdpa = _bench(lambda: F.scaled_dot_product_attention(t(q), t(k), t(v), is_causal=causal))
+            for tl_ in tiles:
+                ms = _bench(lambda: katt.attention(q, k, v, scale=D ** -0.5, causal=causal, tiles=tl_))
+                rows.append(f"| {name} | B={B} L={L} H={H} D={D} | {tl_} | {ms:.4f} | {flops / ms / 1e9:.1f} "
+                            f"| {ms_sdpa / ms:.2f}x |")
+                print(rows[-1], flush=True)
+        for tl_ in tiles:
+            c = varlen_cases(dt, dev, w4_lengths(B, L), H, D, tiles=tl_)[0]
+            ms, ms_sdpa = _bench(c.ours), _bench(c.torch_)
+            rows.append(f"| varlen | {c.shape} | {tl_} | {ms:.4f} | {c.work / ms / 1e9:.1f} | {ms_sdpa / ms:.2f}x |")
+            print(rows[-1], flush=True)
+    head = ["| attention | shape | tiles (M, N, warps, stages) | ms | TFLOP/s | vs SDPA |",
+            "| --- | --- | --- | ---: | ---: | ---: |"]
+    return "\n".join(head + rows) + "\n"
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", help="also write the markdown table to this file")
     p.add_argument("--dtypes", nargs="+", default=["float16", "bfloat16"], choices=["float16", "bfloat16", "float32"])
     p.add_argument("--quick", action="store_true", help="tiny shapes (smoke run)")
     p.add_argument("--csrc-only", action="store_true", help="only the csrc/ kernel rows")
+    p.add_argument("--tiles", action="store_true", help="the attention tile sweep instead of the op table")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         if not args.quick:
             print("bench_kernels.py needs a CUDA device (or --quick for a CPU smoke run)", file=sys.stderr)
             return 1
         os.environ.setdefault("TRITON_INTERPRET", "1")  # before encdec_fast.kernels imports triton
-    table = run([getattr(torch, d) for d in args.dtypes], args.quick, args.csrc_only)
+    dtypes = [getattr(torch, d) for d in args.dtypes]
+    if args.tiles:
+        table = "".join(f"\n{str(dt).replace('torch.', '')}:\n\n" + tile_sweep(dt, args.quick) for dt in dtypes)
+    else:
+        table = run(dtypes, args.quick, args.csrc_only)
     print()
     print(table)
     if args.out:

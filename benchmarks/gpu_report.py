@@ -1,5 +1,5 @@
-"""One command for a machine with a GPU and no network: GPU parity tests, kernel timings and the
-W1-W3 workloads, then rewrite benchmarks/RESULTS.md (device, versions, date, tables).
+"""One command for a machine with a GPU and no network: GPU parity tests, kernel timings, the
+attention tile sweep and the W1-W4 workloads, then rewrite benchmarks/RESULTS.md (device, versions, date, tables).
 
     python benchmarks/gpu_report.py                  # everything
     python benchmarks/gpu_report.py --parts tests kernels      # a subset (sections kept from the old file)
@@ -21,7 +21,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "RESULTS.md"
-PARTS = ("tests", "kernels", "workloads", "engine", "csrc")
+PARTS = ("tests", "kernels", "tiles", "workloads", "engine", "csrc")
 
 
 def sh(cmd: list[str], log: Path, env=None, timeout=3000) -> tuple[int, str]:
@@ -64,13 +64,22 @@ def part_kernels(tmp: Path) -> str:
     return md.read_text() if md.exists() else f"bench_kernels.py failed (rc {rc}); see log.\n"
 
 
+def part_tiles(tmp: Path) -> str:
+    md = tmp / "tiles.md"
+    rc, out = sh([sys.executable, "benchmarks/bench_kernels.py", "--tiles", "--out", str(md)], tmp / "tiles.log")
+    return md.read_text() if md.exists() else f"bench_kernels.py --tiles failed (rc {rc}); see log.\n"
+
+
 def part_workloads(tmp: Path, name="workloads", files=("benchmarks/test_bench_workloads.py",)) -> str:
     js = tmp / f"{name}.json"
     rc, out = sh([sys.executable, "-m", "pytest", *files, "-q", "-s", "-p", "no:cacheprovider",
                   "--benchmark-disable-gc"], tmp / f"{name}.log", env={"ENCDEC_BENCH_JSON": str(js)})
     table = [l for l in out.splitlines() if l.startswith("|")]
     extra = [l for l in out.splitlines() if l.startswith("ceilings:")]
+    notes = [l[len("note: "):] for l in out.splitlines() if l.startswith("note: ")]
     body = "\n".join(table) + "\n"
+    if notes:
+        body += "\n" + "\n".join(f"- {n}" for n in notes) + "\n"
     if extra:
         body += f"\nMeasured ceilings: {extra[-1][len('ceilings: '):]}\n"
     if rc != 0:
@@ -112,8 +121,9 @@ def part_csrc(tmp: Path) -> str:
     return body + "".join(f"\n{n}\n" for n in notes)
 
 
-TITLES = {"tests": "GPU parity tests", "kernels": "Kernels vs PyTorch", "workloads": "Workloads W1-W3",
-          "engine": "Batch engine", "csrc": "W1 with the CUDA C++ kernels (csrc) off and on"}
+TITLES = {"tests": "GPU parity tests", "kernels": "Kernels vs PyTorch", "tiles": "Attention tiles per head dim",
+          "workloads": "Workloads W1-W4", "engine": "Batch engine",
+          "csrc": "W1 with the CUDA C++ kernels (csrc) off and on"}
 
 
 def read_sections() -> dict[str, str]:

@@ -40,23 +40,26 @@ def main():
         m.generate(ids, **kw)
     torch.cuda.synchronize()
     per_tok = (time.perf_counter() - t0) / 3 / a.steps
-    step = next(iter(m.graph_cache.entries.values()))
-    step.pos.fill_(a.steps // 2)
+    state = next(iter(m.graph_cache.entries.values()))  # the DecodeState generate() used, with its graphs
+    graph = next(iter(state.graphs.values()))[0]  # the whole step: decoder, processors, token choice, commit
     torch.cuda.synchronize()
     t0 = time.perf_counter()
     for _ in range(200):
-        step.graph.replay()
+        graph.replay()
     torch.cuda.synchronize()
     replay = (time.perf_counter() - t0) / 200
     print(f"generate: {per_tok * 1e3:.3f} ms/token; graph replay alone: {replay * 1e3:.3f} ms; "
           f"host loop and rest: {(per_tok - replay) * 1e3:.3f} ms")
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:  # the step's kernels, eagerly (one row per kernel)
         for _ in range(5):
-            step._step()
+            state.forward()
+            state.commit(None)
         torch.cuda.synchronize()
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=70))
+    kernels = sum(e.count for e in prof.key_averages() if e.device_type.name == "CUDA") / 5
+    print(f"kernels per step: {kernels:.0f}")
     m.cuda_graphs = False
     m.generate(ids, **kw)
     torch.cuda.synchronize()

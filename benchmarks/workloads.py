@@ -1,11 +1,17 @@
-"""Workloads W1-W3 (issue 5), shared checkpoint building, timing and physical floors.
+"""Workloads W1-W4 (issues 5, 11 and 14), shared checkpoint building, timing and physical floors.
 
-Sized for a GPU when CUDA is present, shrunk on the CPU so `pytest benchmarks/` stays short there.
+Sized for a GPU when CUDA is present, shrunk on the CPU so `pytest benchmarks/` stays short there;
+ENCDEC_BENCH_SIZE=base runs W4 alone at bert-base + gpt2 size on the CPU (16 sources for the encoder,
+8 end to end: what a 2-core machine finishes in minutes).
   W1  bert-base + gpt2, batch 1, 512 source tokens, 128 new tokens, greedy
   W2  same model, batch 64 and 256, 256 source tokens, 64 new tokens, greedy and beam 4
   W3  encoder only, batch 64 x 512 tokens
   W1/W2 "rothe": the size people run from Rothe et al. 2019 (google/roberta2roberta_L-24_*,
       bert2bert_L-24_*): bert-generation on both sides, 24 layers x 1024, 16 heads, vocabulary 50358
+  W4  mixed lengths: 64 sources of lengths uniform in 32-512 (seeded), padded to the longest; encoder
+      only, and end to end with 64 new tokens greedy
+Rows of W1-W3 are also padded (lengths between half and all of the source length, the first row
+full); every floor counts real tokens only (the work a packed encoder and cross-attention must do).
 """
 
 from __future__ import annotations
@@ -20,9 +26,10 @@ CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
 DTYPE = torch.bfloat16 if CUDA else torch.float32
 
+BASE = CUDA or os.environ.get("ENCDEC_BENCH_SIZE") == "base"
 # (layers, hidden, heads, vocab) for the encoder and the decoder alike, per workload model
 MODELS = {
-    "bert2gpt2": (12, 768, 12, 50257) if CUDA else (2, 128, 4, 4000),
+    "bert2gpt2": (12, 768, 12, 50257) if BASE else (2, 128, 4, 4000),
     "rothe": (24, 1024, 16, 50358) if CUDA else (2, 128, 4, 4000),
 }
 
@@ -36,14 +43,16 @@ class Workload:
     num_beams: int = 1
     encoder_only: bool = False
     model: str = "bert2gpt2"  # a key of MODELS
+    min_len: int = 0  # > 0: source lengths uniform in [min_len, src_len] (W4)
 
     @property
     def label(self):
         name = self.name if self.model == "bert2gpt2" else f"{self.name} {self.model}"
+        src = f"{self.min_len}-{self.src_len}" if self.min_len else f"{self.src_len}"
         if self.encoder_only:
-            return f"{name} encoder b{self.batch}x{self.src_len}"
+            return f"{name} encoder b{self.batch}x{src}"
         mode = "greedy" if self.num_beams == 1 else f"beam{self.num_beams}"
-        return f"{name} b{self.batch} src{self.src_len} new{self.new_tokens} {mode}"
+        return f"{name} b{self.batch} src{src} new{self.new_tokens} {mode}"
 
 
 if CUDA:
@@ -57,6 +66,13 @@ if CUDA:
         Workload("W1", 1, 512, 128, model="rothe"),
         Workload("W2", 64, 256, 64, model="rothe"),
         Workload("W2", 64, 256, 64, num_beams=4, model="rothe"),
+        Workload("W4", 64, 512, 0, encoder_only=True, min_len=32),
+        Workload("W4", 64, 512, 64, min_len=32),
+    ]
+elif BASE:
+    WORKLOADS = [
+        Workload("W4", 16, 512, 0, encoder_only=True, min_len=32),
+        Workload("W4", 8, 512, 64, min_len=32),
     ]
 else:
     WORKLOADS = [
@@ -66,6 +82,8 @@ else:
         Workload("W3", 8, 64, 0, encoder_only=True),
         Workload("W1", 1, 64, 16, model="rothe"),
         Workload("W2", 8, 32, 8, model="rothe"),
+        Workload("W4", 16, 64, 0, encoder_only=True, min_len=4),
+        Workload("W4", 8, 64, 8, min_len=4),
     ]
 
 PROVIDERS = ["encdec_fast-triton", "encdec_fast-torch", "transformers-sdpa", "transformers-eager"]
@@ -131,12 +149,12 @@ def build_checkpoint(path: str, model: str = "bert2gpt2", seed: int = 0) -> str:
     L, E, H, V = MODELS[model]
     if model == "rothe":
         return build_bertgen2bertgen(path, layers=L, hidden=E, heads=H, vocab=V, seed=seed)
-    return build_bert2gpt2(path, layers=L, hidden=E, heads=H, enc_vocab=30522 if CUDA else V, dec_vocab=V, seed=seed)
+    return build_bert2gpt2(path, layers=L, hidden=E, heads=H, enc_vocab=input_vocab(model), dec_vocab=V, seed=seed)
 
 
 def input_vocab(model: str) -> int:
     """Source ids are drawn below this (the encoder's vocabulary)."""
-    return 30522 if CUDA and model == "bert2gpt2" else MODELS[model][3]
+    return 30522 if BASE and model == "bert2gpt2" else MODELS[model][3]
 
 
 def load_provider(path: str, provider: str):
@@ -151,12 +169,17 @@ def load_provider(path: str, provider: str):
 
 
 def inputs(w: Workload, vocab: int, seed: int = 0):
-    """Random ids (never the special ids 0-2), padded rows of varied length."""
+    """Random ids (never the special ids 0-2), right-padded rows of varied length: W4's lengths uniform in
+    [min_len, src_len], padded to the longest; the others' between src_len/2 and src_len, the first full."""
     g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(3, vocab, (w.batch, w.src_len), generator=g)
+    if w.min_len:
+        lens = torch.randint(w.min_len, w.src_len + 1, (w.batch,), generator=g)
+        ids = torch.randint(3, vocab, (w.batch, int(lens.max())), generator=g)
+    else:
+        ids = torch.randint(3, vocab, (w.batch, w.src_len), generator=g)
+        lens = torch.randint(max(1, w.src_len // 2), w.src_len + 1, (w.batch,), generator=g)
+        lens[0] = w.src_len
     mask = torch.ones_like(ids)
-    lens = torch.randint(max(1, w.src_len // 2), w.src_len + 1, (w.batch,), generator=g)
-    lens[0] = w.src_len
     for b in range(w.batch):
         mask[b, lens[b]:] = 0
         ids[b, lens[b]:] = 0
@@ -202,22 +225,34 @@ def measure_bandwidth_and_flops() -> dict:
     return {"bandwidth_GBps": bw / 1e9, "bf16_TFLOPs": fl / 1e12}
 
 
-def floor_seconds(w: Workload, ceilings: dict, enc_bytes: int, dec_bytes: int, bytes_per: int) -> float | None:
-    """Lower bound on the workload's time: each decode step must read the decoder weights and the
-    KV bytes (self cache so far + cross K/V); the encoder and the prefill are bounded by FLOPs."""
+def cross_kv_bytes(lengths: list[int], bytes_per: int, padded_to: int | None = None, model: str = "bert2gpt2") -> int:
+    """Cross-attention K/V bytes of all decoder layers for sources of these lengths: what one decode
+    step reads when each request's K/V is stored once (packed: real lengths), or when every row is
+    padded to padded_to positions."""
+    L, E, H, V = MODELS[model]
+    tokens = len(lengths) * padded_to if padded_to is not None else sum(lengths)
+    return L * 2 * E * bytes_per * tokens
+
+
+def floor_seconds(w: Workload, ceilings: dict, enc_bytes: int, dec_bytes: int, bytes_per: int,
+                  lengths: list[int]) -> float | None:
+    """Lower bound on the workload's time for sources of these real lengths: each decode step must read
+    the decoder weights and the KV bytes (self cache so far + cross K/V of the real source tokens); the
+    encoder (real tokens only) and the prefill are bounded by FLOPs."""
     if not ceilings:
         return None
     L, E, H, V = MODELS[w.model]
     bw, fl = ceilings["bandwidth_GBps"] * 1e9, ceilings["bf16_TFLOPs"] * 1e12
     enc_params = enc_bytes / bytes_per
-    enc_flops = 2 * enc_params * w.batch * w.src_len + 4 * w.batch * w.src_len**2 * E * L
+    enc_flops = 2 * enc_params * sum(lengths) + 4 * sum(n * n for n in lengths) * E * L
     enc_t = max(enc_flops / fl, enc_bytes / bw)
     if w.encoder_only:
         return enc_t
     rows = w.batch * w.num_beams
+    cross = cross_kv_bytes(lengths, bytes_per, model=w.model)
     t = enc_t
     for step in range(w.new_tokens):
-        kv = L * 2 * E * bytes_per * rows * (step + 1) + L * 2 * E * bytes_per * w.batch * w.src_len
+        kv = L * 2 * E * bytes_per * rows * (step + 1) + cross
         flops = 2 * (dec_bytes / bytes_per) * rows
         t += max((dec_bytes + kv) / bw, flops / fl)
     return t

@@ -11,6 +11,7 @@ from . import validate
 from .config import ModelConfig
 from .errors import InvalidInputError, UnsupportedArgumentError
 from .modules import EncoderDecoderNet
+from .packing import Packing
 
 _FORWARD_IGNORED = {"use_cache", "return_dict", "output_attentions", "output_hidden_states"}
 
@@ -119,14 +120,27 @@ class EncDecModel:
 
     # -- the net -----------------------------------------------------------------------------------
     @torch.inference_mode()
-    def encode(self, input_ids, attention_mask=None, token_type_ids=None):
-        """-> (encoder last hidden state (B, S, E_enc), key mask bool (B, S) or None)"""
+    def encode_packed(self, input_ids, attention_mask=None, token_type_ids=None):
+        """The encoder on packed tokens: the padding is dropped before the embeddings, every encoder op
+        runs on the T real tokens. -> (hidden (T, E_enc), Packing), Packing (packing.py) giving
+        cu_seqlens int32 (B + 1,) (row b = hidden[cu[b]:cu[b+1]]), lengths, max_seqlen and the way
+        back to the padded layout (unpack)."""
         ids = validate.token_ids(input_ids, "input_ids", self.cfg.encoder).to(self.device)
         mask = validate.attention_mask(attention_mask, ids.shape, "attention_mask")
         mask = mask.to(self.device) if mask is not None else None
         types = validate.token_type_ids(token_type_ids, ids.shape, self.cfg.encoder)
-        types = types.to(self.device) if types is not None else None
-        return self.net.encoder(ids, mask, self.ops, types), mask
+        packing = Packing.from_mask(mask, ids.shape[0], ids.shape[1], self.device)
+        enc = self.net.encoder
+        pos = enc.embed.positions(ids, 0)  # (B, S), on the padded batch as transformers computes them
+        types = packing.pack(types.to(self.device)) if types is not None else None
+        return enc(packing.pack(ids), packing.pack(pos), packing, self.ops, types), packing
+
+    @torch.inference_mode()
+    def encode(self, input_ids, attention_mask=None, token_type_ids=None):
+        """-> (encoder last hidden state (B, S, E_enc), key mask bool (B, S) or None). Computed packed
+        (encode_packed); padding positions hold zeros."""
+        hidden, packing = self.encode_packed(input_ids, attention_mask, token_type_ids)
+        return packing.unpack(hidden), packing.mask
 
     @torch.inference_mode()
     def forward(self, input_ids=None, attention_mask=None, decoder_input_ids=None, decoder_attention_mask=None,

@@ -5,7 +5,9 @@ GPT-2's Conv1D c_attn transposed to nn.Linear's [out, in]), cross-attention K/V 
 maps Hugging Face names onto these. The families differ only in StackConfig's options (embeddings,
 position rows, pre- or post-LN layers, head), never in a branch on the family's name here.
 
-Two decoder paths share the layer code:
+The encoder runs on packed tokens (packing.py): ids [T] -> hidden [T, E], T = the batch's real
+tokens, self-attention within each sequence (ops.varlen_attention). Two decoder paths share the
+layer code:
   full(ids [B, L])        -> hidden [B, L, E]   (forward pass, no cache)
   step(ids [N], pos, ...) -> hidden [N, E]      (one token per row over the preallocated cache)
 """
@@ -143,24 +145,17 @@ class StepContext:
     self_starts: torch.Tensor  # (N,) key row of row n's cache slot 0 in a layer's flat (rows*r, H, D) cache
     seq_lens: torch.Tensor  # (N,) int32 keys each row attends (the new token included)
     max_len: int  # cache slots per row: a bound on seq_lens
-    cross_starts: torch.Tensor  # (N,) key row where row n's encoder keys start
-    enc_lens: torch.Tensor  # (N,) encoder keys each row may attend
-    key_mask: torch.Tensor | None  # flat (rows*r,) encoder key mask, or None
-    enc_len: int  # encoder positions per cross row: a bound on enc_lens
+    cross_starts: torch.Tensor  # (N,) first encoder key of row n in the packed cross K/V
+    enc_lens: torch.Tensor  # (N,) encoder keys row n attends
+    enc_bound: int  # a bound on enc_lens known to the host
 
     @classmethod
-    def build(cls, k_cache, cross_k, pos, kv_index, enc_lens, enc_mask) -> "StepContext":
-        """From layer 0's cache (N, Lmax, H, D) and cross K (B, S, H, D); every layer's have the same layout."""
+    def build(cls, k_cache, pos, cross_starts, enc_lens, enc_bound: int) -> "StepContext":
+        """From layer 0's cache (N, Lmax, H, D); every layer's has the same layout."""
         N, dev = pos.shape[0], pos.device
-        r_self = _key_rows(k_cache)[1]
-        kf, r = _key_rows(cross_k)
-        S = cross_k.shape[1]
-        key_mask = None
-        if enc_mask is not None:  # (B, S) -> (B*r,) flat, like the key rows
-            key_mask = (enc_mask if r == S else torch.nn.functional.pad(enc_mask, (0, r - S))).reshape(-1)[:kf.shape[0]]
-        cross_starts = torch.arange(0, N * r, r, device=dev) if kv_index is None else kv_index * r
-        return cls(torch.arange(0, N * r_self, r_self, device=dev), (pos + 1).to(torch.int32), k_cache.shape[1],
-                   cross_starts, enc_lens, key_mask, S)
+        r = _key_rows(k_cache)[1]
+        return cls(torch.arange(0, N * r, r, device=dev), (pos + 1).to(torch.int32), k_cache.shape[1], cross_starts,
+                   enc_lens, enc_bound)
 
 
 class SelfAttention(nn.Module):
@@ -171,9 +166,14 @@ class SelfAttention(nn.Module):
         self.qkv = Linear(cfg.hidden_size, 3 * cfg.hidden_size)
         self.o = Linear(cfg.hidden_size, cfg.hidden_size)
 
-    def full(self, x, ops, *, causal: bool, key_mask):
-        q, k, v = _heads(self.qkv(x, ops), 3, self.H)  # each (B, L, H, D)
-        a = ops.attention(q, k, v, scale=self.scale, causal=causal, key_mask=key_mask)
+    def full(self, x, ops, *, causal: bool, key_mask, packing=None):
+        """x (B, L, E) padded, key_mask bool (B, L) or None; or x (T, E) packed as `packing` says."""
+        q, k, v = _heads(self.qkv(x, ops), 3, self.H)  # each (B, L, H, D), or (T, H, D) packed
+        if packing is not None:
+            a = ops.varlen_attention(q, k, v, cu_seqlens=packing.cu_seqlens, max_seqlen=packing.max_seqlen,
+                                     scale=self.scale, causal=causal)
+        else:
+            a = ops.attention(q, k, v, scale=self.scale, causal=causal, key_mask=key_mask)
         return self.o(a.flatten(-2), ops)
 
     def step(self, x, ops, ctx: StepContext, k_cache, v_cache, *, x_ln=None):
@@ -196,7 +196,8 @@ class CrossAttention(nn.Module):
         self.o = Linear(cfg.hidden_size, cfg.hidden_size)
 
     def project_kv(self, enc, ops):
-        """enc (B, S, E) -> K, V each (B, S, H, D): computed once per request, reused every step."""
+        """enc (B, S, E) -> K, V each (B, S, H, D), or packed enc (T, E) -> K, V each (T, H, D):
+        computed once per request, reused every step."""
         return _heads(self.kv(enc, ops), 2, self.H)
 
     def full(self, x, ops, *, kv, enc_mask):
@@ -205,12 +206,11 @@ class CrossAttention(nn.Module):
         return self.o(a.flatten(-2), ops)
 
     def step(self, x, ops, ctx: StepContext, kv, *, x_ln=None):
-        """x (N, E) (LayerNorm-ed first with x_ln); kv: K, V (B, S, H, D) -> attention output (N, E) over
-        each row's encoder keys, before the output projection."""
+        """x (N, E) (LayerNorm-ed first with x_ln); kv: packed K, V (T, H, D) -> attention output (N, E)
+        over each row's span of encoder keys, before the output projection."""
         q = ops.fused_linear(x, self.q.weight, self.q.bias, x_ln=x_ln).unflatten(-1, (self.H, -1))  # (N, H, D)
-        a = ops.decode_attention(q, _key_rows(kv[0])[0], _key_rows(kv[1])[0], scale=self.scale,
-                                 starts=ctx.cross_starts, lens=ctx.enc_lens, key_mask=ctx.key_mask,
-                                 max_len=ctx.enc_len)
+        a = ops.decode_attention(q, kv[0], kv[1], scale=self.scale, starts=ctx.cross_starts, lens=ctx.enc_lens,
+                                 max_len=ctx.enc_bound)
         return a.flatten(-2)
 
 
@@ -228,8 +228,8 @@ class BertLayer(nn.Module):
         self.mlp = MLP(cfg)
         self.ln2 = LayerNorm(cfg.hidden_size, cfg.layer_norm_eps)
 
-    def full(self, x, ops, *, causal, key_mask, cross_kv=None, enc_mask=None):
-        x = self.ln1.add(self.attn.full(x, ops, causal=causal, key_mask=key_mask), x, ops)[0]
+    def full(self, x, ops, *, causal, key_mask, cross_kv=None, enc_mask=None, packing=None):
+        x = self.ln1.add(self.attn.full(x, ops, causal=causal, key_mask=key_mask, packing=packing), x, ops)[0]
         if cross_kv is not None:
             x = self.ln_cross.add(self.cross.full(x, ops, kv=cross_kv, enc_mask=enc_mask), x, ops)[0]
         return self.ln2.add(self.mlp(x, ops), x, ops)[0]
@@ -255,11 +255,12 @@ class Encoder(nn.Module):
         self.embed = Embeddings(cfg)
         self.layers = nn.ModuleList(BertLayer(cfg, i) for i in range(cfg.num_layers))
 
-    def forward(self, ids, key_mask, ops, types=None):
-        """ids (B, S); key_mask bool (B, S) or None; types: token type ids (B, S) or None -> hidden (B, S, E)"""
-        x = self.embed(ids, self.embed.positions(ids, 0), ops, types)
+    def forward(self, ids, pos, packing, ops, types=None):
+        """Packed tokens: ids, pos (and types: token type ids, or None for type 0) long (T,) (positions as
+        Embeddings.positions gives them on the padded batch), packing: their Packing -> hidden (T, E)"""
+        x = self.embed(ids, pos, ops, types)
         for layer in self.layers:
-            x = layer.full(x, ops, causal=False, key_mask=key_mask)
+            x = layer.full(x, ops, causal=False, key_mask=None, packing=packing)
         return x
 
 
@@ -335,7 +336,8 @@ class Decoder(nn.Module):
         self.head = LMHead(cfg)
 
     def cross_kv(self, enc, ops):
-        """Per-layer cross-attention (K, V), each (B, S, H, D)."""
+        """Per-layer cross-attention (K, V), each (B, S, H, D) from padded enc (B, S, E), or each
+        (T, H, D) from packed enc (T, E) (EncDecModel.encode_packed): K/V of real tokens only."""
         return [layer.cross.project_kv(enc, ops) for layer in self.layers]
 
     def full(self, ids, key_mask, cross_kv, enc_mask, ops):
@@ -344,15 +346,17 @@ class Decoder(nn.Module):
         kw = dict(causal=True, key_mask=key_mask, enc_mask=enc_mask)
         return self.head(self._run(x, ops, lambda layer, i: kw | {"cross_kv": cross_kv[i]}, "full"), ops)
 
-    def step(self, ids, pos, cache, cross_kv, enc_mask, kv_index, enc_lens, ops):
+    def step(self, ids, pos, cache, cross_kv, cross_starts, enc_lens, enc_bound: int, ops):
         """One token per row. ids (N,); pos long (1,) or (N,) = number of tokens already in each row's
         cache (the slot this token is written to; per row for continuous batching).
-        cache: (k_caches, v_caches) lists of (N, Lmax, H, D). Returns logits (N, V)."""
+        cache: (k_caches, v_caches) lists of (N, Lmax, H, D); cross_kv: per layer packed (K, V) each
+        (T, H, D), row n attending keys cross_starts[n] .. + enc_lens[n] (<= enc_bound).
+        Returns logits (N, V)."""
         pos = pos.expand(ids.shape[0])
         p = self.embed.step_positions(ids, pos)
         x = self.embed(ids.unsqueeze(1), p.unsqueeze(1), ops).squeeze(1)  # (N, E)
         ks, vs = cache
-        ctx = StepContext.build(ks[0], cross_kv[0][0], pos, kv_index, enc_lens, enc_mask)
+        ctx = StepContext.build(ks[0], pos, cross_starts, enc_lens, enc_bound)
         if self.cfg.pre_ln:
             for i, layer in enumerate(self.layers):
                 x = layer.step(x, ops, ctx, ks[i], vs[i], cross_kv[i])

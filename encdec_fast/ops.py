@@ -5,6 +5,7 @@ backend. The plain-PyTorch versions below are the reference the Triton kernels a
 
 Shape conventions (B batch, L length, H heads, D head dim, N decode rows, V vocabulary):
   attention        q [B, Lq, H, D], k/v [B, Lk, H, D] (any strides, unit stride on D) -> [B, Lq, H, D]
+  varlen_attention q/k/v [T, H, D] packed, cu_seqlens int32 [B+1] (row b = tokens cu[b]:cu[b+1]) -> [T, H, D]
   decode_attention q [N, H, D], k/v [T, H, D] key rows, starts/lens int [N] (row n's window) -> [N, H, D]
   fused_linear     x [M, K], weight [N, K] (nn.Linear layout) -> [M, N], LayerNorm/GELU/residual fused
   select_greedy    scores [N, V], ids [N, t] -> tokens long [N]
@@ -111,6 +112,27 @@ def attention(q, k, v, *, scale: float, causal: bool = False, key_mask: torch.Te
     return out.transpose(1, 2).contiguous()  # (B, Lq, H, D)
 
 
+def varlen_attention(q, k, v, *, cu_seqlens: torch.Tensor, max_seqlen: int, scale: float, causal: bool = False):
+    """Self-attention within each of B packed sequences: q, k, v [T, H, D], sequence b owns rows
+    cu_seqlens[b]:cu_seqlens[b+1] (int32 [B+1]); max_seqlen is the kernel's grid size (unused here).
+    Equal lengths run as one padded-free batch through ``attention``; otherwise one SDPA per
+    sequence, unmasked (on the CPU that is PyTorch's flash kernel, and no padded token is computed)."""
+    bounds = cu_seqlens.tolist()
+    lens = [e - s for s, e in zip(bounds, bounds[1:])]
+    if not lens or q.shape[0] == 0:
+        return torch.empty_like(q)
+    if min(lens) == max(lens):  # (T, H, D) -> (B, L, H, D): a view, no copy
+        B, L = len(lens), lens[0]
+        return attention(*(t.unflatten(0, (B, L)) for t in (q, k, v)), scale=scale, causal=causal).flatten(0, 1)
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    for s, e in zip(bounds, bounds[1:]):
+        if e > s:  # 4-D views: with 3-D inputs SDPA takes its slow math path on the CPU
+            qs, ks, vs = (t[s:e].transpose(0, 1).unsqueeze(0) for t in (q, k, v))  # (1, H, L, D)
+            o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=causal, scale=scale)  # (1, H, L, D)
+            out[s:e] = o[0].transpose(0, 1)
+    return out
+
+
 def decode_attention(q, k, v, *, scale: float, starts: torch.Tensor, lens: torch.Tensor, key_mask=None,
                      k_new=None, v_new=None, max_len: int | None = None):
     """Attention of one query token per row over a window of key rows (packed layout).
@@ -206,6 +228,7 @@ class OpTable:
     linear_residual: Callable
     fused_linear: Callable
     attention: Callable
+    varlen_attention: Callable
     decode_attention: Callable
     select_greedy: Callable
     select_beam: Callable
@@ -221,6 +244,7 @@ _TORCH = OpTable(
     linear_residual=linear_residual,
     fused_linear=fused_linear,
     attention=attention,
+    varlen_attention=varlen_attention,
     decode_attention=decode_attention,
     select_greedy=select_greedy,
     select_beam=select_beam,
@@ -260,6 +284,7 @@ def table(backend: str) -> OpTable:
             linear_residual=linear_residual,
             fused_linear=triton_fused_linear,
             attention=katt.attention,
+            varlen_attention=katt.varlen_attention,
             decode_attention=kdec.decode_attention,
             select_greedy=select_greedy,
             select_beam=select_beam,

@@ -1,23 +1,30 @@
-"""Softmax attention over whole sequences: one flash-attention forward kernel (decode over a KV cache
-is decode_attention.py).
+"""Softmax attention over whole sequences: one flash-attention forward body, launched over a padded
+batch (``attention``) or over packed variable-length sequences (``varlen_attention``); decode over a
+KV cache is decode_attention.py.
 
 Algorithm (FlashAttention-2, Dao 2023; Triton's fused-attention tutorial): a program owns a block of
-BLOCK_M query rows of one (batch, head) and streams the keys in blocks of BLOCK_N. For each key block
-it computes S = Q K^T (fp32), masks it, and updates the running row max ``m_i``, the running row sum
-``l_i`` and the unnormalised output ``acc`` (online softmax, base-2 exponentials with
+BLOCK_M query rows of one (sequence, head) and streams the keys in blocks of BLOCK_N. For each key
+block it computes S = Q K^T (fp32), masks it, and updates the running row max ``m_i``, the running
+row sum ``l_i`` and the unnormalised output ``acc`` (online softmax, base-2 exponentials with
 ``qk_scale = scale * log2(e)``). The score matrix is never written to memory. The output is
 ``acc / l_i``; a row that saw no visible key has ``l_i == 0`` and writes zeros (like the reference).
 
-The same kernel serves encoder self-attention (bidirectional + key padding mask), causal decoder
-prefill (bottom-right aligned: query i sees keys j <= i + Lk - Lq) and cross-attention (Lq != Lk).
-The key loop runs in two phases: blocks that need no masking (fully visible under the causal rule
-and fully inside Lk), then the tail blocks that need the causal and/or bounds mask.
+``attention`` serves encoder self-attention over a padded batch (bidirectional + key padding mask),
+causal decoder prefill (bottom-right aligned: query i sees keys j <= i + Lk - Lq) and
+cross-attention (Lq != Lk). ``varlen_attention`` serves the packed encoder: q/k/v hold T tokens of B
+sequences back to back, sequence b owning rows [cu_seqlens[b], cu_seqlens[b+1]) (FlashAttention's
+``flash_attn_varlen_func`` layout); no padding is stored or computed, and a program whose query
+block starts past its sequence's end returns at once. Both launch the same body
+(``_attn_fwd_block``), whose key loop runs in two phases: blocks that need no masking (fully
+visible under the causal rule and fully inside Lk), then the tail blocks that need the causal
+and/or bounds mask.
 
-Reference: ``encdec_fast.ops.attention`` (plain PyTorch).
+Reference: ``encdec_fast.ops.attention`` and ``encdec_fast.ops.varlen_attention`` (plain PyTorch).
 
 Limits: head dim 1..256 (padded to a power of two >= 16 and masked); q/k/v share one dtype (fp16,
-bf16 or fp32) and have unit stride on the head dim; offsets inside one (batch, head) slab are 32-bit
-(L * stride_L < 2**31 elements), batch/head/block bases are 64-bit.
+bf16 or fp32) and have unit stride on the head dim; offsets inside one (sequence, head) slab are
+32-bit (L * stride_L < 2**31 elements), batch/sequence/head/block bases are 64-bit. cu_seqlens is
+not read on the host (no sync): it must be non-decreasing, start at 0 and end at T.
 """
 
 from __future__ import annotations
@@ -90,43 +97,20 @@ def _attn_fwd_inner(
 
 
 @triton.jit
-def _attn_fwd_kernel(
-    q_ptr, k_ptr, v_ptr, o_ptr,  # q [B, Lq, H, D], k/v [B, Lk, H, D], o [B, Lq, H, D]
-    mask_ptr,  # uint8 [B, Lk] (1 = attend), unused unless HAS_MASK
-    stride_qb, stride_ql, stride_qh,
-    stride_kb, stride_kl, stride_kh,
-    stride_vb, stride_vl, stride_vh,
-    stride_ob, stride_ol, stride_oh,
-    stride_mb, stride_ml,
-    H, Lq, Lk, D,
-    qk_scale,  # softmax scale * log2(e)
+def _attn_fwd_block(
+    q_base, k_base, v_base, o_base, mask_base,  # pointers to this block's first query / output row,
+                                                # key 0 of this (sequence, head), its mask row
+    stride_ql, stride_kl, stride_vl, stride_ol, stride_ml,
+    start_m, Lq, Lk, D, qk_scale,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, EVEN_M: tl.constexpr, EVEN_D: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    # -- which (query block, batch, head): 1-D grid, query blocks fastest so programs that share
-    #    K/V run together; causal runs the heaviest (last) query blocks first
-    num_m = tl.cdiv(Lq, BLOCK_M)
-    pid = tl.program_id(0)
-    pid_m = pid % num_m
-    if IS_CAUSAL:
-        pid_m = num_m - 1 - pid_m
-    pid_bh = pid // num_m
-    b = (pid_bh // H).to(tl.int64)
-    h = (pid_bh % H).to(tl.int64)
-    start_m = pid_m * BLOCK_M
-
+    """One block of BLOCK_M query rows of one (sequence, head): load Q, stream the keys, store O."""
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     rows = tl.arange(0, BLOCK_M)
-
-    # -- 64-bit bases for this (batch, head, query block)
-    q_base = q_ptr + b * stride_qb + h * stride_qh + start_m.to(tl.int64) * stride_ql
-    o_base = o_ptr + b * stride_ob + h * stride_oh + start_m.to(tl.int64) * stride_ol
-    k_base = k_ptr + b * stride_kb + h * stride_kh
-    v_base = v_ptr + b * stride_vb + h * stride_vh
-    mask_base = mask_ptr + b * stride_mb
 
     # -- load the Q tile once
     q_ptrs = q_base + (rows[:, None] * stride_ql + offs_d[None, :])
@@ -164,7 +148,7 @@ def _attn_fwd_kernel(
 
     # -- normalise; rows with no visible key have l_i == 0 and acc == 0 -> zeros
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
-    out = (acc / l_safe[:, None]).to(o_ptr.dtype.element_ty)
+    out = (acc / l_safe[:, None]).to(o_base.dtype.element_ty)
     o_ptrs = o_base + (rows[:, None] * stride_ol + offs_d[None, :])
     if EVEN_M & EVEN_D:
         tl.store(o_ptrs, out)
@@ -172,29 +156,124 @@ def _attn_fwd_kernel(
         tl.store(o_ptrs, out, mask=(offs_m[:, None] < Lq) & (offs_d[None, :] < D))
 
 
+@triton.jit
+def _attn_fwd_kernel(
+    q_ptr, k_ptr, v_ptr, o_ptr,  # q [B, Lq, H, D], k/v [B, Lk, H, D], o [B, Lq, H, D]
+    mask_ptr,  # uint8 [B, Lk] (1 = attend), unused unless HAS_MASK
+    stride_qb, stride_ql, stride_qh,
+    stride_kb, stride_kl, stride_kh,
+    stride_vb, stride_vl, stride_vh,
+    stride_ob, stride_ol, stride_oh,
+    stride_mb, stride_ml,
+    H, Lq, Lk, D,
+    qk_scale,  # softmax scale * log2(e)
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, EVEN_M: tl.constexpr, EVEN_D: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    # -- which (query block, batch, head): 1-D grid, query blocks fastest so programs that share
+    #    K/V run together; causal runs the heaviest (last) query blocks first
+    num_m = tl.cdiv(Lq, BLOCK_M)
+    pid = tl.program_id(0)
+    pid_m = pid % num_m
+    if IS_CAUSAL:
+        pid_m = num_m - 1 - pid_m
+    pid_bh = pid // num_m
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    start_m = pid_m * BLOCK_M
+
+    # -- 64-bit bases for this (batch, head, query block)
+    _attn_fwd_block(
+        q_ptr + b * stride_qb + h * stride_qh + start_m.to(tl.int64) * stride_ql,
+        k_ptr + b * stride_kb + h * stride_kh,
+        v_ptr + b * stride_vb + h * stride_vh,
+        o_ptr + b * stride_ob + h * stride_oh + start_m.to(tl.int64) * stride_ol,
+        mask_ptr + b * stride_mb,
+        stride_ql, stride_kl, stride_vl, stride_ol, stride_ml,
+        start_m, Lq, Lk, D, qk_scale,
+        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, IS_CAUSAL=IS_CAUSAL, HAS_MASK=HAS_MASK,
+        EVEN_M=EVEN_M, EVEN_D=EVEN_D, DOT_PRECISION=DOT_PRECISION,
+    )
+
+
+@triton.jit
+def _varlen_attn_fwd_kernel(
+    q_ptr, k_ptr, v_ptr, o_ptr,  # q/k/v/o [T, H, D]: the tokens of B sequences back to back
+    cu_seqlens_ptr,  # int32 [B + 1]: sequence b owns rows [cu[b], cu[b + 1])
+    stride_qt, stride_qh,
+    stride_kt, stride_kh,
+    stride_vt, stride_vh,
+    stride_ot, stride_oh,
+    H, D, num_m,  # num_m: query blocks of the longest sequence
+    qk_scale,  # softmax scale * log2(e)
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    # -- which (query block, sequence, head), ordered as in _attn_fwd_kernel
+    pid = tl.program_id(0)
+    pid_m = pid % num_m
+    if IS_CAUSAL:
+        pid_m = num_m - 1 - pid_m
+    pid_bh = pid // num_m
+    b = pid_bh // H
+    h = (pid_bh % H).to(tl.int64)
+    seq_start = tl.load(cu_seqlens_ptr + b)
+    L = tl.load(cu_seqlens_ptr + b + 1) - seq_start
+    start_m = pid_m * BLOCK_M
+    if start_m >= L:  # this sequence is shorter than the longest: nothing to do here
+        return
+    first = seq_start.to(tl.int64)
+    row = first + start_m
+
+    # -- a sequence attends to itself only: Lq == Lk == L, no key mask
+    _attn_fwd_block(
+        q_ptr + row * stride_qt + h * stride_qh,
+        k_ptr + first * stride_kt + h * stride_kh,
+        v_ptr + first * stride_vt + h * stride_vh,
+        o_ptr + row * stride_ot + h * stride_oh,
+        q_ptr,  # no key mask: never read
+        stride_qt, stride_kt, stride_vt, stride_ot, 0,
+        start_m, L, L, D, qk_scale,
+        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, IS_CAUSAL=IS_CAUSAL, HAS_MASK=False,
+        EVEN_M=False, EVEN_D=EVEN_D, DOT_PRECISION=DOT_PRECISION,
+    )
+
+
 # --------------------------------------------------------------------------------------------
 # launchers
 # --------------------------------------------------------------------------------------------
-def _attention_config(Lq: int, D: int, dtype: torch.dtype) -> tuple[int, int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, BLOCK_D, num_warps, num_stages) for the prefill kernel, sized for an H100
-    (ptxas for sm_90: fp16/bf16 up to D=128 spill at most a few bytes). fp32 ("ieee" dots run on
-    FMA units) uses smaller tiles; short queries shrink BLOCK_M (tl.dot needs >= 16)."""
+# fp16/bf16 tiles per padded head dim: (BLOCK_M, BLOCK_N, num_warps, num_stages). BLOCK_M, BLOCK_N and
+# the warps follow FlashAttention-2's forward choices for A100/H100 without dropout
+# (csrc/flash_attn/src/flash_fwd_launch_template.h: head dim <= 64 -> 128 x 128, 4 warps; 96 and 128
+# -> 128 x 64, 4 warps; 256 -> 64 x 64, 4 warps on H100); head dim 80 runs as BLOCK_D 128 here (FA2
+# rounds it to 96: the same tile). Stages: 3 while K/V tiles are small, else 2. Not yet measured
+# with these Triton kernels on a GPU: `python benchmarks/bench_kernels.py --tiles` times them against
+# the tiles used before (128 x 64, 8 warps) and a few neighbours.
+HALF_TILES = {16: (128, 128, 4, 3), 32: (128, 128, 4, 3), 64: (128, 128, 4, 3), 128: (128, 64, 4, 2),
+              256: (64, 64, 4, 2)}
+
+
+def _attention_config(Lq: int, D: int, dtype: torch.dtype, tiles=None) -> tuple[int, int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_D, num_warps, num_stages) for the prefill / encoder kernels: HALF_TILES
+    for fp16/bf16 (or ``tiles``, a (BLOCK_M, BLOCK_N, num_warps, num_stages) override for benchmarks);
+    fp32 ("ieee" dots run on FMA units) uses smaller tiles. Short queries shrink BLOCK_M (tl.dot
+    needs >= 16)."""
     BLOCK_D = max(16, triton.next_power_of_2(D))
-    if dtype == torch.float32:
-        BLOCK_M, BLOCK_N, num_stages = (64 if BLOCK_D <= 64 else 32), 32, 2
+    if tiles is not None:
+        BLOCK_M, BLOCK_N, num_warps, num_stages = tiles
+    elif dtype == torch.float32:
+        BLOCK_M, BLOCK_N, num_warps, num_stages = (64 if BLOCK_D <= 64 else 32), 32, 8, 2
     else:
-        BLOCK_M, BLOCK_N, num_stages = 128, (64 if BLOCK_D <= 128 else 32), (3 if BLOCK_D <= 64 else 2)
-        if BLOCK_D > 128:
-            BLOCK_M = 64
+        BLOCK_M, BLOCK_N, num_warps, num_stages = HALF_TILES[BLOCK_D]
     BLOCK_M = min(BLOCK_M, max(16, triton.next_power_of_2(Lq)))
-    small = dtype != torch.float32 and BLOCK_M <= 64 and BLOCK_D <= 64
-    num_warps = 4 if small else 8
     return BLOCK_M, BLOCK_N, BLOCK_D, num_warps, num_stages
 
 
-def attention(q, k, v, *, scale: float, causal: bool = False, key_mask=None) -> torch.Tensor:
+def attention(q, k, v, *, scale: float, causal: bool = False, key_mask=None, tiles=None) -> torch.Tensor:
     """Softmax attention (see module docstring). q [B, Lq, H, D]; k, v [B, Lk, H, D] with any strides
-    and unit stride on D; key_mask bool [B, Lk] (True = attend) or None. Returns [B, Lq, H, D]."""
+    and unit stride on D; key_mask bool [B, Lk] (True = attend) or None. Returns [B, Lq, H, D].
+    tiles: see _attention_config (benchmarks only)."""
     check_qkv(q, k, v, 4, "attention")
     B, Lq, H, D = q.shape
     Lk = k.shape[1]
@@ -210,7 +289,7 @@ def attention(q, k, v, *, scale: float, causal: bool = False, key_mask=None) -> 
         stride_mb, stride_ml = mask.stride()
     else:
         mask, stride_mb, stride_ml = q, 0, 0  # dummy pointer, never read
-    BLOCK_M, BLOCK_N, BLOCK_D, num_warps, num_stages = _attention_config(Lq, D, q.dtype)
+    BLOCK_M, BLOCK_N, BLOCK_D, num_warps, num_stages = _attention_config(Lq, D, q.dtype, tiles)
     grid = (triton.cdiv(Lq, BLOCK_M) * B * H,)
     _attn_fwd_kernel[grid](
         q, k, v, out, mask,
@@ -224,7 +303,50 @@ def attention(q, k, v, *, scale: float, causal: bool = False, key_mask=None) -> 
         BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D,
         IS_CAUSAL=bool(causal), HAS_MASK=key_mask is not None,
         EVEN_M=Lq % BLOCK_M == 0, EVEN_D=D == BLOCK_D,
-        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        DOT_PRECISION=_dot_precision(q.dtype),
         num_warps=num_warps, num_stages=num_stages,
     )
     return out
+
+
+def varlen_attention(q, k, v, *, cu_seqlens: torch.Tensor, max_seqlen: int, scale: float, causal: bool = False,
+                     tiles=None) -> torch.Tensor:
+    """Self-attention within each of B packed sequences (see module docstring). q, k, v [T, H, D] with
+    any strides and unit stride on D (e.g. views of one fused [T, 3, H, D] projection); cu_seqlens
+    int32 [B + 1] on q's device, sequence b = rows cu_seqlens[b]:cu_seqlens[b+1]; max_seqlen >= the
+    longest sequence (it sizes the grid). causal: token i of a sequence sees its tokens j <= i.
+    Returns [T, H, D]. tiles: see _attention_config (benchmarks only)."""
+    check_qkv(q, k, v, 3, "varlen_attention", kv_dims=3)
+    T, H, D = q.shape
+    if k.shape[0] != T:
+        raise ValueError(f"varlen_attention: q has {T} tokens but k/v have {k.shape[0]}; self-attention only")
+    if (not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2
+            or cu_seqlens.dtype != torch.int32 or cu_seqlens.device != q.device):
+        raise ValueError("varlen_attention: cu_seqlens must be a 1-D int32 tensor of B + 1 >= 2 offsets on q's device, "
+                         f"got {cu_seqlens.dtype if isinstance(cu_seqlens, torch.Tensor) else type(cu_seqlens).__name__} "
+                         f"{tuple(getattr(cu_seqlens, 'shape', ()))} on {getattr(cu_seqlens, 'device', '?')}")
+    if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int) or max_seqlen < 0:
+        raise ValueError(f"varlen_attention: max_seqlen must be an int >= 0, got {max_seqlen!r}")
+    out = torch.empty((T, H, D), dtype=q.dtype, device=q.device)
+    if T == 0 or H == 0 or max_seqlen == 0:
+        return out
+    B = cu_seqlens.numel() - 1
+    BLOCK_M, BLOCK_N, BLOCK_D, num_warps, num_stages = _attention_config(max_seqlen, D, q.dtype, tiles)
+    num_m = triton.cdiv(max_seqlen, BLOCK_M)
+    _varlen_attn_fwd_kernel[(num_m * B * H,)](
+        q, k, v, out, cu_seqlens.contiguous(),
+        q.stride(0), q.stride(1),
+        k.stride(0), k.stride(1),
+        v.stride(0), v.stride(1),
+        out.stride(0), out.stride(1),
+        H, D, num_m,
+        float(scale) * LOG2E,
+        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D,
+        IS_CAUSAL=bool(causal), EVEN_D=D == BLOCK_D, DOT_PRECISION=_dot_precision(q.dtype),
+        num_warps=num_warps, num_stages=num_stages,
+    )
+    return out
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    return "ieee" if dtype == torch.float32 else "tf32"

@@ -123,6 +123,18 @@ def test_static_step_with_late_looks_matches_solo_generate(models):
         assert rows_of(res) == solo(model, ids, **kw), (i, kw)
 
 
+def test_encoder_micro_batches_are_cut_by_real_tokens_not_rows_times_longest():
+    """The packed encoder pays for real tokens: 1 + 1 + 100 tokens fit a 128-token budget (padded they
+    would be 3 x 100); rows and the budget still cut; an input over the budget goes alone."""
+    from encdec_fast.engine.pool import token_chunks
+
+    size = lambda n: n  # noqa: E731
+    assert token_chunks([100, 1, 1], size, 128, 6) == [[1, 1, 100]]  # padded: 3 x 100 > 128
+    lens = [100, 1, 1, 30, 200, 20]
+    assert token_chunks(lens, size, 128, 6) == [[1, 1, 20, 30], [100], [200]]
+    assert token_chunks(lens, size, 10_000, 2) == [[1, 1], [20, 30], [100, 200]]
+
+
 def test_triton_backend_matches_solo_generate(make_ckpt):
     """The Triton kernels (the interpreter on a CPU) over the engine's strided cache and pool views, with
     and without kv_index (several sequences share a pool row)."""

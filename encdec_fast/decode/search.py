@@ -191,13 +191,16 @@ def generate(model, input_ids=None, attention_mask=None, generation_config=None,
         stop_check_every = 1 if model.device.type == "cpu" else 16
     validate.number(stop_check_every, "stop_check_every", validate.Field("int", 1))
 
-    # encoder once; cross K/V once per layer, per encoder row
+    # the encoder once, on the packed real tokens; cross K/V once per layer, packed: request b's keys are
+    # tokens cu_seqlens[b] .. cu_seqlens[b+1] (its beams and returned sequences read the same span)
     net, ops = model.net, model.ops
-    enc, enc_mask = model.encode(ids, attention_mask, model_kwargs.get("token_type_ids"))
-    cross = net.decoder.cross_kv(net.project(enc, ops), ops)
-    N, S, L = B * expand, enc.shape[1], gc.max_length
-    state = _decode_state(model, N, B, S, L)
-    state.set_cross(torch.arange(B, device=model.device), cross, enc_mask)
+    enc, packing = model.encode_packed(ids, attention_mask, model_kwargs.get("token_type_ids"))
+    cross = net.decoder.cross_kv(net.project(enc, ops), ops)  # per layer (K, V) each (T, H, D)
+    N, T, L = B * expand, packing.total, gc.max_length
+    state = _decode_state(model, N, T, L)
+    state.set_cross(torch.arange(T, device=model.device), cross)
+    starts = packing.cu_seqlens[:-1].long().repeat_interleave(expand)  # (N,)
+    lens = torch.tensor(packing.lengths, dtype=torch.int32, device=model.device).repeat_interleave(expand)
     prefix = prefix.repeat_interleave(expand, dim=0)  # (N, P)
     state.spec = sel.Spec.of([cfg])
     if num_beams > 1:
@@ -206,11 +209,11 @@ def generate(model, input_ids=None, attention_mask=None, generation_config=None,
         state.beam_sampling = B if gc.do_sample else 0
         kw = dict(length_penalty=gc.length_penalty, early_stopping=gc.early_stopping)
         for b in range(B):
-            state.join(group.rows[b], prefix[b * num_beams:(b + 1) * num_beams], cfg, enc_row=b, enc_len=S, limit=L,
+            rows = slice(b * num_beams, (b + 1) * num_beams)
+            state.join(group.rows[b], prefix[rows], cfg, enc_start=starts[rows], enc_len=lens[rows], limit=L,
                        fill=fill, beam=(group, b, kw | dict(offset=b * num_beams)))
     else:
-        state.join(torch.arange(N, device=model.device), prefix, cfg,
-                   enc_row=torch.arange(B, device=model.device).repeat_interleave(expand), enc_len=S, limit=L,
+        state.join(torch.arange(N, device=model.device), prefix, cfg, enc_start=starts, enc_len=lens, limit=L,
                    fill=fill_token(1, pad, eos))
     state.prefill(P)
 
@@ -254,13 +257,13 @@ def fill_token(num_beams: int, pad: int | None, eos: list[int] | None) -> int:
     return (pad if pad else eos[0]) if eos is not None else -1
 
 
-def _decode_state(model, rows: int, enc_rows: int, enc_len: int, max_length: int) -> DecodeState:
+def _decode_state(model, rows: int, enc_tokens: int, max_length: int) -> DecodeState:
     """A fresh state, or on CUDA (and for the CPU tests of it, model.static_decode) a bucket-sized one
     from the model's cache, whose captured steps later calls reuse."""
     capture = model.device.type == "cuda" and model.cuda_graphs
     if capture or model.static_decode:
-        return model.graph_cache.get(model, rows, enc_rows, enc_len, max_length, capture)
-    return DecodeState(model, rows, max_length, enc_rows, enc_len)
+        return model.graph_cache.get(model, rows, enc_tokens, max_length, capture)
+    return DecodeState(model, rows, max_length, 1, enc_tokens)
 
 
 def beam_results(group, slots: list[int], returned: int, P: int, max_length: int):

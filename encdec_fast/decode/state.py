@@ -2,12 +2,14 @@
 
 generate() (greedy, sampling, beam search) and the Engine's continuous batching both run this step.
 A row serves one sequence of one request; the rows of a request (beams, returned sequences) share
-that request's cross-attention K/V through kv_index. All of it lives on the device, preallocated:
+that request's cross-attention K/V (rows of one request read the same span). All of it lives on the
+device, preallocated:
 
   seq      (N, Lc) long          each row's tokens (decoder start, prefix, generated)
   t        (N,) long             tokens a row holds; the last one, seq[n, t-1], is fed next
   cache    (2, layers, N, Lc, H, D)  self-attention K/V; slot j holds token j's K/V
-  cross    per layer (K, V) (Be, Sc, H, D), enc_mask (Be, Sc), kv_index (N,), enc_lens (N,)
+  cross    per layer (K, V) (Tc, H, D): the packed encoder states' projections, each request's real
+           tokens back to back (no padding); row n reads keys [cross_start[n], + enc_lens[n])
   tables   per-row selection settings and state (decode/select.py)
   beams    beam bookkeeping of requests searched with beams (decode/beam.py)
   alive, limit, stop_t, busy     rows still generating, their max_length, the length at which they
@@ -66,14 +68,15 @@ class KVCache:
 
 
 class DecodeState:
-    """Buffers for `rows` decode rows of up to `seq_cap` tokens each, cross K/V for `enc_rows`
-    encoder rows of up to `enc_cap` positions; see the module docstring."""
+    """Buffers for `rows` decode rows of up to `seq_cap` tokens each and a cross-K/V arena of
+    `enc_slots` x `enc_cap` encoder tokens (generate(): one slot holding the whole packed batch; the
+    Engine: one slot of enc_cap tokens per decode row, which grow() widens); see the module docstring."""
 
-    def __init__(self, model, rows: int, seq_cap: int, enc_rows: int, enc_cap: int, *, capture: bool = False):
+    def __init__(self, model, rows: int, seq_cap: int, enc_slots: int, enc_cap: int, *, capture: bool = False):
         t0 = time.perf_counter()
         self.model, self.decoder, self.ops = model, model.net.decoder, model.ops
         dcfg = model.cfg.decoder
-        self.N, self.Lc, self.Be, self.Sc = rows, seq_cap, enc_rows, enc_cap
+        self.N, self.Lc, self.Be, self.Sc = rows, seq_cap, enc_slots, enc_cap
         self.dev, self.dtype, self.V = model.device, model.dtype, dcfg.vocab_size
         i64 = dict(dtype=torch.long, device=self.dev)
         self.seq = torch.zeros(rows, seq_cap, **i64)
@@ -88,8 +91,9 @@ class DecodeState:
         self.all_stopped_at = torch.zeros((), **i64)  # step at which every busy row had stopped (0: not yet)
         self.cache = KVCache(dcfg, rows, seq_cap, dtype=self.dtype, device=self.dev)
         self._alloc_cross(dcfg)
-        self.kv_index = torch.zeros(rows, **i64)
+        self.cross_start = torch.zeros(rows, **i64)  # row n's encoder keys start at arena token cross_start[n]
         self.enc_lens = torch.ones(rows, dtype=torch.int32, device=self.dev)
+        self.enc_bound = enc_cap  # an upper bound on enc_lens known to the host (the torch reference's window)
         self.tables = sel.RowTables(rows, self.V, self.dev)
         self.groups: dict[tuple, BeamGroup] = {}  # (num_beams, K) -> group
         self.spec = sel.Spec()
@@ -101,11 +105,10 @@ class DecodeState:
         self.setup_seconds = time.perf_counter() - t0
 
     def _alloc_cross(self, dcfg):
-        kv = torch.zeros(2, dcfg.num_layers, self.Be, self.Sc, dcfg.num_heads, dcfg.head_dim, dtype=self.dtype,
+        kv = torch.zeros(2, dcfg.num_layers, self.Be * self.Sc, dcfg.num_heads, dcfg.head_dim, dtype=self.dtype,
                          device=self.dev)
         self.cross_buf = kv
-        self.cross = [(kv[0, i], kv[1, i]) for i in range(dcfg.num_layers)]
-        self.enc_mask = torch.zeros(self.Be, self.Sc, dtype=torch.bool, device=self.dev)
+        self.cross = [(kv[0, i], kv[1, i]) for i in range(dcfg.num_layers)]  # each (Tc, H, D)
 
     # -- capacity ------------------------------------------------------------------------------------
     def grow(self, seq_cap: int, enc_cap: int):
@@ -119,12 +122,12 @@ class DecodeState:
             for g in self.groups.values():  # beam buffers are per token slot too
                 g.grow(seq_cap)
             self.graphs.clear()
-        if enc_cap > self.Sc:
-            old, old_mask, S = self.cross_buf, self.enc_mask, self.Sc
-            self.Sc = enc_cap
+        if enc_cap > self.Sc:  # every slot keeps its tokens at its front: slot b moves from b*S to b*enc_cap
+            old, S = self.cross_buf, self.Sc
+            self.Sc = self.enc_bound = enc_cap
             self._alloc_cross(self.model.cfg.decoder)
-            self.cross_buf[:, :, :, :S] = old
-            self.enc_mask[:, :S] = old_mask
+            self.cross_buf.unflatten(2, (self.Be, enc_cap))[:, :, :, :S] = old.unflatten(2, (self.Be, S))
+            self.cross_start.copy_(self.cross_start // S * enc_cap)
             self.graphs.clear()
 
     @property
@@ -142,20 +145,16 @@ class DecodeState:
         return g
 
     # -- requests --------------------------------------------------------------------------------------
-    def set_cross(self, enc_rows: torch.Tensor, cross, enc_mask):
-        """Encoder rows enc_rows (long (B,)) take cross K/V (per layer (K, V) each (B, S, H, D)) and
-        their key mask (B, S) bool or None (all kept)."""
-        B, S = cross[0][0].shape[:2]
+    def set_cross(self, dest: torch.Tensor, cross):
+        """Packed cross K/V (per layer (K, V) each (T, H, D)) go to arena tokens dest (long (T,))."""
         for (sk, sv), (k, v) in zip(self.cross, cross):
-            sk[enc_rows, :S] = k
-            sv[enc_rows, :S] = v
-        self.enc_mask[enc_rows] = False
-        self.enc_mask[enc_rows, :S] = True if enc_mask is None else enc_mask
+            sk.index_copy_(0, dest, k)
+            sv.index_copy_(0, dest, v)
 
-    def join(self, rows: torch.Tensor, prefix: torch.Tensor, cfg: sel.RowConfig, *, enc_row: torch.Tensor,
-             enc_len: int, limit: int, fill: int, beam=None):
-        """Rows `rows` (long (n,)) start sequences holding `prefix` (n, P) tokens, reading cross K/V row(s)
-        enc_row (int or (n,)) of which enc_len positions are real, until they hold `limit` tokens.
+    def join(self, rows: torch.Tensor, prefix: torch.Tensor, cfg: sel.RowConfig, *, enc_start, enc_len, limit: int,
+             fill: int, beam=None):
+        """Rows `rows` (long (n,)) start sequences holding `prefix` (n, P) tokens, reading the enc_len
+        cross-K/V arena tokens from enc_start (ints or (n,) tensors), until they hold `limit` tokens.
         fill: the token beyond the prefix (what transformers' buffers hold there). beam: None, or
         (group, slot, start kwargs) for a beam-search request."""
         P = prefix.shape[1]
@@ -167,7 +166,7 @@ class DecodeState:
         self.nonfinite[rows] = False
         self.alive[rows] = True
         self.busy[rows] = True
-        self.kv_index[rows] = enc_row
+        self.cross_start[rows] = enc_start
         self.enc_lens[rows] = enc_len
         self.tables.assign(rows, cfg, prefix)
         self.is_beam[rows] = beam is not None
@@ -179,8 +178,8 @@ class DecodeState:
         """Feeds prefix tokens 0 .. P-2 of every row (their K/V go to the cache; no choice is made)."""
         for j in range(P - 1):
             pos = torch.full_like(self.t, j)
-            self.decoder.step(self.seq[:, j], pos, self.cache.layers, self.cross, self.enc_mask, self.kv_index,
-                              self.enc_lens, self.ops)
+            self.decoder.step(self.seq[:, j], pos, self.cache.layers, self.cross, self.cross_start, self.enc_lens,
+                              self.enc_bound, self.ops)
 
     def leave(self, rows: torch.Tensor):
         """Rows stop serving their request (their slots may be reused)."""
@@ -188,7 +187,7 @@ class DecodeState:
         self.alive[rows] = False
         self.is_beam[rows] = False
         self.t[rows] = 1
-        self.kv_index[rows] = rows
+        self.cross_start[rows] = 0
         self.enc_lens[rows] = 1
 
     def reset_clock(self):
@@ -200,17 +199,17 @@ class DecodeState:
         """The decoder over the rows and the processors: -> scores (n, V) (fp32 when processed; the raw
         logits when greedy needs nothing more). Beam rows get processed log-probs.
 
-        extent (eager steps only): (rows, token slots, encoder positions) that hold anything, so that
-        an idle tail of rows and slots costs nothing; rows past it score nothing (choose treats them
-        as idle). None: every row over the whole buffers, as a captured step runs."""
-        n, L, S = extent if extent is not None else (self.N, self.Lc, self.Sc)
+        extent (eager steps only): (rows, token slots) that hold anything, so that an idle tail of rows
+        and slots costs nothing; rows past it score nothing (choose treats them as idle). None: every
+        row over the whole buffers, as a captured step runs. (Cross-attention reads each row's own
+        span of the arena either way.)"""
+        n, L = extent if extent is not None else (self.N, self.Lc)
         t = self.t[:n]
         pos = t - 1  # (n,) the slot the fed token is written to
         tok = self.seq[:n].gather(1, pos[:, None]).squeeze(1)
         ks, vs = self.cache.layers
         cache = ([k[:n, :L] for k in ks], [v[:n, :L] for v in vs]) if extent is not None else (ks, vs)
-        cross = [(k[:, :S], v[:, :S]) for k, v in self.cross] if extent is not None else self.cross
-        logits = self.decoder.step(tok, pos, cache, cross, self.enc_mask[:, :S], self.kv_index[:n], self.enc_lens[:n],
+        logits = self.decoder.step(tok, pos, cache, self.cross, self.cross_start[:n], self.enc_lens[:n], self.enc_bound,
                                    self.ops)
         self.logits = logits
         running = self.busy[:n] & (self.stop_t[:n] == 0)
@@ -350,9 +349,9 @@ def _round(n: int, m: int) -> int:
     return -(-n // m) * m
 
 
-def buckets(rows: int, enc_rows: int, enc_len: int, seq_len: int) -> tuple[int, int, int, int]:
-    """Rows and encoder rows to powers of two; encoder positions and token slots to multiples of 64."""
-    return _pow2(rows), _pow2(enc_rows), _round(enc_len, SEQ_BUCKET), _round(seq_len, SEQ_BUCKET)
+def buckets(rows: int, enc_tokens: int, seq_len: int) -> tuple[int, int, int]:
+    """Rows to a power of two; packed encoder tokens and token slots to multiples of 64."""
+    return _pow2(rows), _round(enc_tokens, SEQ_BUCKET), _round(seq_len, SEQ_BUCKET)
 
 
 class StateCache:
@@ -372,16 +371,16 @@ class StateCache:
     def capture_seconds(self) -> float:
         return sum(s.capture_seconds for s in self.entries.values())
 
-    def get(self, model, rows: int, enc_rows: int, enc_len: int, seq_len: int, capture: bool) -> DecodeState:
-        key = (*buckets(rows, enc_rows, enc_len, seq_len), model.dtype, model.backend, capture)
+    def get(self, model, rows: int, enc_tokens: int, seq_len: int, capture: bool) -> DecodeState:
+        key = (*buckets(rows, enc_tokens, seq_len), model.dtype, model.backend, capture)
         state = self.entries.pop(key, None)
         if state is None:
             while len(self.entries) >= self.max_entries:
                 self.entries.pop(next(iter(self.entries)))
             if model.device.type == "cuda":
                 torch.cuda.empty_cache()
-            N, Be, Sc, Lc = key[:4]
-            state = DecodeState(model, N, Lc, Be, Sc, capture=capture)
+            N, Tc, Lc = key[:3]
+            state = DecodeState(model, N, Lc, 1, Tc, capture=capture)
             self.created += 1
         else:
             state.leave(torch.arange(state.N, device=state.dev))

@@ -10,14 +10,15 @@ tokens), its logits processors are decode/select.py's, applied to exactly the id
 
 How requests are served (scheduler.py, pool.py):
   - greedy, sampling and beam search: continuous batching over one decode state (decode/state.py, the
-    state and step generate() runs). The encoder runs on micro-batches of similar source length (at
-    most max_batch_tokens padded tokens); each decoder layer's cross K/V is projected once into the
-    request's cross row; decode rows (max_batch_size) step together, each at its own position; a beam
-    request's beams are rows of an aligned block sharing that cross row. The host looks at the stop
-    marks every few steps (16 on CUDA), and a finished request's rows are refilled by waiting requests
-    without touching the others. A sampling request draws from its own torch.Generator: seed=s
-    reproduces `torch.manual_seed(s); model.generate(...)`; without seed, one is drawn from torch's
-    global RNG when the request is submitted.
+    state and step generate() runs). The encoder runs on packed micro-batches (no padding computed)
+    of at most max_batch_tokens real source tokens; each decoder layer's cross K/V is projected once,
+    from the packed states, into the request's slot of the cross-K/V arena; decode rows
+    (max_batch_size) step together, each at its own position; a beam request's beams are rows of an
+    aligned block reading that slot. The host looks at the stop marks every few steps (16 on CUDA),
+    and a finished request's rows are refilled by waiting requests without touching the others. A
+    sampling request draws from its own torch.Generator: seed=s reproduces
+    `torch.manual_seed(s); model.generate(...)`; without seed, one is drawn from torch's global RNG
+    when the request is submitted.
   - beam sampling (num_beams > 1 with do_sample) runs each request alone through model.generate on
     its seed; decoding of the other requests pauses while it runs.
 
@@ -64,7 +65,8 @@ class Engine:
     """Continuous-batching generation over an encdec_fast model (see the module docstring).
 
     max_batch_size: decode rows stepped together (beam search: rows of one static batch, beams included).
-    max_batch_tokens: padded source tokens per encoder micro-batch (and per static beam-search batch).
+    max_batch_tokens: real source tokens per (packed) encoder micro-batch, and padded source tokens per
+    static beam-search batch.
     tokenizer / decoder_tokenizer: for string inputs and text outputs; by default loaded from the
     checkpoint folder (model.path) on first use; decoder_tokenizer defaults to tokenizer.
     check_every: decode steps between looks at which requests finished (default 1 on CPU, 16 on CUDA):

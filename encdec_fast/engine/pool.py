@@ -36,20 +36,18 @@ def _round_up(n: int, m: int) -> int:
     return -(-n // m) * m
 
 
-def length_chunks(items: list, length, max_tokens: int, max_rows: int, rows=lambda r: 1,
-                  max_padding: float = 0.25) -> list[list]:
-    """Sorts items by length and cuts them into runs whose padded size (rows x longest) stays within
-    max_tokens, whose rows stay within max_rows, and whose padding stays within max_padding of their
-    real tokens; an item too big on its own goes alone."""
-    out, cur, cur_rows, cur_real = [], [], 0, 0
+def token_chunks(items: list, length, max_tokens: int, max_rows: int) -> list[list]:
+    """Sorts items by length and cuts them into runs of at most max_tokens real tokens and max_rows rows:
+    the packed encoder computes real tokens only, so padding costs nothing there (similar lengths still
+    go together: the varlen kernel's grid follows the longest). An item longer than max_tokens goes alone."""
+    out, cur, cur_tokens = [], [], 0
     for it in sorted(items, key=length):
-        n, ln = rows(it), length(it)  # ln is the longest so far: items come shortest first
-        padded = (cur_rows + n) * ln
-        if cur and (padded > max_tokens or cur_rows + n > max_rows or padded > (1 + max_padding) * (cur_real + n * ln)):
+        n = length(it)
+        if cur and (cur_tokens + n > max_tokens or len(cur) + 1 > max_rows):
             out.append(cur)
-            cur, cur_rows, cur_real = [], 0, 0
+            cur, cur_tokens = [], 0
         cur.append(it)
-        cur_rows, cur_real = cur_rows + n, cur_real + n * ln
+        cur_tokens += n
     if cur:
         out.append(cur)
     return out
@@ -84,7 +82,7 @@ class DecodePool:
         self.enc_pad = model.cfg.encoder.pad_token_id or 0
         self.dev = model.device
         capture = self.dev.type == "cuda" and getattr(model, "cuda_graphs", False)
-        self.state = DecodeState(model, slots, _GROW, slots, _GROW, capture=capture)
+        self.state = DecodeState(model, slots, _GROW, slots, _GROW, capture=capture)  # one arena slot per row
         self.check_every = check_every or (1 if self.dev.type == "cpu" else 16)
         self.free_rows = set(range(slots))
         self.reserved: dict[int, list[int]] = {}  # id(request) -> rows set aside by reserve()
@@ -124,11 +122,11 @@ class DecodePool:
 
     # -- joining ---------------------------------------------------------------------------------
     def admit(self, reqs: list) -> list:
-        """Encodes reqs (each holding rows from reserve) in micro-batches of similar source length, writes their
-        cross K/V and gives them rows. Returns [(req, exc)] for the requests that failed (a failing
-        micro-batch fails only its own requests)."""
+        """Encodes reqs (each holding rows from reserve) in packed micro-batches of at most
+        max_batch_tokens real source tokens, writes their cross K/V and gives them rows. Returns
+        [(req, exc)] for the requests that failed (a failing micro-batch fails only its own requests)."""
         failed = []
-        for chunk in length_chunks(reqs, lambda r: len(r.ids), self.max_batch_tokens, self.N):
+        for chunk in token_chunks(reqs, lambda r: len(r.ids), self.max_batch_tokens, self.N):
             try:
                 self._join(chunk)
             except Exception as e:  # noqa: BLE001  (reported on the requests' futures)
@@ -141,11 +139,13 @@ class DecodePool:
         model, st = self.model, self.state
         net, ops = model.net, model.ops
         ids, mask = pad_batch([r.ids for r in chunk], self.enc_pad, self.dev)
-        enc, _ = model.encode(ids, mask)
-        cross = net.decoder.cross_kv(net.project(enc, ops), ops)  # per layer (K, V) each (B, S, H, D)
-        st.grow(_round_up(max(r.max_length for r in chunk), _GROW), _round_up(ids.shape[1], _GROW))
+        enc, packing = model.encode_packed(ids, mask)  # (T, E): real source tokens only
+        cross = net.decoder.cross_kv(net.project(enc, ops), ops)  # per layer (K, V) each (T, H, D)
+        st.grow(_round_up(max(r.max_length for r in chunk), _GROW), _round_up(packing.max_seqlen, _GROW))
         rows = [self.reserved[id(r)] for r in chunk]
-        st.set_cross(torch.tensor([rw[0] for rw in rows], device=self.dev), cross, mask)
+        first = torch.tensor([rw[0] for rw in rows], dtype=torch.long, device=self.dev)  # each request's arena slot
+        row, offset = packing.rows_and_offsets()
+        st.set_cross(first[row] * st.Sc + offset, cross)  # a request's tokens at the front of its slot
         started = []
         try:  # all or nothing: a request of a failed chunk must not stay in the state
             for r, rw in zip(chunk, rows):
@@ -172,8 +172,8 @@ class DecodePool:
         elif r.gc.do_sample:
             generator = torch.Generator(device=self.dev)
             generator.manual_seed(r.seed)
-        st.join(rows_t, prefix, r.select, enc_row=rows[0], enc_len=len(r.ids), limit=r.max_length, fill=r.fill,
-                beam=beam)
+        st.join(rows_t, prefix, r.select, enc_start=rows[0] * st.Sc, enc_len=len(r.ids), limit=r.max_length,
+                fill=r.fill, beam=beam)
         return Live(r, rows, self.dev, group, slot, generator)
 
     # -- stepping ----------------------------------------------------------------------------------
@@ -194,8 +194,7 @@ class DecodePool:
         for _ in range(self.check_every):
             extent = None
             if not (st.capture or self.model.static_decode):  # eager: only the rows, slots and positions in use
-                extent = (max(max(lv.rows) for lv in self.lives) + 1, max(lv.t for lv in self.lives),
-                          max(len(lv.req.ids) for lv in self.lives))
+                extent = (max(max(lv.rows) for lv in self.lives) + 1, max(lv.t for lv in self.lives))
             st.step(choose=self._choose if sampling else None, extent=extent,
                     filled=max(lv.t for lv in self.lives))
             self.steps += 1
