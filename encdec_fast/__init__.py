@@ -7,11 +7,13 @@ from .errors import (
                      EncDecError,
                      EngineClosedError,
                      InvalidInputError,
+                     RequestCancelledError,
                      UnsupportedArgumentError,
                      UnsupportedModelError,
 )
 from .model import EncDecModel, load
 
 __all__ = ["load", "EncDecModel", "Engine", "EngineClosedError", "EncDecError", "CheckpointError",
-           "CheckpointNotFoundError", "InvalidInputError", "UnsupportedArgumentError", "UnsupportedModelError"]
+           "CheckpointNotFoundError", "InvalidInputError", "RequestCancelledError", "UnsupportedArgumentError",
+           "UnsupportedModelError"]
 __version__ = "0.1.0"

@@ -1,5 +1,7 @@
 """The exceptions a user can cause. Each names the cause and the fix in its message."""
 
+from concurrent.futures import CancelledError
+
 
 class EncDecError(Exception):
     """Base class of every error encdec_fast raises on purpose."""
@@ -27,3 +29,13 @@ class UnsupportedArgumentError(EncDecError, NotImplementedError):
 
 class EngineClosedError(EncDecError, RuntimeError):
     """The engine was closed before this request finished (or it was submitted after close())."""
+
+
+class RequestCancelledError(EncDecError, CancelledError):
+    """An engine request was cancelled while it ran (its stream closed, its future cancelled, or its
+    HTTP client gone); a concurrent.futures.CancelledError, like a request cancelled before it started."""
+
+
+
+class MissingDependencyError(EncDecError, ImportError):
+    """An optional feature's package is not installed (the message names the pip extra to install)."""

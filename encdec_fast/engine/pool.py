@@ -88,8 +88,11 @@ _IDS_FREE = {"Temperature", "TopK", "TopP"}
 
 
 class DecodePool:
-    def __init__(self, model, slots: int, max_batch_tokens: int):
+    def __init__(self, model, slots: int, max_batch_tokens: int, on_tokens=None):
+        """on_tokens(req, new_rows): gets a streamed request's new tokens (one list per slot) whenever
+        they reach the host; a request whose req.cancelled is set leaves at the next host check."""
         self.model, self.N, self.max_batch_tokens = model, slots, max_batch_tokens
+        self.on_tokens = on_tokens
         dcfg = model.cfg.decoder
         self.layers, self.H, self.D = dcfg.num_layers, dcfg.num_heads, dcfg.head_dim
         self.enc_pad = model.cfg.encoder.pad_token_id or 0
@@ -266,11 +269,16 @@ class DecodePool:
         self.steps += 1
         self.rows_stepped += sum(len(lv.slots) for lv in lives)
 
-        done, newly_dead, keep = [], [], []
+        done, newly_dead, keep, dropped = [], [], [], []
         for lv in lives:
             lv.t += 1
             for s in lv.slots:
                 self.pos[s] += 1
+            if lv.req.cancelled:  # its stream was closed or its future cancelled: free the slots now
+                dropped.append(lv)
+                continue
+            if lv.req.stream is not None:
+                self.on_tokens(lv.req, [[toks[s]] for s in lv.slots])
             eos = lv.req.eos_set
             if eos:
                 for j, s in enumerate(lv.slots):
@@ -285,7 +293,7 @@ class DecodePool:
             self.alive[torch.tensor(newly_dead, dtype=torch.long, device=self.dev)] = False
         self.lives = keep
         out = [(lv.req, self.seq[lv.slots_t, :lv.t].tolist()) for lv in done]
-        for lv in done:
+        for lv in done + dropped:
             self._release(lv)
         return out
 

@@ -33,9 +33,10 @@ from .pool import DecodePool, length_chunks, pad_batch
 
 
 class Scheduler:
-    def __init__(self, model, max_batch_size: int, max_batch_tokens: int, finish, fail, closed_error):
+    def __init__(self, model, max_batch_size: int, max_batch_tokens: int, finish, fail, closed_error, on_tokens):
         """finish(req, rows) and fail(req, exc) settle a request's future (called by the driving
-        thread); closed_error() builds the exception pending requests get when the engine closes."""
+        thread); closed_error() builds the exception pending requests get when the engine closes;
+        on_tokens(req, new_rows) takes a streamed request's new tokens (the pool calls it)."""
         self.model, self.max_rows, self.max_tokens = model, max_batch_size, max_batch_tokens
         self.finish, self.fail, self.closed_error = finish, fail, closed_error
         self.min_refill = max(1, max_batch_size // 8)
@@ -46,8 +47,9 @@ class Scheduler:
         self.drive_lock = threading.Lock()  # held for a turn: one thread runs the model at a time
         self.waiting: deque = deque()  # continuous-batching requests without a slot yet
         self.static: dict = {}  # static key -> [requests]
-        self.pool = DecodePool(model, max_batch_size, max_batch_tokens)
+        self.pool = DecodePool(model, max_batch_size, max_batch_tokens, on_tokens)
         self.busy_s = 0.0
+        self.static_running = 0  # requests in the static batch now running
         self.turn_thread = None  # the thread inside a turn
         self.thread = threading.Thread(target=self._run, name="encdec_fast-engine", daemon=True)
         self.thread.start()
@@ -93,6 +95,13 @@ class Scheduler:
             with self.cv:
                 self.drivers -= 1
                 self.cv.notify_all()
+
+    def counts(self) -> tuple[int, int]:
+        """(requests waiting to start, requests running): a snapshot, read from any thread."""
+        with self.cv:
+            inbox = len(self.inbox)
+        waiting = inbox + len(self.waiting) + sum(len(g) for g in list(self.static.values()))
+        return waiting, len(self.pool.lives) + self.static_running
 
     # -- turns -------------------------------------------------------------------------------------
     def _has_work(self) -> bool:
@@ -199,6 +208,7 @@ class Scheduler:
         batch = [r for r in batch if r.future.set_running_or_notify_cancel()]
         if not batch:
             return
+        self.static_running = len(batch)
         try:
             self._run_static(batch)
         except Exception as e:  # noqa: BLE001
@@ -210,6 +220,8 @@ class Scheduler:
                     self._run_static([r])
                 except Exception as e1:  # noqa: BLE001
                     self.fail(r, e1)
+        finally:
+            self.static_running = 0
 
     def _run_static(self, batch: list):
         model, req0 = self.model, batch[0]
