@@ -1,6 +1,8 @@
 """The `encdec-fast` command.
 
     encdec-fast generate PATH --input in.txt|in.jsonl --output out.jsonl [--max-new-tokens N --num-beams K ...]
+    encdec-fast generate PATH --input a.txt b.jsonl ... --output OUT_DIR --ray [ADDRESS] [--num-actors N]
+    encdec-fast serve PATH [--host 127.0.0.1 --port 8000 --api-key KEY --max-queued 256 ...]
     encdec-fast demo [--size small|base] [--batch 8] [--new-tokens 32]
 """
 
@@ -33,40 +35,55 @@ _GEN_FLAGS = [
 ]
 
 
+def parse_line(line: str, where: str):
+    """One input line -> a text or a list of token ids (None for a blank line): a JSON object with
+    "text" or "input_ids", or else the line itself as text. where: "file:line" for error messages."""
+    line = line.rstrip("\n")
+    if not line.strip():
+        return None
+    if not line.lstrip().startswith("{"):
+        return line
+    try:
+        obj = json.loads(line)
+    except ValueError as e:
+        raise EncDecError(f"{where}: invalid JSON ({e}); give one JSON object or one text per line.") from None
+    if "input_ids" in obj:
+        return list(obj["input_ids"])
+    if "text" in obj:
+        return str(obj["text"])
+    raise EncDecError(f"{where}: a JSON line needs a \"text\" or an \"input_ids\" field.")
+
+
 def _read_inputs(path: str) -> list:
     """Text lines, or JSONL with "text" or "input_ids" per line."""
     items = []
     with open(path, encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
-            line = line.rstrip("\n")
-            if not line.strip():
-                continue
-            if line.lstrip().startswith("{"):
-                try:
-                    obj = json.loads(line)
-                except ValueError as e:
-                    raise EncDecError(f"{path}:{n}: invalid JSON ({e}); give one JSON object or one text per line.") from None
-                if "input_ids" in obj:
-                    items.append(list(obj["input_ids"]))
-                elif "text" in obj:
-                    items.append(str(obj["text"]))
-                else:
-                    raise EncDecError(f"{path}:{n}: a JSON line needs a \"text\" or an \"input_ids\" field.")
-            else:
-                items.append(line)
+            item = parse_line(line, f"{path}:{n}")
+            if item is not None:
+                items.append(item)
     if not items:
         raise EncDecError(f"{path} holds no inputs; write one text (or JSON object) per line.")
     return items
 
 
-def cmd_generate(a) -> int:
-    import encdec_fast
-
-    inputs = _read_inputs(a.input)
-    model = encdec_fast.load(a.path, device=a.device, dtype=a.dtype)
+def _generate_kwargs(a) -> dict:
     kwargs = {name: getattr(a, name) for name, _, _ in _GEN_FLAGS if getattr(a, name) is not None}
     if a.do_sample:
         kwargs["do_sample"] = True
+    return kwargs
+
+
+def cmd_generate(a) -> int:
+    if a.ray is not None:
+        return cmd_generate_ray(a)
+    if len(a.input) > 1:
+        raise EncDecError(f"{len(a.input)} input files given; one at a time, or all of them through Ray (--ray).")
+    import encdec_fast
+
+    inputs = _read_inputs(a.input[0])
+    model = encdec_fast.load(a.path, device=a.device, dtype=a.dtype)
+    kwargs = _generate_kwargs(a)
     if a.seed is not None:
         import torch
 
@@ -92,6 +109,71 @@ def cmd_generate(a) -> int:
     return 1 if n_err else 0
 
 
+def _file_rows(row: dict) -> list[dict]:
+    """Ray Data flat_map: one input file -> a row per non-blank line (file, line, input, parse_error)."""
+    rows = []
+    with open(row["file"], encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            try:
+                item, err = parse_line(line, f"{row['file']}:{n}"), None
+            except EncDecError as e:
+                item, err = None, f"{type(e).__name__}: {e}"
+            if item is not None or err is not None:
+                rows.append({"file": row["file"], "line": n, "input": item, "parse_error": err})
+    return rows
+
+
+def _merge_errors(row: dict) -> dict:
+    """A line that did not parse keeps its parse error (the engine only saw a null input)."""
+    err = row.pop("parse_error")
+    if err is not None:
+        row["error"] = err
+    return row
+
+
+def cmd_generate_ray(a) -> int:
+    """Every line of every input file through Ray Data (encdec_fast.ray.generate_dataset); JSONL shards
+    with file, line, input, output_ids, text, num_generated, error go to the --output folder."""
+    import os
+
+    from . import ray as edr  # first: a clear error when Ray is not installed
+
+    ray = edr.ray
+
+    missing = [f for f in a.input if not os.path.isfile(f)]
+    if missing:
+        raise EncDecError(f"input file(s) not found: {', '.join(missing)}.")
+    if a.seed is not None:
+        raise EncDecError("--seed is not taken with --ray (rows run on several actors); leave it out.")
+    ray.init(address=None if a.ray == "local" else a.ray, include_dashboard=False,
+             **({"num_cpus": a.ray_cpus} if a.ray == "local" and a.ray_cpus else {}))
+    try:
+        t0 = time.perf_counter()
+        files = ray.data.from_items([{"file": os.path.abspath(f)} for f in a.input])
+        rows = files.flat_map(_file_rows)
+        out = edr.generate_dataset(rows, os.path.abspath(a.path), num_actors=a.num_actors, num_gpus=a.gpus_per_actor,
+                                   batch_size=a.batch_size, max_batch_size=a.batch_size, device=a.device,
+                                   dtype=a.dtype, **_generate_kwargs(a)).map(_merge_errors).materialize()
+        out.write_json(a.output)
+        wall = time.perf_counter() - t0
+        n, n_tok = out.count(), out.sum("num_generated") or 0
+        n_err = out.filter(lambda r: r["error"] is not None).count()
+    finally:
+        ray.shutdown()
+    print(f"{n} inputs, {n_err} errors, {n_tok} tokens in {wall:.2f} s = {n_tok / wall:.1f} tokens/s "
+          f"(JSONL in {a.output})", file=sys.stderr)
+    return 1 if n_err else 0
+
+
+def cmd_serve(a) -> int:
+    from .server import ServerLimits, serve
+
+    limits = ServerLimits(max_queued=a.max_queued, request_timeout_s=a.request_timeout, max_body_bytes=a.max_body_bytes,
+                          max_input_tokens=a.max_input_tokens, api_key=a.api_key)
+    return serve(a.path, host=a.host, port=a.port, limits=limits, max_batch_size=a.max_batch_size,
+                 max_batch_tokens=a.max_batch_tokens, device=a.device, dtype=a.dtype, log_level=a.log_level)
+
+
 def cmd_demo(a) -> int:
     from .demo import run_demo
 
@@ -104,8 +186,9 @@ def main(argv=None) -> int:
     sub = p.add_subparsers(dest="cmd", required=True)
     g = sub.add_parser("generate", help="generate for every line of a file")
     g.add_argument("path", help="EncoderDecoderModel folder (with a tokenizer for text inputs)")
-    g.add_argument("--input", required=True, help="text lines or JSONL ({\"text\": ...} or {\"input_ids\": [...]})")
-    g.add_argument("--output", required=True, help="JSONL out: index, output_ids, text")
+    g.add_argument("--input", required=True, nargs="+",
+                   help="text lines or JSONL ({\"text\": ...} or {\"input_ids\": [...]}); several files with --ray")
+    g.add_argument("--output", required=True, help="JSONL out: index, output_ids, text (with --ray: a folder)")
     g.add_argument("--device", default=None)
     g.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"])
     g.add_argument("--batch-size", type=int, default=64)
@@ -114,7 +197,28 @@ def main(argv=None) -> int:
     g.add_argument("--quiet", action="store_true", help="no progress bar")
     for name, typ, hlp in _GEN_FLAGS:
         g.add_argument("--" + name.replace("_", "-"), dest=name, type=typ, help=hlp)
+    g.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
+                   help="run through Ray Data: a cluster address (\"auto\" for the one this machine belongs to), "
+                        "or nothing for a local Ray on this machine")
+    g.add_argument("--num-actors", type=int, default=1, help="with --ray: engines (actors), each loading the model")
+    g.add_argument("--gpus-per-actor", type=float, default=0, help="with --ray: GPUs per actor (1: one engine per GPU)")
+    g.add_argument("--ray-cpus", type=int, default=None, help="with a local Ray: CPUs it may use (default: all)")
     g.set_defaults(fn=cmd_generate)
+    v = sub.add_parser("serve", help="serve a checkpoint over HTTP (POST /v1/generate, GET /health, GET /metrics)")
+    v.add_argument("path", help="EncoderDecoderModel folder (with a tokenizer for text inputs)")
+    v.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0: every interface)")
+    v.add_argument("--port", type=int, default=8000)
+    v.add_argument("--device", default=None)
+    v.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"])
+    v.add_argument("--max-batch-size", type=int, default=32, help="decode rows stepped together")
+    v.add_argument("--max-batch-tokens", type=int, default=16384, help="padded source tokens per encoder batch")
+    v.add_argument("--max-queued", type=int, default=256, help="requests admitted at once; more get 429")
+    v.add_argument("--request-timeout", type=float, default=120.0, help="seconds a request may take; then 504")
+    v.add_argument("--max-body-bytes", type=int, default=1 << 20, help="larger request bodies get 413")
+    v.add_argument("--max-input-tokens", type=int, default=None, help="longer inputs get 400 (default: the model's)")
+    v.add_argument("--api-key", default=None, help="key every route but /health needs (default: $ENCDEC_FAST_API_KEY)")
+    v.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    v.set_defaults(fn=cmd_serve)
     d = sub.add_parser("demo", help="build a random bert2gpt2, generate with encdec_fast and transformers, compare")
     d.add_argument("--size", default="small", choices=["tiny", "small", "base"])
     d.add_argument("--batch", type=int, default=8)

@@ -14,7 +14,7 @@ import torch
 import encdec_fast
 from encdec_fast import EngineClosedError, InvalidInputError, RequestCancelledError
 
-pytestmark = pytest.mark.usefixtures("quiet")
+pytestmark = pytest.mark.usefixtures("quiet", "one_torch_thread")
 
 
 @pytest.fixture(scope="module")
@@ -161,11 +161,12 @@ def test_cancelling_waiting_and_running_requests(model):
             queued.result()
         assert running.cancel() is True
         assert isinstance(running.exception(), RequestCancelledError)
-        after = engine.submit([10, 11], max_new_tokens=4).result(timeout=60)
+        after = engine.submit([10, 11], max_new_tokens=4)
+        assert after.result(timeout=60) and running.cancel() is True and queued.future.cancel() is True  # idempotent
+        assert after.cancel() is False  # finished
         stats = engine.stats
-    assert [after.output_ids] == solo(model, [10, 11], max_new_tokens=4)
+    assert [after.result().output_ids] == solo(model, [10, 11], max_new_tokens=4)
     assert stats.requests_cancelled == 2 and stats.decode_steps < 100
-    assert after.output_ids and not running.cancel()
 
 
 def test_stream_errors_surface(model):

@@ -49,18 +49,17 @@ class RequestFuture(cf.Future):
         self._on_cancel = on_cancel
 
     def cancel(self) -> bool:
-        if super().cancel():
-            if self._on_cancel is not None:
-                self._on_cancel()
-            return True
-        req = self.request
-        if req is None or self.done():
-            return False
-        req.cancelled = True  # read by the decode pool at its next host check
-        try:
-            self.set_exception(cancelled_error())
-        except cf.InvalidStateError:  # it finished meanwhile
-            return False
+        if self.done():  # finished, failed or cancelled already: nothing to stop
+            return self.cancelled() or isinstance(self.exception(), RequestCancelledError)
+        if not super().cancel():  # it runs: flag it for the pool
+            req = self.request
+            if req is None:
+                return False
+            req.cancelled = True  # read by the decode pool at its next host check
+            try:
+                self.set_exception(cancelled_error())
+            except cf.InvalidStateError:  # it finished meanwhile
+                return self.cancelled()
         if self._on_cancel is not None:
             self._on_cancel()
         return True
