@@ -145,8 +145,10 @@ def cmd_generate_ray(a) -> int:
         raise EncDecError(f"input file(s) not found: {', '.join(missing)}.")
     if a.seed is not None:
         raise EncDecError("--seed is not taken with --ray (rows run on several actors); leave it out.")
-    ray.init(address=None if a.ray == "local" else a.ray, include_dashboard=False,
-             **({"num_cpus": a.ray_cpus} if a.ray == "local" and a.ray_cpus else {}))
+    started = not ray.is_initialized()  # a caller's own Ray session is used as it is
+    if started:
+        ray.init(address=None if a.ray == "local" else a.ray, include_dashboard=False,
+                 **({"num_cpus": a.ray_cpus} if a.ray == "local" and a.ray_cpus else {}))
     try:
         t0 = time.perf_counter()
         files = ray.data.from_items([{"file": os.path.abspath(f)} for f in a.input])
@@ -159,7 +161,8 @@ def cmd_generate_ray(a) -> int:
         n, n_tok = out.count(), out.sum("num_generated") or 0
         n_err = out.filter(lambda r: r["error"] is not None).count()
     finally:
-        ray.shutdown()
+        if started:
+            ray.shutdown()
     print(f"{n} inputs, {n_err} errors, {n_tok} tokens in {wall:.2f} s = {n_tok / wall:.1f} tokens/s "
           f"(JSONL in {a.output})", file=sys.stderr)
     return 1 if n_err else 0
