@@ -220,9 +220,10 @@ def create_app(engine=None, *, limits: ServerLimits | None = None, close_engine:
                     token_stream = engine.stream(inp, **kwargs)
                 except Exception as e:  # noqa: BLE001  a bad input or argument, or a closed engine
                     return refuse(_status_of(e, refused=True), _refused_body(e))
-                streaming = True  # the stream's generator answers and counts from here on
-                return _EventStream(_events(state, engine, token_stream, t0, isinstance(inp, str)),
-                                    media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+                streamed = _StreamedRequest(state, engine, token_stream, t0, isinstance(inp, str))
+                streaming = True  # the response answers and counts from here on
+                return _EventStream(streamed.events(), streamed.close, media_type="text/event-stream",
+                                    headers={"Cache-Control": "no-cache"})
             fut = engine.submit(inp, **kwargs)
             if fut.done() and fut.exception() is not None:  # refused when submitted
                 return refuse(_status_of(fut.exception(), refused=True), _refused_body(fut.exception()))
@@ -318,43 +319,54 @@ def _sse(data: dict, event: str | None = None) -> bytes:
     return f"{head}data: {json.dumps(data)}\n\n".encode()
 
 
-async def _events(state: ServerState, engine, stream, t0: float, is_text: bool):
-    """The server-sent events of one streamed request. The request is cancelled when the client goes
-    away (the response task is cancelled: GeneratorExit or CancelledError here) or its time limit passes."""
-    limits, metrics = state.limits, state.metrics
-    deltas = _TextDeltas(engine) if is_text else None
-    first, status = True, "499"  # until it ends otherwise: the client went away
-    deadline = t0 + limits.request_timeout_s
-    try:
+class _StreamedRequest:
+    """One streamed request: its server-sent events, and the bookkeeping when its response ends."""
+
+    def __init__(self, state: ServerState, engine, stream, t0: float, is_text: bool):
+        self.state, self.stream, self.t0 = state, stream, t0
+        self.deltas = _TextDeltas(engine) if is_text else None
+        self.status = "499"  # until it ends otherwise: the client went away
+        self.closed = False
+
+    async def events(self):
+        """The events; the request is cancelled (in close()) when the client goes away (the response
+        task is cancelled) or when its time limit passes."""
+        limits, metrics, stream = self.state.limits, self.state.metrics, self.stream
+        deadline, first = self.t0 + limits.request_timeout_s, True
         while True:
             try:
                 chunk = await asyncio.wait_for(stream.__anext__(), max(deadline - time.perf_counter(), 0))
             except StopAsyncIteration:
                 break
             except asyncio.TimeoutError:
-                status = "504"
+                self.status = "504"
                 yield _sse(_timeout_body(limits), "error")
                 return
             except Exception as e:  # noqa: BLE001  the request failed in the engine
-                status = str(_status_of(e))
+                self.status = str(_status_of(e))
                 yield _sse(_error_body(e), "error")
                 return
             if first:
-                metrics.first_token.observe(time.perf_counter() - t0)
+                metrics.first_token.observe(time.perf_counter() - self.t0)
                 first = False
             event = {"token_ids": chunk}
-            if deltas is not None:
-                event["text"] = deltas.feed(chunk)
+            if self.deltas is not None:
+                event["text"] = self.deltas.feed(chunk)
             yield _sse(event)
         res = stream.result()  # iteration ended without an error: it has finished
-        metrics.latency.observe(time.perf_counter() - t0)
+        metrics.latency.observe(time.perf_counter() - self.t0)
         metrics.tokens.inc(res.num_generated)
-        status = "200"
+        self.status = "200"
         yield _sse({"output_ids": res.output_ids, "text": res.text, "num_generated": res.num_generated}, "done")
-    finally:
-        stream.close()  # no-op once finished
-        state.in_flight -= 1
-        metrics.requests.labels(status).inc()
+
+    def close(self):
+        """Once the response has ended, however it ended (even before its first event)."""
+        if self.closed:
+            return
+        self.closed = True
+        self.stream.close()  # no-op once finished
+        self.state.in_flight -= 1
+        self.state.metrics.requests.labels(self.status).inc()
 
 
 class _TextDeltas:
@@ -385,20 +397,30 @@ class _TextDeltas:
 class _EventStream(StreamingResponse):
     """A streaming response that always watches for the client going away and then cancels the body
     (Starlette skips the watch for ASGI servers of spec 2.4, which report a disconnect only when the next
-    chunk is sent, and a request still waiting for a decode slot sends nothing)."""
+    chunk is sent, and a request still waiting for a decode slot sends nothing). on_end() runs when the
+    response ends, however it ends."""
+
+    def __init__(self, content, on_end, **kwargs):
+        super().__init__(content, **kwargs)
+        self.on_end = on_end
 
     async def __call__(self, scope, receive, send):
-        async with anyio.create_task_group() as tg:
-            async def body():
-                try:
-                    await self.stream_response(send)
-                except OSError:  # the client went away while a chunk was sent
-                    pass
-                tg.cancel_scope.cancel()
+        try:
+            async with anyio.create_task_group() as tg:
+                async def body():
+                    try:
+                        await self.stream_response(send)
+                    except OSError:  # the client went away while a chunk was sent
+                        pass
+                    tg.cancel_scope.cancel()
 
-            tg.start_soon(body)
-            await self.listen_for_disconnect(receive)
-            tg.cancel_scope.cancel()
+                tg.start_soon(body)
+                await self.listen_for_disconnect(receive)
+                tg.cancel_scope.cancel()
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self.body_iterator.aclose()
+            self.on_end()
 
 
 class _APIKey:
