@@ -36,7 +36,7 @@ import signal
 import threading
 import time
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from .errors import EncDecError, EngineClosedError, InvalidInputError, MissingDependencyError, RequestCancelledError
 
@@ -457,18 +457,17 @@ def warm_up(engine):
 
 
 def serve(path, *, host: str = "127.0.0.1", port: int = 8000, limits: ServerLimits | None = None,
-          max_batch_size: int = 32, max_batch_tokens: int = 16384, device=None, dtype=None, log_level: str = "info",
-          on_listening=None) -> int:
+          max_batch_size: int = 32, max_batch_tokens: int = 16384, device=None, dtype=None,
+          log_level: str = "info") -> int:
     """Serves the checkpoint at path over HTTP until SIGTERM/SIGINT (see the module docstring). The socket
-    is open while the model loads (/health answers 503 then). Returns 0 after a clean shutdown.
-    on_listening(port): called once the socket is bound (port=0 picks a free port)."""
+    is open while the model loads (/health answers 503 then). Returns 0 after a clean shutdown."""
     import uvicorn
 
     import encdec_fast
 
     limits = limits or ServerLimits()
     if limits.api_key is None and os.environ.get(API_KEY_ENV):
-        limits.api_key = os.environ[API_KEY_ENV]
+        limits = replace(limits, api_key=os.environ[API_KEY_ENV])
     app = create_app(None, limits=limits)
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on",
                             timeout_graceful_shutdown=int(limits.request_timeout_s) + 1)
@@ -482,8 +481,6 @@ def serve(path, *, host: str = "127.0.0.1", port: int = 8000, limits: ServerLimi
         if not server.started:
             raise EncDecError(f"the HTTP server could not start on {host}:{port} (see the log above: a port in use?); "
                               "pick another --port.")
-        if on_listening is not None:
-            on_listening(server.servers[0].sockets[0].getsockname()[1])
         model = encdec_fast.load(path, device=device, dtype=dtype)
         engine = encdec_fast.Engine(model, max_batch_size=max_batch_size, max_batch_tokens=max_batch_tokens,
                                     max_input_tokens=limits.max_input_tokens)

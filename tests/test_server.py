@@ -348,3 +348,14 @@ def test_serve_command_shuts_down_cleanly_on_sigterm(ckpt, model, tmp_path):
         assert ans.get("event", "done") == "done"
     with pytest.raises(httpx.TransportError):
         httpx.get(base + "/health", timeout=5)
+
+
+def test_serve_command_reports_a_port_in_use(ckpt, capsys):
+    from encdec_fast.cli import main
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert main(["serve", str(ckpt), "--port", str(port), "--log-level", "critical"]) == 2
+    assert "could not start on 127.0.0.1" in capsys.readouterr().err
