@@ -187,3 +187,21 @@ def test_stream_errors_surface(model):
         with pytest.raises(InvalidInputError, match="max_input_tokens=3"):
             short.stream([5, 6, 7, 8])
         assert short.submit([5, 6, 7], max_new_tokens=2).result().output_ids == solo(model, [5, 6, 7], max_new_tokens=2)[0]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: the decode pool's CUDA-graph step")
+def test_streams_on_cuda_match_model_generate(make_ckpt):
+    """On a GPU (triton backend, the pool's captured step): streams, a cancel mid-stream, and solo generate."""
+    model = encdec_fast.load(make_ckpt("bert", "gpt2"), device="cuda", backend="triton")
+    inputs = [[5, 6, 7, 8], [9, 10], [11] * 30]
+    start = model.generation_config.decoder_start_token_id
+    with encdec_fast.Engine(model, max_batch_size=4) as engine:
+        streams = [engine.stream(x, max_new_tokens=20, eos_token_id=None) for x in inputs]
+        dropped = engine.stream([12, 13], max_new_tokens=100, eos_token_id=None)
+        next(dropped)
+        dropped.close()
+        for x, s in zip(inputs, streams):
+            chunks = list(s)
+            assert joined(start, chunks, False) == s.result().output_ids == solo(model, x, max_new_tokens=20,
+                                                                                  eos_token_id=None)[0]
+        assert engine.stats.requests_cancelled == 1
