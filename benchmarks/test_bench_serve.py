@@ -156,6 +156,7 @@ def test_bench_http_vs_engine(benchmark, served):
             "requests": N_REQUESTS, "clients": CLIENTS, "max_batch_size": BATCH, "rounds": ROUNDS,
             "tokens_generated": tokens}
     for name, rs in runs.items():
+        info[f"{name}_tok_per_s_rounds"] = [round(tokens / wall, 1) for _, _, wall in rs]
         info[f"{name}_tok_per_s"] = statistics.median(tokens / wall for _, _, wall in rs)
         lat = [x for _, lats, _ in rs for x in lats]
         if lat:
@@ -170,7 +171,7 @@ def test_bench_http_vs_engine(benchmark, served):
     for name in runs:
         lat = (f"  p50 {info[name + '_p50_s']:.3f} s  p99 {info[name + '_p99_s']:.3f} s"
                if name + "_p50_s" in info else "")
-        print(f"  {name:16s} {info[name + '_tok_per_s']:9.1f} tok/s{lat}")
+        print(f"  {name:16s} {info[name + '_tok_per_s']:9.1f} tok/s{lat}  (rounds: {info[name + '_tok_per_s_rounds']})")
     print(f"  HTTP / engine with {CLIENTS} clients: {info['http_vs_engine_clients']:.2f}; "
           f"HTTP / engine.generate: {info['http_vs_engine_generate']:.2f}")
     if DTYPE == torch.float32:
