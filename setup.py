@@ -1,5 +1,8 @@
 from setuptools import setup
 
+SERVE = ["fastapi>=0.100", "uvicorn>=0.29", "prometheus-client>=0.17"]  # encdec-fast serve
+RAY = ["ray[data,serve]>=2.40"]  # encdec_fast.ray: Ray Data batch generation, Ray Serve replicas
+
 setup(
     name="encdec_fast",
     version="0.1.0",
@@ -13,6 +16,10 @@ setup(
     # sentencepiece: transformers needs it to load BertGenerationTokenizer (spiece.model), the tokenizer of the
     # bert-generation checkpoints of Rothe et al.; it has no tokenizers-library counterpart
     install_requires=["torch>=2.4", "triton>=3.0", "transformers>=5.0", "safetensors>=0.4", "sentencepiece>=0.2"],
-    extras_require={"test": ["pytest>=8", "pytest-benchmark>=4"]},
+    extras_require={
+        "serve": SERVE,
+        "ray": RAY,
+        "test": ["pytest>=8", "pytest-benchmark>=4", "httpx>=0.25"] + SERVE + RAY,
+    },
     entry_points={"console_scripts": ["encdec-fast=encdec_fast.cli:main"]},
 )

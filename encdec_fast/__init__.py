@@ -9,14 +9,16 @@ from .errors import (
                      EngineClosedError,
                      EngineUsageError,
                      InvalidInputError,
+                     MissingDependencyError,
                      NumericalError,
+                     RequestCancelledError,
                      UnsupportedArgumentError,
                      UnsupportedModelError,
 )
 from .model import EncDecModel, from_transformers, load
 
 __all__ = ["load", "from_transformers", "EncDecModel", "Engine", "EngineClosedError", "EngineUsageError", "EncDecError",
-           "CheckpointError", "CheckpointNotFoundError", "CudaKernelError", "InvalidInputError", "NumericalError",
-           "UnsupportedArgumentError",
+           "CheckpointError", "CheckpointNotFoundError", "CudaKernelError", "InvalidInputError", "MissingDependencyError",
+           "NumericalError", "RequestCancelledError", "UnsupportedArgumentError",
            "UnsupportedModelError"]
 __version__ = "0.1.0"

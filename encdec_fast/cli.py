@@ -1,6 +1,8 @@
 """The `encdec-fast` command.
 
     encdec-fast generate PATH --input in.txt|in.jsonl --output out.jsonl [--max-new-tokens N --num-beams K ...]
+    encdec-fast generate PATH --input a.txt b.jsonl ... --output OUT_DIR --ray [ADDRESS] [--num-actors N]
+    encdec-fast serve PATH [--host 127.0.0.1 --port 8000 --api-key KEY --max-queued 256 ...]
     encdec-fast demo [--size small|base] [--batch 8] [--new-tokens 32]
 """
 
@@ -55,6 +57,14 @@ def _json_input(line: str):
     return InvalidInputError("a JSON line needs a \"text\" or an \"input_ids\" field.")
 
 
+def parse_line(line: str):
+    """One input line -> a text, a list of token ids, or the InvalidInputError of a malformed JSON line
+    (None for a blank line): a JSON object with "text" or "input_ids", or else the line itself as text."""
+    if not line.strip():
+        return None
+    return _json_input(line) if line.lstrip().startswith("{") else line
+
+
 def _read_inputs(path: str) -> list:
     """Text lines, or JSONL with "text" or "input_ids" per line -> [(line number, input or the
     InvalidInputError of a malformed or undecodable line)]; blank lines are skipped."""
@@ -67,8 +77,9 @@ def _read_inputs(path: str) -> list:
         except UnicodeDecodeError as e:
             items.append((n, InvalidInputError(f"the line is not UTF-8 ({e}); save the input file as UTF-8.")))
             continue
-        if line.strip():
-            items.append((n, _json_input(line) if line.lstrip().startswith("{") else line))
+        item = parse_line(line)
+        if item is not None:
+            items.append((n, item))
     if not items:
         raise InvalidInputError(f"{path} holds no inputs; write one text (or JSON object) per line.")
     return items
@@ -137,10 +148,21 @@ def _first_sigint_stops(engine):
         signal.signal(signal.SIGINT, old)
 
 
+def _generate_kwargs(a) -> dict:
+    kwargs = {name: getattr(a, name) for name, _, _ in _GEN_FLAGS if getattr(a, name) is not None}
+    if a.do_sample:
+        kwargs["do_sample"] = True
+    return kwargs
+
+
 def cmd_generate(a) -> int:
+    if a.ray is not None:
+        return cmd_generate_ray(a)
+    if len(a.input) > 1:
+        raise InvalidInputError(f"{len(a.input)} input files given; one at a time, or all of them through Ray (--ray).")
     import encdec_fast
 
-    items = _read_inputs(a.input)
+    items = _read_inputs(a.input[0])
     out = _Output(a.output)
     todo = []  # (index, input) of the well-formed lines
     for i, (n, item) in enumerate(items):
@@ -152,9 +174,7 @@ def cmd_generate(a) -> int:
     t0 = time.perf_counter()
     try:
         model = encdec_fast.load(a.path, device=a.device, dtype=a.dtype)
-        kwargs = {name: getattr(a, name) for name, _, _ in _GEN_FLAGS if getattr(a, name) is not None}
-        if a.do_sample:
-            kwargs["do_sample"] = True
+        kwargs = _generate_kwargs(a)
         if a.seed is not None:
             import torch
 
@@ -194,6 +214,69 @@ def cmd_generate(a) -> int:
     return 1 if out.errors else 0
 
 
+def _file_rows(row: dict) -> list[dict]:
+    """Ray Data flat_map: one input file -> a row per non-blank line (file, line, input, parse_error)."""
+    rows = []
+    for n, item in _read_inputs(row["file"]):
+        err = f"{type(item).__name__}: {item}" if isinstance(item, Exception) else None
+        rows.append({"file": row["file"], "line": n, "input": None if err else item, "parse_error": err})
+    return rows
+
+
+def _merge_errors(row: dict) -> dict:
+    """A line that did not parse keeps its parse error (the engine only saw a null input)."""
+    err = row.pop("parse_error")
+    if err is not None:
+        row["error"] = err
+    return row
+
+
+def cmd_generate_ray(a) -> int:
+    """Every line of every input file through Ray Data (encdec_fast.ray.generate_dataset); JSONL shards
+    with file, line, input, output_ids, text, num_generated, error go to the --output folder."""
+    import os
+
+    from . import ray as edr  # first: a clear error when Ray is not installed
+
+    ray = edr.ray
+
+    missing = [f for f in a.input if not os.path.isfile(f)]
+    if missing:
+        raise InvalidInputError(f"input file(s) not found: {', '.join(missing)}.")
+    if a.seed is not None:
+        raise InvalidInputError("--seed is not taken with --ray (rows run on several actors); leave it out.")
+    started = not ray.is_initialized()  # a caller's own Ray session is used as it is
+    if started:
+        ray.init(address=None if a.ray == "local" else a.ray, include_dashboard=False,
+                 **({"num_cpus": a.ray_cpus} if a.ray == "local" and a.ray_cpus else {}))
+    try:
+        t0 = time.perf_counter()
+        files = ray.data.from_items([{"file": os.path.abspath(f)} for f in a.input])
+        rows = files.flat_map(_file_rows)
+        out = edr.generate_dataset(rows, os.path.abspath(a.path), num_actors=a.num_actors, num_gpus=a.gpus_per_actor,
+                                   batch_size=a.batch_size, max_batch_size=a.batch_size, device=a.device,
+                                   dtype=a.dtype, **_generate_kwargs(a)).map(_merge_errors).materialize()
+        out.write_json(a.output)
+        wall = time.perf_counter() - t0
+        n, n_tok = out.count(), out.sum("num_generated") or 0
+        n_err = out.filter(lambda r: r["error"] is not None).count()
+    finally:
+        if started:
+            ray.shutdown()
+    print(f"{n} inputs, {n_err} errors, {n_tok} tokens in {wall:.2f} s = {n_tok / wall:.1f} tokens/s "
+          f"(JSONL in {a.output})", file=sys.stderr)
+    return 1 if n_err else 0
+
+
+def cmd_serve(a) -> int:
+    from .server import ServerLimits, serve
+
+    limits = ServerLimits(max_queued=a.max_queued, request_timeout_s=a.request_timeout, max_body_bytes=a.max_body_bytes,
+                          max_input_tokens=a.max_input_tokens, api_key=a.api_key)
+    return serve(a.path, host=a.host, port=a.port, limits=limits, max_batch_size=a.max_batch_size,
+                 max_batch_tokens=a.max_batch_tokens, device=a.device, dtype=a.dtype, log_level=a.log_level)
+
+
 def cmd_demo(a) -> int:
     from .demo import run_demo
 
@@ -206,9 +289,10 @@ def main(argv=None) -> int:
     sub = p.add_subparsers(dest="cmd", required=True)
     g = sub.add_parser("generate", help="generate for every line of a file")
     g.add_argument("path", help="EncoderDecoderModel folder (with a tokenizer for text inputs)")
-    g.add_argument("--input", required=True, help="text lines or JSONL ({\"text\": ...} or {\"input_ids\": [...]})")
+    g.add_argument("--input", required=True, nargs="+",
+                   help="text lines or JSONL ({\"text\": ...} or {\"input_ids\": [...]}); several files with --ray")
     g.add_argument("--output", required=True, help="JSONL out, one line per input as it finishes (then sorted): index, "
-                   "output_ids, text, or error (and line, for a malformed input line)")
+                   "output_ids, text, or error (and line, for a malformed input line); with --ray: a folder")
     g.add_argument("--device", default=None)
     g.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"])
     g.add_argument("--batch-size", type=int, default=64)
@@ -217,7 +301,28 @@ def main(argv=None) -> int:
     g.add_argument("--quiet", action="store_true", help="no progress bar")
     for name, typ, hlp in _GEN_FLAGS:
         g.add_argument("--" + name.replace("_", "-"), dest=name, type=typ, help=hlp)
+    g.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
+                   help="run through Ray Data: a cluster address (\"auto\" for the one this machine belongs to), "
+                        "or nothing for a local Ray on this machine")
+    g.add_argument("--num-actors", type=int, default=1, help="with --ray: engines (actors), each loading the model")
+    g.add_argument("--gpus-per-actor", type=float, default=0, help="with --ray: GPUs per actor (1: one engine per GPU)")
+    g.add_argument("--ray-cpus", type=int, default=None, help="with a local Ray: CPUs it may use (default: all)")
     g.set_defaults(fn=cmd_generate)
+    v = sub.add_parser("serve", help="serve a checkpoint over HTTP (POST /v1/generate, GET /health, GET /metrics)")
+    v.add_argument("path", help="EncoderDecoderModel folder (with a tokenizer for text inputs)")
+    v.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0: every interface)")
+    v.add_argument("--port", type=int, default=8000)
+    v.add_argument("--device", default=None)
+    v.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"])
+    v.add_argument("--max-batch-size", type=int, default=32, help="decode rows stepped together")
+    v.add_argument("--max-batch-tokens", type=int, default=16384, help="padded source tokens per encoder batch")
+    v.add_argument("--max-queued", type=int, default=256, help="requests admitted at once; more get 429")
+    v.add_argument("--request-timeout", type=float, default=120.0, help="seconds a request may take; then 504")
+    v.add_argument("--max-body-bytes", type=int, default=1 << 20, help="larger request bodies get 413")
+    v.add_argument("--max-input-tokens", type=int, default=None, help="longer inputs get 400 (default: the model's)")
+    v.add_argument("--api-key", default=None, help="key every route but /health needs (default: $ENCDEC_FAST_API_KEY)")
+    v.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    v.set_defaults(fn=cmd_serve)
     d = sub.add_parser("demo", help="build a random bert2gpt2, generate with encdec_fast and transformers, compare")
     d.add_argument("--size", default="small", choices=["tiny", "small", "base"])
     d.add_argument("--batch", type=int, default=8)

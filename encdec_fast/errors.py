@@ -1,5 +1,7 @@
 """The exceptions a user can cause. Each names the cause and the fix in its message."""
 
+from concurrent.futures import CancelledError
+
 
 class EncDecError(Exception):
     """Base class of every error encdec_fast raises on purpose."""
@@ -40,3 +42,12 @@ class EngineUsageError(EncDecError, RuntimeError):
 
 class NumericalError(EncDecError, FloatingPointError):
     """The model produced NaN or inf logits (e.g. float16 overflow): the request fails instead of emitting junk."""
+
+
+class RequestCancelledError(EncDecError, CancelledError):
+    """An engine request was cancelled while it ran (its stream closed, its future cancelled, or its
+    HTTP client gone); a concurrent.futures.CancelledError, like a request cancelled before it started."""
+
+
+class MissingDependencyError(EncDecError, ImportError):
+    """An optional feature's package is not installed (the message names the pip extra to install)."""

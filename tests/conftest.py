@@ -121,3 +121,14 @@ def quiet():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         yield
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """torch on one thread for a module whose tests run an engine thread beside the test's own: on the
+    project's shared 2-core machines, two OpenMP teams wait on each other's descheduled threads
+    (measured under load: tests/test_server.py's 100-client test took 108 s with 2 threads, 6 s with 1)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

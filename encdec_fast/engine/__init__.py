@@ -57,16 +57,17 @@ from .requests import (
     too_many_rows,
 )
 from .scheduler import Scheduler
+from .stream import Channel, RequestFuture, TokenStream
 
-__all__ = ["Engine", "EngineStats", "Result"]
+__all__ = ["Engine", "EngineStats", "Result", "TokenStream"]
 
 
 class Engine:
     """Continuous-batching generation over an encdec_fast model (see the module docstring).
 
     max_batch_size: decode rows stepped together (beam search: rows of one static batch, beams included).
-    max_batch_tokens: real source tokens per (packed) encoder micro-batch, and padded source tokens per
-    static beam-search batch.
+    max_batch_tokens: real source tokens per (packed) encoder micro-batch.
+    max_input_tokens: longer inputs are refused with InvalidInputError (None: the encoder's positions).
     tokenizer / decoder_tokenizer: for string inputs and text outputs; by default loaded from the
     checkpoint folder (model.path) on first use; decoder_tokenizer defaults to tokenizer.
     check_every: decode steps between looks at which requests finished (default 1 on CPU, 16 on CUDA):
@@ -76,30 +77,57 @@ class Engine:
     generate()): their done-callbacks run there, inside a turn, and must not block or wait on this engine."""
 
     def __init__(self, model, max_batch_size: int = 32, max_batch_tokens: int = 16384, *, tokenizer=None,
-                 decoder_tokenizer=None, check_every: int | None = None):
+                 decoder_tokenizer=None, check_every: int | None = None, max_input_tokens: int | None = None):
         for name, v in (("max_batch_size", max_batch_size), ("max_batch_tokens", max_batch_tokens),
-                        ("check_every", check_every)):
+                        ("check_every", check_every), ("max_input_tokens", max_input_tokens)):
             validate.number(v, name, validate.Field("int", 1))
         self.model, self.max_batch_size, self.max_batch_tokens = model, max_batch_size, max_batch_tokens
+        self.max_input_tokens = max_input_tokens
         self._out = Outcomes(model, tokenizer, decoder_tokenizer)
         self._t0 = time.perf_counter()
         self._sched = Scheduler(model, max_batch_size, max_batch_tokens, self._out.finish, self._out.fail, closed_error,
-                                check_every)
+                                check_every, self._out.stream)
         # dropped without close(): finish what was submitted, then stop the thread
         self._finalizer = weakref.finalize(self, Scheduler.stop, self._sched, True)
 
     # -- public ----------------------------------------------------------------------------------
-    def submit(self, input, **generation_kwargs) -> cf.Future:
+    def submit(self, input, **generation_kwargs) -> RequestFuture:
         """Queues one input (a string, or a 1-D sequence of token ids) with model.generate's keyword
-        arguments (plus seed= for sampling). Returns a Future of a Result; errors are set on it."""
+        arguments (plus seed= for sampling). Returns a Future of a Result; errors are set on it.
+        future.cancel() stops the request even while it runs (its decode slots are freed)."""
         fut, req = self._make(input, generation_kwargs)
         if req is not None:
             self._enqueue(req)
         return fut
 
+    def stream(self, input, **generation_kwargs) -> TokenStream:
+        """Submits one input like submit() and returns a TokenStream: iterate it (for, or async for) for
+        the new token ids as they are generated; stream.result() then gives the Result. Closing the
+        stream (or dropping it unfinished) cancels the request and frees its decode slots. A bad input
+        or argument, or a closed engine, raises its encdec_fast error here. See engine/stream.py."""
+        fut, req = self._make(input, generation_kwargs)
+        if req is None:
+            raise fut.exception()
+        req.stream = Channel(several=req.returned > 1)
+        stream = TokenStream(fut, req.stream)
+        if not self._enqueue(req):
+            raise fut.exception()
+        return stream
+
+    def astream(self, input, **generation_kwargs) -> TokenStream:
+        """stream() for coroutines: the same TokenStream, to be consumed with `async for` (and
+        `await stream.aresult()`). Submitting never blocks on the model, so it is safe in an event loop
+        (a text input is tokenised here, which takes microseconds once the tokenizer is loaded)."""
+        return self.stream(input, **generation_kwargs)
+
+    def detokenize(self, token_ids) -> str:
+        """Text of one sequence of output token ids (special tokens skipped), with the decoder tokenizer
+        that string inputs' results use."""
+        return self._out.decode_text([list(token_ids)])[0]
+
     def _make(self, input, generation_kwargs):
         """-> (future, request), or (future holding the error, None)."""
-        fut: cf.Future = cf.Future()
+        fut = RequestFuture(on_cancel=self._out.count_cancel)
         with self._out.lock:
             self._out.stats.requests_submitted += 1
         try:
@@ -107,13 +135,15 @@ class Engine:
         except Exception as e:  # noqa: BLE001  the request fails alone
             self._out.fail_future(fut, e)
             return fut, None
-        req.future = fut
+        req.future, fut.request = fut, req
         return fut, req
 
-    def _enqueue(self, req):
+    def _enqueue(self, req) -> bool:
         if not self._sched.put(req):
             self._out.fail_future(req.future, EngineClosedError("the engine is closed; create a new Engine to "
                                                                 "submit requests."))
+            return False
+        return True
 
     def generate(self, inputs, *, progress=False, return_exceptions: bool = False, request_kwargs=None,
                  on_result=None, **generation_kwargs) -> list:
@@ -173,13 +203,22 @@ class Engine:
                     raise r
         return results
 
+    def drive(self, until) -> None:
+        """Runs the engine's turns (the model's work) in the calling thread until until() returns True or
+        the engine stops; the background thread stands aside meanwhile, and requests submitted from
+        other threads are served here. generate() does the same while it waits. Use it to keep every
+        torch op on one thread (the server's main thread: engine/scheduler.py says why on CPUs)."""
+        self._sched.drive(until)
+
     @property
     def stats(self) -> EngineStats:
         """A snapshot: requests, tokens generated, busy time (tokens_per_s = tokens / busy time)."""
         with self._out.lock:
             s = EngineStats(**vars(self._out.stats))
-        pool = self._sched.pool
-        s.busy_s, s.wall_s = self._sched.busy_s, time.perf_counter() - self._t0
+        sched = self._sched
+        pool = sched.pool
+        s.busy_s, s.wall_s = sched.busy_s, time.perf_counter() - self._t0
+        s.requests_waiting, s.requests_running = sched.counts()
         if pool is not None:
             s.decode_steps = pool.steps
             s.mean_rows_per_step = pool.rows_stepped / pool.steps if pool.steps else 0.0
@@ -217,6 +256,9 @@ class Engine:
         r.is_text = isinstance(inp, str)
         ids = self._out.encode_text(inp) if r.is_text else inp
         r.ids = validate.token_ids(ids, "input", model.cfg.encoder, one_sequence=True).tolist()
+        if self.max_input_tokens is not None and len(r.ids) > self.max_input_tokens:
+            raise InvalidInputError(f"input has {len(r.ids)} tokens, more than this engine's max_input_tokens="
+                                    f"{self.max_input_tokens}; send a shorter input.")
         eos, r.pad, start = gen_mod.special_tokens(gc, 1, model.cfg.decoder.vocab_size)
         gen_mod.prepare_lengths(model, gc, has_default_max_length, 1)
         r.gc, r.kwargs, r.generation_config = gc, kwargs, gen_config

@@ -77,8 +77,11 @@ class Live:
 
 
 class DecodePool:
-    def __init__(self, model, slots: int, max_batch_tokens: int, check_every: int | None = None):
+    def __init__(self, model, slots: int, max_batch_tokens: int, check_every: int | None = None, on_tokens=None):
+        """on_tokens(req, new_rows): gets a streamed request's new tokens (one list per row) whenever they
+        reach the host (every look); a request whose req.cancelled is set leaves at the next look."""
         self.model, self.N, self.max_batch_tokens = model, slots, max_batch_tokens
+        self.on_tokens = on_tokens
         self.enc_pad = model.cfg.encoder.pad_token_id or 0
         self.dev = model.device
         capture = self.dev.type == "cuda" and getattr(model, "cuda_graphs", False)
@@ -211,11 +214,14 @@ class DecodePool:
         done, keep, bad = [], [], []
         for lv in self.lives:
             marks = [stop_t[r] for r in lv.rows]
-            if any(m < 0 for m in marks):
+            if lv.req.cancelled:  # its stream was closed or its future cancelled: its rows are free now
+                self._release(lv)
+            elif any(m < 0 for m in marks):
                 bad.append(lv)
             else:
                 (done if all(m > 0 for m in marks) else keep).append((lv, marks))
         self.lives = [lv for lv, _ in keep]
+        self._stream([lv for lv, _ in keep])
         out = []
         for lv in bad:
             out.append((lv.req, validate.nonfinite_error()))
@@ -229,6 +235,16 @@ class DecodePool:
             out.append((lv.req, rows))
             self._release(lv)
         return out
+
+    def _stream(self, lives: list):
+        """Streamed requests still running get their rows' tokens since the last look (every row the same
+        count: a finished row's padding included, as the final result holds it); beam search's running
+        beams are not final, so a beam request streams its result when it finishes."""
+        for lv in lives:
+            req = lv.req
+            if req.stream is None or lv.group is not None or lv.t <= 1 + req.streamed:
+                continue
+            self.on_tokens(req, self.state.seq[lv.rows_t, 1 + req.streamed:lv.t].tolist())
 
     def _release(self, lv: Live, free: bool = True):
         self.state.leave(lv.rows_t)

@@ -49,6 +49,9 @@ class EngineStats:
     requests_submitted: int = 0
     requests_completed: int = 0
     requests_failed: int = 0
+    requests_cancelled: int = 0
+    requests_waiting: int = 0  # submitted, not started yet (a snapshot)
+    requests_running: int = 0  # in the decode pool or a static batch (a snapshot)
     tokens_generated: int = 0
     busy_s: float = 0.0  # scheduler time spent working
     wall_s: float = 0.0  # since the engine started
@@ -64,7 +67,13 @@ class Request:
     """One submitted input, resolved: ids, its GenerationConfig and selection settings, its rows."""
 
     __slots__ = ("ids", "is_text", "kwargs", "generation_config", "gc", "select", "eos", "eos_set", "pad", "fill",
-                 "start", "num_beams", "rows", "returned", "max_length", "static_key", "seed", "future")
+                 "start", "num_beams", "rows", "returned", "max_length", "static_key", "seed", "future", "stream",
+                 "streamed", "cancelled")
+
+    def __init__(self):
+        self.stream = None  # a stream.Channel when the request is streamed
+        self.streamed = 0  # tokens per sequence handed to the stream so far
+        self.cancelled = False  # set by RequestFuture.cancel; the decode pool drops the request at its next host look
 
 
 def too_many_rows(req, slots: int) -> UnsupportedArgumentError:
@@ -126,7 +135,19 @@ class Outcomes:
         with self.tok_lock:
             return [dtok.decode(row, skip_special_tokens=True) for row in rows]
 
+    def stream(self, req: Request, new_rows: list[list[int]]):
+        """The one way tokens reach a stream: each sequence's new tokens, in order (every sequence gets
+        the same number). Called by the engine's thread whenever a request's tokens reach the host, and
+        by finish() with whatever was not streamed yet."""
+        if req.stream is not None and new_rows[0]:
+            req.streamed += len(new_rows[0])
+            req.stream.put(new_rows)
+
     def finish(self, req: Request, rows: list[list[int]]):
+        if req.future.done():  # cancelled while it ran
+            return
+        if req.stream is not None:
+            self.stream(req, [row[1 + req.streamed:] for row in rows])
         try:
             n = sum(count_generated(row, req.eos_set) for row in rows)
             text = self.decode_text(rows) if req.is_text else None
@@ -143,10 +164,16 @@ class Outcomes:
         except cf.InvalidStateError:  # cancelled by the caller
             pass
 
+    def count_cancel(self):
+        with self.lock:
+            self.stats.requests_cancelled += 1
+
     def fail(self, req: Request, exc: BaseException):
         self.fail_future(req.future, exc)
 
     def fail_future(self, fut: cf.Future, exc: BaseException):
+        if fut.done():  # cancelled while it ran
+            return
         try:
             fut.set_exception(exc)
         except cf.InvalidStateError:  # cancelled by the caller, or already settled

@@ -61,9 +61,10 @@ def _stop_all_at_exit():
 
 class Scheduler:
     def __init__(self, model, max_batch_size: int, max_batch_tokens: int, finish, fail, closed_error,
-                 check_every: int | None = None):
+                 check_every: int | None = None, on_tokens=None):
         """finish(req, rows) and fail(req, exc) settle a request's future (called by the driving
-        thread); closed_error() builds the exception pending requests get when the engine closes."""
+        thread); closed_error() builds the exception pending requests get when the engine closes;
+        on_tokens(req, new_rows) takes a streamed request's new tokens (the pool calls it)."""
         self.model, self.max_rows, self.max_tokens = model, max_batch_size, max_batch_tokens
         self.finish, self.fail, self.closed_error = finish, fail, closed_error
         self.min_refill = max(1, max_batch_size // 8)
@@ -74,8 +75,9 @@ class Scheduler:
         self.drive_lock = threading.Lock()  # held for a turn: one thread runs the model at a time
         self.waiting: deque = deque()  # continuous-batching requests without a slot yet
         self.static: dict = {}  # static key -> [requests]
-        self.pool = DecodePool(model, max_batch_size, max_batch_tokens, check_every)
+        self.pool = DecodePool(model, max_batch_size, max_batch_tokens, check_every, on_tokens)
         self.busy_s = 0.0
+        self.static_running = 0  # requests in the static batch now running
         self.turn_thread = None  # the thread inside a turn
         self.thread = threading.Thread(target=self._run, name="encdec_fast-engine", daemon=True)
         with _RUNNING_LOCK:
@@ -123,6 +125,13 @@ class Scheduler:
             with self.cv:
                 self.drivers -= 1
                 self.cv.notify_all()
+
+    def counts(self) -> tuple[int, int]:
+        """(requests waiting to start, requests running): a snapshot, read from any thread."""
+        with self.cv:
+            inbox = len(self.inbox)
+        waiting = inbox + len(self.waiting) + sum(len(g) for g in list(self.static.values()))
+        return waiting, len(self.pool.lives) + self.static_running
 
     # -- turns -------------------------------------------------------------------------------------
     def _has_work(self) -> bool:
@@ -230,7 +239,11 @@ class Scheduler:
         if rest:
             self.static[key] = rest
         if req.future.set_running_or_notify_cancel():
-            self._run_alone([req])
+            self.static_running = 1
+            try:
+                self._run_alone([req])
+            finally:
+                self.static_running = 0
 
     def _run_alone(self, reqs: list):
         """Requests one by one through model.generate (a sampling one on its seed): beam sampling, and the

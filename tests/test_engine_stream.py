@@ -1,0 +1,207 @@
+"""Engine streaming: a stream's chunks concatenate to the non-streamed result, which equals
+model.generate on the input alone (greedy, processors, sampling, several sequences, beam search);
+the async iterator gives the same; closing a stream (close(), with, dropping it after a break) or
+cancelling a future cancels the request and frees its decode slot at once; errors surface."""
+
+import asyncio
+import gc
+import shutil
+import time
+
+import pytest
+import torch
+
+import encdec_fast
+from encdec_fast import EngineClosedError, InvalidInputError, RequestCancelledError
+
+pytestmark = pytest.mark.usefixtures("quiet", "one_torch_thread")
+
+
+@pytest.fixture(scope="module")
+def model(make_ckpt):
+    return encdec_fast.load(make_ckpt("bert", "gpt2"), device="cpu")
+
+
+def solo(model, ids, **kw):
+    kw = dict(kw)
+    seed = kw.pop("seed", None)
+    if seed is not None:
+        torch.manual_seed(seed)
+    return model.generate(torch.tensor([ids]), **kw).tolist()
+
+
+def joined(start, chunks, several):
+    """[start] + the chunks concatenated, per sequence."""
+    if not several:
+        return [start] + [t for c in chunks for t in c]
+    rows = [[start] for _ in chunks[0]]
+    for c in chunks:
+        for row, new in zip(rows, c):
+            row += new
+    return rows
+
+
+CASES = [
+    dict(max_new_tokens=12),
+    dict(max_new_tokens=10, eos_token_id=None, no_repeat_ngram_size=2, repetition_penalty=1.3),
+    dict(max_new_tokens=9, do_sample=True, top_k=20, seed=5),
+    dict(max_new_tokens=7, do_sample=True, num_return_sequences=3, top_p=0.9, seed=6),
+    dict(max_new_tokens=8, num_beams=3),
+    dict(max_new_tokens=6, num_beams=2, num_return_sequences=2),
+]
+
+
+def test_stream_chunks_concatenate_to_the_result_and_to_model_generate(model):
+    inputs = [[5, 6, 7, 8, 9], [40, 41, 42], [11] * 17, [60, 61], [70, 71, 72, 73], [80]]
+    start = model.generation_config.decoder_start_token_id
+    with encdec_fast.Engine(model, max_batch_size=8) as engine:
+        streams = [engine.stream(x, **kw) for x, kw in zip(inputs, CASES)]  # all in the engine at once
+        chunks = [list(s) for s in streams]
+        results = [s.result() for s in streams]
+    for x, kw, ch, res in zip(inputs, CASES, chunks, results):
+        several = kw.get("num_return_sequences", 1) > 1
+        want = solo(model, x, **kw)
+        assert res.output_ids == (want if several else want[0]), kw
+        assert joined(start, ch, several) == res.output_ids, kw
+        if kw.get("num_beams", 1) > 1:
+            assert len(ch) == 1, "beam search streams its tokens as one chunk when it finishes"
+        else:
+            assert len(ch) == len(want[0]) - 1, "one chunk per decode step"
+
+
+def test_async_streams_match_model_generate(model):
+    inputs = [[5, 6, 7], [8, 9, 10, 11, 12], [13], [14, 15]]
+
+    async def consume(engine, x):
+        stream = engine.astream(x, max_new_tokens=10, eos_token_id=None)
+        chunks = [c async for c in stream]
+        return chunks, await stream.aresult()
+
+    async def main(engine):
+        return await asyncio.gather(*(consume(engine, x) for x in inputs))
+
+    with encdec_fast.Engine(model, max_batch_size=4) as engine:
+        out = asyncio.run(main(engine))
+    start = model.generation_config.decoder_start_token_id
+    for x, (chunks, res) in zip(inputs, out):
+        assert [res.output_ids] == solo(model, x, max_new_tokens=10, eos_token_id=None)
+        assert joined(start, chunks, False) == res.output_ids and len(chunks) == 10
+
+
+def test_text_inputs_stream_tokens_whose_text_is_the_results(make_ckpt, tmp_path):
+    import transformers as T
+
+    path = tmp_path / "with_tok"
+    shutil.copytree(make_ckpt("bert", "gpt2"), path)
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"w{i}" for i in range(92)]
+    T.BertTokenizer(vocab={w: i for i, w in enumerate(vocab)}).save_pretrained(path)
+    model = encdec_fast.load(path, device="cpu")
+    with encdec_fast.Engine(model) as engine:
+        stream = engine.stream("w1 w2 w3", max_new_tokens=8, eos_token_id=None)
+        tokens = [t for c in stream for t in c]
+        res = stream.result()
+        assert engine.detokenize(res.output_ids) == res.text
+        assert engine.detokenize(tokens) == res.text and isinstance(res.text, str)
+
+
+def wait_for(cond, timeout=30):
+    t0 = time.monotonic()
+    while not cond():
+        assert time.monotonic() - t0 < timeout, "timed out"
+        time.sleep(0.01)
+
+
+def test_closing_a_running_stream_frees_its_slot(model):
+    """One decode slot: a long stream holds it; closing the stream lets the next request run at once."""
+    with encdec_fast.Engine(model, max_batch_size=1) as engine:
+        long = engine.stream([5, 6, 7], max_new_tokens=100, eos_token_id=None)
+        first = next(long)
+        waiting = engine.submit([8, 9], max_new_tokens=3, eos_token_id=None)
+        assert engine.stats.requests_waiting == 1 and not waiting.done()
+        assert long.close() is True
+        assert [waiting.result(timeout=60).output_ids] == solo(model, [8, 9], max_new_tokens=3, eos_token_id=None)
+        rest = list(long)  # what was streamed before the pool dropped it, then the end
+        with pytest.raises(RequestCancelledError, match="cancelled"):
+            long.result()
+        stats = engine.stats
+    assert len(first) == 1 and len(rest) < 99
+    assert stats.decode_steps < 100, "the closed stream ran to its budget"
+    assert stats.requests_cancelled == 1 and stats.requests_completed == 1 and stats.requests_failed == 0
+    assert long.close() is False  # already over
+
+
+def test_breaking_out_of_for_and_async_for_cancels(model):
+    async def async_break(engine):
+        async for _ in engine.astream([5, 6], max_new_tokens=100, eos_token_id=None):
+            break
+
+    with encdec_fast.Engine(model, max_batch_size=1) as engine:
+        for _ in engine.stream([5, 6], max_new_tokens=100, eos_token_id=None):
+            break
+        gc.collect()
+        wait_for(lambda: engine.stats.requests_cancelled == 1)
+        asyncio.run(async_break(engine))
+        gc.collect()
+        wait_for(lambda: engine.stats.requests_cancelled == 2)
+        res = engine.submit([8, 9], max_new_tokens=3).result(timeout=60)
+        wait_for(lambda: engine.stats.requests_running == 0)
+        stats = engine.stats
+    assert [res.output_ids] == solo(model, [8, 9], max_new_tokens=3)
+    assert stats.decode_steps < 100
+
+
+def test_cancelling_waiting_and_running_requests(model):
+    with encdec_fast.Engine(model, max_batch_size=1) as engine:
+        running = engine.submit([5, 6, 7], max_new_tokens=100, eos_token_id=None)
+        wait_for(lambda: engine.stats.requests_running == 1)
+        with engine.stream([8, 9], max_new_tokens=5) as queued:  # leaving the block closes it
+            assert not queued.future.done()
+        assert queued.future.cancelled() and list(queued) == []
+        with pytest.raises(RequestCancelledError):
+            queued.result()
+        assert running.cancel() is True
+        assert isinstance(running.exception(), RequestCancelledError)
+        after = engine.submit([10, 11], max_new_tokens=4)
+        assert after.result(timeout=60) and running.cancel() is True and queued.future.cancel() is True  # idempotent
+        assert after.cancel() is False  # finished
+        stats = engine.stats
+    assert [after.result().output_ids] == solo(model, [10, 11], max_new_tokens=4)
+    assert stats.requests_cancelled == 2 and stats.decode_steps < 100
+
+
+def test_stream_errors_surface(model):
+    engine = encdec_fast.Engine(model, max_batch_size=2)
+    with pytest.raises(InvalidInputError, match="outside the vocabulary"):
+        engine.stream([5, 500])
+    with pytest.raises(encdec_fast.UnsupportedArgumentError, match="typical_p"):
+        engine.stream([5, 6], typical_p=0.5)
+    stream = engine.stream([5, 6], max_new_tokens=100, eos_token_id=None)
+    next(stream)
+    engine.close()
+    with pytest.raises(EngineClosedError):
+        for _ in stream:
+            pass
+    with pytest.raises(EngineClosedError):
+        engine.stream([5, 6])
+    with encdec_fast.Engine(model, max_input_tokens=3) as short:
+        with pytest.raises(InvalidInputError, match="max_input_tokens=3"):
+            short.stream([5, 6, 7, 8])
+        assert short.submit([5, 6, 7], max_new_tokens=2).result().output_ids == solo(model, [5, 6, 7], max_new_tokens=2)[0]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: the decode pool's CUDA-graph step")
+def test_streams_on_cuda_match_model_generate(make_ckpt):
+    """On a GPU (triton backend, the pool's captured step): streams, a cancel mid-stream, and solo generate."""
+    model = encdec_fast.load(make_ckpt("bert", "gpt2"), device="cuda", backend="triton")
+    inputs = [[5, 6, 7, 8], [9, 10], [11] * 30]
+    start = model.generation_config.decoder_start_token_id
+    with encdec_fast.Engine(model, max_batch_size=4) as engine:
+        streams = [engine.stream(x, max_new_tokens=20, eos_token_id=None) for x in inputs]
+        dropped = engine.stream([12, 13], max_new_tokens=100, eos_token_id=None)
+        next(dropped)
+        dropped.close()
+        for x, s in zip(inputs, streams):
+            chunks = list(s)
+            assert joined(start, chunks, False) == s.result().output_ids == solo(model, x, max_new_tokens=20,
+                                                                                  eos_token_id=None)[0]
+        assert engine.stats.requests_cancelled == 1
