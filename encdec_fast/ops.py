@@ -181,11 +181,13 @@ def _window_view(k: torch.Tensor, starts: torch.Tensor, W: int) -> torch.Tensor 
 # --------------------------------------------------------------------------------------------
 def select_greedy(logits: torch.Tensor, seq: torch.Tensor, t: torch.Tensor, tables: sel.RowTables,
                   spec: sel.Spec) -> torch.Tensor:
-    """Greedy choice for rows holding tokens seq[n, :t[n]]: argmax of the processed fp32 logits (first index
-    among equal maxima), or of the raw logits when spec runs no processor."""
+    """Greedy choice for rows n < N = len(logits) holding tokens seq[n, :t[n]]: argmax of the processed fp32
+    logits (first index among equal maxima), or of the raw logits when spec runs no processor. seq, t and the
+    tables may hold more rows (the decode state's buffers): row n reads row n of each."""
     if not spec.needs_scores:
         return sel.greedy(logits)
-    return sel.greedy(sel.process(logits.float(), seq, t, tables, spec))
+    N = logits.shape[0]
+    return sel.greedy(sel.process(logits.float(), seq[:N], t[:N], tables, spec))
 
 
 def select_beam(logits: torch.Tensor, seq: torch.Tensor, t: torch.Tensor, tables: sel.RowTables, spec: sel.Spec,
@@ -193,7 +195,7 @@ def select_beam(logits: torch.Tensor, seq: torch.Tensor, t: torch.Tensor, tables
     """One beam-search step's candidates per request, as transformers' _beam_search takes them: the top k of
     process(log_softmax(logits)) + running_scores over beams x vocabulary (torch.topk), indices
     beam * V + token. running_scores [R, nb]: request r's beams are rows r*nb .. r*nb+nb-1 (decode/beam.py's
-    layout); rows past R*nb are not read."""
+    layout); rows past R*nb (of the logits, seq, t and the tables) are not read."""
     R, nb = running_scores.shape
     rows = R * nb
     log_probs = sel.process(F.log_softmax(logits[:rows].float(), dim=-1), seq[:rows], t[:rows], tables, spec)
