@@ -299,33 +299,31 @@ def csrc_cases(dt, dev) -> list[Case]:
 
 
 def selection_cases(dev, V=50257) -> list[Case]:
-    """fp32 logits (what the decode step hands over) with repetition penalty, 3-gram ban, bad words and min length."""
+    """fp32 logits (what the decode step hands over) of rows with repetition penalty, 3-gram ban, bad words and
+    min length (decode/select.py's RowTables, 64 tokens per row), against the torch op of the op table."""
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
-    from csrc_checks import pipeline, token_ids
+    from csrc_checks import selection_case
 
     from encdec_fast import csrc_ops, ops
 
     cases = []
     for rows in (1, 64, 512):
         s = torch.randn(rows, V, device=dev) * 3
-        ids = token_ids(rows, 64).to(dev)
-        p = pipeline("all", V, 64, dev)
+        case = selection_case("all", rows, V, 64, device=dev)
         cases.append(Case("csrc greedy select (processors fused) vs processors + argmax", f"{rows}x{V}",
-                          lambda s=s, ids=ids, p=p: csrc_ops.select_greedy(s, ids, p, fallback=None),
-                          lambda s=s, ids=ids, p=p: ops.select_greedy(s, ids, p),
-                          lambda s=s, ids=ids, p=p: ops.select_greedy(s, ids, p), "GB/s", rows * V * 4))
+                          lambda s=s, c=case: csrc_ops.select_greedy(s, *c, fallback=None),
+                          lambda s=s, c=case: ops.select_greedy(s, *c),
+                          lambda s=s, c=case: ops.select_greedy(s, *c), "GB/s", rows * V * 4))
     for requests, beams in ((1, 4), (16, 4), (64, 4)):
         rows = requests * beams
         s = torch.randn(rows, V, device=dev) * 3
-        ids = token_ids(rows, 64).to(dev)
-        p = pipeline("all", V, 64, dev)
+        case = selection_case("all", rows, V, 64, device=dev)
         run = torch.randn(requests, beams, device=dev)
-        kw = dict(s=s, ids=ids, p=p, run=run, k=2 * beams)
         cases.append(Case("csrc beam candidates (log-softmax, processors, top 2 x beams) vs torch",
                           f"{requests} x {beams} beams x {V}",
-                          lambda kw=kw: csrc_ops.select_beam(*kw.values(), fallback=None),
-                          lambda kw=kw: ops.select_beam(*kw.values()),
-                          lambda kw=kw: ops.select_beam(*kw.values()), "GB/s", rows * V * 4))
+                          lambda s=s, c=case, r=run, k=2 * beams: csrc_ops.select_beam(s, *c, r, k, fallback=None),
+                          lambda s=s, c=case, r=run, k=2 * beams: ops.select_beam(s, *c, r, k),
+                          lambda s=s, c=case, r=run, k=2 * beams: ops.select_beam(s, *c, r, k), "GB/s", rows * V * 4))
     return cases
 
 

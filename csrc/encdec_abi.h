@@ -15,7 +15,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#define ENCDEC_ABI_VERSION 1
+#define ENCDEC_ABI_VERSION 2
 #define ENCDEC_EXPORT extern "C" __attribute__((visibility("default")))
 
 /* element types of activations, weights and logits */
@@ -30,28 +30,45 @@ enum encdec_epilogue {
     ENCDEC_EPI_BIAS_RESIDUAL = 4,  /* y = round(acc + bias) + residual          (ops.linear_residual) */
 };
 
-/* The deterministic logits processors of decode/select.py, as device tables (NULL or 0 = off).
- * Row r's sequence is ids[r * ids_stride + j] for j < len_r, len_r = lens[r * lens_stride] when lens
- * is not NULL, else len. Per-row scalars are read at [r * *_stride] (stride 0 shares one value). */
+/* The deterministic logits processors of decode/select.py's process(), over its per-row device tables
+ * (RowTables), for row r of a launch. Per-row tables are read at [r * *_stride] (a stride of 0 shares one
+ * value); (rows, vocab) bool tables have unit column stride. A NULL table turns its processor off for every
+ * row, as a processor left out of decode/select.py's Spec is skipped:
+ *   penalty + seen   repetition penalty: tokens the row holds (seen[r, v]) are penalised,
+ *                    s < 0 ? s * penalty : s / penalty
+ *   ngram            no-repeat n-gram size per row, for the sizes set in ngram_sizes (bit n: size n)
+ *   ban              single-token bad words
+ *   bad_*            multi-token bad words: word g (a prefix of bad_plen[g] tokens, then bad_last[g]) bans
+ *                    bad_last[g] in a row r with bad_owner[r, g] whose tokens end with the prefix
+ *   min_len + eos    the row's eos ids (padded with -1) are banned while it holds fewer than min_len tokens
+ * Row r holds tokens ids[r * ids_stride + j] for j < lens[r * lens_stride] (a fixed token buffer and
+ * per-row counts: decode/state.py's seq and t). */
 typedef struct {
-    const int64_t* ids;          /* token buffer, int64 */
+    const int64_t* ids;          /* token buffer, int64, unit column stride */
     int64_t ids_stride;
-    const int64_t* lens;         /* tokens per row (NULL: `len` for every row) */
+    const int64_t* lens;         /* tokens per row */
     int64_t lens_stride;
-    int64_t len;
-    const float* penalty;        /* repetition penalty (NULL or 1.0: off) */
+    const float* penalty;        /* repetition penalty per row (NULL: off) */
     int64_t penalty_stride;
-    const int32_t* ngram;        /* no_repeat_ngram_size (NULL or 0: off) */
+    const uint8_t* seen;         /* (rows, vocab) bool: tokens the row holds (read where penalty is on) */
+    int64_t seen_stride;
+    const int64_t* ngram;        /* no_repeat_ngram_size per row (NULL or ngram_sizes == 0: off) */
     int64_t ngram_stride;
-    const int64_t* min_len;      /* eos ids banned while len_r < min_len (NULL: off) */
+    uint64_t ngram_sizes;        /* bit n set: rows whose ngram is n ban repeats (1 <= n < 64) */
+    const uint8_t* ban;          /* (rows, vocab) bool single-token bans (NULL: off) */
+    int64_t ban_stride;
+    const int64_t* min_len;      /* eos ids banned while lens < min_len (NULL: off) */
     int64_t min_len_stride;
-    const int64_t* eos;          /* eos ids, n_eos of them (min length; finished rows) */
+    const int64_t* eos;          /* (rows, n_eos) eos ids per row, -1 padded */
+    int64_t eos_stride;
     int32_t n_eos;
-    int32_t n_bad;               /* bad words: word w is bad_tokens[bad_offsets[w] .. bad_offsets[w+1]) */
-    const int32_t* bad_offsets;  /* n_bad + 1 entries */
-    const int64_t* bad_tokens;
-    uint8_t* unfinished;         /* greedy only, NULL: off. In/out per row: a finished row emits `pad`, */
-    int64_t pad;                 /* and a row that emits an eos id becomes finished */
+    int32_t n_bad;               /* multi-token bad words (0: off) */
+    const int64_t* bad_prefix;   /* (n_bad, >= max bad_plen) prefixes, left-aligned, row stride bad_prefix_stride */
+    int64_t bad_prefix_stride;
+    const int64_t* bad_plen;     /* (n_bad,) prefix lengths (>= 1) */
+    const int64_t* bad_last;     /* (n_bad,) the banned last tokens */
+    const uint8_t* bad_owner;    /* (rows, n_bad) bool: row r applies word g */
+    int64_t bad_owner_stride;
 } encdec_select_params;
 
 /* Largest vocabulary the selection kernels take (two V-bit masks, 40 KiB, in a block's 48 KiB of
@@ -81,8 +98,9 @@ ENCDEC_EXPORT int encdec_gemv(const void* x, int64_t ldx, const void* w, const v
 ENCDEC_EXPORT int encdec_select_greedy(const void* scores, int64_t ld, int rows, int vocab, int dtype,
                                        const encdec_select_params* p, int64_t* out, void* stream);
 
-/* One beam-search step's candidates: for request b, with row r = b * beams + j,
- *   acc[b, j * vocab + v] = processed(log_softmax(logits[r])[v]) + running[r]
+/* One beam-search step's candidates (decode/beam.py's BeamGroup: request b's beams are rows b * beams + j):
+ *   acc[b, j * vocab + v] = processed(log_softmax(logits[r])[v]) + running[r],  r = b * beams + j,
+ * running [requests, beams] contiguous,
  * and out_scores[b, :k], out_index[b, :k] = its top k (descending; equal scores: lower index first).
  * cand_scores/cand_index [requests * beams, k] are scratch (each row's own top k). */
 ENCDEC_EXPORT int encdec_select_beam(const void* logits, int64_t ld, int requests, int beams, int vocab, int dtype,

@@ -1,22 +1,24 @@
 /* Token selection for the decode step: the deterministic logits processors fused with greedy argmax,
  * and beam search's candidate selection (log-softmax + processors + running beam scores, top k).
  *
- * One block per row. The processors of decode/select.py touch few tokens, so a row's block first marks
- * them in two V-bit masks in shared memory:
- *   seen    every token of the row's sequence (repetition penalty),
- *   banned  tokens that would repeat an n-gram, bad words (single tokens, and the last token of a
- *           longer word whose prefix ends the sequence), eos ids while the row is shorter than min_len;
+ * One block per row. The processors of decode/select.py touch few tokens, so a row's block first builds
+ * two V-bit masks in shared memory:
+ *   seen    the row's `seen` table (tokens it holds), packed with one warp ballot per 32 tokens, where
+ *           the row's repetition penalty is not 1,
+ *   banned  the row's single-token bans (its `ban` table, packed the same way), tokens that would repeat
+ *           an n-gram of the row's size, the last token of each multi-token bad word the row owns whose
+ *           prefix ends its sequence, its eos ids while it holds fewer than min_len tokens;
  * then streams the scores once (16-byte loads) and scores token v as
- *   banned ? -inf : seen ? (s < 0 ? s * penalty : s * (1 / penalty)) : s
- * (torch on CUDA divides by a Python scalar as a product with its reciprocal; so does this)
- * which is what the processors give in any order (a penalty never turns -inf into a number). Greedy
- * keeps the best (score, index) in the order of torch.argmax (first index among equal maxima, NaN
- * first). Beam search first computes the row's log-sum-exp, then keeps each thread's top k of
- * (log_softmax + processors + running score), merges them per warp and per block, and a second small
- * kernel merges the rows of a request (top k over beams x vocab, equal scores: lower index first).
+ *   banned ? -inf : seen ? (s < 0 ? s * penalty : s / penalty) : s
+ * which is what process() gives in its order (a penalty never turns -inf into a number; IEEE division,
+ * as torch divides by the per-row penalty tensor). Greedy keeps the best (score, index) in the order of
+ * torch.argmax (first index among equal maxima, NaN first). Beam search first computes the row's
+ * log-sum-exp, then keeps each thread's top k of (log_softmax + processors + running score), merges them
+ * per warp and per block, and a second small kernel merges the rows of a request (top k over beams x
+ * vocab, equal scores: lower index first).
  *
- * References: decode/select.py's processors followed by torch.argmax (ops.select_greedy), and one step
- * of decode/search.py's _beam_search up to its torch.topk (ops.select_beam).
+ * References: ops.select_greedy (decode/select.py's process on fp32, then greedy) and ops.select_beam
+ * (log_softmax, process, running scores, torch.topk: what decode/beam.py's BeamGroup.step takes).
  */
 #include "device_utils.h"
 
@@ -31,17 +33,28 @@ __device__ __forceinline__ void mark(uint32_t* mask, int64_t tok, int vocab) {
     if (tok >= 0 && tok < vocab) atomicOr(&mask[tok >> 5], 1u << (tok & 31));
 }
 
-/* Clears and fills row r's seen / banned masks (both in shared memory); returns the row's length. */
-__device__ int64_t build_masks(const encdec_select_params& p, int r, int vocab, uint32_t* seen, uint32_t* banned) {
-    const int words = (vocab + 31) >> 5;
-    for (int i = threadIdx.x; i < 2 * words; i += blockDim.x) seen[i] = 0u;  // banned follows seen
+/* Row `row` of a (rows, vocab) bool table as a V-bit mask: warp w packs words w, w + NWARPS, ... (one
+ * ballot over 32 consecutive bytes each); a NULL table gives zeros. */
+__device__ __forceinline__ void pack_bits(const uint8_t* row, int vocab, uint32_t* mask) {
+    const int words = (vocab + 31) >> 5, lane = threadIdx.x & 31;
+    for (int w = threadIdx.x >> 5; w < words; w += NWARPS) {  // whole warps: every lane takes the ballot
+        const int v = (w << 5) + lane;
+        const uint32_t bits = row ? __ballot_sync(FULL_MASK, v < vocab && row[v] != 0) : 0u;
+        if (lane == 0) mask[w] = bits;
+    }
+}
+
+/* Fills row r's seen / banned masks (both in shared memory); returns the row's length. */
+__device__ int64_t build_masks(const encdec_select_params& p, int r, int vocab, float penalty, uint32_t* seen,
+                               uint32_t* banned) {
+    pack_bits(penalty != 1.f ? p.seen + r * p.seen_stride : nullptr, vocab, seen);  // penalty 1: identity
+    pack_bits(p.ban ? p.ban + r * p.ban_stride : nullptr, vocab, banned);
     __syncthreads();
-    const int64_t len = p.lens ? p.lens[r * p.lens_stride] : p.len;
+    const int64_t len = p.lens[r * p.lens_stride];
     const int64_t* ids = p.ids + r * p.ids_stride;  // [len]
-    if (p.penalty && p.penalty[r * p.penalty_stride] != 1.f)
-        for (int64_t j = threadIdx.x; j < len; j += blockDim.x) mark(seen, ids[j], vocab);
-    const int n = p.ngram ? p.ngram[r * p.ngram_stride] : 0;
-    if (n > 0 && len >= n) {  // window i bans ids[i + n - 1] when ids[i : i + n - 1] equals the last n - 1 tokens
+    const int64_t n = p.ngram && p.ngram_sizes ? p.ngram[r * p.ngram_stride] : 0;
+    if (n > 0 && n < 64 && ((p.ngram_sizes >> n) & 1u) && len >= n) {
+        // window i bans ids[i + n - 1] when ids[i : i + n - 1] equals the last n - 1 tokens
         const int64_t* tail = ids + len - n + 1;
         for (int64_t i = threadIdx.x; i <= len - n; i += blockDim.x) {
             bool match = true;
@@ -49,26 +62,24 @@ __device__ int64_t build_masks(const encdec_select_params& p, int r, int vocab, 
             if (match) mark(banned, ids[i + n - 1], vocab);
         }
     }
-    for (int w = threadIdx.x; w < p.n_bad; w += blockDim.x) {
-        const int b = p.bad_offsets[w], e = p.bad_offsets[w + 1];
-        const int prefix = e - b - 1;
-        if (prefix < 0 || prefix > len) continue;
+    for (int g = threadIdx.x; g < p.n_bad; g += blockDim.x) {
+        const int64_t plen = p.bad_plen[g];
+        if (!p.bad_owner[r * p.bad_owner_stride + g] || plen > len) continue;
+        const int64_t* prefix = p.bad_prefix + g * p.bad_prefix_stride;
         bool match = true;
-        for (int q = 0; q < prefix && match; ++q) match = ids[len - prefix + q] == p.bad_tokens[b + q];
-        if (match) mark(banned, p.bad_tokens[e - 1], vocab);
+        for (int64_t q = 0; q < plen && match; ++q) match = ids[len - plen + q] == prefix[q];
+        if (match) mark(banned, p.bad_last[g], vocab);
     }
     if (p.min_len && len < p.min_len[r * p.min_len_stride])
-        for (int e = threadIdx.x; e < p.n_eos; e += blockDim.x) mark(banned, p.eos[e], vocab);
+        for (int e = threadIdx.x; e < p.n_eos; e += blockDim.x) mark(banned, p.eos[r * p.eos_stride + e], vocab);
     __syncthreads();
     return len;
 }
 
-/* inv_penalty = 1 / penalty: torch divides a CUDA tensor by a Python scalar as a product with its reciprocal */
-__device__ __forceinline__ float process(float s, int v, const uint32_t* seen, const uint32_t* banned, float penalty,
-                                         float inv_penalty) {
+__device__ __forceinline__ float process(float s, int v, const uint32_t* seen, const uint32_t* banned, float penalty) {
     const uint32_t bit = 1u << (v & 31);
     if (banned[v >> 5] & bit) return -INFINITY;
-    if (seen[v >> 5] & bit) return s < 0.f ? s * penalty : s * inv_penalty;
+    if (seen[v >> 5] & bit) return s < 0.f ? s * penalty : s / penalty;
     return s;
 }
 
@@ -92,7 +103,7 @@ __device__ __forceinline__ void for_each_score(const T* row, int vocab, F&& f) {
 }
 
 __device__ __forceinline__ float row_penalty(const encdec_select_params& p, int r) {
-    return p.penalty ? p.penalty[r * p.penalty_stride] : 1.f;
+    return p.penalty ? p.penalty[r * p.penalty_stride] : 1.f;  // NULL: off for every row
 }
 
 template <typename T>
@@ -104,13 +115,13 @@ __global__ void __launch_bounds__(THREADS) greedy_kernel(const T* scores, int64_
     const int r = blockIdx.x, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     uint32_t* seen = masks;
     uint32_t* banned = masks + ((vocab + 31) >> 5);
-    build_masks(p, r, vocab, seen, banned);
-    const float penalty = row_penalty(p, r), inv_penalty = 1.f / penalty;
+    const float penalty = row_penalty(p, r);
+    build_masks(p, r, vocab, penalty, seen, banned);
 
     float bv = -INFINITY;
     int64_t bi = INT64_MAX;
     for_each_score(scores + r * ld, vocab, [&](int v, float s) {
-        s = process(s, v, seen, banned, penalty, inv_penalty);
+        s = process(s, v, seen, banned, penalty);
         if (better(s, v, bv, bi)) bv = s, bi = v;
     });
     warp_best(bv, bi);
@@ -120,16 +131,7 @@ __global__ void __launch_bounds__(THREADS) greedy_kernel(const T* scores, int64_
     bv = lane < NWARPS ? warp_v[lane] : -INFINITY;
     bi = lane < NWARPS ? warp_i[lane] : INT64_MAX;
     warp_best(bv, bi);
-    if (lane != 0) return;
-    int64_t tok = bi;
-    if (p.unfinished) {  // search.py: tok = where(unfinished, tok, pad); unfinished &= tok not in eos
-        const bool alive = p.unfinished[r] != 0;
-        if (!alive) tok = p.pad;
-        bool hit = false;
-        for (int e = 0; e < p.n_eos; ++e) hit |= tok == p.eos[e];
-        p.unfinished[r] = alive && !hit;
-    }
-    out[r] = tok;
+    if (lane == 0) out[r] = bi;
 }
 
 /* (v, i) into a best-first list of K, if it beats the last entry; unrolled, so the list stays in registers */
@@ -168,7 +170,8 @@ __global__ void __launch_bounds__(THREADS) beam_rows_kernel(const T* logits, int
     const int r = blockIdx.x, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     uint32_t* seen = masks;
     uint32_t* banned = masks + ((vocab + 31) >> 5);
-    build_masks(p, r, vocab, seen, banned);
+    const float penalty = row_penalty(p, r);
+    build_masks(p, r, vocab, penalty, seen, banned);
     const T* row = logits + r * ld;
 
     // pass 1: log-sum-exp of the raw logits (online max and sum per thread, then merged)
@@ -193,7 +196,7 @@ __global__ void __launch_bounds__(THREADS) beam_rows_kernel(const T* logits, int
     const float log_sum = logf(s);
 
     // pass 2: each thread's top KMAX of the processed, beam-scored log-probabilities
-    const float penalty = row_penalty(p, r), inv_penalty = 1.f / penalty, run = running[r];
+    const float run = running[r];
     const int32_t base = (r % beams) * vocab;
     float lv[KMAX];
     int32_t li[KMAX];
@@ -202,7 +205,7 @@ __global__ void __launch_bounds__(THREADS) beam_rows_kernel(const T* logits, int
     // scalar, coalesced loads of a row pass 1 just brought into cache: one copy of the unrolled insert
 #pragma unroll 1
     for (int v = threadIdx.x; v < vocab; v += blockDim.x) {
-        const float lp = process((to_float(row[v]) - m) - log_sum, v, seen, banned, penalty, inv_penalty) + run;
+        const float lp = process((to_float(row[v]) - m) - log_sum, v, seen, banned, penalty) + run;
         insert(lv, li, lp, base + v);
     }
 
@@ -246,6 +249,13 @@ __global__ void beam_merge_kernel(int requests, int beams, int k, const float* c
     }
 }
 
+/* the tables a non-NULL or non-zero field promises are there */
+bool params_ok(const encdec_select_params* p) {
+    return p != nullptr && p->ids != nullptr && p->lens != nullptr && (p->penalty == nullptr || p->seen != nullptr) &&
+           (p->min_len == nullptr || p->n_eos == 0 || p->eos != nullptr) && p->n_eos >= 0 && p->n_bad >= 0 &&
+           (p->n_bad == 0 || (p->bad_prefix && p->bad_plen && p->bad_last && p->bad_owner));
+}
+
 size_t mask_bytes(int vocab) { return 2 * sizeof(uint32_t) * ((vocab + 31) / 32); }
 
 template <typename T>
@@ -273,8 +283,7 @@ void launch_beam_rows(const void* logits, int64_t ld, int rows, int beams, int v
 ENCDEC_EXPORT int encdec_select_greedy(const void* scores, int64_t ld, int rows, int vocab, int dtype,
                                        const encdec_select_params* p, int64_t* out, void* stream) {
     using namespace encdec;
-    if (rows < 1 || vocab < 1 || vocab > ENCDEC_SELECT_MAX_VOCAB || p == nullptr || p->ids == nullptr ||
-        (p->n_bad > 0 && (p->bad_offsets == nullptr || p->bad_tokens == nullptr)))
+    if (rows < 1 || vocab < 1 || vocab > ENCDEC_SELECT_MAX_VOCAB || !params_ok(p))
         return static_cast<int>(cudaErrorInvalidValue);
     const cudaStream_t st = static_cast<cudaStream_t>(stream);
     switch (dtype) {
@@ -293,8 +302,7 @@ ENCDEC_EXPORT int encdec_select_beam(const void* logits, int64_t ld, int request
     using namespace encdec;
     if (requests < 1 || beams < 1 || beams > ENCDEC_BEAM_MAX_BEAMS || vocab < 1 ||
         vocab > ENCDEC_SELECT_MAX_VOCAB || k < 1 || k > ENCDEC_BEAM_MAX_K ||
-        static_cast<int64_t>(beams) * vocab < k || p == nullptr || p->ids == nullptr ||
-        (p->n_bad > 0 && (p->bad_offsets == nullptr || p->bad_tokens == nullptr)))
+        static_cast<int64_t>(beams) * vocab < k || !params_ok(p))
         return static_cast<int>(cudaErrorInvalidValue);
     const cudaStream_t st = static_cast<cudaStream_t>(stream);
     const int rows = requests * beams;

@@ -39,7 +39,7 @@ from pathlib import Path
 
 from .errors import CudaKernelError, UnsupportedArgumentError
 
-ABI_VERSION = 1  # csrc/encdec_abi.h ENCDEC_ABI_VERSION
+ABI_VERSION = 2  # csrc/encdec_abi.h ENCDEC_ABI_VERSION
 LIB_NAME = "libencdec_cuda.so"
 MIN_CAPABILITY = (9, 0)  # sm_90 code, compute_90 PTX
 COMPILE_FLAGS = ("-O3", "-std=c++17", "-lineinfo", "-Xcompiler", "-fPIC,-fvisibility=hidden",
@@ -57,13 +57,15 @@ class SelectParams(ctypes.Structure):
 
     _fields_ = [
         ("ids", _p), ("ids_stride", _i64),
-        ("lens", _p), ("lens_stride", _i64), ("len", _i64),
+        ("lens", _p), ("lens_stride", _i64),
         ("penalty", _p), ("penalty_stride", _i64),
-        ("ngram", _p), ("ngram_stride", _i64),
+        ("seen", _p), ("seen_stride", _i64),
+        ("ngram", _p), ("ngram_stride", _i64), ("ngram_sizes", ctypes.c_uint64),
+        ("ban", _p), ("ban_stride", _i64),
         ("min_len", _p), ("min_len_stride", _i64),
-        ("eos", _p), ("n_eos", ctypes.c_int32),
-        ("n_bad", ctypes.c_int32), ("bad_offsets", _p), ("bad_tokens", _p),
-        ("unfinished", _p), ("pad", _i64),
+        ("eos", _p), ("eos_stride", _i64), ("n_eos", ctypes.c_int32),
+        ("n_bad", ctypes.c_int32), ("bad_prefix", _p), ("bad_prefix_stride", _i64),
+        ("bad_plen", _p), ("bad_last", _p), ("bad_owner", _p), ("bad_owner_stride", _i64),
     ]
 
 

@@ -9,15 +9,15 @@ The kernels run on torch's current stream; outputs and scratch come from torch's
   select_greedy                             csrc/select.cu, processors + argmax in one launch
   select_beam                               csrc/select.cu, log-softmax + processors + beam scores + top k
 
-select_* take decode/select.py's Pipeline and turn it once into device tables (processor_tables):
-repetition penalty, no-repeat n-gram, bad words and min length fuse; a pipeline holding anything else
-(temperature, top-k, top-p: sampling) falls back.
+select_* read decode/select.py's per-row device tables (RowTables) in place, through the pointers and
+strides of one encdec_select_params (select_params): repetition penalty (the `seen` table), no-repeat
+n-gram, bad words (the `ban` table, multi-token words with their owner mask) and min length fuse; a Spec
+with sampling warpers (temperature, top-k, top-p) falls back.
 """
 
 from __future__ import annotations
 
 import functools
-import weakref
 
 import torch
 
@@ -124,114 +124,87 @@ def linear_residual(x, weight, bias, residual, *, fallback):
 # ------------------------------------------------------------------------------------------------
 # selection
 # ------------------------------------------------------------------------------------------------
-class ProcessorTables:
-    """A fusable Pipeline as device tensors (each per-row scalar is one value, read with stride 0)."""
-
-    def __init__(self, device, *, penalty=1.0, ngram=0, min_len=0, eos=(), words=()):
-        dev = torch.device(device)
-        self.penalty = torch.tensor([penalty], dtype=torch.float32, device=dev)
-        self.ngram = torch.tensor([ngram], dtype=torch.int32, device=dev)
-        self.min_len = torch.tensor([min_len], dtype=torch.int64, device=dev)
-        self.eos = torch.tensor(list(eos) or [0], dtype=torch.int64, device=dev)
-        self.n_eos = len(eos)
-        offsets = [0]
-        for w in words:
-            offsets.append(offsets[-1] + len(w))
-        self.bad_offsets = torch.tensor(offsets, dtype=torch.int32, device=dev)
-        self.bad_tokens = torch.tensor([t for w in words for t in w] or [0], dtype=torch.int64, device=dev)
-        self.n_bad = len(words)
-
-    def params(self, ids: torch.Tensor, *, lens: torch.Tensor | None = None, unfinished: torch.Tensor | None = None,
-               pad: int = 0) -> csrc.SelectParams:
-        """ids (rows, t) int64 with unit column stride: each row's sequence; lens (rows,) or (1,) int64:
-        per-row lengths on the device (default: t for every row); unfinished (rows,) bool, updated in place."""
-        return csrc.SelectParams(
-            ids=ids.data_ptr(), ids_stride=ids.stride(0),
-            lens=_ptr(lens), lens_stride=(lens.stride(0) if lens.shape[0] > 1 else 0) if lens is not None else 0,
-            len=ids.shape[1],
-            penalty=self.penalty.data_ptr(), penalty_stride=0, ngram=self.ngram.data_ptr(), ngram_stride=0,
-            min_len=self.min_len.data_ptr(), min_len_stride=0,
-            eos=self.eos.data_ptr(), n_eos=self.n_eos,
-            n_bad=self.n_bad, bad_offsets=self.bad_offsets.data_ptr(), bad_tokens=self.bad_tokens.data_ptr(),
-            unfinished=_ptr(unfinished.view(torch.uint8)) if unfinished is not None else None, pad=pad)
+MAX_NGRAM = 63  # encdec_select_params.ngram_sizes: one bit per size
 
 
-_TABLES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # pipeline -> {device: tables or None}
+def _row_stride(t: torch.Tensor) -> int:
+    return t.stride(0) if t.shape[0] > 1 else 0
 
 
-def processor_tables(pipeline, device) -> ProcessorTables | None:
-    """The pipeline's device tables (built once per pipeline and device), or None if it does not fuse."""
-    per_device = _TABLES.setdefault(pipeline, {})
-    key = str(torch.device(device))
-    if key not in per_device:
-        per_device[key] = _build_tables(pipeline, device)
-    return per_device[key]
+def select_params(seq: torch.Tensor, t: torch.Tensor, tables, spec) -> csrc.SelectParams | None:
+    """The kernels' view of process(scores, seq, t, tables, spec) for rows 0 .. len(t)-1: pointers into the
+    tables (nothing is copied: a captured step reads them as they change), NULL where spec leaves a
+    processor off. None where the kernels do not fuse the spec (sampling warpers, an n-gram size past 63)
+    or the tables are not laid out as they expect."""
+    if spec.temperature or spec.top_k or spec.top_p or any(not 1 <= n <= MAX_NGRAM for n in spec.ngram_sizes):
+        return None
+    dev = seq.device
+    i64 = [seq, t, tables.ngram, tables.min_len, tables.eos, tables.bad_prefix, tables.bad_plen, tables.bad_last]
+    masks = [m for m in (tables.seen, tables.ban, tables.bad_owner) if m is not None]
+    if (any(x.dtype != torch.int64 or x.device != dev for x in i64) or tables.penalty.dtype != torch.float32
+            or any(m.dtype != torch.bool or m.device != dev or (m.shape[1] > 1 and m.stride(1) != 1) for m in masks)
+            or seq.dim() != 2 or (seq.shape[1] > 1 and seq.stride(1) != 1) or t.shape[0] > seq.shape[0]
+            or tables.eos.stride(1) != 1 or tables.bad_prefix.stride(1) != 1
+            or not (tables.bad_plen.is_contiguous() and tables.bad_last.is_contiguous())):
+        return None
+    p = csrc.SelectParams(ids=seq.data_ptr(), ids_stride=seq.stride(0), lens=t.data_ptr(), lens_stride=_row_stride(t))
+    if spec.penalty:
+        p.penalty, p.penalty_stride = tables.penalty.data_ptr(), _row_stride(tables.penalty)
+        p.seen, p.seen_stride = tables.seen.data_ptr(), tables.seen.stride(0)
+    if spec.ngram_sizes:
+        p.ngram, p.ngram_stride = tables.ngram.data_ptr(), _row_stride(tables.ngram)
+        p.ngram_sizes = sum(1 << n for n in spec.ngram_sizes)
+    if spec.bad_single:
+        p.ban, p.ban_stride = tables.ban.data_ptr(), tables.ban.stride(0)
+    if spec.min_len:
+        p.min_len, p.min_len_stride = tables.min_len.data_ptr(), _row_stride(tables.min_len)
+        p.eos, p.eos_stride, p.n_eos = tables.eos.data_ptr(), tables.eos.stride(0), tables.eos.shape[1]
+    G = tables.bad_prefix.shape[0]
+    if spec.bad_multi and G:
+        p.n_bad = G
+        p.bad_prefix, p.bad_prefix_stride = tables.bad_prefix.data_ptr(), tables.bad_prefix.stride(0)
+        p.bad_plen, p.bad_last = tables.bad_plen.data_ptr(), tables.bad_last.data_ptr()
+        p.bad_owner, p.bad_owner_stride = tables.bad_owner.data_ptr(), tables.bad_owner.stride(0)
+    return p
 
 
-def _build_tables(pipeline, device) -> ProcessorTables | None:
-    from .decode import select as sel
-
-    kw: dict = {}
-    lengths, eos_sets = [], []
-    for step in pipeline.steps:
-        if isinstance(step, sel.RepetitionPenalty) and "penalty" not in kw:
-            kw["penalty"] = step.penalty
-        elif isinstance(step, sel.NoRepeatNGram) and "ngram" not in kw:
-            kw["ngram"] = step.n
-        elif isinstance(step, sel.BadWords) and "words" not in kw:
-            words = [[t] for t in torch.nonzero(step.single).flatten().tolist()]
-            for prefixes, last in step.multi:
-                words += [p + [t] for p, t in zip(prefixes.tolist(), last.tolist())]
-            kw["words"] = words
-        elif isinstance(step, sel.MinLength):
-            lengths.append(step.length)
-            eos_sets.append(tuple(torch.nonzero(step.eos_mask).flatten().tolist()))
-        else:  # sampling warpers, or a processor twice: not fused
-            return None
-    if eos_sets:
-        if len(set(eos_sets)) > 1:
-            return None
-        kw["min_len"], kw["eos"] = max(lengths), eos_sets[0]
-    return ProcessorTables(device, **kw)
+def _select_covers(logits: torch.Tensor, seq: torch.Tensor, t: torch.Tensor) -> bool:
+    return (logits.is_cuda and logits.dim() == 2 and logits.dtype in DTYPE_CODES and logits.stride(1) == 1
+            and 1 <= logits.shape[1] <= MAX_VOCAB and seq.device == logits.device and t.dim() == 1
+            and seq.shape[0] >= logits.shape[0] and t.shape[0] >= logits.shape[0])
 
 
-def _select_covers(scores: torch.Tensor, ids: torch.Tensor) -> bool:
-    return (scores.is_cuda and scores.dim() == 2 and scores.dtype in DTYPE_CODES and scores.stride(1) == 1
-            and 1 <= scores.shape[1] <= MAX_VOCAB and ids.dtype == torch.int64 and ids.device == scores.device
-            and ids.dim() == 2 and ids.shape[0] == scores.shape[0] and (ids.shape[1] <= 1 or ids.stride(1) == 1))
-
-
-def select_greedy(scores, ids, procs, *, fallback):
-    """argmax over the processed scores, as fallback (= procs then torch.argmax) computes it."""
-    tables = processor_tables(procs, scores.device) if _select_covers(scores, ids) else None
-    if tables is None:
-        return fallback(scores, ids, procs)
-    N, V = scores.shape
-    out = torch.empty(N, dtype=torch.int64, device=scores.device)
-    params = tables.params(ids)
-    _call("encdec_select_greedy", scores.data_ptr(), scores.stride(0), N, V, DTYPE_CODES[scores.dtype],
-          params, out.data_ptr(), _stream(scores))
+def select_greedy(logits, seq, t, tables, spec, *, fallback):
+    """argmax over the processed logits, as fallback (ops.select_greedy) computes it, in one launch."""
+    N, V = logits.shape
+    params = select_params(seq[:N], t[:N], tables, spec) if _select_covers(logits, seq, t) else None
+    if params is None:
+        return fallback(logits, seq, t, tables, spec)
+    out = torch.empty(N, dtype=torch.int64, device=logits.device)
+    _call("encdec_select_greedy", logits.data_ptr(), logits.stride(0), N, V, DTYPE_CODES[logits.dtype], params,
+          out.data_ptr(), _stream(logits))
     return out
 
 
-def select_beam(logits, ids, procs, running_scores, k, *, fallback):
-    """top k over beams x vocab of processed log-probabilities + running beam scores, per request."""
-    B, nb = running_scores.shape
-    ok = (_select_covers(logits, ids) and running_scores.dtype == torch.float32 and running_scores.is_contiguous()
-          and running_scores.device == logits.device and logits.shape[0] == B * nb and nb <= MAX_BEAMS
-          and 1 <= k <= MAX_K and nb * logits.shape[1] >= k)
-    tables = processor_tables(procs, logits.device) if ok else None
-    if tables is None:
-        return fallback(logits, ids, procs, running_scores, k)
-    V = logits.shape[1]
+def select_beam(logits, seq, t, tables, spec, running_scores, k, *, fallback):
+    """top k over beams x vocab of processed log-probabilities + running beam scores, per request (rows
+    r*nb .. r*nb+nb-1 of request r), as fallback (ops.select_beam) computes it."""
+    R, nb = running_scores.shape
+    rows, V = R * nb, logits.shape[1]
+    ok = (_select_covers(logits, seq, t) and running_scores.dtype == torch.float32 and running_scores.is_contiguous()
+          and running_scores.device == logits.device and 1 <= rows <= logits.shape[0] and nb <= MAX_BEAMS
+          and 1 <= k <= MAX_K and nb * V >= k)
+    params = select_params(seq[:rows], t[:rows], tables, spec) if ok else None
+    if params is None:
+        return fallback(logits, seq, t, tables, spec, running_scores, k)
     dev = logits.device
-    cand_scores = torch.empty(B * nb, k, dtype=torch.float32, device=dev)
-    cand_index = torch.empty(B * nb, k, dtype=torch.int32, device=dev)
-    top = torch.empty(B, k, dtype=torch.float32, device=dev)
-    index = torch.empty(B, k, dtype=torch.int64, device=dev)
-    _call("encdec_select_beam", logits.data_ptr(), logits.stride(0), B, nb, V, DTYPE_CODES[logits.dtype],
-          tables.params(ids), running_scores.data_ptr(), k, cand_scores.data_ptr(), cand_index.data_ptr(),
-          top.data_ptr(), index.data_ptr(), _stream(logits))
+    cand_scores = torch.empty(rows, k, dtype=torch.float32, device=dev)
+    cand_index = torch.empty(rows, k, dtype=torch.int32, device=dev)
+    top = torch.empty(R, k, dtype=torch.float32, device=dev)
+    index = torch.empty(R, k, dtype=torch.int64, device=dev)
+    _call("encdec_select_beam", logits.data_ptr(), logits.stride(0), R, nb, V, DTYPE_CODES[logits.dtype], params,
+          running_scores.data_ptr(), k, cand_scores.data_ptr(), cand_index.data_ptr(), top.data_ptr(),
+          index.data_ptr(), _stream(logits))
     return top, index
 
 

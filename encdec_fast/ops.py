@@ -8,8 +8,9 @@ Shape conventions (B batch, L length, H heads, D head dim, N decode rows, V voca
   varlen_attention q/k/v [T, H, D] packed, cu_seqlens int32 [B+1] (row b = tokens cu[b]:cu[b+1]) -> [T, H, D]
   decode_attention q [N, H, D], k/v [T, H, D] key rows, starts/lens int [N] (row n's window) -> [N, H, D]
   fused_linear     x [M, K], weight [N, K] (nn.Linear layout) -> [M, N], LayerNorm/GELU/residual fused
-  select_greedy    scores [N, V], ids [N, t] -> tokens long [N]
-  select_beam      logits [B*nb, V], ids [B*nb, t], running scores [B, nb] -> (scores, indices) [B, k]
+  select_greedy    logits [N, V], seq [N, Lc], t [N], RowTables, Spec -> tokens long [N]
+  select_beam      logits [N, V], seq, t, RowTables, Spec, running scores [R, nb], k
+                   -> (scores float32, indices long) [R, k]; request r's beams are rows r*nb .. r*nb+nb-1
 
 The triton table can take ops from the CUDA C++ kernels of csrc/ (csrc.py, csrc_ops.py): those listed
 in CSRC_FASTER, or all of them with ENCDEC_CUDA=1.
@@ -23,6 +24,8 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
+
+from .decode import select as sel
 
 BACKENDS = ("torch", "triton")
 
@@ -195,20 +198,31 @@ def _window_view(k: torch.Tensor, starts: torch.Tensor, W: int) -> torch.Tensor 
 
 
 # --------------------------------------------------------------------------------------------
-# token selection (decode/search.py; the processors are decode/select.py's Pipeline)
+# token selection (decode/state.py's commit and decode/beam.py's BeamGroup.step; the processors and
+# their per-row tables are decode/select.py's)
 # --------------------------------------------------------------------------------------------
-def select_greedy(scores: torch.Tensor, ids: torch.Tensor, procs) -> torch.Tensor:
-    """Greedy choice: argmax of procs(ids, scores) per row (first index among equal maxima)."""
-    return torch.argmax(procs(ids, scores), dim=-1)
+def select_greedy(logits: torch.Tensor, seq: torch.Tensor, t: torch.Tensor, tables: sel.RowTables,
+                  spec: sel.Spec) -> torch.Tensor:
+    """Greedy choice for rows n < N = len(logits) holding tokens seq[n, :t[n]]: argmax of the processed fp32
+    logits (first index among equal maxima), or of the raw logits when spec runs no processor. seq, t and the
+    tables may hold more rows (the decode state's buffers): row n reads row n of each."""
+    if not spec.needs_scores:
+        return sel.greedy(logits)
+    N = logits.shape[0]
+    return sel.greedy(sel.process(logits.float(), seq[:N], t[:N], tables, spec))
 
 
-def select_beam(logits: torch.Tensor, ids: torch.Tensor, procs, running_scores: torch.Tensor, k: int):
-    """One beam-search step's candidates per request: the top k of procs(ids, log_softmax(logits)) +
-    running_scores over beams x vocabulary, indices beam * V + token (torch.topk)."""
-    B, nb = running_scores.shape
-    log_probs = procs(ids, F.log_softmax(logits, dim=-1))  # (B*nb, V)
+def select_beam(logits: torch.Tensor, seq: torch.Tensor, t: torch.Tensor, tables: sel.RowTables, spec: sel.Spec,
+                running_scores: torch.Tensor, k: int):
+    """One beam-search step's candidates per request, as transformers' _beam_search takes them: the top k of
+    process(log_softmax(logits)) + running_scores over beams x vocabulary (torch.topk), indices
+    beam * V + token. running_scores [R, nb]: request r's beams are rows r*nb .. r*nb+nb-1 (decode/beam.py's
+    layout); rows past R*nb (of the logits, seq, t and the tables) are not read."""
+    R, nb = running_scores.shape
+    rows = R * nb
+    log_probs = sel.process(F.log_softmax(logits[:rows].float(), dim=-1), seq[:rows], t[:rows], tables, spec)
     V = log_probs.shape[-1]
-    acc = (log_probs.view(B, nb, V) + running_scores[:, :, None]).view(B, nb * V)
+    acc = (log_probs.view(R, nb, V) + running_scores[:, :, None]).view(R, nb * V)  # (R, nb * V)
     return torch.topk(acc, k=k)
 
 

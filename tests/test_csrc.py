@@ -14,7 +14,7 @@ import subprocess
 import pytest
 import torch
 import torch.nn.functional as F
-from csrc_checks import EOS, PIPELINES, library_or_skip, nvcc_or_skip, pipeline, scores, token_ids
+from csrc_checks import KINDS, library_or_skip, nvcc_or_skip, scores, selection_case
 
 from encdec_fast import csrc, csrc_ops, ops
 from encdec_fast.decode import select as sel
@@ -93,7 +93,8 @@ def test_launchers_return_the_error_and_the_process_goes_on(lib):
     bad_rows = list(args)
     bad_rows[8] = 17  # more than 16 rows: refused before any CUDA call
     assert lib.lib.encdec_gemv(*bad_rows) == 1 and "invalid argument" in lib.error_string(1)
-    p = csrc_ops.ProcessorTables("cpu").params(torch.zeros(3, 4, dtype=torch.long))
+    seq, t, tables, spec = selection_case("all", 3, 50, 4)
+    p = csrc_ops.select_params(seq, t, tables, spec)
     out = torch.empty(3, dtype=torch.long)
     s = torch.zeros(3, 50)
     assert lib.lib.encdec_select_greedy(s.data_ptr(), 50, 3, 50, 0, p, out.data_ptr(), None) == 35
@@ -191,7 +192,7 @@ ENCDEC_EXPORT int encdec_select_beam(const void*, int64_t, int, int, int, int, c
 
 def test_prebuilt_library_with_another_abi_is_refused(fresh, monkeypatch):
     monkeypatch.setenv("ENCDEC_CUDA_LIB", _fake_library(fresh, 99, "sizeof(encdec_select_params)"))
-    with pytest.raises(CudaKernelError, match="has ABI version 99, this encdec_fast needs 1"):
+    with pytest.raises(CudaKernelError, match=f"has ABI version 99, this encdec_fast needs {csrc.ABI_VERSION}"):
         csrc.library()
     monkeypatch.setattr(csrc, "_LOADED", {})
     monkeypatch.setenv("ENCDEC_CUDA_LIB", _fake_library(fresh, csrc.ABI_VERSION, "8"))
@@ -251,17 +252,58 @@ def test_csrc_ops_replace_exactly_the_enabled_entries_and_fall_back_off_gpu(fres
     monkeypatch.setenv("ENCDEC_CUDA", "0")
     plain = ops.table("triton")
     monkeypatch.setenv("ENCDEC_CUDA", "1")
-    t = ops.table("triton")
-    assert all(getattr(t, n).func is getattr(csrc_ops, n) for n in csrc.OPS)
+    forced = ops.table("triton")
+    assert all(getattr(forced, n).func is getattr(csrc_ops, n) for n in csrc.OPS)
     x, w, b, r = torch.randn(3, 16), torch.randn(24, 16), torch.randn(24), torch.randn(3, 24)
-    assert torch.equal(t.linear(x, w, b), plain.linear(x, w, b))
-    assert torch.equal(t.linear_gelu(x, w, b, "tanh"), plain.linear_gelu(x, w, b, "tanh"))
-    assert torch.equal(t.linear_residual(x, w, b, r), plain.linear_residual(x, w, b, r))
-    ids, s = token_ids(4, 9), scores(4, 40)
-    p = pipeline("all", 40, 9)
-    assert torch.equal(t.select_greedy(s, ids, p), plain.select_greedy(s, ids, p))
-    got, want = t.select_beam(s, ids, p, torch.zeros(2, 2), 4), plain.select_beam(s, ids, p, torch.zeros(2, 2), 4)
+    assert torch.equal(forced.linear(x, w, b), plain.linear(x, w, b))
+    assert torch.equal(forced.linear_gelu(x, w, b, "tanh"), plain.linear_gelu(x, w, b, "tanh"))
+    assert torch.equal(forced.linear_residual(x, w, b, r), plain.linear_residual(x, w, b, r))
+    case, s, running = selection_case("mixed", 7, 40, 9), scores(7, 40), torch.randn(3, 2)
+    assert torch.equal(forced.select_greedy(s, *case), plain.select_greedy(s, *case))
+    got, want = forced.select_beam(s, *case, running, 4), plain.select_beam(s, *case, running, 4)
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+@pytest.mark.usefixtures("quiet")
+@pytest.mark.parametrize("kw", [dict(no_repeat_ngram_size=2, repetition_penalty=1.3, min_new_tokens=4,
+                                     bad_words_ids=[[5], [7, 8]]),
+                                dict(num_beams=3, no_repeat_ngram_size=2, repetition_penalty=1.3)])
+def test_decode_step_chooses_through_the_csrc_entries_of_the_op_table(make_ckpt, monkeypatch, kw):
+    """DecodeState.commit (greedy) and BeamGroup.step take their tokens from the op table's select_greedy /
+    select_beam: with the csrc entries in the table (falling back to the torch ops on CPU tensors, as they
+    do for whatever they do not cover) generate() still gives transformers' tokens; every step calls the op
+    with the raw logits, and the processors run once per step, inside it (the decoder step does not
+    process the scores when only the selection reads them)."""
+    import dataclasses
+    from collections import Counter
+
+    from conftest import hf_model
+    from test_parity import make_inputs
+
+    import encdec_fast
+
+    path = make_ckpt("bert", "gpt2")
+    ours, ref = encdec_fast.load(path, device="cpu"), hf_model(path)
+    calls = Counter()
+
+    def entry(name):
+        def op(logits, *args):
+            calls[name] += 1
+            assert logits.dtype == ours.dtype and (logits > 0).any()  # raw logits, not log-probs
+            return getattr(csrc_ops, name)(logits, *args, fallback=getattr(ops, name))
+        return op
+
+    process = sel.process
+    monkeypatch.setattr(sel, "process", lambda *a: calls.update(["process"]) or process(*a))
+    ours.ops = dataclasses.replace(ours.ops, select_greedy=entry("select_greedy"), select_beam=entry("select_beam"))
+    ids, mask, _ = make_inputs(3, 9, 1, 97, 0, padded=True, avoid=(0, ref.config.pad_token_id))
+    with torch.no_grad():
+        want = ref.generate(ids, attention_mask=mask, max_new_tokens=8, **kw)
+    got = ours.generate(ids, attention_mask=mask, max_new_tokens=8, **kw)
+    assert torch.equal(got, want), f"\nours {got.tolist()}\ntransformers {want.tolist()}"
+    name = "select_beam" if kw.get("num_beams") else "select_greedy"
+    assert calls[name] >= 1 and calls["process"] == calls[name], calls
+    assert name == "select_greedy" or not calls["select_greedy"]  # beam rows only: no greedy choice to make
 
 
 # ------------------------------------------------------------------------------------------------
@@ -276,61 +318,80 @@ def test_fused_linear_references_keep_the_models_rounding(approximate):
     assert torch.equal(ops.linear_residual(x, w, b, r), F.linear(x, w, b) + r)
 
 
-def fused(tables: csrc_ops.ProcessorTables, ids, s, lens=None):
-    """csrc/select.cu's rule in torch, from the device tables: per row, masks of seen and banned tokens,
-    then banned -> -inf, seen -> penalised."""
-    out = s.float().clone()
+def _read(addr: int, ctype, count: int) -> list:
+    return list((ctype * count).from_address(addr)) if count else []
+
+
+def kernel_rule(s: torch.Tensor, p: csrc.SelectParams) -> torch.Tensor:
+    """csrc/select.cu's build_masks + process in Python, reading the rows' tokens and tables only through the
+    encdec_select_params that select_params hands the kernels (CPU tensors: its pointers are host addresses):
+    per row, a seen and a banned mask, then banned -> -inf, seen -> penalised."""
+    i64, f32, u8 = ctypes.c_int64, ctypes.c_float, ctypes.c_uint8
     N, V = s.shape
-    pen, n, min_len = float(tables.penalty[0]), int(tables.ngram[0]), int(tables.min_len[0])
-    off, toks = tables.bad_offsets.tolist(), tables.bad_tokens.tolist()
-    words = [toks[off[w]:off[w + 1]] for w in range(tables.n_bad)]
+    out = s.float().clone()
     for r in range(N):
-        t = ids.shape[1] if lens is None else int(lens[r])
-        seq = ids[r, :t].tolist()
-        seen, banned = torch.zeros(V, dtype=torch.bool), torch.zeros(V, dtype=torch.bool)
-        if pen != 1.0:
-            seen[seq] = True
-        if n > 0 and t >= n:
-            for i in range(t - n + 1):
-                if seq[i:i + n - 1] == seq[t - n + 1:]:
-                    banned[seq[i + n - 1]] = True
-        for word in words:
-            if len(word) - 1 <= t and (len(word) == 1 or seq[t - len(word) + 1:] == word[:-1]):
-                banned[word[-1]] = True
-        if t < min_len:
-            banned[tables.eos[:tables.n_eos].tolist()] = True
-        row = out[r]
+        [n_tok] = _read(p.lens + 8 * r * p.lens_stride, i64, 1)
+        ids = _read(p.ids + 8 * r * p.ids_stride, i64, n_tok)
+        penalty = _read(p.penalty + 4 * r * p.penalty_stride, f32, 1)[0] if p.penalty else 1.0
+        seen = torch.zeros(V, dtype=torch.bool)
+        if penalty != 1.0:
+            seen = torch.tensor(_read(p.seen + r * p.seen_stride, u8, V), dtype=torch.bool)
+        banned = torch.zeros(V, dtype=torch.bool)
+        if p.ban:
+            banned = torch.tensor(_read(p.ban + r * p.ban_stride, u8, V), dtype=torch.bool)
+        n = _read(p.ngram + 8 * r * p.ngram_stride, i64, 1)[0] if p.ngram and p.ngram_sizes else 0
+        if 0 < n < 64 and p.ngram_sizes >> n & 1 and n_tok >= n:
+            for i in range(n_tok - n + 1):
+                if ids[i:i + n - 1] == ids[n_tok - n + 1:]:
+                    banned[ids[i + n - 1]] = True
+        plen, last = _read(p.bad_plen or 0, i64, p.n_bad), _read(p.bad_last or 0, i64, p.n_bad)
+        for g in range(p.n_bad):
+            owned = _read(p.bad_owner + r * p.bad_owner_stride + g, u8, 1)[0]
+            if owned and plen[g] <= n_tok and ids[n_tok - plen[g]:] == _read(p.bad_prefix + 8 * g * p.bad_prefix_stride,
+                                                                              i64, plen[g]):
+                banned[last[g]] = True
+        if p.min_len and n_tok < _read(p.min_len + 8 * r * p.min_len_stride, i64, 1)[0]:
+            for e in _read(p.eos + 8 * r * p.eos_stride, i64, p.n_eos):
+                if 0 <= e < V:
+                    banned[e] = True
+        row, pen = out[r], torch.full((V,), penalty)
         row.copy_(torch.where(seen, torch.where(row < 0, row * pen, row / pen), row).masked_fill(banned, float("-inf")))
     return out
 
 
-@pytest.mark.parametrize("kind", PIPELINES)
-def test_processor_tables_give_the_pipelines_scores(kind):
-    V, t = 50, 9
-    ids, s = token_ids(6, t), scores(6, V)
-    p = pipeline(kind, V, t)
-    tables = csrc_ops.processor_tables(p, "cpu")
-    want = p(ids, s)
-    assert torch.equal(fused(tables, ids, s), want)
+@pytest.mark.parametrize("kind", KINDS)
+def test_kernel_rule_over_the_params_gives_process(kind):
+    """What the selection kernels compute from the params (its pointers, strides, the spec's NULLs and n-gram
+    bits) equals decode/select.py's process, element for element, on rows of different lengths and settings."""
+    V, N = 50, 7
+    lens = [9, 1, 4, 9, 3, 12, 2] if kind in ("all", "mixed") else None
+    seq, t, tables, spec = selection_case(kind, N, V, 9, lens=lens)
+    s = scores(N, V)
+    want = sel.process(s, seq, t, tables, spec)
+    assert torch.equal(kernel_rule(s, csrc_ops.select_params(seq, t, tables, spec)), want)
     assert (want == float("-inf")).any() or kind in ("none", "repetition")  # the bans fire
-    assert csrc_ops.processor_tables(p, "cpu") is tables  # built once per pipeline and device
+    assert torch.equal(ops.select_greedy(s, seq, t, tables, spec), want.argmax(-1))
 
 
-def test_processor_tables_with_per_row_lengths_match_each_row_alone():
-    V = 40
-    ids, s = token_ids(5, 12, seed=3), scores(5, V, seed=4)
-    lens = torch.tensor([12, 1, 5, 9, 3])
-    p = pipeline("all", V, 4)
-    got = fused(csrc_ops.processor_tables(p, "cpu"), ids, s, lens)
-    for r in range(5):
-        assert torch.equal(got[r:r + 1], p(ids[r:r + 1, :int(lens[r])], s[r:r + 1])), r
+def test_params_point_into_the_tables_and_leave_off_what_spec_leaves_off():
+    seq, t, tables, spec = selection_case("mixed", 6, 40, 9)
+    p = csrc_ops.select_params(seq, t, tables, spec)
+    assert (p.ids, p.ids_stride, p.lens, p.lens_stride) == (seq.data_ptr(), seq.shape[1], t.data_ptr(), 1)
+    assert (p.penalty, p.seen, p.seen_stride) == (tables.penalty.data_ptr(), tables.seen.data_ptr(), 40)
+    assert (p.ngram, p.ngram_sizes) == (tables.ngram.data_ptr(), 0b1110)  # sizes 1, 2, 3
+    assert (p.eos, p.eos_stride, p.n_eos) == (tables.eos.data_ptr(), 3, 3)
+    assert p.n_bad == p.bad_owner_stride == tables.bad_owner.shape[1] > 0
+    assert (p.bad_prefix, p.bad_prefix_stride) == (tables.bad_prefix.data_ptr(), tables.bad_prefix.shape[1])
+    none = csrc_ops.select_params(*selection_case("none", 6, 40, 9)[:3], sel.Spec())
+    assert not any((none.penalty, none.seen, none.ngram, none.ngram_sizes, none.ban, none.min_len, none.n_bad))
 
 
-def test_sampling_pipelines_are_not_fused():
-    assert csrc_ops.processor_tables(sel.Pipeline([sel.TopK(5)]), "cpu") is None
-    assert csrc_ops.processor_tables(sel.Pipeline([sel.Temperature(0.7)]), "cpu") is None
-    two = sel.Pipeline([sel.MinLength(5, EOS, 30, "cpu"), sel.MinLength(7, [4], 30, "cpu")])
-    assert csrc_ops.processor_tables(two, "cpu") is None  # different eos sets
+def test_sampling_specs_and_long_ngrams_are_not_fused():
+    seq, t, tables, _ = selection_case("all", 3, 40, 9)
+    for spec in (sel.Spec(temperature=True, sample=True), sel.Spec(top_k=True, sample=True),
+                 sel.Spec(top_p=True, sample=True), sel.Spec(ngram_sizes=(64,))):
+        assert csrc_ops.select_params(seq, t, tables, spec) is None, spec
+    assert csrc_ops.select_params(seq, t, tables, sel.Spec(sample=True)) is not None  # sample alone: no warper
 
 
 def test_split_k_choice():

@@ -3,23 +3,24 @@
   gemv          every projection of bert-base / gpt2 / bert-large and the LM head, 1-16 rows, each epilogue,
                 fp32 / fp16 / bf16, vs ops.linear / linear_gelu / linear_residual run in fp32 (and, in
                 fp16/bf16, within 2x the error of the torch op run in that precision)
-  select_greedy identical tokens to decode/select.py's processors + torch.argmax (ties, NaN, misaligned rows,
-                per-row lengths, the finished-row update of search.py)
-  select_beam   identical candidates to one step of search.py's beam search (log-softmax, processors,
-                running scores, torch.topk)
+  select_greedy identical tokens to ops.select_greedy (decode/select.py's process over RowTables + argmax):
+                every processor, rows with their own settings and lengths, ties, NaN, misaligned rows
+  select_beam   identical candidates to ops.select_beam (log-softmax, process, running scores, torch.topk:
+                what decode/beam.py's BeamGroup.step takes)
   streams       results right on a non-default stream whose inputs are written late
-  graphs        captured in a CUDA graph and replayed on new inputs
-  model         generate() with ENCDEC_CUDA=1 gives transformers' tokens
+  graphs        captured in a CUDA graph and replayed on new logits, tokens and table contents
+  model         generate() with ENCDEC_CUDA=1 gives transformers' tokens, with the selection kernels launched
 
 `compute-sanitizer --tool memcheck python -m pytest tests/test_csrc_kernels.py -k awkward` runs each kernel once
 on awkward shapes under memcheck.
 """
 
+import dataclasses
 import functools
 
 import pytest
 import torch
-from csrc_checks import PIPELINES, library_or_skip, pipeline, scores, token_ids
+from csrc_checks import KINDS, library_or_skip, row_configs, scores, selection_case
 from kernel_checks import check
 
 from encdec_fast import csrc, csrc_ops, ops
@@ -116,19 +117,23 @@ def test_ops_fall_back_where_gemv_does_not_apply():
 # ------------------------------------------------------------------------------------------------
 # selection
 # ------------------------------------------------------------------------------------------------
-def _greedy_ref(s, ids, p):
-    return ops.select_greedy(s.float(), ids, p)
+def _case(kind, rows, vocab, length=11, seed=0, lengths=True):
+    """selection_case on the GPU; rows of lengths 1 .. length + 5 (every slot of the buffer) when `lengths`."""
+    lens = [1 + (7 * r + seed) % (length + 5) for r in range(rows)] if lengths else None
+    return selection_case(kind, rows, vocab, length, lens=lens, seed=seed, device=DEV)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
-@pytest.mark.parametrize("kind", PIPELINES)
+DTYPE_IDS = dict(argvalues=[torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
+
+
+@pytest.mark.parametrize("dtype", **DTYPE_IDS)
+@pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("rows,vocab", [(5, 97), (64, 50257), (512, 30522)])
 def test_greedy_matches_processors_and_argmax(rows, vocab, kind, dtype):
-    t = 11
-    ids, s = token_ids(rows, t).to(DEV), scores(rows, vocab, dtype=dtype).to(DEV)
-    p = pipeline(kind, vocab, t, DEV)
-    got = csrc_ops.select_greedy(s, ids, p, fallback=_no_fallback)
-    assert torch.equal(got, _greedy_ref(s, ids, p)), kind
+    case = _case(kind, rows, vocab)
+    s = scores(rows, vocab, dtype=dtype).to(DEV)
+    got = csrc_ops.select_greedy(s, *case, fallback=_no_fallback)
+    assert torch.equal(got, ops.select_greedy(s, *case)), kind
 
 
 def test_greedy_ties_nan_inf_and_misaligned_rows():
@@ -138,42 +143,31 @@ def test_greedy_ties_nan_inf_and_misaligned_rows():
     base[4] = float("-inf")  # all -inf: index 0
     base[5, :] = -1.0
     s = base.to(DEV)[:, 1:]  # rows start 4 bytes past a 16-byte boundary, row stride 102
-    ids = token_ids(6, 5).to(DEV)
-    for kind in ("none", "all"):
-        p = pipeline(kind, V, 5, DEV)
-        assert torch.equal(csrc_ops.select_greedy(s, ids, p, fallback=_no_fallback), _greedy_ref(s, ids, p)), kind
+    for kind in ("none", "all", "mixed"):
+        case = _case(kind, 6, V, 5)
+        assert torch.equal(csrc_ops.select_greedy(s, *case, fallback=_no_fallback), ops.select_greedy(s, *case)), kind
 
 
-def test_greedy_with_per_row_lengths_and_finished_rows():
-    """The ABI's graph-friendly form: lengths on the device, and search.py's finished-row update fused."""
-    N, V, L = 7, 61, 16
-    ids, s = token_ids(N, L, seed=5).to(DEV), scores(N, V, seed=6).to(DEV)
-    lens = torch.tensor([16, 1, 4, 9, 3, 12, 2], device=DEV)
-    p = pipeline("all", V, 8, DEV)
-    unfinished = torch.tensor([1, 1, 0, 1, 0, 1, 1], dtype=torch.bool, device=DEV)
-    eos_t = csrc_ops.processor_tables(p, DEV).eos
-    want = torch.cat([_greedy_ref(s[r:r + 1], ids[r:r + 1, :int(lens[r])], p) for r in range(N)])
-    want = torch.where(unfinished, want, 0)
-    want_unfinished = unfinished & ~torch.isin(want, eos_t)
-    out = torch.empty(N, dtype=torch.long, device=DEV)
-    params = csrc_ops.processor_tables(p, DEV).params(ids, lens=lens, unfinished=unfinished, pad=0)
-    csrc_ops._call("encdec_select_greedy", s.data_ptr(), s.stride(0), N, V, 0, params, out.data_ptr(),
-                   torch.cuda.current_stream().cuda_stream)
-    assert torch.equal(out, want) and torch.equal(unfinished, want_unfinished)
+def test_greedy_reads_only_the_rows_it_chooses_for():
+    """logits of n rows and tables / buffers of more (an eager extent): row r reads row r of each table."""
+    seq, t, tables, spec = _case("mixed", 9, 61)
+    s = scores(5, 61, seed=6).to(DEV)
+    got = csrc_ops.select_greedy(s, seq, t, tables, spec, fallback=_no_fallback)
+    assert got.shape == (5,) and torch.equal(got, ops.select_greedy(s, seq, t, tables, spec))
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
-@pytest.mark.parametrize("kind", ["none", "all", "ngram2"])
+@pytest.mark.parametrize("dtype", **DTYPE_IDS)
+@pytest.mark.parametrize("kind", ["none", "all", "ngram2", "mixed"])
 @pytest.mark.parametrize("requests,beams,vocab", [(1, 2, 97), (3, 4, 50257), (16, 8, 30522), (2, 32, 500)])
 def test_beam_candidates_match_one_beam_search_step(requests, beams, vocab, kind, dtype):
-    t, N = 9, requests * beams
-    ids, logits = token_ids(N, t, seed=2).to(DEV), scores(N, vocab, seed=3, dtype=dtype).to(DEV)
+    N = requests * beams
+    case = _case(kind, N + 3, vocab, 9, seed=2)  # 3 rows past the beams: not read
+    logits = scores(N + 3, vocab, seed=3, dtype=dtype).to(DEV)
     running = torch.randn(requests, beams, generator=torch.Generator().manual_seed(4)).to(DEV)
     running[0, 1:] = -1e9  # the first step's beam scores
-    p = pipeline(kind, vocab, t, DEV)
     for k in sorted({min(2 * beams, 32), min(3 * beams, 32)}):  # 2 x beams; 3 x beams (two eos ids)
-        top, idx = csrc_ops.select_beam(logits, ids, p, running, k, fallback=_no_fallback)
-        want_top, want_idx = ops.select_beam(logits.float(), ids, p, running, k)
+        top, idx = csrc_ops.select_beam(logits, *case, running, k, fallback=_no_fallback)
+        want_top, want_idx = ops.select_beam(logits, *case, running, k)
         assert torch.equal(idx, want_idx), f"k={k}: {idx.tolist()} vs {want_idx.tolist()}"
         torch.testing.assert_close(top, want_top, atol=2e-5, rtol=1e-6)
 
@@ -181,15 +175,15 @@ def test_beam_candidates_match_one_beam_search_step(requests, beams, vocab, kind
 # ------------------------------------------------------------------------------------------------
 # streams, graphs, memcheck
 # ------------------------------------------------------------------------------------------------
-def _run_all(x, w, b, s, ids, p, running):
+def _run_all(x, w, b, s, case, running):
     y = csrc_ops.gemv(x, w, b, None, "gelu_tanh")
-    tok = csrc_ops.select_greedy(s, ids, p, fallback=_no_fallback)
-    top, idx = csrc_ops.select_beam(s, ids, p, running, 4, fallback=_no_fallback)
+    tok = csrc_ops.select_greedy(s, *case, fallback=_no_fallback)
+    top, idx = csrc_ops.select_beam(s, *case, running, 4, fallback=_no_fallback)
     return y, tok, top, idx
 
 
-def _refs(x, w, b, s, ids, p, running):
-    return (ops.linear_gelu(x, w, b, "tanh"), _greedy_ref(s, ids, p), *ops.select_beam(s.float(), ids, p, running, 4))
+def _refs(x, w, b, s, case, running):
+    return (ops.linear_gelu(x, w, b, "tanh"), ops.select_greedy(s, *case), *ops.select_beam(s, *case, running, 4))
 
 
 def _same(got, want):
@@ -201,26 +195,34 @@ def _same(got, want):
 def _inputs(seed):
     x, w, b, _ = _operands(4, 2304, 768, torch.float16, seed)
     s = scores(4, 50257, seed=seed).to(DEV)
-    return x, w, b, s, token_ids(4, 9, seed=seed).to(DEV), pipeline("all", 50257, 9, DEV), torch.zeros(2, 2, device=DEV)
+    return x, w, b, s, _case("all", 4, 50257, 9, seed=seed), torch.zeros(2, 2, device=DEV)
 
 
 def test_kernels_run_on_a_non_default_stream_after_its_writes():
     src = _inputs(1)
-    dst = [t.clone().zero_() if isinstance(t, torch.Tensor) else t for t in _inputs(2)]
+    dst = _inputs(1)
+    x, w, b, s, (seq, t, tables, _), running = dst
+    late = [x, w, b, s, seq, t, tables.seen, tables.ban, running]  # written on the side stream, late
+    for d in late:
+        d.zero_()
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
         torch.cuda._sleep(50_000_000)  # the copies below land late: a kernel on another stream would miss them
-        for d, s_ in zip(dst, src):
-            if isinstance(d, torch.Tensor):
-                d.copy_(s_)
+        sx, sw, sb, ss, (sseq, st, stables, _), srun = src
+        for d, v in zip(late, [sx, sw, sb, ss, sseq, st, stables.seen, stables.ban, srun]):
+            d.copy_(v)
         got = _run_all(*dst)
     side.synchronize()
     _same(got, _refs(*src))
 
 
 def test_kernels_capture_in_a_cuda_graph_and_replay_on_new_inputs():
-    static = list(_inputs(3))
+    """As DecodeState's captured step uses them: the launch reads the tables in place, so a replay after new
+    logits, tokens, lengths and a new request's settings in some rows (RowTables.assign, no reallocation)
+    chooses for the new contents."""
+    x, w, b, s, case, running = static = _inputs(3)
+    seq, t, tables, _ = case
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):  # warm-up before capture (lazy module loading)
@@ -229,26 +231,31 @@ def test_kernels_capture_in_a_cuda_graph_and_replay_on_new_inputs():
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         out = _run_all(*static)
-    fresh = _inputs(4)
-    for st, new in zip(static, fresh):
-        if isinstance(st, torch.Tensor):
-            st.copy_(new)
+    fx, fw, fb, fs, (fseq, ft, _, _), frun = _inputs(4)
+    for st_, new in zip((x, w, b, s, seq, t, running), (fx, fw, fb, fs, fseq, ft, frun)):
+        st_.copy_(new)
+    version = tables.version
+    cfg = dataclasses.replace(row_configs("none", 1, 50257, 9)[0], penalty=2.5, ngram=3, min_len=20)
+    for r in (1, 2):  # another request's settings, over the new tokens
+        tables.assign(torch.tensor([r], device=DEV), cfg, seq[r:r + 1, :int(t[r])])
+    assert tables.version == version  # contents changed in place: the captured launch reads them
     graph.replay()
     torch.cuda.synchronize()
-    _same(out, _refs(*fresh))
+    _same(out, _refs(x, w, b, s, case, running))
 
 
 def test_every_kernel_once_on_awkward_shapes():
-    """The memcheck target: odd sizes, 9 and 16 rows, misaligned selection rows, every dtype."""
+    """The memcheck target: odd sizes, 9 and 16 rows, misaligned selection rows, every dtype, every processor."""
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
         for rows in (9, 16):
             _gemv_check("residual", rows, 13, 40, dtype, 1.6e-2, 1.6e-2)
         s = scores(6, 98, dtype=dtype).to(DEV)[:, 1:]
-        ids = token_ids(6, 7).to(DEV)
-        p = pipeline("all", 97, 7, DEV)
-        assert torch.equal(csrc_ops.select_greedy(s, ids, p, fallback=_no_fallback), _greedy_ref(s, ids, p))
-        got = csrc_ops.select_beam(s, ids, p, torch.zeros(2, 3, device=DEV), 9, fallback=_no_fallback)
-        assert torch.equal(got[1], ops.select_beam(s.float(), ids, p, torch.zeros(2, 3, device=DEV), 9)[1])
+        for kind in ("all", "mixed"):
+            case = _case(kind, 6, 97, 7)
+            assert torch.equal(csrc_ops.select_greedy(s, *case, fallback=_no_fallback), ops.select_greedy(s, *case))
+            running = torch.zeros(2, 3, device=DEV)
+            got = csrc_ops.select_beam(s, *case, running, 9, fallback=_no_fallback)
+            assert torch.equal(got[1], ops.select_beam(s, *case, running, 9)[1])
     torch.cuda.synchronize()
 
 
@@ -257,7 +264,9 @@ def test_every_kernel_once_on_awkward_shapes():
 # ------------------------------------------------------------------------------------------------
 @pytest.mark.usefixtures("quiet")
 @pytest.mark.parametrize("kw", [dict(), dict(num_beams=4), dict(no_repeat_ngram_size=2, repetition_penalty=1.3,
-                                                                 min_new_tokens=4, bad_words_ids=[[5], [7, 8]])])
+                                                                 min_new_tokens=4, bad_words_ids=[[5], [7, 8]]),
+                                dict(num_beams=3, no_repeat_ngram_size=2, repetition_penalty=1.3,
+                                     bad_words_ids=[[5], [7, 8]])])
 def test_generate_with_encdec_cuda_1_gives_transformers_tokens(make_ckpt, monkeypatch, kw):
     from conftest import hf_model
     from test_parity import make_inputs
@@ -268,9 +277,13 @@ def test_generate_with_encdec_cuda_1_gives_transformers_tokens(make_ckpt, monkey
     monkeypatch.setenv("ENCDEC_CUDA", "1")
     ours = encdec_fast.load(path, device="cuda", dtype=torch.float32)
     assert isinstance(ours.ops.linear, functools.partial) and ours.ops.linear.func is csrc_ops.linear
+    launched = []
+    call = csrc_ops._call
+    monkeypatch.setattr(csrc_ops, "_call", lambda name, *a: launched.append(name) or call(name, *a))
     ref = hf_model(path)
     ids, mask, _ = make_inputs(3, 11, 1, 97, 0, padded=True, avoid=(0, ref.config.pad_token_id))
     with torch.no_grad():
         want = ref.generate(ids, attention_mask=mask, max_new_tokens=10, **kw)
     got = ours.generate(ids.cuda(), attention_mask=mask.cuda(), max_new_tokens=10, **kw)
     assert torch.equal(got.cpu(), want), f"\nours {got.tolist()}\ntransformers {want.tolist()}"
+    assert ("encdec_select_beam" if kw.get("num_beams") else "encdec_select_greedy") in launched, set(launched)

@@ -4,8 +4,9 @@ whose beams are rows of one decode state.
 Each request slot r holds num_beams decode rows (`rows[r]`). Per step, from the processed log-probs
 of those rows (decode/select.py, applied to log_softmax(logits) as transformers does):
 
-  top-K continuations over all beams (K = (1 + number of eos ids) * num_beams; topk, or multinomial
-  without replacement for beam sampling) -> which stop (eos, or max_length reached) -> the best
+  top-K continuations over all beams (K = (1 + number of eos ids) * num_beams; the op table's
+  select_beam, which the csrc kernel may replace, or multinomial without replacement for beam
+  sampling) -> which stop (eos, or max_length reached) -> the best
   num_beams that did not stop become the running beams (their tokens and cache rows follow their
   parents) -> the ones that stopped among the top num_beams merge into the finished hypotheses, with
   the length penalty -> transformers' early-stop heuristic.
@@ -106,30 +107,31 @@ class BeamGroup:
         self.active.zero_()
         self.done.zero_()
 
-    def step(self, scores: torch.Tensor, seq: torch.Tensor, t: torch.Tensor, eos: torch.Tensor, *,
-             sample: int = 0, generator=None) -> torch.Tensor:
-        """One beam step for every active slot. scores (N, V): processed log-probs of all decode rows;
-        sample: beam sampling for slots 0 .. sample-1 (else top-K);
+    def step(self, logits: torch.Tensor, seq: torch.Tensor, t: torch.Tensor, tables, spec, ops, *,
+             scores: torch.Tensor | None = None, sample: int = 0, generator=None) -> torch.Tensor:
+        """One beam step for every active slot. logits (N, V): the decoder's logits of all decode rows,
+        whose processed log-probs (tables, spec: decode/select.py) ops.select_beam ranks;
         seq (N, Lc) the decode rows' tokens (written here: running beams take their parents' tokens
-        and the new one at index t); t (N,) tokens per row before this step; eos (N, E) per row.
+        and the new one at index t); t (N,) tokens per row before this step.
+        sample: beam sampling for slots 0 .. sample-1 (else top-K), drawn from scores (N, V), the
+        processed log-probs (read only then).
         Returns parents (N,) long: decode row n continues row parents[n] (n itself outside beams),
         for the caller to move the cache and per-row state."""
         R, nb, K = self.R, self.nb, self.K
-        N, V = scores.shape
+        N, V = logits.shape
         Lc = seq.shape[1]
         rows = self.rows  # (R, nb)
         live = self.active & ~self.done  # a finished request waits, unchanged, for its caller
         cur = t[rows[:, 0]].clamp(max=Lc - 1)  # (R,) tokens in each slot's running beams
         s = cur - self.prompt  # index of this step in beam_indices
-        lp = scores[rows]  # (R, nb, V)
-        acc = (lp + self.running_scores[:, :, None]).view(R, nb * V)
 
         # top-K continuations over all beams of a request (beam sampling: slots 0 .. sample-1 draw them,
         # without replacement, in one multinomial as transformers draws them; idle slots take the top K)
-        top_lp, top_idx = torch.topk(acc, k=K)
+        top_lp, top_idx = ops.select_beam(logits, seq, t, tables, spec, self.running_scores, K)
         if sample:
-            idx = torch.multinomial(sampling_probs(acc[:sample]), num_samples=K, generator=generator)
-            lp, order = torch.gather(acc[:sample], 1, idx).sort(dim=-1, descending=True)
+            acc = (scores[rows[:sample]] + self.running_scores[:sample, :, None]).view(sample, nb * V)
+            idx = torch.multinomial(sampling_probs(acc), num_samples=K, generator=generator)
+            lp, order = torch.gather(acc, 1, idx).sort(dim=-1, descending=True)
             top_lp[:sample], top_idx[:sample] = lp, idx.gather(-1, order)
         src = top_idx // V  # (R, K) beam each continuation extends
         tok = top_idx % V
@@ -140,7 +142,7 @@ class BeamGroup:
         top_bidx.scatter_(2, s.view(R, 1, 1).expand(R, K, 1), (src + self.offset).to(torch.int32).unsqueeze(-1))
 
         # which continuations stop: eos, or max_length reached
-        hits = is_eos(tok.reshape(-1), eos[rows[:, :1].expand(R, K).reshape(-1)]).view(R, K)
+        hits = is_eos(tok.reshape(-1), tables.eos[rows[:, :1].expand(R, K).reshape(-1)]).view(R, K)
         hits = hits | (cur + 1 >= self.max_length)[:, None]
 
         # running beams for the next step: the best num_beams that did not stop
@@ -186,7 +188,7 @@ class BeamGroup:
         # the running beams' tokens move to their decode rows; the caller moves their caches
         flat = rows.reshape(-1)
         seq[flat] = torch.where(act[..., None], new_seq, run_seq).reshape(R * nb, -1)
-        parents = torch.arange(N, device=scores.device)
+        parents = torch.arange(N, device=logits.device)
         parent_rows = torch.where(act, rows.gather(1, parent_beam), rows)
         parents[flat] = parent_rows.reshape(-1)
         return parents

@@ -219,6 +219,7 @@ def generate(model, input_ids=None, attention_mask=None, generation_config=None,
 
     want_scores = bool(gc.return_dict_in_generate and gc.output_scores)
     want_logits = bool(gc.return_dict_in_generate and gc.output_logits)
+    state.keep_scores = want_scores
     scores, raw = [], []
     steps = L - P
     choose = None

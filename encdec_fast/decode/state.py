@@ -19,7 +19,9 @@ device, preallocated:
 
 One step = the decoder over every row (all layers + LM head) -> the logits processors -> token choice
 (greedy argmax; sampled rows draw between `forward` and `commit`; beams choose in decode/beam.py) ->
-tokens written, finished flags updated, beam caches moved. Nothing reads the host: a caller looks at
+tokens written, finished flags updated, beam caches moved. Greedy and beam choice go through the op
+table (ops.select_greedy / select_beam, which run the processors themselves, fused in the csrc kernels);
+`forward` materialises processed scores only for what else reads them (sampling, keep_scores). Nothing reads the host: a caller looks at
 the flags only every few steps, and a late look loses nothing because `stop_t` records where each row
 stopped (extra steps only append padding past it).
 
@@ -96,6 +98,7 @@ class DecodeState:
         self.enc_bound = enc_cap  # an upper bound on enc_lens known to the host (the torch reference's window)
         self.tables = sel.RowTables(rows, self.V, self.dev)
         self.groups: dict[tuple, BeamGroup] = {}  # (num_beams, K) -> group
+        self.busy_rows = 0  # host count of the rows serving a request
         self.spec = sel.Spec()
         self.capture = capture and self.dev.type == "cuda"
         self.static = self.capture or model.static_decode  # steps as a graph runs them (the CPU tests' way)
@@ -135,6 +138,11 @@ class DecodeState:
         """The beam groups with an active request (host-side knowledge: no sync)."""
         return [g for g in self.groups.values() if g.n_active]
 
+    @property
+    def plain_rows(self) -> int:
+        """Busy rows outside beam groups, which commit chooses for (host-side knowledge: no sync)."""
+        return self.busy_rows - sum(g.n_active * g.nb for g in self.live_groups)
+
     def beam_group(self, num_beams: int, n_eos: int, *, joint: bool) -> BeamGroup:
         """The group serving requests with num_beams beams and n_eos eos ids (created on first use)."""
         key = (num_beams, max(2, 1 + n_eos) * num_beams)
@@ -166,6 +174,7 @@ class DecodeState:
         self.nonfinite[rows] = False
         self.alive[rows] = True
         self.busy[rows] = True
+        self.busy_rows += rows.shape[0]
         self.cross_start[rows] = enc_start
         self.enc_lens[rows] = enc_len
         self.tables.assign(rows, cfg, prefix)
@@ -184,6 +193,7 @@ class DecodeState:
     def leave(self, rows: torch.Tensor):
         """Rows stop serving their request (their slots may be reused)."""
         self.busy[rows] = False
+        self.busy_rows = max(0, self.busy_rows - rows.shape[0])  # a reset (StateCache) also leaves idle rows
         self.alive[rows] = False
         self.is_beam[rows] = False
         self.t[rows] = 1
@@ -195,14 +205,16 @@ class DecodeState:
         self.all_stopped_at.zero_()
 
     # -- the step ----------------------------------------------------------------------------------------
-    def forward(self, extent: tuple[int, int, int] | None = None) -> torch.Tensor:
+    def forward(self, extent: tuple[int, int] | None = None, *, processed: bool = True) -> torch.Tensor:
         """The decoder over the rows and the processors: -> scores (n, V) (fp32 when processed; the raw
-        logits when greedy needs nothing more). Beam rows get processed log-probs.
+        logits when nothing is processed). Beam rows get processed log-probs.
 
-        extent (eager steps only): (rows, token slots) that hold anything, so that an idle tail of rows
-        and slots costs nothing; rows past it score nothing (choose treats them as idle). None: every
-        row over the whole buffers, as a captured step runs. (Cross-attention reads each row's own
-        span of the arena either way.)"""
+        processed: whether anything reads the processed scores (a sampling choice, beam sampling, a caller
+        that keeps them); otherwise commit's selection ops (ops.select_greedy / select_beam) process the
+        logits themselves. extent (eager steps only): (rows, token slots) that hold anything, so that an
+        idle tail of rows and slots costs nothing; rows past it score nothing (choose treats them as
+        idle). None: every row over the whole buffers, as a captured step runs. (Cross-attention reads
+        each row's own span of the arena either way.)"""
         n, L = extent if extent is not None else (self.N, self.Lc)
         t = self.t[:n]
         pos = t - 1  # (n,) the slot the fed token is written to
@@ -215,7 +227,7 @@ class DecodeState:
         running = self.busy[:n] & (self.stop_t[:n] == 0)
         self.nonfinite[:n] |= validate.nonfinite_rows(logits) & running  # the sampled draws are kept safe
         spec = self.spec
-        if not (spec.needs_scores or self.live_groups):
+        if not (processed and (spec.needs_scores or self.live_groups)):
             self.scores = logits
             return logits
         scores = logits.float()
@@ -228,15 +240,17 @@ class DecodeState:
                move_caches: bool = True):
         """Writes the chosen tokens (N,) of the non-beam rows (None: greedy), runs the beam groups'
         choice, advances every busy row that has not reached its limit, and updates the finished flags."""
-        if tokens is None:
-            tokens = sel.greedy(self.scores)
-        tab = self.tables
-        n = tokens.shape[0]
+        tab, logits, scores = self.tables, self.logits, self.scores
+        n = logits.shape[0]
+        if tokens is None:  # greedy for the rows outside beams (none: pad, which nothing reads)
+            tokens = self.ops.select_greedy(logits, self.seq[:n], self.t[:n], tab, self.spec) if self.plain_rows \
+                else tab.pad[:n]
         if n < self.N:  # an eager extent: the rows past it are idle
             tokens = torch.cat([tokens, tab.pad[n:]])
-        scores = self.scores
-        if self.live_groups and scores.shape[0] < self.N:
-            scores = torch.cat([scores, scores.new_zeros(self.N - n, scores.shape[1])])
+            if self.live_groups:  # beam groups read every row
+                logits = torch.cat([logits, logits.new_zeros(self.N - n, logits.shape[1])])
+                if self.beam_sampling:
+                    scores = torch.cat([scores, scores.new_zeros(self.N - n, scores.shape[1])])
         room = self.busy & (self.t < self.limit)  # rows that take a token this step
         tokens = torch.where(self.alive, tokens, tab.pad)
         hit = sel.is_eos(tokens, tab.eos) & self.alive & room
@@ -245,8 +259,8 @@ class DecodeState:
         self.seq.scatter_(1, at, torch.where(plain, tokens, self.seq.gather(1, at).squeeze(1))[:, None])
         tab.observe(tokens, plain)
         for g in self.live_groups:
-            parents = g.step(scores, self.seq, self.t, tab.eos, sample=self.beam_sampling,
-                             generator=beam_generator)  # beam_sampling: how many leading slots draw
+            parents = g.step(logits, self.seq, self.t, tab, self.spec, self.ops, scores=scores,
+                             sample=self.beam_sampling, generator=beam_generator)  # beam_sampling: how many draw
             rows = g.rows.reshape(-1)
             if move_caches:
                 self.cache.move(rows, parents[rows], move_length)
@@ -266,6 +280,7 @@ class DecodeState:
         self.all_stopped_at = torch.where(everyone & (self.all_stopped_at == 0), self.steps, self.all_stopped_at)
 
     beam_sampling = 0  # beam sampling: the leading beam slots that draw their candidates (set by the caller)
+    keep_scores = False  # the caller reads the processed scores after each step (output_scores; set by it)
 
     def step(self, *, choose=None, generator=None, filled: int | None = None, extent=None):
         """One step. choose: None (greedy; with capture, the whole step is one graph replay), or a
@@ -278,13 +293,13 @@ class DecodeState:
         if move is not None and self.static:
             move = min(_round(move, SEQ_BUCKET), self.Lc)
         if not self.capture:
-            self.forward(extent)
+            self.forward(extent, processed=choose is not None or bool(self.beam_sampling) or self.keep_scores)
             self.commit(choose(self.scores) if choose is not None else None, beam_generator=generator,
                         move_length=move)
             return
         whole = choose is None and not self.beam_sampling
-        key = (whole, self.spec, tuple(sorted(k for k, g in self.groups.items() if g.n_active)), self.tables.version,
-               move)
+        key = (whole, self.plain_rows > 0, self.keep_scores, self.spec,
+               tuple(sorted(k for k, g in self.groups.items() if g.n_active)), self.tables.version, move)
         entry = self.graphs.get(key)
         if entry is None:
             entry = self._capture(key, whole, move)
@@ -305,14 +320,14 @@ class DecodeState:
         s.wait_stream(torch.cuda.current_stream(self.dev))
         with torch.cuda.stream(s):
             for _ in range(2):
-                self.forward()
+                self.forward(processed=not whole or self.keep_scores)
                 if whole:
                     self.commit(None, move_caches=False)
                 self._restore(saved)
         torch.cuda.current_stream(self.dev).wait_stream(s)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            self.forward()
+            self.forward(processed=not whole or self.keep_scores)
             if whole:
                 self.commit(None, move_length=move)
         entry = self.graphs[key] = (graph, self.scores, self.logits)
@@ -388,5 +403,6 @@ class StateCache:
                 g.clear()
             state.reset_clock()
             state.beam_sampling = 0
+            state.keep_scores = False
         self.entries[key] = state
         return state
