@@ -105,10 +105,7 @@ def build_bert2gpt2(path: str, *, layers: int, hidden: int, heads: int, enc_voca
                        is_decoder=True, add_cross_attention=True, bos_token_id=1, eos_token_id=2)
     cfg = T.EncoderDecoderConfig.from_encoder_decoder_configs(enc, dec)
     cfg.decoder_start_token_id, cfg.pad_token_id, cfg.eos_token_id = 1, 0, 2
-    model = T.EncoderDecoderModel(cfg)
-    _randomise(model, seed)
-    model.save_pretrained(path)
-    return path
+    return _save_random(cfg, path, seed)
 
 
 def build_bertgen2bertgen(path: str, *, layers: int, hidden: int, heads: int, vocab: int, positions: int = 512,
@@ -124,6 +121,13 @@ def build_bertgen2bertgen(path: str, *, layers: int, hidden: int, heads: int, vo
     dec = T.BertGenerationConfig(**half, is_decoder=True, add_cross_attention=True)
     cfg = T.EncoderDecoderConfig.from_encoder_decoder_configs(enc, dec)
     cfg.decoder_start_token_id, cfg.pad_token_id, cfg.eos_token_id = 2, 0, 1
+    return _save_random(cfg, path, seed)
+
+
+def _save_random(cfg, path: str, seed: int) -> str:
+    """An EncoderDecoderModel of this config with _randomise()d weights, saved to path."""
+    import transformers as T
+
     model = T.EncoderDecoderModel(cfg)
     _randomise(model, seed)
     model.save_pretrained(path)

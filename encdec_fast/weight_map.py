@@ -75,6 +75,35 @@ def _one(plan: Plan, ours: str, hf: str):
     plan[ours] = ([hf], lambda t: t)
 
 
+# a post-LN layer's tensors: our name -> the HF sub-names (several: concatenated), per family
+_BERT_LAYER = {
+    "attn.qkv": ["attention.self.query", "attention.self.key", "attention.self.value"],
+    "attn.o": ["attention.output.dense"], "ln1": "attention.output.LayerNorm",
+    "cross.q": ["crossattention.self.query"], "cross.kv": ["crossattention.self.key", "crossattention.self.value"],
+    "cross.o": ["crossattention.output.dense"], "ln_cross": "crossattention.output.LayerNorm",
+    "mlp.fc1": ["intermediate.dense"], "mlp.fc2": ["output.dense"], "ln2": "output.LayerNorm",
+}
+_BART_LAYER = {
+    "attn.qkv": ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
+    "attn.o": ["self_attn.out_proj"], "ln1": "self_attn_layer_norm",
+    "cross.q": ["encoder_attn.q_proj"], "cross.kv": ["encoder_attn.k_proj", "encoder_attn.v_proj"],
+    "cross.o": ["encoder_attn.out_proj"], "ln_cross": "encoder_attn_layer_norm",
+    "mlp.fc1": ["fc1"], "mlp.fc2": ["fc2"], "ln2": "final_layer_norm",
+}
+
+
+def _post_ln_layer(plan: Plan, hf: str, ours: str, names: dict, cross: bool):
+    """One post-LN layer (BertLayer): its linears (list values) and LayerNorms (str values), cross-attention's
+    only when the stack has it."""
+    for mine, theirs in names.items():
+        if not cross and mine.startswith(("cross.", "ln_cross")):
+            continue
+        if isinstance(theirs, list):
+            _linear(plan, ours + mine, [hf + n for n in theirs])
+        else:
+            _ln(plan, ours + mine, hf + theirs)
+
+
 def _bert_plan(cfg: StackConfig, ours: str, base: str) -> Plan:
     """BERT-like body (bert, roberta, bert-generation, electra). base: HF prefix of the base model
     ("encoder." or "decoder.bert.")."""
@@ -88,18 +117,7 @@ def _bert_plan(cfg: StackConfig, ours: str, base: str) -> Plan:
     if cfg.embedding_size:
         _linear(plan, f"{ours}embed.proj", [f"{base}embeddings_project"])
     for i in range(cfg.num_layers):
-        L, o = f"{base}encoder.layer.{i}.", f"{ours}layers.{i}."
-        _linear(plan, o + "attn.qkv", [L + "attention.self.query", L + "attention.self.key", L + "attention.self.value"])
-        _linear(plan, o + "attn.o", [L + "attention.output.dense"])
-        _ln(plan, o + "ln1", L + "attention.output.LayerNorm")
-        if cfg.cross_attention:
-            _linear(plan, o + "cross.q", [L + "crossattention.self.query"])
-            _linear(plan, o + "cross.kv", [L + "crossattention.self.key", L + "crossattention.self.value"])
-            _linear(plan, o + "cross.o", [L + "crossattention.output.dense"])
-            _ln(plan, o + "ln_cross", L + "crossattention.output.LayerNorm")
-        _linear(plan, o + "mlp.fc1", [L + "intermediate.dense"])
-        _linear(plan, o + "mlp.fc2", [L + "output.dense"])
-        _ln(plan, o + "ln2", L + "output.LayerNorm")
+        _post_ln_layer(plan, f"{base}encoder.layer.{i}.", f"{ours}layers.{i}.", _BERT_LAYER, cfg.cross_attention)
     return plan
 
 
@@ -110,17 +128,7 @@ def _bart_plan(cfg: StackConfig, ours: str, base: str) -> Plan:
     _one(plan, f"{ours}embed.position", base + "embed_positions.weight")
     _ln(plan, f"{ours}embed.ln", base + "layernorm_embedding")
     for i in range(cfg.num_layers):
-        L, o = f"{base}layers.{i}.", f"{ours}layers.{i}."
-        _linear(plan, o + "attn.qkv", [L + "self_attn.q_proj", L + "self_attn.k_proj", L + "self_attn.v_proj"])
-        _linear(plan, o + "attn.o", [L + "self_attn.out_proj"])
-        _ln(plan, o + "ln1", L + "self_attn_layer_norm")
-        _linear(plan, o + "cross.q", [L + "encoder_attn.q_proj"])
-        _linear(plan, o + "cross.kv", [L + "encoder_attn.k_proj", L + "encoder_attn.v_proj"])
-        _linear(plan, o + "cross.o", [L + "encoder_attn.out_proj"])
-        _ln(plan, o + "ln_cross", L + "encoder_attn_layer_norm")
-        _linear(plan, o + "mlp.fc1", [L + "fc1"])
-        _linear(plan, o + "mlp.fc2", [L + "fc2"])
-        _ln(plan, o + "ln2", L + "final_layer_norm")
+        _post_ln_layer(plan, f"{base}layers.{i}.", f"{ours}layers.{i}.", _BART_LAYER, True)
     return plan
 
 

@@ -103,6 +103,16 @@ def make_ckpt(tmp_path_factory):
     return make
 
 
+def solo(model, ids, **kw):
+    """model.generate on one input alone -> its rows as lists (seed= as torch.manual_seed before it): what
+    every Engine request must equal."""
+    kw = dict(kw)
+    seed = kw.pop("seed", None)
+    if seed is not None:
+        torch.manual_seed(seed)
+    return model.generate(torch.tensor([ids]), **kw).tolist()
+
+
 def hf_model(path):
     """transformers' own EncoderDecoderModel for a folder, fp32, eval mode."""
     import transformers as T

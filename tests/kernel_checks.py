@@ -11,6 +11,20 @@ bf16_needs_cuda = pytest.mark.skipif(
     not ON_CUDA, reason="bf16 arithmetic is wrong under Triton's CPU interpreter; bf16 is tested on CUDA only")
 
 
+# (dtype, atol, rtol) of attention outputs against the fp32 reference
+ATTN_DTYPES = [
+    pytest.param(torch.float32, 2e-5, 1e-5, id="fp32"),
+    pytest.param(torch.float16, 2e-3, 2e-3, id="fp16"),
+    pytest.param(torch.bfloat16, 1.6e-2, 1.6e-2, id="bf16", marks=bf16_needs_cuda),
+]
+ATTN_FLASH_ATOL = {torch.float16: 5e-4, torch.bfloat16: 4e-3}  # slack of the 2x criterion
+
+
+def randn(*shape, dtype=torch.float32):
+    """Normal values drawn in fp32 (the same numbers whatever the dtype), then rounded to dtype."""
+    return torch.randn(*shape, device=DEVICE, dtype=torch.float32).to(dtype)
+
+
 def check(out, ref32, atol, rtol, what, ref_lowp=None, *, flash_atol):
     """out vs the fp32 reference; on CUDA also the flash-attention criterion: our low-precision error
     <= 2x the error of the reference run in that precision (+ flash_atol[dtype] slack)."""

@@ -9,6 +9,7 @@ import time
 
 import pytest
 import torch
+from conftest import solo
 
 import encdec_fast
 from encdec_fast import EngineClosedError, InvalidInputError, UnsupportedArgumentError
@@ -44,15 +45,6 @@ def pick_eos(model, inputs, new=24):
     runs = [solo(model, x, max_new_tokens=new, eos_token_id=None)[0][1:] for x in inputs[:12]]
     share = {t: sum(t in r for r in runs) / len(runs) for t in {t for r in runs for t in r}}
     return min(share, key=lambda t: abs(share[t] - 0.5))
-
-
-def solo(model, ids, **kw):
-    """model.generate on the input alone -> list of rows (seed= as torch.manual_seed before it)."""
-    kw = dict(kw)
-    seed = kw.pop("seed", None)
-    if seed is not None:
-        torch.manual_seed(seed)
-    return model.generate(torch.tensor([ids]), **kw).tolist()
 
 
 def rows_of(result):

@@ -10,10 +10,16 @@ import time
 
 import pytest
 import torch
+from conftest import solo as conftest_solo
 from poison import NAN, RAISE, STEP_RAISE, poison
 
 import encdec_fast
-from encdec_fast import EngineClosedError, EngineUsageError, InvalidInputError, NumericalError
+from encdec_fast import (
+    EngineClosedError,
+    EngineUsageError,
+    InvalidInputError,
+    NumericalError,
+)
 
 pytestmark = pytest.mark.usefixtures("quiet")
 
@@ -35,12 +41,8 @@ def inputs(n, seed=0, max_len=20):
 
 
 def solo(model, ids, **kw):
-    kw = dict(kw)
-    seed = kw.pop("seed", None)
-    if seed is not None:
-        torch.manual_seed(seed)
-    out = model.generate(torch.tensor([ids]), **kw).tolist()
-    return out[0] if len(out) == 1 else out
+    rows = conftest_solo(model, ids, **kw)
+    return rows[0] if len(rows) == 1 else rows
 
 
 BAD_ARGS = [  # each broke its whole micro-batch or decode step before (raw IndexError / TypeError) or ran silently

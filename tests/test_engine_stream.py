@@ -10,6 +10,7 @@ import time
 
 import pytest
 import torch
+from conftest import solo
 
 import encdec_fast
 from encdec_fast import EngineClosedError, InvalidInputError, RequestCancelledError
@@ -20,14 +21,6 @@ pytestmark = pytest.mark.usefixtures("quiet", "one_torch_thread")
 @pytest.fixture(scope="module")
 def model(make_ckpt):
     return encdec_fast.load(make_ckpt("bert", "gpt2"), device="cpu")
-
-
-def solo(model, ids, **kw):
-    kw = dict(kw)
-    seed = kw.pop("seed", None)
-    if seed is not None:
-        torch.manual_seed(seed)
-    return model.generate(torch.tensor([ids]), **kw).tolist()
 
 
 def joined(start, chunks, several):

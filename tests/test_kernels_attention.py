@@ -13,24 +13,21 @@ import functools
 import pytest
 import torch
 from encdec_fast.kernels import attention as katt
-from kernel_checks import DEVICE, ON_CUDA, bf16_needs_cuda, check
+from kernel_checks import (
+    ATTN_DTYPES,
+    ATTN_FLASH_ATOL,
+    DEVICE,
+    ON_CUDA,
+    check,
+    randn,
+)
 
 from encdec_fast import ops
 
 H = 2
 
 
-# (dtype, atol, rtol) against the fp32 reference
-DTYPES = [
-    pytest.param(torch.float32, 2e-5, 1e-5, id="fp32"),
-    pytest.param(torch.float16, 2e-3, 2e-3, id="fp16"),
-    pytest.param(torch.bfloat16, 1.6e-2, 1.6e-2, id="bf16", marks=bf16_needs_cuda),
-]
-FLASH_ATOL = {torch.float16: 5e-4, torch.bfloat16: 4e-3}  # slack of the 2x criterion
-
-
-def _randn(*shape, dtype):
-    return torch.randn(*shape, device=DEVICE, dtype=torch.float32).to(dtype)
+DTYPES, FLASH_ATOL = ATTN_DTYPES, ATTN_FLASH_ATOL
 
 
 def _padding_mask(B, L, *, middle=False):
@@ -48,12 +45,12 @@ _check = functools.partial(check, flash_atol=FLASH_ATOL)
 
 def _run_attention(B, Lq, Lk, D, dtype, atol, rtol, *, causal=False, key_mask=None, fused_kv=False):
     scale = D ** -0.5
-    q = _randn(B, Lq, H, D, dtype=dtype)
+    q = randn(B, Lq, H, D, dtype=dtype)
     if fused_kv:  # k, v as strided views into one [B, L, 2, H, D] projection
-        kv = _randn(B, Lk, 2, H, D, dtype=dtype)
+        kv = randn(B, Lk, 2, H, D, dtype=dtype)
         k, v = kv[:, :, 0], kv[:, :, 1]
     else:
-        k, v = _randn(B, Lk, H, D, dtype=dtype), _randn(B, Lk, H, D, dtype=dtype)
+        k, v = randn(B, Lk, H, D, dtype=dtype), randn(B, Lk, H, D, dtype=dtype)
     out = katt.attention(q, k, v, scale=scale, causal=causal, key_mask=key_mask)
     ref32 = ops.attention(q.float(), k.float(), v.float(), scale=scale, causal=causal, key_mask=key_mask)
     ref_lowp = ops.attention(q, k, v, scale=scale, causal=causal, key_mask=key_mask) if ON_CUDA else None
@@ -102,7 +99,7 @@ def test_causal_attention_is_bottom_right_aligned_when_lengths_differ(Lq, Lk, dt
 @pytest.mark.parametrize("dtype, atol, rtol", DTYPES[:2])
 def test_attention_accepts_fused_qkv_views(dtype, atol, rtol):
     B, L, D = 2, 33, 64
-    qkv = _randn(B, L, 3, H, D, dtype=dtype)  # one fused projection, as the model produces it
+    qkv = randn(B, L, 3, H, D, dtype=dtype)  # one fused projection, as the model produces it
     q, k, v = qkv.unbind(2)
     out = katt.attention(q, k, v, scale=0.125, causal=True)
     ref = ops.attention(q.float(), k.float(), v.float(), scale=0.125, causal=True)
@@ -113,7 +110,7 @@ def test_attention_row_without_visible_key_outputs_zeros():
     B, L, D = 2, 7, 16
     mask = torch.ones(B, L, dtype=torch.bool, device=DEVICE)
     mask[1] = False
-    q, k, v = (_randn(B, L, H, D, dtype=torch.float32) for _ in range(3))
+    q, k, v = (randn(B, L, H, D, dtype=torch.float32) for _ in range(3))
     out = katt.attention(q, k, v, scale=0.25, key_mask=mask)
     assert torch.isfinite(out).all()
     assert (out[1] == 0).all()
@@ -122,7 +119,7 @@ def test_attention_row_without_visible_key_outputs_zeros():
 
 
 def test_attention_rejects_bad_inputs():
-    q = _randn(2, 7, H, 16, dtype=torch.float32)
+    q = randn(2, 7, H, 16, dtype=torch.float32)
     with pytest.raises(ValueError, match="dtype"):
         katt.attention(q, q.half(), q.half(), scale=1.0)
     with pytest.raises(ValueError, match="4-D"):
@@ -140,7 +137,7 @@ def test_attention_rejects_bad_inputs():
 # --------------------------------------------------------------------------------------------
 def _packed_qkv(lengths, D, dtype):
     """q, k, v [T, H, D] as views of one fused [T, 3, H, D] projection (as the model makes them)."""
-    qkv = _randn(sum(lengths), 3, H, D, dtype=dtype)
+    qkv = randn(sum(lengths), 3, H, D, dtype=dtype)
     cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=DEVICE)
     return (*qkv.unbind(1), cu)
 

@@ -13,24 +13,22 @@ import functools
 import pytest
 import torch
 from encdec_fast.kernels import decode_attention as kdec
-from kernel_checks import DEVICE, ON_CUDA, bf16_needs_cuda, check, needs_cuda
+from kernel_checks import (
+    ATTN_DTYPES,
+    ATTN_FLASH_ATOL,
+    DEVICE,
+    ON_CUDA,
+    check,
+    needs_cuda,
+    randn,
+)
 
 from encdec_fast import ops
 
 H = 2
 
-# (dtype, atol, rtol) against the fp32 reference
-DTYPES = [
-    pytest.param(torch.float32, 2e-5, 1e-5, id="fp32"),
-    pytest.param(torch.float16, 2e-3, 2e-3, id="fp16"),
-    pytest.param(torch.bfloat16, 1.6e-2, 1.6e-2, id="bf16", marks=bf16_needs_cuda),
-]
-FLASH_ATOL = {torch.float16: 5e-4, torch.bfloat16: 4e-3}  # slack of the 2x criterion
+DTYPES, FLASH_ATOL = ATTN_DTYPES, ATTN_FLASH_ATOL
 _check = functools.partial(check, flash_atol=FLASH_ATOL)
-
-
-def _randn(*shape, dtype=torch.float32):
-    return torch.randn(*shape, device=DEVICE, dtype=torch.float32).to(dtype)
 
 
 def _ints(values, dtype=torch.int32):
@@ -80,11 +78,11 @@ def _compare(q, k, v, dtype, atol, rtol, what, num_splits=None, **kw):
     (3, 130, 96, [130, 64, 3], 3),  # split; one row ends inside the first split
 ])
 def test_self_attention_writes_new_kv_and_matches_reference(N, Lmax, D, lens, num_splits, dtype, atol, rtol):
-    cache_k, cache_v = _randn(N, Lmax, H, D, dtype=dtype), _randn(N, Lmax, H, D, dtype=dtype)
+    cache_k, cache_v = randn(N, Lmax, H, D, dtype=dtype), randn(N, Lmax, H, D, dtype=dtype)
     k, v = cache_k.view(N * Lmax, H, D), cache_v.view(N * Lmax, H, D)  # the flat key rows, same memory
     starts = _ints([n * Lmax for n in range(N)])
     lens = _ints(lens)
-    q, k_new, v_new = (_randn(N, H, D, dtype=dtype) for _ in range(3))
+    q, k_new, v_new = (randn(N, H, D, dtype=dtype) for _ in range(3))
     _compare(q, k, v, dtype, atol, rtol, f"self N={N} Lmax={Lmax} D={D} splits={num_splits}", num_splits,
              scale=D ** -0.5, starts=starts, lens=lens, k_new=k_new, v_new=v_new)
     rows = torch.arange(N, device=DEVICE)
@@ -96,10 +94,10 @@ def test_self_attention_over_two_row_groups_with_strided_cache():
     """17 rows: two 16-row programs; a cut (rows, :Lmax) of a longer cache (row stride 12 keys, not 9)
     and new K/V that are strided views of a fused projection."""
     N, Lcap, Lmax, D = 17, 12, 9, 16
-    full_k, full_v = _randn(N, Lcap, H, D), _randn(N, Lcap, H, D)
+    full_k, full_v = randn(N, Lcap, H, D), randn(N, Lcap, H, D)
     k = full_k.as_strided((N * Lcap, H, D), (H * D, D, 1))
     v = full_v.as_strided((N * Lcap, H, D), (H * D, D, 1))
-    qkv = _randn(N, 3, H, D)
+    qkv = randn(N, 3, H, D)
     lens = _ints([(3 * n) % Lmax + 1 for n in range(N)], torch.int64)
     out = _compare(qkv[:, 0], k, v, torch.float32, 2e-5, 1e-5, "17 rows", 2, scale=0.25,
                    starts=_ints([n * Lcap for n in range(N)], torch.int64), lens=lens,
@@ -124,10 +122,10 @@ def _padding_mask(B, S, *, middle=False):
 @pytest.mark.parametrize("S, D, num_splits", [(7, 16, None), (130, 64, 1), (130, 80, 2)])
 def test_cross_attention_padded_with_shared_rows_and_mask(S, D, num_splits, dtype, atol, rtol):
     B, beams = 2, 3  # 2 inputs x 3 beams: a beam's window is its input's row of the padded K/V
-    k, v = _randn(B * S, H, D, dtype=dtype), _randn(B * S, H, D, dtype=dtype)
+    k, v = randn(B * S, H, D, dtype=dtype), randn(B * S, H, D, dtype=dtype)
     kv_row = torch.arange(B, device=DEVICE).repeat_interleave(beams)
     mask = _padding_mask(B, S, middle=True)
-    q = _randn(B * beams, H, D, dtype=dtype)
+    q = randn(B * beams, H, D, dtype=dtype)
     _compare(q, k, v, dtype, atol, rtol, f"cross S={S} D={D} splits={num_splits}", num_splits, scale=D ** -0.5,
              starts=(kv_row * S).to(torch.int32), lens=_ints([S] * (B * beams)), key_mask=mask.reshape(-1))
 
@@ -138,9 +136,9 @@ def test_cross_attention_packed_per_request_rows_in_any_order(num_splits):
     order, so a program's group holds windows that repeat, start earlier, or follow."""
     lengths, D = [5, 40, 17], 16
     offsets = [0, 5, 45]
-    k, v = _randn(sum(lengths), H, D), _randn(sum(lengths), H, D)
+    k, v = randn(sum(lengths), H, D), randn(sum(lengths), H, D)
     req = [1, 1, 0, 2, 2, 2, 0, 1]
-    q = _randn(len(req), H, D)
+    q = randn(len(req), H, D)
     _compare(q, k, v, torch.float32, 2e-5, 1e-5, f"packed splits={num_splits}", num_splits, scale=0.3,
              starts=_ints([offsets[r] for r in req]), lens=_ints([lengths[r] for r in req]))
 
@@ -148,10 +146,10 @@ def test_cross_attention_packed_per_request_rows_in_any_order(num_splits):
 def test_partially_overlapping_windows_are_each_counted_once():
     """Windows that overlap without one covering the other, in both orders (the group falls back to
     one segment per row) and a window nested inside an earlier one."""
-    k, v = _randn(50, H, 16), _randn(50, H, 16)
+    k, v = randn(50, H, 16), randn(50, H, 16)
     starts, lens = _ints([10, 0, 5, 30, 12]), _ints([5, 40, 30, 20, 2])
     for splits in (1, 2):
-        _compare(_randn(5, H, 16), k, v, torch.float32, 2e-5, 1e-5, f"overlap splits={splits}", splits,
+        _compare(randn(5, H, 16), k, v, torch.float32, 2e-5, 1e-5, f"overlap splits={splits}", splits,
                  scale=0.5, starts=starts, lens=lens)
 
 
@@ -161,7 +159,7 @@ def test_partially_overlapping_windows_are_each_counted_once():
 @pytest.mark.parametrize("num_splits", [2, 5])
 def test_split_matches_unsplit(num_splits):
     N, Lmax, D = 2, 130, 32
-    q, k, v = _randn(N, H, D), _randn(N * Lmax, H, D), _randn(N * Lmax, H, D)
+    q, k, v = randn(N, H, D), randn(N * Lmax, H, D), randn(N * Lmax, H, D)
     kw = dict(scale=0.2, starts=_ints([0, Lmax]), lens=_ints([130, 40]))
     one = kdec.decode_attention(q, k, v, num_splits=1, **kw)
     many = kdec.decode_attention(q, k, v, num_splits=num_splits, **kw)
@@ -171,16 +169,16 @@ def test_split_matches_unsplit(num_splits):
 def test_accepts_int64_indices_and_integer_mask():
     B, S, D = 2, 33, 16
     mask = _padding_mask(B, S).to(torch.int64).reshape(-1)  # 1/0 like a tokenizer's attention_mask
-    k, v = _randn(B * S, H, D), _randn(B * S, H, D)
-    _compare(_randn(3, H, D), k, v, torch.float32, 2e-5, 1e-5, "int64", None, scale=0.25,
+    k, v = randn(B * S, H, D), randn(B * S, H, D)
+    _compare(randn(3, H, D), k, v, torch.float32, 2e-5, 1e-5, "int64", None, scale=0.25,
              starts=_ints([S, S, 0], torch.int64), lens=_ints([S, 9, S], torch.int64), key_mask=mask)
 
 
 def test_row_without_visible_key_outputs_zeros():
-    k, v = _randn(40, H, 16), _randn(40, H, 16)
+    k, v = randn(40, H, 16), randn(40, H, 16)
     mask = torch.ones(40, dtype=torch.bool, device=DEVICE)
     mask[20:30] = False
-    q = _randn(3, H, 16)
+    q = randn(3, H, 16)
     out = _compare(q, k, v, torch.float32, 2e-5, 1e-5, "empty rows", 2, scale=0.25,
                    starts=_ints([0, 20, 5]), lens=_ints([0, 10, 30]), key_mask=mask)
     assert (out[:2] == 0).all() and (out[2] != 0).any()
@@ -189,7 +187,7 @@ def test_row_without_visible_key_outputs_zeros():
 def test_reference_matches_the_definition_strided_and_gathered():
     """ops.decode_attention (a strided view for evenly spaced windows, a gather otherwise) against the
     per-row loop. (Its CUDA path, windows sized by max_len, runs in the CUDA graph test.)"""
-    k, v, q = _randn(60, H, 16), _randn(60, H, 16), _randn(4, H, 16)
+    k, v, q = randn(60, H, 16), randn(60, H, 16), randn(4, H, 16)
     mask = torch.rand(60, device=DEVICE) > 0.2
     for starts, lens in (([0, 15, 30, 45], [15, 3, 9, 1]), ([30, 0, 30, 7], [20, 15, 12, 0]), ([5] * 4, [30] * 4)):
         st, ln = _ints(starts), _ints(lens)
@@ -207,7 +205,7 @@ def test_split_count_depends_only_on_shapes():
 
 
 def test_rejects_bad_inputs():
-    q, k = _randn(2, H, 16), _randn(14, H, 16)
+    q, k = randn(2, H, 16), randn(14, H, 16)
     st, ln = _ints([0, 7]), _ints([7, 7])
     call = functools.partial(kdec.decode_attention, q, k, k, scale=1.0)
     with pytest.raises(ValueError, match="lens"):
@@ -234,9 +232,9 @@ def test_rejects_bad_inputs():
 def test_cuda_graph_replays_with_new_lengths_and_writes_cache(num_splits):
     N, Lmax, D = 3, 130, 64
     dt = torch.float16
-    cache_k, cache_v = _randn(N, Lmax, H, D, dtype=dt), _randn(N, Lmax, H, D, dtype=dt)
+    cache_k, cache_v = randn(N, Lmax, H, D, dtype=dt), randn(N, Lmax, H, D, dtype=dt)
     k, v = cache_k.view(-1, H, D), cache_v.view(-1, H, D)
-    q, k_new, v_new = (_randn(N, H, D, dtype=dt) for _ in range(3))
+    q, k_new, v_new = (randn(N, H, D, dtype=dt) for _ in range(3))
     starts = _ints([n * Lmax for n in range(N)])
     lens = torch.full((N,), 5, dtype=torch.int32, device=DEVICE)
 
@@ -269,7 +267,7 @@ def test_many_splits_merge_correctly_on_the_gpu(dtype):
     """Sixteen splits of one long window per head merge through the atomic counter; repeated, so a
     missing memory fence between the partials and the merge would show."""
     T, D = 4096, 64
-    k, v, q = _randn(T, H, D, dtype=dtype), _randn(T, H, D, dtype=dtype), _randn(2, H, D, dtype=dtype)
+    k, v, q = randn(T, H, D, dtype=dtype), randn(T, H, D, dtype=dtype), randn(2, H, D, dtype=dtype)
     kw = dict(scale=0.125, starts=_ints([0, 1000]), lens=_ints([T, 2000]))
     ref = ops.decode_attention(q.float(), k.float(), v.float(), **kw)
     for _ in range(20):
