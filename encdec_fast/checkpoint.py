@@ -16,6 +16,7 @@ import ctypes
 import json
 import mmap
 import os
+import struct
 import sys
 import warnings
 import zipfile
@@ -78,6 +79,7 @@ class WeightReader:
         self.path = path
         self._where: dict[str, Path] = {}
         self._open: dict[Path, object] = {}
+        self._headers: dict[Path, tuple[int, dict]] = {}  # safetensors: (data start, header) for plain reads
         if (path / SAFE).is_file():
             self._index_file(path / SAFE)
         elif (path / SAFE_INDEX).is_file():
@@ -138,13 +140,40 @@ class WeightReader:
     def keys(self) -> set[str]:
         return set(self._where)
 
-    def get(self, name: str) -> torch.Tensor:
+    def get(self, name: str, copied: bool = False) -> torch.Tensor:
+        """The tensor: a view of the memory-mapped file, or, with copied (the caller transforms it into a
+        new tensor), a private copy read from a safetensors file without mapping it (so that its pages
+        never count in this process's memory next to the transformed copy)."""
         f = self._where[name]  # a KeyError: the tensor is missing (the caller names it)
         h = self._handle(f)
         try:
+            if copied and f.suffix == ".safetensors":
+                return self._read(f, name)
             return h.get_tensor(name) if hasattr(h, "get_tensor") else h[name]
+        except CheckpointError:
+            raise
         except Exception as e:  # noqa: BLE001  a damaged file
             raise CheckpointError(f"cannot read tensor {name} from {str(f)!r}: {e}; {_RESAVE}.") from None
+
+    def _read(self, f: Path, name: str) -> torch.Tensor:
+        """One tensor of a safetensors file through a plain read (its header gives dtype, shape, offsets)."""
+        if f not in self._headers:
+            with open(f, "rb") as fh:
+                n = struct.unpack("<Q", fh.read(8))[0]
+                self._headers[f] = (8 + n, json.loads(fh.read(n)))
+        start, header = self._headers[f]
+        entry = header[name]
+        begin, end = entry["data_offsets"]
+        t = torch.empty(entry["shape"], dtype=_SAFETENSORS_DTYPES[entry["dtype"]])
+        raw = t.reshape(-1).view(torch.uint8)
+        if raw.numel() != end - begin:
+            raise CheckpointError(f"{str(f)!r}: tensor {name} holds {end - begin} bytes but its dtype and shape "
+                                  f"need {raw.numel()}; {_RESAVE}.")
+        with open(f, "rb") as fh:
+            fh.seek(start + begin)
+            if raw.numel() and fh.readinto(raw.numpy()) != raw.numel():
+                raise CheckpointError(f"{str(f)!r} ends inside tensor {name}: the file is truncated; {_RESAVE}.")
+        return t
 
     def dtype(self) -> torch.dtype:
         for name in self._where:
@@ -152,6 +181,11 @@ class WeightReader:
             if t.is_floating_point():
                 return t.dtype
         return torch.float32
+
+
+_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                       "BOOL": torch.bool}
 
 
 def _state_dict(f: Path, obj) -> dict:
@@ -247,8 +281,9 @@ class _MappedPages:
         self.libc.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), 4)  # MADV_DONTNEED
 
 
-def assign(model, plan: wm.Plan, fetch: Callable[[str], torch.Tensor], *, device, dtype, check_finite: bool = True):
-    """Fill every buffer of `model` (built on meta) from the plan. fetch(hf_name) returns a CPU tensor.
+def assign(model, plan: wm.Plan, fetch: Callable[[str, bool], torch.Tensor], *, device, dtype, check_finite: bool = True):
+    """Fill every buffer of `model` (built on meta) from the plan. fetch(hf_name, copied) returns a CPU
+    tensor (copied: the plan transforms it into a new tensor, so a private read beats a mapped view).
     Tensors listed under the same HF names are shared (tied weights stay one tensor). Every tensor must
     be floating point and, with check_finite, finite once cast to dtype. The mapped pages of sources
     that were copied are given back (_MappedPages)."""
@@ -259,12 +294,12 @@ def assign(model, plan: wm.Plan, fetch: Callable[[str], torch.Tensor], *, device
         if key in shared:
             _set_buffer(model, ours, shared[key])
             continue
-        parts = [_floating(h, fetch(h)) for h in hf_names]
+        parts = [_floating(h, fetch(h, fn is not wm.same)) for h in hf_names]
         t = fn(*parts).to(device=device, dtype=dtype).contiguous()
         if check_finite and not _finite(t):
             raise _nonfinite(hf_names, parts, dtype)
         _set_buffer(model, ours, t)
-        if fn.__name__ == "<lambda>" and len(hf_names) == 1:
+        if fn is wm.same:
             shared[key] = t
         for p in parts:
             if p.untyped_storage().data_ptr() != t.untyped_storage().data_ptr():  # copied: its source is not needed
@@ -310,7 +345,7 @@ class Source:
     hf_config: object  # transformers EncoderDecoderConfig
     cfg: ModelConfig
     plan: wm.Plan
-    fetch: Callable[[str], torch.Tensor]
+    fetch: Callable[[str, bool], torch.Tensor]  # (HF name, copied) -> CPU tensor (see assign)
     stored_dtype: torch.dtype
     gen_dir: Path | None  # where generation_config.json is looked for (None: in memory)
     folder: Path | None  # the EncoderDecoderModel folder (None when glued or in memory)
@@ -354,8 +389,8 @@ def open_folder(path) -> Source:
         tied = {base + k[len("encoder."):]: k for k in keys if k.startswith("encoder.")}
         names = keys | set(tied)
 
-        def fetch(n):
-            return reader.get(n if n in keys else tied.get(n, n))
+        def fetch(n, copied=False):
+            return reader.get(n if n in keys else tied.get(n, n), copied)
 
     missing, unexpected = wm.missing_and_unexpected(plan, names)
     report_missing(str(root), missing, unexpected)
@@ -392,8 +427,8 @@ def open_pair(encoder, decoder) -> Source:
     enc_missing = [m for m in missing if not m.startswith(("decoder.", "enc_to_dec_proj."))]
     report_missing(f"encoder {str(ef)!r} / decoder {str(df)!r}", enc_missing, unexpected)
 
-    def fetch(n):
-        return er.get(ealias[n]) if n in ealias else dr.get(dalias[n])
+    def fetch(n, copied=False):
+        return er.get(ealias[n], copied) if n in ealias else dr.get(dalias[n], copied)
 
     return Source(hf, cfg, plan, fetch, er.dtype(), df, None, set(missing))
 
@@ -420,7 +455,7 @@ def open_module(model) -> Source:
     missing, unexpected = wm.missing_and_unexpected(plan, keys)
     report_missing(f"transformers model {type(model).__name__}", missing, unexpected)
 
-    def fetch(n):
+    def fetch(n, copied=False):  # a clone either way: nothing may share storage with the caller's model
         return sd[n].detach().clone()
 
     dtype = next((t.dtype for t in sd.values() if t.is_floating_point()), torch.float32)

@@ -48,6 +48,11 @@ DECODER_HEADS = ("cls.", "lm_head.", "generator_predictions.", "generator_lm_hea
 # ------------------------------------------------------------------------------------------------
 # plans: our buffer name -> (HF names, how to combine them)
 # ------------------------------------------------------------------------------------------------
+def same(t):
+    """The tensor as stored (a view of the checkpoint: never copied unless the dtype changes)."""
+    return t
+
+
 def _cat(*ts):
     return torch.cat(ts, 0)
 
@@ -61,18 +66,18 @@ Plan = dict[str, tuple[list[str], Callable]]
 
 def _linear(plan: Plan, ours: str, hf: list[str], fn=None):
     if fn is None:
-        fn = _cat if len(hf) > 1 else (lambda t: t)
+        fn = _cat if len(hf) > 1 else same
     plan[f"{ours}.weight"] = ([f"{h}.weight" for h in hf], fn)
-    plan[f"{ours}.bias"] = ([f"{h}.bias" for h in hf], _cat if len(hf) > 1 else (lambda t: t))
+    plan[f"{ours}.bias"] = ([f"{h}.bias" for h in hf], _cat if len(hf) > 1 else same)
 
 
 def _ln(plan: Plan, ours: str, hf: str):
-    plan[f"{ours}.weight"] = ([f"{hf}.weight"], lambda t: t)
-    plan[f"{ours}.bias"] = ([f"{hf}.bias"], lambda t: t)
+    plan[f"{ours}.weight"] = ([f"{hf}.weight"], same)
+    plan[f"{ours}.bias"] = ([f"{hf}.bias"], same)
 
 
 def _one(plan: Plan, ours: str, hf: str):
-    plan[ours] = ([hf], lambda t: t)
+    plan[ours] = ([hf], same)
 
 
 # a post-LN layer's tensors: our name -> the HF sub-names (several: concatenated), per family
