@@ -1,6 +1,6 @@
 """Find and read a checkpoint: config, weights and generation config; build the net from them.
 
-Weights are read lazily (safetensors ``safe_open``; ``.bin`` only through
+Weights are read tensor by tensor (safetensors with plain reads; ``.bin`` only through
 ``torch.load(weights_only=True)``, memory-mapped for the zip format, read whole for the legacy pre-zip
 format, which cannot be mapped; no pickle ever runs code) and assigned tensor by tensor into modules
 built on the meta device, so peak memory stays about one copy of the model. weight_map.py says which
@@ -79,7 +79,6 @@ class WeightReader:
         self.path = path
         self._where: dict[str, Path] = {}
         self._open: dict[Path, object] = {}
-        self._headers: dict[Path, tuple[int, dict]] = {}  # safetensors: (data start, header) for plain reads
         if (path / SAFE).is_file():
             self._index_file(path / SAFE)
         elif (path / SAFE_INDEX).is_file():
@@ -120,9 +119,7 @@ class WeightReader:
         if f not in self._open:
             try:
                 if f.suffix == ".safetensors":
-                    from safetensors import safe_open
-
-                    self._open[f] = safe_open(str(f), framework="pt", device="cpu")
+                    self._open[f] = _SafetensorsFile(f)
                 else:  # the legacy (pre-zip) format cannot be memory-mapped: it is read whole
                     self._open[f] = _state_dict(f, torch.load(str(f), map_location="cpu", weights_only=True,
                                                               mmap=zipfile.is_zipfile(f)))
@@ -140,40 +137,17 @@ class WeightReader:
     def keys(self) -> set[str]:
         return set(self._where)
 
-    def get(self, name: str, copied: bool = False) -> torch.Tensor:
-        """The tensor: a view of the memory-mapped file, or, with copied (the caller transforms it into a
-        new tensor), a private copy read from a safetensors file without mapping it (so that its pages
-        never count in this process's memory next to the transformed copy)."""
+    def get(self, name: str) -> torch.Tensor:
+        """The tensor (CPU). safetensors: read into memory of its own; a zip pytorch_model.bin: a view of the
+        memory-mapped file."""
         f = self._where[name]  # a KeyError: the tensor is missing (the caller names it)
         h = self._handle(f)
         try:
-            if copied and f.suffix == ".safetensors":
-                return self._read(f, name)
             return h.get_tensor(name) if hasattr(h, "get_tensor") else h[name]
         except CheckpointError:
             raise
         except Exception as e:  # noqa: BLE001  a damaged file
             raise CheckpointError(f"cannot read tensor {name} from {str(f)!r}: {e}; {_RESAVE}.") from None
-
-    def _read(self, f: Path, name: str) -> torch.Tensor:
-        """One tensor of a safetensors file through a plain read (its header gives dtype, shape, offsets)."""
-        if f not in self._headers:
-            with open(f, "rb") as fh:
-                n = struct.unpack("<Q", fh.read(8))[0]
-                self._headers[f] = (8 + n, json.loads(fh.read(n)))
-        start, header = self._headers[f]
-        entry = header[name]
-        begin, end = entry["data_offsets"]
-        t = torch.empty(entry["shape"], dtype=_SAFETENSORS_DTYPES[entry["dtype"]])
-        raw = t.reshape(-1).view(torch.uint8)
-        if raw.numel() != end - begin:
-            raise CheckpointError(f"{str(f)!r}: tensor {name} holds {end - begin} bytes but its dtype and shape "
-                                  f"need {raw.numel()}; {_RESAVE}.")
-        with open(f, "rb") as fh:
-            fh.seek(start + begin)
-            if raw.numel() and fh.readinto(raw.numpy()) != raw.numel():
-                raise CheckpointError(f"{str(f)!r} ends inside tensor {name}: the file is truncated; {_RESAVE}.")
-        return t
 
     def dtype(self) -> torch.dtype:
         for name in self._where:
@@ -181,6 +155,49 @@ class WeightReader:
             if t.is_floating_point():
                 return t.dtype
         return torch.float32
+
+
+class _SafetensorsFile:
+    """A safetensors file read with plain reads: the header (dtype, shape, byte offsets of every tensor)
+    once, then each tensor into memory of its own. Not memory-mapped: a mapped file's pages count in the
+    process's memory as they are touched, in whole (sometimes large) folios, next to the copies the
+    loader makes of transformed tensors, so peak load memory would depend on the page cache's state."""
+
+    def __init__(self, f: Path):
+        self.f = f
+        with open(f, "rb") as fh:
+            head = fh.read(8)
+            if len(head) != 8:  # (_handle says which file and what to do)
+                raise ValueError("too short to be a safetensors file")
+            n = struct.unpack("<Q", head)[0]
+            if n > os.path.getsize(f) - 8:
+                raise ValueError(f"its header length {n} exceeds the file")
+            header = json.loads(fh.read(n))
+        if not isinstance(header, dict):
+            raise ValueError("the safetensors header is not a JSON object")
+        self.start = 8 + n
+        self.entries = {k: v for k, v in header.items() if k != "__metadata__"}
+
+    def keys(self):
+        return self.entries.keys()
+
+    def get_tensor(self, name: str) -> torch.Tensor:
+        entry = self.entries[name]
+        dtype = _SAFETENSORS_DTYPES.get(entry.get("dtype"))
+        if dtype is None:
+            raise CheckpointError(f"{str(self.f)!r}: tensor {name} has dtype {entry.get('dtype')!r}, which "
+                                  f"encdec_fast does not read; {_RESAVE}.")
+        begin, end = entry["data_offsets"]
+        t = torch.empty(entry["shape"], dtype=dtype)
+        raw = t.reshape(-1).view(torch.uint8)
+        if raw.numel() != end - begin:
+            raise CheckpointError(f"{str(self.f)!r}: tensor {name} holds {end - begin} bytes but its dtype and "
+                                  f"shape need {raw.numel()}; {_RESAVE}.")
+        with open(self.f, "rb") as fh:
+            fh.seek(self.start + begin)
+            if raw.numel() and fh.readinto(raw.numpy()) != raw.numel():
+                raise CheckpointError(f"{str(self.f)!r} ends inside tensor {name}: the file is truncated; {_RESAVE}.")
+        return t
 
 
 _SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -240,8 +257,8 @@ def _nonfinite(names: list[str], parts: list[torch.Tensor], dtype) -> Exception:
 class _MappedPages:
     """Gives back the resident pages of memory-mapped source tensors once they were copied (Linux).
 
-    A checkpoint file is memory-mapped (safetensors, zip pytorch_model.bin): a weight used as it is stays
-    a view of the file, but one that is transformed (fused QKV, transposed Conv1D, another dtype) is
+    A zip pytorch_model.bin is memory-mapped: a weight used as it is stays a view of the file, but one
+    that is transformed (fused QKV, transposed Conv1D, another dtype) is
     copied, and the pages of its source, read for the copy, would stay resident next to the copy. They
     are file-backed and never written, so madvise(MADV_DONTNEED) drops them safely: a later read maps
     them from the file again. Only ranges inside a file mapping (/proc/self/maps) are touched."""
@@ -281,9 +298,8 @@ class _MappedPages:
         self.libc.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), 4)  # MADV_DONTNEED
 
 
-def assign(model, plan: wm.Plan, fetch: Callable[[str, bool], torch.Tensor], *, device, dtype, check_finite: bool = True):
-    """Fill every buffer of `model` (built on meta) from the plan. fetch(hf_name, copied) returns a CPU
-    tensor (copied: the plan transforms it into a new tensor, so a private read beats a mapped view).
+def assign(model, plan: wm.Plan, fetch: Callable[[str], torch.Tensor], *, device, dtype, check_finite: bool = True):
+    """Fill every buffer of `model` (built on meta) from the plan. fetch(hf_name) returns a CPU tensor.
     Tensors listed under the same HF names are shared (tied weights stay one tensor). Every tensor must
     be floating point and, with check_finite, finite once cast to dtype. The mapped pages of sources
     that were copied are given back (_MappedPages)."""
@@ -294,7 +310,7 @@ def assign(model, plan: wm.Plan, fetch: Callable[[str, bool], torch.Tensor], *, 
         if key in shared:
             _set_buffer(model, ours, shared[key])
             continue
-        parts = [_floating(h, fetch(h, fn is not wm.same)) for h in hf_names]
+        parts = [_floating(h, fetch(h)) for h in hf_names]
         t = fn(*parts).to(device=device, dtype=dtype).contiguous()
         if check_finite and not _finite(t):
             raise _nonfinite(hf_names, parts, dtype)
@@ -345,7 +361,7 @@ class Source:
     hf_config: object  # transformers EncoderDecoderConfig
     cfg: ModelConfig
     plan: wm.Plan
-    fetch: Callable[[str, bool], torch.Tensor]  # (HF name, copied) -> CPU tensor (see assign)
+    fetch: Callable[[str], torch.Tensor]
     stored_dtype: torch.dtype
     gen_dir: Path | None  # where generation_config.json is looked for (None: in memory)
     folder: Path | None  # the EncoderDecoderModel folder (None when glued or in memory)
@@ -389,8 +405,8 @@ def open_folder(path) -> Source:
         tied = {base + k[len("encoder."):]: k for k in keys if k.startswith("encoder.")}
         names = keys | set(tied)
 
-        def fetch(n, copied=False):
-            return reader.get(n if n in keys else tied.get(n, n), copied)
+        def fetch(n):
+            return reader.get(n if n in keys else tied.get(n, n))
 
     missing, unexpected = wm.missing_and_unexpected(plan, names)
     report_missing(str(root), missing, unexpected)
@@ -427,8 +443,8 @@ def open_pair(encoder, decoder) -> Source:
     enc_missing = [m for m in missing if not m.startswith(("decoder.", "enc_to_dec_proj."))]
     report_missing(f"encoder {str(ef)!r} / decoder {str(df)!r}", enc_missing, unexpected)
 
-    def fetch(n, copied=False):
-        return er.get(ealias[n], copied) if n in ealias else dr.get(dalias[n], copied)
+    def fetch(n):
+        return er.get(ealias[n]) if n in ealias else dr.get(dalias[n])
 
     return Source(hf, cfg, plan, fetch, er.dtype(), df, None, set(missing))
 
@@ -455,7 +471,7 @@ def open_module(model) -> Source:
     missing, unexpected = wm.missing_and_unexpected(plan, keys)
     report_missing(f"transformers model {type(model).__name__}", missing, unexpected)
 
-    def fetch(n, copied=False):  # a clone either way: nothing may share storage with the caller's model
+    def fetch(n):  # a clone: nothing may share storage with the caller's model
         return sd[n].detach().clone()
 
     dtype = next((t.dtype for t in sd.values() if t.is_floating_point()), torch.float32)
@@ -496,7 +512,7 @@ def build_net(src: Source, *, device, dtype, seed: int, check_finite: bool = Tru
         warnings.warn(
             f"the glued checkpoints lack {len(done)} tensors that only the combined model has (decoder "
             f"cross-attention, enc_to_dec_proj); initialised from seed {seed}. Fine-tune before use, as after "
-            f"from_encoder_decoder_pretrained: {sorted(done)}", stacklevel=3)
+            f"from_encoder_decoder_pretrained: {sorted(done)}", stacklevel=4)  # load() -> _build() -> build_net(): the caller of load()
     try:
         assign(net, plan, src.fetch, device=device, dtype=dtype, check_finite=check_finite)
     except KeyError as e:
