@@ -59,9 +59,14 @@ def build(path: str, size: str, fmt: str = "safetensors"):
         torch.save(model.state_dict(), os.path.join(path, "pytorch_model.bin"), _use_new_zipfile_serialization=fmt == "bin")
 
 
-def measure(path: str) -> dict:
-    import resource
+def _status_kib(field: str) -> int:
+    for line in open("/proc/self/status"):
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise KeyError(field)
 
+
+def measure(path: str) -> dict:
     import torch
     import transformers  # noqa: F401
     from transformers import AutoConfig, EncoderDecoderConfig, GenerationConfig  # noqa: F401  (module imports are
@@ -79,7 +84,10 @@ def measure(path: str) -> dict:
         torch.empty(1, device="cuda")
     before = rss()
     model = encdec_fast.load(path, device="cpu")
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    # VmHWM: this process image's own peak. Not getrusage's ru_maxrss: Linux carries the forked parent's
+    # high-water mark across exec into it (exec_mmap), so a measurement started from a big process (a
+    # test run holding models, a GPU process with CUDA's libraries) read the parent's size, not load()'s
+    peak = _status_kib("VmHWM") * 1024
     weights = sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path) if f.endswith((".safetensors", ".bin")))
     params = sum(b.numel() * b.element_size() for b in {id(b): b for b in model.net.buffers()}.values())
     status = dict(line.split(":", 1) for line in open("/proc/self/status").read().splitlines() if ":" in line)

@@ -6,7 +6,7 @@ draws, same processed scores), a seed reproduces our output, and top-k/top-p nev
 import pytest
 import torch
 import transformers.generation.logits_process as LP
-from conftest import hf_model
+from conftest import beam_sampling_draws, hf_model
 from transformers import GenerationConfig
 
 import encdec_fast
@@ -177,8 +177,8 @@ SAMPLING = [
     dict(top_k=5, temperature=0.7),
     dict(top_k=0, top_p=0.8, temperature=1.3),
     dict(top_p=0.9, num_return_sequences=2, repetition_penalty=1.2, no_repeat_ngram_size=2),
-    dict(num_beams=3, top_k=10),  # beam sampling
-    dict(num_beams=2, num_return_sequences=2, top_p=0.7, eos_token_id=[2, 24]),
+    pytest.param(dict(num_beams=3, top_k=10), marks=beam_sampling_draws),  # beam sampling
+    pytest.param(dict(num_beams=2, num_return_sequences=2, top_p=0.7, eos_token_id=[2, 24]), marks=beam_sampling_draws),
 ]
 
 
