@@ -71,3 +71,38 @@ def test_late_host_checks_return_what_transformers_returns(make_ckpt, kw):
     assert len(got.scores) == len(want.scores) < 30  # it did stop early, after eos
     for a, b in zip(got.scores, want.scores):
         assert torch.equal(torch.isinf(a), torch.isinf(b)) and (a - b).nan_to_num(0, 0, 0).abs().max() < 1e-4
+
+
+def _addresses(state) -> dict:
+    """Every state tensor's storage: the decode state's, its tables', its beam groups'."""
+    out = {}
+    for owner, obj in [("state", state), ("tables", state.tables)] + [(f"group{k}", g) for k, g in state.groups.items()]:
+        for name, v in vars(obj).items():
+            if isinstance(v, torch.Tensor) and name not in ("scores", "logits"):
+                out[f"{owner}.{name}"] = v.data_ptr()
+    out["cache"] = state.cache.buf.data_ptr()
+    return out
+
+
+def test_a_step_updates_every_state_tensor_in_place(make_ckpt, monkeypatch):
+    """A captured step replays on the addresses it was captured with: a step that rebinds a state tensor
+    (x = torch.where(...) instead of x.copy_(...)) would make the next replay read stale values."""
+    from encdec_fast.decode.state import DecodeState
+
+    ours = encdec_fast.load(make_ckpt("bert", "gpt2"), device="cpu")
+    ours.static_decode = True
+    moved = []
+    step = DecodeState.step
+
+    def checked(self, **kw):
+        before = _addresses(self)
+        step(self, **kw)
+        after = _addresses(self)
+        moved.extend(k for k in before if after.get(k) != before[k])
+
+    monkeypatch.setattr(DecodeState, "step", checked)
+    ids, mask, _ = make_inputs(3, 9, 1, 97, 0, padded=True)
+    for kw in (dict(num_beams=2, repetition_penalty=1.3), dict(no_repeat_ngram_size=2, bad_words_ids=[[5, 6]]),
+               dict(num_beams=3, num_return_sequences=2, length_penalty=0.5)):
+        ours.generate(ids, attention_mask=mask, max_new_tokens=6, **kw)
+    assert not moved, f"rebound during a step: {sorted(set(moved))}"

@@ -150,8 +150,8 @@ class BeamGroup:
         keep = torch.topk(top_running_lp, k=nb)[1]
         parent_beam = _gather(src, keep)  # (R, nb)
         new_seq = _gather(top_seq, keep)
-        self.running_scores = torch.where(live[:, None], _gather(top_running_lp, keep), self.running_scores)
-        self.running_bidx = torch.where(live[:, None, None], _gather(top_bidx, keep), self.running_bidx)
+        self.running_scores.copy_(torch.where(live[:, None], _gather(top_running_lp, keep), self.running_scores))
+        self.running_bidx.copy_(torch.where(live[:, None, None], _gather(top_bidx, keep), self.running_bidx))
 
         # finished hypotheses: the candidates that stopped among the top num_beams, with the length penalty
         just = hits & self.top_nb[None, :]
@@ -163,17 +163,17 @@ class BeamGroup:
         cand = cand + (~just) * _BIG
         merged = torch.topk(torch.cat((self.beam_scores, cand), dim=1), k=nb)[1]
         act = live[:, None]
-        self.hyps = torch.where(act[..., None], _gather(torch.cat((self.hyps, top_seq), 1), merged), self.hyps)
-        self.beam_scores = torch.where(act, _gather(torch.cat((self.beam_scores, cand), 1), merged), self.beam_scores)
-        self.beam_indices = torch.where(act[..., None], _gather(torch.cat((self.beam_indices, top_bidx), 1), merged),
-                                        self.beam_indices)
-        self.finished = torch.where(act, _gather(torch.cat((self.finished, just), 1), merged), self.finished)
+        self.hyps.copy_(torch.where(act[..., None], _gather(torch.cat((self.hyps, top_seq), 1), merged), self.hyps))
+        self.beam_scores.copy_(torch.where(act, _gather(torch.cat((self.beam_scores, cand), 1), merged), self.beam_scores))
+        self.beam_indices.copy_(torch.where(act[..., None], _gather(torch.cat((self.beam_indices, top_bidx), 1), merged),
+                                            self.beam_indices))
+        self.finished.copy_(torch.where(act, _gather(torch.cat((self.finished, just), 1), merged), self.finished))
 
         # can the running beams still beat the finished ones? (transformers' early-stop heuristic)
         best_len = torch.where(self.never_lp, self.max_length - self.prompt, cur + 1 - self.prompt).to(torch.float64)
         best_running = self.running_scores[:, :1] / (best_len ** self.length_penalty).to(torch.float32)[:, None]
         worst = torch.where(self.finished, torch.min(self.beam_scores, dim=1, keepdim=True)[0], _BIG)
-        self.open = self.open & (torch.any(best_running > worst, dim=-1, keepdim=True) | ~act)
+        self.open &= torch.any(best_running > worst, dim=-1, keepdim=True) | ~act
         all_hits = hits.all(-1)
         if self.joint:  # transformers' batch-level condition, over the active slots
             improvable = torch.any(self.open[:, 0] & live)
@@ -183,7 +183,7 @@ class BeamGroup:
         else:
             open_beam = ~(torch.all(self.finished, dim=-1) & self.early_true)
             done = ~(self.open[:, 0] & open_beam & ~all_hits)
-        self.done = torch.where(live, self.done | done, self.done)
+        self.done |= live & done
 
         # the running beams' tokens move to their decode rows; the caller moves their caches
         flat = rows.reshape(-1)

@@ -274,10 +274,10 @@ class DecodeState:
             beam_ended = torch.zeros_like(ended)
             beam_ended[g.rows.reshape(-1)] = slot_done
             ended |= beam_ended & self.is_beam & self.busy & (self.stop_t == 0)
-        self.stop_t = torch.where(ended, self.t, self.stop_t)
+        self.stop_t.copy_(torch.where(ended, self.t, self.stop_t))
         self.steps += 1
         everyone = torch.all((self.stop_t > 0) | ~self.busy)
-        self.all_stopped_at = torch.where(everyone & (self.all_stopped_at == 0), self.steps, self.all_stopped_at)
+        self.all_stopped_at.copy_(torch.where(everyone & (self.all_stopped_at == 0), self.steps, self.all_stopped_at))
 
     beam_sampling = 0  # beam sampling: the leading beam slots that draw their candidates (set by the caller)
     keep_scores = False  # the caller reads the processed scores after each step (output_scores; set by it)
