@@ -3,6 +3,7 @@
     python benchmarks/count_kernels.py                          # bert2gpt2, 12 layers, torch backend
     python benchmarks/count_kernels.py --backend triton         # Triton kernels (the interpreter off CUDA)
     python benchmarks/count_kernels.py --ckpt PATH --rows 4 --top 20
+    python benchmarks/count_kernels.py --backend triton --whole   # the whole step: token choice included
 
 Two counters run around the step: a TorchDispatchMode counts every aten op that does work (views,
 empty allocations and other metadata-only ops excluded; ``.item()``-style host reads counted apart as
@@ -134,6 +135,29 @@ def decode_step_fn(model, rows: int = 1, src_len: int = 16, pos: int = 3):
     return step
 
 
+def state_step_fn(model, rows: int = 1, src_len: int = 16, new_tokens: int = 16):
+    """A closure running one whole decode step of generate()'s DecodeState (decoder, token choice,
+    bookkeeping) for `rows` greedy rows, after two warm-up steps, against `src_len` source tokens."""
+    from encdec_fast.decode import select as sel
+    from encdec_fast.decode.state import DecodeState
+
+    dev = model.device
+    ids = torch.randint(5, model.cfg.encoder.vocab_size, (rows, src_len), device=dev)
+    with torch.no_grad():  # not inference_mode: the state's buffers are updated in place by later steps
+        enc, packing = model.encode_packed(ids)
+        cross = model.net.decoder.cross_kv(model.net.project(enc, model.ops), model.ops)  # per layer (T, H, D)
+        state = DecodeState(model, rows, 1 + new_tokens + 3, 1, packing.total)
+        state.set_cross(torch.arange(packing.total, device=dev), cross)
+        cfg = sel.RowConfig(eos=[2], pad=0)
+        state.spec = sel.Spec.of([cfg])
+        start = torch.full((rows, 1), 3, dtype=torch.long, device=dev)
+        state.join(torch.arange(rows, device=dev), start, cfg, enc_start=packing.cu_seqlens[:-1].long(),
+                   enc_len=torch.tensor(packing.lengths, dtype=torch.int32, device=dev), limit=1 + new_tokens, fill=0)
+        state.step()
+        state.step()
+    return state.step
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--ckpt", help="an EncoderDecoderModel folder (default: a random bert2gpt2, 12 layers)")
@@ -142,6 +166,8 @@ def main(argv=None) -> int:
     ap.add_argument("--rows", type=int, default=1)
     ap.add_argument("--src", type=int, default=16)
     ap.add_argument("--top", type=int, default=15)
+    ap.add_argument("--whole", action="store_true", help="the whole decode step (token choice and bookkeeping "
+                    "included), not the decoder alone")
     a = ap.parse_args(argv)
     if a.backend == "triton" and not torch.cuda.is_available():
         os.environ.setdefault("TRITON_INTERPRET", "1")  # before encdec_fast.kernels imports triton
@@ -153,7 +179,7 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as d:
         path = a.ckpt or W.build_bert2gpt2(d, layers=a.layers, hidden=64, heads=4, enc_vocab=100, dec_vocab=100)
         model = encdec_fast.load(path, backend=a.backend)
-    step = decode_step_fn(model, rows=a.rows, src_len=a.src)
+    step = (state_step_fn if a.whole else decode_step_fn)(model, rows=a.rows, src_len=a.src)
     step()  # warm-up: first-call work (compilation, lazy init) is not part of a step
     count = count_kernels(step)
     layers = model.cfg.decoder.num_layers

@@ -227,6 +227,32 @@ def select_beam(logits: torch.Tensor, seq: torch.Tensor, t: torch.Tensor, tables
 
 
 # --------------------------------------------------------------------------------------------
+# a decode step's bookkeeping (decode/state.py)
+# --------------------------------------------------------------------------------------------
+def commit_tokens(tokens, seq, t, limit, alive, busy, is_beam, beam_done, stop_t, pad, eos, steps, all_stopped_at):
+    """After the token choice, in place: rows that are not alive emit their pad; a busy row below its limit
+    takes its token (written at seq[n, t[n]] unless it is a beam row, whose tokens its beam group wrote)
+    and advances; eos (any of the row's eos ids, (N, E) padded with -1) ends an alive row; a row's stop
+    mark becomes its length when it stops (eos, its limit, or for a beam row beam_done); steps counts the
+    step, and all_stopped_at takes it the first time no busy row is still running.
+    tokens, t, limit, stop_t, pad int64 (N,); alive, busy, is_beam, beam_done bool (N,); seq int64 (N, Lc);
+    steps, all_stopped_at int64 ()."""
+    room = busy & (t < limit)  # rows that take a token this step
+    tok = torch.where(alive, tokens, pad)
+    hit = (tok[:, None] == eos).any(-1) & alive & room
+    plain = room & ~is_beam
+    at = t.clamp(max=seq.shape[1] - 1)[:, None]
+    seq.scatter_(1, at, torch.where(plain, tok, seq.gather(1, at).squeeze(1))[:, None])
+    alive &= ~hit
+    t += room.long()
+    ended = busy & (stop_t == 0) & torch.where(is_beam, beam_done, ~alive | (t >= limit))
+    stop_t.copy_(torch.where(ended, t, stop_t))
+    steps += 1
+    everyone = torch.all((stop_t > 0) | ~busy)
+    all_stopped_at.copy_(torch.where(everyone & (all_stopped_at == 0), steps, all_stopped_at))
+
+
+# --------------------------------------------------------------------------------------------
 # the switch
 # --------------------------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
@@ -246,6 +272,7 @@ class OpTable:
     decode_attention: Callable
     select_greedy: Callable
     select_beam: Callable
+    commit_tokens: Callable
 
 
 _TORCH = OpTable(
@@ -262,6 +289,7 @@ _TORCH = OpTable(
     decode_attention=decode_attention,
     select_greedy=select_greedy,
     select_beam=select_beam,
+    commit_tokens=commit_tokens,
 )
 
 
@@ -273,6 +301,7 @@ def table(backend: str) -> OpTable:
         # encdec_fast.kernels is the top-level kernels/ folder, mapped by setup.py
         from .kernels import activation as kact
         from .kernels import attention as katt
+        from .kernels import commit as kcommit
         from .kernels import decode_attention as kdec
         from .kernels import layer_norm as kln
         from .kernels import linear as klin
@@ -302,6 +331,7 @@ def table(backend: str) -> OpTable:
             decode_attention=kdec.decode_attention,
             select_greedy=select_greedy,
             select_beam=select_beam,
+            commit_tokens=kcommit.commit_tokens,
         ))
     raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
 

@@ -89,6 +89,7 @@ class DecodeState:
         self.busy = torch.zeros(rows, dtype=torch.bool, device=self.dev)
         self.nonfinite = torch.zeros(rows, dtype=torch.bool, device=self.dev)
         self.is_beam = torch.zeros(rows, dtype=torch.bool, device=self.dev)
+        self.beam_done = torch.zeros(rows, dtype=torch.bool, device=self.dev)  # no beam request done (no groups)
         self.steps = torch.zeros((), **i64)  # steps taken since the last reset_clock()
         self.all_stopped_at = torch.zeros((), **i64)  # step at which every busy row had stopped (0: not yet)
         self.cache = KVCache(dcfg, rows, seq_cap, dtype=self.dtype, device=self.dev)
@@ -251,33 +252,26 @@ class DecodeState:
                 logits = torch.cat([logits, logits.new_zeros(self.N - n, logits.shape[1])])
                 if self.beam_sampling:
                     scores = torch.cat([scores, scores.new_zeros(self.N - n, scores.shape[1])])
-        room = self.busy & (self.t < self.limit)  # rows that take a token this step
-        tokens = torch.where(self.alive, tokens, tab.pad)
-        hit = sel.is_eos(tokens, tab.eos) & self.alive & room
-        plain = room & ~self.is_beam
-        at = self.t.clamp(max=self.Lc - 1)[:, None]
-        self.seq.scatter_(1, at, torch.where(plain, tokens, self.seq.gather(1, at).squeeze(1))[:, None])
-        tab.observe(tokens, plain)
-        for g in self.live_groups:
-            parents = g.step(logits, self.seq, self.t, tab, self.spec, self.ops, scores=scores,
-                             sample=self.beam_sampling, generator=beam_generator)  # beam_sampling: how many draw
-            rows = g.rows.reshape(-1)
-            if move_caches:
-                self.cache.move(rows, parents[rows], move_length)
-            tab.reorder(rows, parents[rows])
-            tab.observe(self.seq.gather(1, at).squeeze(1), self.is_beam & room)
-        self.alive &= ~hit
-        self.t += room.long()
-        ended = self.busy & (self.stop_t == 0) & ~self.is_beam & (~self.alive | (self.t >= self.limit))
-        for g in self.live_groups:  # a beam row stops with its request
-            slot_done = (g.done & g.active)[:, None].expand_as(g.rows).reshape(-1)
-            beam_ended = torch.zeros_like(ended)
-            beam_ended[g.rows.reshape(-1)] = slot_done
-            ended |= beam_ended & self.is_beam & self.busy & (self.stop_t == 0)
-        self.stop_t.copy_(torch.where(ended, self.t, self.stop_t))
-        self.steps += 1
-        everyone = torch.all((self.stop_t > 0) | ~self.busy)
-        self.all_stopped_at.copy_(torch.where(everyone & (self.all_stopped_at == 0), self.steps, self.all_stopped_at))
+        beam_done = self.beam_done
+        if self.live_groups or tab.seen is not None:
+            room = self.busy & (self.t < self.limit)  # rows that take a token this step
+            if tab.seen is not None:  # the repetition penalty's token sets follow the plain rows' choices
+                tab.observe(torch.where(self.alive, tokens, tab.pad), room & ~self.is_beam)
+        if self.live_groups:  # beam rows: their groups choose, write their tokens and move their caches
+            at = self.t.clamp(max=self.Lc - 1)[:, None]
+            beam_done = torch.zeros_like(self.busy)
+            for g in self.live_groups:
+                parents = g.step(logits, self.seq, self.t, tab, self.spec, self.ops, scores=scores,
+                                 sample=self.beam_sampling, generator=beam_generator)  # beam_sampling: how many draw
+                rows = g.rows.reshape(-1)
+                if move_caches:
+                    self.cache.move(rows, parents[rows], move_length)
+                tab.reorder(rows, parents[rows])
+                tab.observe(self.seq.gather(1, at).squeeze(1), self.is_beam & room)
+                beam_done[rows] = (g.done & g.active)[:, None].expand_as(g.rows).reshape(-1)  # a beam row stops with its request
+        # the rest (pad for finished rows, eos, token writes, progress, stop marks, step counts): one op
+        self.ops.commit_tokens(tokens, self.seq, self.t, self.limit, self.alive, self.busy, self.is_beam, beam_done,
+                               self.stop_t, tab.pad, tab.eos, self.steps, self.all_stopped_at)
 
     beam_sampling = 0  # beam sampling: the leading beam slots that draw their candidates (set by the caller)
     keep_scores = False  # the caller reads the processed scores after each step (output_scores; set by it)
