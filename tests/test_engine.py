@@ -386,3 +386,17 @@ def test_progress_bar_callback_and_stats(models, capsys):
     assert all(r.num_generated == len(r.output_ids) - 1 for r in a)
     with encdec_fast.Engine(model) as engine:
         assert engine.generate([], max_new_tokens=5, progress=True) == []
+
+
+def test_bad_word_tables_stay_bounded_over_many_requests(models):
+    """Every request with multi-token bad words adds its sequences to the shared tables; those of requests
+    that left are dropped, so a long-running engine does not grow (and outputs stay solo generate's)."""
+    model = models("bert", "gpt2")
+    inputs, _ = workload(90, 20, seed=7)
+    kws = [dict(max_new_tokens=3, bad_words_ids=[[4 + i % 80, 5 + i % 7]]) for i in range(len(inputs))]
+    with encdec_fast.Engine(model, max_batch_size=4) as engine:
+        results = engine.generate(inputs, request_kwargs=kws)
+        tables = engine._sched.pool.state.tables
+        assert tables.bad_prefix.shape[0] <= 64 + 4, tables.bad_prefix.shape
+    for i in range(0, 90, 17):
+        assert rows_of(results[i]) == solo(model, inputs[i], **kws[i]), i

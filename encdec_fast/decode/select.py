@@ -216,7 +216,10 @@ class RowTables:
         return table
 
     def _add_bad_multi(self, rows, words):
-        """Appends the request's multi-token bad words (rows may share a word with other requests)."""
+        """Appends the request's multi-token bad words (rows may share a word with other requests); past
+        64 sequences, those of requests that left are dropped first (a long-running engine stays bounded)."""
+        if self.bad_prefix.shape[0] >= 64:
+            self.compact()
         G0, P0 = self.bad_prefix.shape
         P = max(P0, max(len(w) - 1 for w in words))
         prefix = torch.full((G0 + len(words), P), -1, dtype=torch.long, device=self.dev)
@@ -230,6 +233,11 @@ class RowTables:
         self.bad_plen = torch.cat([self.bad_plen, torch.tensor([len(w) - 1 for w in words], device=self.dev)])
         self.bad_last = torch.cat([self.bad_last, torch.tensor([w[-1] for w in words], device=self.dev)])
         self.version += 1
+
+    def release(self, rows: torch.Tensor):
+        """Rows that left their request own no bad-word sequence any more."""
+        if self.bad_owner.shape[1]:
+            self.bad_owner[rows] = False
 
     def compact(self):
         """Drops multi-token bad words no row uses any more (between steps; changes the tables)."""

@@ -200,6 +200,7 @@ class DecodeState:
         self.t[rows] = 1
         self.cross_start[rows] = 0
         self.enc_lens[rows] = 1
+        self.tables.release(rows)
 
     def reset_clock(self):
         self.steps.zero_()
