@@ -5,7 +5,8 @@
     python benchmarks/load_memory.py --size rothe --format legacy_bin   # Rothe et al.'s bert-generation shape
 
 --format: safetensors (default), bin (torch.save's zip format, memory-mapped) or legacy_bin (the pre-zip
-format, which torch.load must read whole).
+format, which torch.load must read whole). --no-prepack loads with prepack=False (plain projection
+weights; the default packs them for oneDNN on the CPU, a tied LM head getting its own packed copy).
 
 Builds the checkpoint with transformers in one process, then loads it in a fresh one and reports
 (peak RSS during load - RSS before load) / weight bytes.
@@ -17,6 +18,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 
 SIZES = {  # (encoder layers, hidden, heads, ffn), (decoder layers), vocab; bert2gpt2 unless a family is named
     "base": dict(enc=(12, 768, 12, 3072), dec_layers=12, vocab=50257),
@@ -66,7 +68,7 @@ def _status_kib(field: str) -> int:
     raise KeyError(field)
 
 
-def measure(path: str) -> dict:
+def measure(path: str, prepack: bool = True) -> dict:
     import torch
     import transformers  # noqa: F401
     from transformers import AutoConfig, EncoderDecoderConfig, GenerationConfig  # noqa: F401  (module imports are
@@ -83,7 +85,9 @@ def measure(path: str) -> dict:
         torch.cuda.init()
         torch.empty(1, device="cuda")
     before = rss()
-    model = encdec_fast.load(path, device="cpu")
+    t0 = time.perf_counter()
+    model = encdec_fast.load(path, device="cpu", prepack=prepack)
+    seconds = time.perf_counter() - t0
     # VmHWM: this process image's own peak. Not getrusage's ru_maxrss: Linux carries the forked parent's
     # high-water mark across exec into it (exec_mmap), so a measurement started from a big process (a
     # test run holding models, a GPU process with CUDA's libraries) read the parent's size, not load()'s
@@ -91,16 +95,18 @@ def measure(path: str) -> dict:
     weights = sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path) if f.endswith((".safetensors", ".bin")))
     params = sum(b.numel() * b.element_size() for b in {id(b): b for b in model.net.buffers()}.values())
     status = dict(line.split(":", 1) for line in open("/proc/self/status").read().splitlines() if ":" in line)
-    return dict(weight_bytes=weights, model_bytes=params, rss_before=before, peak_rss=peak,
+    return dict(weight_bytes=weights, model_bytes=params, rss_before=before, peak_rss=peak, load_s=seconds,
                 peak_increase=peak - before, ratio=(peak - before) / weights,
                 rss_anon=status["RssAnon"].strip(), rss_file=status["RssFile"].strip())
 
 
-def run(size: str, fmt: str = "safetensors") -> dict:
+def run(size: str, fmt: str = "safetensors", prepack: bool = True) -> dict:
     with tempfile.TemporaryDirectory() as d:
         subprocess.run([sys.executable, __file__, "--build", d, "--size", size, "--format", fmt], check=True,
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        out = subprocess.run([sys.executable, __file__, "--measure", d], check=True, capture_output=True, text=True)
+        flag = [] if prepack else ["--no-prepack"]
+        out = subprocess.run([sys.executable, __file__, "--measure", d, *flag], check=True, capture_output=True,
+                             text=True)
         return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -110,12 +116,13 @@ if __name__ == "__main__":
     ap.add_argument("--format", default="safetensors", choices=FORMATS)
     ap.add_argument("--build")
     ap.add_argument("--measure")
+    ap.add_argument("--no-prepack", dest="prepack", action="store_false")
     a = ap.parse_args()
     if a.build:
         build(a.build, a.size, a.format)
     elif a.measure:
-        print(json.dumps(measure(a.measure)))
+        print(json.dumps(measure(a.measure, a.prepack)))
     else:
-        r = run(a.size, a.format)
-        print(f"{a.size} {a.format}: weights {r['weight_bytes'] / 2**20:.0f} MiB, peak RSS increase during load "
+        r = run(a.size, a.format, a.prepack)
+        print(f"{a.size} {a.format}{'' if a.prepack else ' (prepack=False)'}: load {r['load_s']:.1f} s, weights {r['weight_bytes'] / 2**20:.0f} MiB, peak RSS increase during load "
               f"{r['peak_increase'] / 2**20:.0f} MiB = {r['ratio']:.2f}x the weights")

@@ -25,6 +25,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from . import prepack
 from .decode import select as sel
 
 BACKENDS = ("torch", "triton")
@@ -57,18 +58,24 @@ def bias_gelu(x: torch.Tensor, bias: torch.Tensor | None, approximate: str) -> t
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """x @ weight.T + bias, weight [out, in] (nn.Linear layout)."""
+    """x @ weight.T + bias, weight [out, in] (nn.Linear layout), plain or packed (prepack.py)."""
+    if weight.is_mkldnn:
+        return prepack.linear(x, weight, bias)
     return F.linear(x, weight, bias)
 
 
 def linear_gelu(x, weight, bias, approximate: str, *, gelu: Callable = bias_gelu) -> torch.Tensor:
     """gelu(x @ weight.T + bias): the MLP's first projection. The product is rounded to x's dtype before
     the bias is added (as a matmul without bias followed by the bias_gelu op rounds it)."""
+    if weight.is_mkldnn:
+        return prepack.linear(x, weight, bias, gelu=approximate)
     return gelu(linear(x, weight, None), bias, approximate)
 
 
 def linear_residual(x, weight, bias, residual) -> torch.Tensor:
     """x @ weight.T + bias + residual (the linear's output rounded to x's dtype before the add)."""
+    if weight.is_mkldnn:
+        return prepack.linear(x, weight, bias, residual=residual)
     return linear(x, weight, bias) + residual
 def fused_linear(x, weight, bias=None, *, x_ln=None, gelu=None, residual=None, residual_ln=None):
     """gelu?(LN_x?(x) @ weight.T + bias) + LN_r?(residual): a decode-step projection with its
@@ -80,6 +87,10 @@ def fused_linear(x, weight, bias=None, *, x_ln=None, gelu=None, residual=None, r
         raise ValueError(f"fused_linear: gelu must be None, 'none' or 'tanh', got {gelu!r}")
     if x_ln is not None:
         x = F.layer_norm(x, (x.shape[-1],), x_ln[0], x_ln[1], x_ln[2])
+    if weight.is_mkldnn:  # one oneDNN call with the GELU or the residual add (prepack.py)
+        if residual is not None and residual_ln is not None:
+            residual = F.layer_norm(residual, (residual.shape[-1],), residual_ln[0], residual_ln[1], residual_ln[2])
+        return prepack.linear(x, weight, bias, gelu=gelu, residual=residual)
     y = F.linear(x, weight, bias)
     if gelu is not None:
         y = F.gelu(y, approximate=gelu)

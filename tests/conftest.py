@@ -127,6 +127,11 @@ def solo(model, ids, **kw):
     return model.generate(torch.tensor([ids]), **kw).tolist()
 
 
+def plain(t: torch.Tensor) -> torch.Tensor:
+    """A weight as a plain tensor: the CPU default packs projection weights for oneDNN (prepack.py)."""
+    return t.to_dense() if t.is_mkldnn else t
+
+
 def hf_model(path):
     """transformers' own EncoderDecoderModel for a folder, fp32, eval mode."""
     import transformers as T

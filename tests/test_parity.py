@@ -2,9 +2,10 @@
 
 import pytest
 import torch
-from conftest import hf_model
+from conftest import hf_model, plain
 
 import encdec_fast
+from encdec_fast import prepack
 
 PAIRS = [("bert", "gpt2"), ("bert", "bert"), ("roberta", "roberta"), ("roberta", "gpt2")]
 
@@ -87,13 +88,13 @@ def test_weight_file_layouts_load_identically(make_ckpt, fmt):
 def test_untied_lm_head_and_gpt2_scaling_flags(make_ckpt):
     path = make_ckpt("bert", "gpt2", dec_kw=dict(tie_word_embeddings=False, scale_attn_by_inverse_layer_idx=True,
                                                    reorder_and_upcast_attn=True))
-    ours = encdec_fast.load(path)
+    ours = encdec_fast.load(path, prepack=False)
     assert ours.net.decoder.head.weight.data_ptr() != ours.net.decoder.embed.word.data_ptr()
     compare(path, B=2, S=7, T=5, padded=False)
 
 
 def test_tied_lm_head_shares_the_embedding_tensor(make_ckpt):
-    ours = encdec_fast.load(make_ckpt("bert", "gpt2"))
+    ours = encdec_fast.load(make_ckpt("bert", "gpt2"), prepack=False)  # packed, the head is a reordered copy
     assert ours.net.decoder.head.weight.data_ptr() == ours.net.decoder.embed.word.data_ptr()
 
 
@@ -146,11 +147,13 @@ def test_glued_encoder_and_decoder_match_from_encoder_decoder_pretrained(tmp_pat
                     p.normal_(0, 0.3)
     ep, dp = _save_half(enc_m, tmp_path / "enc"), _save_half(dec_m, tmp_path / "dec")
     ref = T.EncoderDecoderModel.from_encoder_decoder_pretrained(str(ep), str(dp)).eval()
-    ours = encdec_fast.load(encoder=ep, decoder=dp)
+    ours = encdec_fast.load(encoder=ep, decoder=dp, prepack=False)
     assert ours.cfg.has_enc_to_dec_proj
     # the projection is new in both (random): give ours transformers' values
     ours.net.enc_to_dec_proj.weight.copy_(ref.enc_to_dec_proj.weight)
     ours.net.enc_to_dec_proj.bias.copy_(ref.enc_to_dec_proj.bias)
+    if prepack.applies(ours.device, ours.dtype, ours.backend):  # then the CPU default: packed weights
+        prepack.pack(ours.net)
     ids, mask, decids = make_inputs(2, 9, 6, 97, 0, True)
     with torch.no_grad():
         r = ref(input_ids=ids, attention_mask=mask, decoder_input_ids=decids)
@@ -172,7 +175,7 @@ def test_glued_decoder_without_cross_attention_is_initialised_reproducibly_with_
     assert w.filename == __file__  # the warning points at the caller's load(), not at encdec_fast
     b = encdec_fast.load(encoder=ep, decoder=dp, seed=7)
     c = encdec_fast.load(encoder=ep, decoder=dp, seed=8)
-    wa, wb, wc = (m.net.decoder.layers[0].cross.q.weight for m in (a, b, c))
+    wa, wb, wc = (plain(m.net.decoder.layers[0].cross.q.weight) for m in (a, b, c))
     assert torch.equal(wa, wb) and not torch.equal(wa, wc)
     ids = torch.randint(4, 97, (1, 5))
     assert torch.equal(a(ids, decoder_input_ids=ids).logits, b(ids, decoder_input_ids=ids).logits)

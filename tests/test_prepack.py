@@ -1,0 +1,121 @@
+"""oneDNN-packed projection weights on the CPU (encdec_fast/prepack.py): the packed linear ops against
+F.linear on awkward shapes, pack/unpack round trips (sharing kept), and whole models: packed (the CPU
+default) and plain give transformers' tokens, and moving a model unpacks and repacks it."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import encdec_fast
+from encdec_fast import ops, prepack
+from encdec_fast.errors import InvalidInputError
+
+from conftest import hf_model
+
+pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="CPU-only path (the GPU runs the triton table)")
+
+
+def _packed(w):
+    return torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), 8)
+
+
+def test_this_build_has_onednn():
+    # the CPU wheels CI installs are built with oneDNN: if this fails, the packed path silently is not tested
+    assert prepack.available()
+
+
+@pytest.mark.parametrize("rows,k,n", [(1, 7, 5), (3, 33, 130), (8, 96, 300), (17, 64, 1), (0, 16, 9)])
+def test_packed_linear_ops_equal_plain(rows, k, n):
+    g = torch.Generator().manual_seed(rows * 100 + k)
+    x = torch.randn(rows, k, generator=g)
+    w, b = torch.randn(n, k, generator=g), torch.randn(n, generator=g)
+    r = torch.randn(rows, n, generator=g)
+    lnx = (torch.rand(k, generator=g) + 0.5, torch.randn(k, generator=g), 1e-5)
+    lnr = (torch.rand(n, generator=g) + 0.5, torch.randn(n, generator=g), 1e-12)
+    p = _packed(w)
+    close = dict(rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(ops.linear(x, p, b), F.linear(x, w, b), **close)
+    torch.testing.assert_close(ops.linear(x, p, None), F.linear(x, w), **close)
+    for approx in ("none", "tanh"):
+        torch.testing.assert_close(ops.linear_gelu(x, p, b, approx), ops.linear_gelu(x, w, b, approx), **close)
+    torch.testing.assert_close(ops.linear_residual(x, p, b, r), ops.linear_residual(x, w, b, r), **close)
+    for kw in (dict(x_ln=lnx), dict(x_ln=lnx, gelu="tanh"), dict(residual=r), dict(residual=r, residual_ln=lnr),
+               dict(x_ln=lnx, residual=r, residual_ln=lnr)):
+        torch.testing.assert_close(ops.fused_linear(x, p, b, **kw), ops.fused_linear(x, w, b, **kw), **close)
+
+
+def test_packed_linear_takes_3d_and_strided_inputs():
+    g = torch.Generator().manual_seed(1)
+    w, b = torch.randn(40, 24, generator=g), torch.randn(40, generator=g)
+    x3 = torch.randn(2, 5, 24, generator=g)
+    xs = torch.randn(5, 48, generator=g)[:, ::2]  # a strided view
+    p = _packed(w)
+    torch.testing.assert_close(ops.linear(x3, p, b), F.linear(x3, w, b), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(ops.linear(xs, p, b), F.linear(xs, w, b), rtol=1e-5, atol=1e-4)
+    with pytest.raises(ValueError, match="gelu and residual"):
+        prepack.linear(xs, p, b, gelu="tanh", residual=torch.zeros(5, 40))
+
+
+def test_pack_unpack_round_trip_keeps_sharing(make_ckpt):
+    path = make_ckpt("bert", "bert", enc_kw=dict(), dec_kw=dict())
+    m = encdec_fast.load(path, prepack=False)
+    before = {n: b.clone() for n, b in m.net.named_buffers() if b is not None}
+    dec = m.net.decoder
+    assert dec.head.weight is dec.embed.word  # tied: one tensor
+    m.net.encoder.layers[0].mlp.fc2._buffers["weight"] = m.net.decoder.layers[0].mlp.fc2.weight  # shared
+    before["encoder.layers.0.mlp.fc2.weight"] = before["decoder.layers.0.mlp.fc2.weight"]
+    prepack.pack(m.net)
+    assert prepack.is_packed(m.net)
+    assert dec.head.weight.is_mkldnn and not dec.embed.word.is_mkldnn  # the lookup reads the plain table
+    assert m.net.encoder.layers[0].mlp.fc2.weight is m.net.decoder.layers[0].mlp.fc2.weight
+    prepack.pack(m.net)  # idempotent
+    prepack.unpack(m.net)
+    assert not prepack.is_packed(m.net)
+    assert dec.head.weight is dec.embed.word  # tied again
+    assert m.net.encoder.layers[0].mlp.fc2.weight is m.net.decoder.layers[0].mlp.fc2.weight
+    after = dict(m.net.named_buffers(remove_duplicate=False))
+    for n, b in before.items():
+        assert torch.equal(after[n], b), n
+
+
+def test_load_packs_on_cpu_fp32_only(make_ckpt):
+    path = make_ckpt()
+    assert prepack.is_packed(encdec_fast.load(path).net)
+    assert not prepack.is_packed(encdec_fast.load(path, prepack=False).net)
+    assert not prepack.is_packed(encdec_fast.load(path, dtype=torch.bfloat16).net)
+    assert not prepack.is_packed(encdec_fast.load(path, backend="triton").net)  # the kernels read plain memory
+    with pytest.raises(InvalidInputError, match="prepack"):
+        encdec_fast.load(path, prepack="yes")
+
+
+@pytest.mark.parametrize("pair", [("bert", "gpt2"), ("roberta", "bert"), ("bert-generation", "bert-generation")])
+def test_packed_and_plain_give_transformers_tokens(make_ckpt, quiet, pair):
+    path = make_ckpt(*pair)
+    hf = hf_model(path)
+    packed, plain = encdec_fast.load(path), encdec_fast.load(path, prepack=False)
+    assert prepack.is_packed(packed.net)
+    ids = torch.tensor([[5, 9, 14, 22, 7, 31, 12], [6, 18, 4, 11, 0, 0, 0]])
+    mask = (torch.arange(7) < torch.tensor([[7], [4]])).long()
+    for kw in (dict(max_new_tokens=9), dict(max_new_tokens=7, num_beams=3)):
+        ref = hf.generate(ids, attention_mask=mask, **kw)
+        assert torch.equal(packed.generate(ids, attention_mask=mask, **kw), ref), kw
+        assert torch.equal(plain.generate(ids, attention_mask=mask, **kw), ref), kw
+    dec = torch.tensor([[3, 8, 15, 9], [3, 1, 2, 4]])
+    want = hf(input_ids=ids, attention_mask=mask, decoder_input_ids=dec).logits
+    got = packed(input_ids=ids, attention_mask=mask, decoder_input_ids=dec).logits
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_to_unpacks_and_repacks(make_ckpt, quiet):
+    path = make_ckpt()
+    m = encdec_fast.load(path)
+    ids = torch.tensor([[5, 9, 14, 22, 7]])
+    want = m.generate(ids, max_new_tokens=6)
+    m.to(dtype=torch.bfloat16)
+    assert not prepack.is_packed(m.net) and m.dtype == torch.bfloat16
+    m.to(dtype=torch.float32)  # bf16 round trip: not the same weights, but packed again
+    assert prepack.is_packed(m.net)
+    m2 = encdec_fast.load(path)
+    m2.to("cpu")
+    assert prepack.is_packed(m2.net)
+    assert torch.equal(m2.generate(ids, max_new_tokens=6), want)
