@@ -124,13 +124,13 @@ def decode_step_fn(model, rows: int = 1, src_len: int = 16, pos: int = 3):
         enc, _ = model.encode_packed(ids)  # (rows * src_len, E)
         cross = model.net.decoder.cross_kv(model.net.project(enc, model.ops), model.ops)  # per layer (T, H, D)
     cache = KVCache(dcfg, rows, pos + 8, dtype=model.dtype, device=dev)
-    tokens = torch.full((rows,), 5, dtype=torch.long, device=dev)
-    position = torch.full((1,), pos, dtype=torch.long, device=dev)
+    seq = torch.full((rows, pos + 1), 5, dtype=torch.long, device=dev)  # row n feeds seq[n, pos] at position pos
+    t = torch.full((rows,), pos + 1, dtype=torch.long, device=dev)
     enc_lens = torch.full((rows,), src_len, dtype=torch.int32, device=dev)
     starts = torch.arange(rows, device=dev) * src_len  # row n's encoder keys in the packed K/V
 
     def step():
-        return model.net.decoder.step(tokens, position, cache.layers, cross, starts, enc_lens, src_len, model.ops)
+        return model.net.decoder.step(seq, t, cache.layers, cross, starts, enc_lens, src_len, model.ops)
 
     return step
 

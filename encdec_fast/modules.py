@@ -90,12 +90,18 @@ class Embeddings(nn.Module):
         L = ids.shape[1]
         return (torch.arange(L, device=ids.device) + (start + cfg.position_offset)).expand(ids.shape[0], L)
 
-    def step_positions(self, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        """positions() for one token per row: ids (N,), pos (N,) tokens already before it -> (N,)."""
+    def step(self, seq: torch.Tensor, t: torch.Tensor, ops, row_stride: int):
+        """A decode step's embeddings: row n feeds seq[n, t[n] - 1] at position t[n] - 1 (positions() for one
+        token, token type 0). -> (x (N, hidden), seq_lens int32 (N,) = t, self_starts (N,) = n * row_stride):
+        ops.embed_step, one launch on the triton table (the ELECTRA projection, when present, a second)."""
         cfg = self.cfg
-        if cfg.positions_skip_pad:
-            return torch.where(ids != cfg.pad_token_id, pos + cfg.position_offset, cfg.pad_token_id)
-        return pos + cfg.position_offset
+        x, seq_lens, starts = ops.embed_step(
+            seq, t, self.word, self.position, self.token_type[0] if cfg.type_vocab_size else None,
+            scale=cfg.embed_scale, offset=cfg.position_offset, pad_id=cfg.pad_token_id if cfg.pad_token_id is not None else -1,
+            skip_pad=cfg.positions_skip_pad, ln=_ln(self.ln) if cfg.embed_ln else None, row_stride=row_stride)
+        if cfg.embedding_size:
+            x = self.proj(x, ops)
+        return x, seq_lens, starts
 
     def forward(self, ids: torch.Tensor, pos: torch.Tensor, ops, types: torch.Tensor | None = None):
         """ids, pos (and types, token type ids; None: type 0) (B, L) -> (B, L, hidden)."""
@@ -149,13 +155,6 @@ class StepContext:
     enc_lens: torch.Tensor  # (N,) encoder keys row n attends
     enc_bound: int  # a bound on enc_lens known to the host
 
-    @classmethod
-    def build(cls, k_cache, pos, cross_starts, enc_lens, enc_bound: int) -> "StepContext":
-        """From layer 0's cache (N, Lmax, H, D); every layer's has the same layout."""
-        N, dev = pos.shape[0], pos.device
-        r = _key_rows(k_cache)[1]
-        return cls(torch.arange(0, N * r, r, device=dev), (pos + 1).to(torch.int32), k_cache.shape[1], cross_starts,
-                   enc_lens, enc_bound)
 
 
 class SelfAttention(nn.Module):
@@ -346,17 +345,16 @@ class Decoder(nn.Module):
         kw = dict(causal=True, key_mask=key_mask, enc_mask=enc_mask)
         return self.head(self._run(x, ops, lambda layer, i: kw | {"cross_kv": cross_kv[i]}, "full"), ops)
 
-    def step(self, ids, pos, cache, cross_kv, cross_starts, enc_lens, enc_bound: int, ops):
-        """One token per row. ids (N,); pos long (1,) or (N,) = number of tokens already in each row's
-        cache (the slot this token is written to; per row for continuous batching).
+    def step(self, seq, t, cache, cross_kv, cross_starts, enc_lens, enc_bound: int, ops):
+        """One token per row: row n feeds seq[n, t[n] - 1] (seq long (N, Lc), t long (N,)), whose K/V go
+        to slot t[n] - 1 of the row's cache (per row, for continuous batching).
         cache: (k_caches, v_caches) lists of (N, Lmax, H, D); cross_kv: per layer packed (K, V) each
         (T, H, D), row n attending keys cross_starts[n] .. + enc_lens[n] (<= enc_bound).
         Returns logits (N, V)."""
-        pos = pos.expand(ids.shape[0])
-        p = self.embed.step_positions(ids, pos)
-        x = self.embed(ids.unsqueeze(1), p.unsqueeze(1), ops).squeeze(1)  # (N, E)
         ks, vs = cache
-        ctx = StepContext.build(ks[0], pos, cross_starts, enc_lens, enc_bound)
+        r = _key_rows(ks[0])[1]  # every layer's cache has layer 0's layout
+        x, seq_lens, self_starts = self.embed.step(seq, t, ops, r)  # (N, E)
+        ctx = StepContext(self_starts, seq_lens, ks[0].shape[1], cross_starts, enc_lens, enc_bound)
         if self.cfg.pre_ln:
             for i, layer in enumerate(self.layers):
                 x = layer.step(x, ops, ctx, ks[i], vs[i], cross_kv[i])

@@ -8,6 +8,10 @@ Shape conventions (B batch, L length, H heads, D head dim, N decode rows, V voca
   varlen_attention q/k/v [T, H, D] packed, cu_seqlens int32 [B+1] (row b = tokens cu[b]:cu[b+1]) -> [T, H, D]
   decode_attention q [N, H, D], k/v [T, H, D] key rows, starts/lens int [N] (row n's window) -> [N, H, D]
   fused_linear     x [M, K], weight [N, K] (nn.Linear layout) -> [M, N], LayerNorm/GELU/residual fused
+  embed_step       seq [N, Lc], t [N] (row n feeds seq[n, t[n] - 1] at position t[n] - 1), the tables
+                   -> (x [N, E], seq_lens int32 [N] = t, self_starts long [N] = n * row_stride)
+  scan_logits      logits [N, V]: flags running rows with NaN/inf in nonfinite [N] (in place); -> argmax
+                   tokens long [N] (argmax=True) or None
   select_greedy    logits [N, V], seq [N, Lc], t [N], RowTables, Spec -> tokens long [N]
   select_beam      logits [N, V], seq, t, RowTables, Spec, running scores [R, nb], k
                    -> (scores float32, indices long) [R, k]; request r's beams are rows r*nb .. r*nb+nb-1
@@ -25,7 +29,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from . import prepack
+from . import prepack, validate
 from .decode import select as sel
 
 BACKENDS = ("torch", "triton")
@@ -209,6 +213,40 @@ def _window_view(k: torch.Tensor, starts: torch.Tensor, W: int) -> torch.Tensor 
 
 
 # --------------------------------------------------------------------------------------------
+# a decode step's embeddings (modules.Embeddings.step) and its look at the logits (decode/state.py)
+# --------------------------------------------------------------------------------------------
+def embed_step(seq, t, word, position, type0, *, scale: float, offset: int, pad_id: int, skip_pad: bool, ln,
+               row_stride: int):
+    """The embeddings of the token each row feeds in a decode step, as Embeddings.forward computes them for
+    one token (word x scale + token type 0 + position, then the LayerNorm), and the step's attention
+    bookkeeping: row n feeds seq[n, t[n] - 1] at position t[n] - 1 (table row: + offset; with skip_pad a
+    pad token takes row pad_id). seq long [N, Lc], t long [N]; word [V, E], position [P, E], type0 [E] or
+    None; ln (weight, bias, eps) or None. -> (x [N, E], seq_lens int32 [N] = t (the keys each row attends,
+    the new one included), self_starts long [N] = n * row_stride (row n's first key in a layer's cache))."""
+    pos = t - 1
+    tok = seq.gather(1, pos[:, None]).squeeze(1)
+    p = torch.where(tok != pad_id, pos + offset, pad_id) if skip_pad else pos + offset
+    x = word[tok]
+    if scale != 1.0:
+        x = x * scale
+    if type0 is not None:
+        x = x + type0
+    x = x + position[p]
+    if ln is not None:
+        x = F.layer_norm(x, (x.shape[-1],), ln[0], ln[1], ln[2])
+    N = t.shape[0]
+    return x, t.to(torch.int32), torch.arange(0, N * row_stride, row_stride, device=t.device)[:N]
+
+
+def scan_logits(logits, busy, stop_t, nonfinite, *, argmax: bool):
+    """One look at a step's logits [N, V]: running rows (busy, stop_t == 0) holding NaN or inf get
+    nonfinite[n] = True (bool [N], in place; validate.nonfinite_rows); with argmax, returns each row's
+    argmax (first index among equal maxima; any index in range for a row holding NaN), else None."""
+    nonfinite |= validate.nonfinite_rows(logits) & busy & (stop_t == 0)
+    return torch.argmax(logits, dim=-1) if argmax else None
+
+
+# --------------------------------------------------------------------------------------------
 # token selection (decode/state.py's commit and decode/beam.py's BeamGroup.step; the processors and
 # their per-row tables are decode/select.py's)
 # --------------------------------------------------------------------------------------------
@@ -281,6 +319,8 @@ class OpTable:
     attention: Callable
     varlen_attention: Callable
     decode_attention: Callable
+    embed_step: Callable
+    scan_logits: Callable
     select_greedy: Callable
     select_beam: Callable
     commit_tokens: Callable
@@ -298,6 +338,8 @@ _TORCH = OpTable(
     attention=attention,
     varlen_attention=varlen_attention,
     decode_attention=decode_attention,
+    embed_step=embed_step,
+    scan_logits=scan_logits,
     select_greedy=select_greedy,
     select_beam=select_beam,
     commit_tokens=commit_tokens,
@@ -314,8 +356,10 @@ def table(backend: str) -> OpTable:
         from .kernels import attention as katt
         from .kernels import commit as kcommit
         from .kernels import decode_attention as kdec
+        from .kernels import embed as kembed
         from .kernels import layer_norm as kln
         from .kernels import linear as klin
+        from .kernels import scan as kscan
 
         def triton_fused_linear(x, weight, bias=None, **kw):
             """The Triton GEMV for decode-sized inputs (<= klin.MAX_ROWS rows), cuBLAS beyond."""
@@ -340,6 +384,8 @@ def table(backend: str) -> OpTable:
             attention=katt.attention,
             varlen_attention=katt.varlen_attention,
             decode_attention=kdec.decode_attention,
+            embed_step=kembed.embed_step,
+            scan_logits=kscan.scan_logits,
             select_greedy=select_greedy,
             select_beam=select_beam,
             commit_tokens=kcommit.commit_tokens,

@@ -21,11 +21,12 @@ def poison(model, setattr=setattr):
             raise RuntimeError("poisoned source")
         return enc_forward(ids, *a, **k)
 
-    def step(ids, pos, *a, **k):
-        first = pos == 0  # (N,) in the engine's pool, (1,) in generate()
+    def step(seq, t, *a, **k):  # row n feeds seq[n, t[n] - 1] at position t[n] - 1
+        ids = seq.gather(1, (t - 1)[:, None]).squeeze(1)
+        first = t == 1
         if bool(((ids == STEP_RAISE) & first).any()):
             raise RuntimeError("poisoned decode step")
-        logits = dec_step(ids, pos, *a, **k)
+        logits = dec_step(seq, t, *a, **k)
         return logits.masked_fill(((ids == NAN) & first)[:, None], float("nan"))
 
     setattr(model.net.encoder, "forward", encoder)

@@ -52,4 +52,18 @@ def test_decode_step_has_one_attention_launch_per_attention_and_no_separate_cach
         assert not {"index_put", "index_put_", "index_copy_", "index_copy"} & set(c.aten), c.table()
         assert not c.host_reads, c.table()
     per_layer = counts[2].total - counts[1].total
-    assert 8 <= per_layer <= 16, f"{dec}: {per_layer} kernels per layer\n{counts[2].table()}"
+    assert per_layer == 8, f"{dec}: {per_layer} kernels per layer\n{counts[2].table()}"
+
+
+@pytest.mark.parametrize("enc,dec", [("bert", "gpt2"), ("bert", "bert"), ("roberta", "roberta")])
+def test_whole_greedy_step_is_eight_launches_per_layer_and_four_more(counter, make_ckpt, enc, dec):
+    """Triton backend, generate()'s whole DecodeState step for greedy rows: 8 launches per decoder layer,
+    and 4 besides (the embeddings, the LM head, the pass over the logits, the bookkeeping), 5 with BERT's
+    head transform (its dense + GELU is a projection of its own); no torch op and no host read."""
+    layers = 2
+    model = encdec_fast.load(make_ckpt(enc, dec, layers=layers), device=DEVICE, dtype=torch.float32, backend="triton")
+    c = counter.count_kernels(counter.state_step_fn(model, rows=3, src_len=5, new_tokens=8))
+    head = 2 if model.cfg.decoder.head_transform else 1
+    assert c.total == 8 * layers + 3 + head and not c.aten and not c.host_reads, c.table()
+    assert {k: c.triton[k] for k in ("_embed_step_kernel", "_scan_kernel", "_commit_kernel")} == \
+        {"_embed_step_kernel": 1, "_scan_kernel": 1, "_commit_kernel": 1}, c.table()

@@ -40,7 +40,6 @@ import time
 
 import torch
 
-from .. import validate
 from ..config import StackConfig
 from . import select as sel
 from .beam import BeamGroup
@@ -187,9 +186,8 @@ class DecodeState:
     def prefill(self, P: int):
         """Feeds prefix tokens 0 .. P-2 of every row (their K/V go to the cache; no choice is made)."""
         for j in range(P - 1):
-            pos = torch.full_like(self.t, j)
-            self.decoder.step(self.seq[:, j], pos, self.cache.layers, self.cross, self.cross_start, self.enc_lens,
-                              self.enc_bound, self.ops)
+            self.decoder.step(self.seq, torch.full_like(self.t, j + 1), self.cache.layers, self.cross, self.cross_start,
+                              self.enc_lens, self.enc_bound, self.ops)
 
     def leave(self, rows: torch.Tensor):
         """Rows stop serving their request (their slots may be reused)."""
@@ -218,17 +216,18 @@ class DecodeState:
         idle). None: every row over the whole buffers, as a captured step runs. (Cross-attention reads
         each row's own span of the arena either way.)"""
         n, L = extent if extent is not None else (self.N, self.Lc)
-        t = self.t[:n]
-        pos = t - 1  # (n,) the slot the fed token is written to
-        tok = self.seq[:n].gather(1, pos[:, None]).squeeze(1)
+        t = self.t[:n]  # row r feeds its last token seq[r, t[r] - 1], into cache slot t[r] - 1
         ks, vs = self.cache.layers
         cache = ([k[:n, :L] for k in ks], [v[:n, :L] for v in vs]) if extent is not None else (ks, vs)
-        logits = self.decoder.step(tok, pos, cache, self.cross, self.cross_start[:n], self.enc_lens[:n], self.enc_bound,
-                                   self.ops)
+        logits = self.decoder.step(self.seq[:n], t, cache, self.cross, self.cross_start[:n], self.enc_lens[:n],
+                                   self.enc_bound, self.ops)
         self.logits = logits
-        running = self.busy[:n] & (self.stop_t[:n] == 0)
-        self.nonfinite[:n] |= validate.nonfinite_rows(logits) & running  # the sampled draws are kept safe
         spec = self.spec
+        # one pass over the logits: running rows with NaN/inf are flagged (the sampled draws are kept safe), and
+        # a greedy step without processors takes its argmax in the same pass (commit uses it)
+        fused_greedy = not processed and not spec.needs_scores and self.plain_rows > 0
+        self.greedy_tokens = self.ops.scan_logits(logits, self.busy[:n], self.stop_t[:n], self.nonfinite[:n],
+                                                  argmax=fused_greedy)
         if not (processed and (spec.needs_scores or self.live_groups)):
             self.scores = logits
             return logits
@@ -245,8 +244,11 @@ class DecodeState:
         tab, logits, scores = self.tables, self.logits, self.scores
         n = logits.shape[0]
         if tokens is None:  # greedy for the rows outside beams (none: pad, which nothing reads)
-            tokens = self.ops.select_greedy(logits, self.seq[:n], self.t[:n], tab, self.spec) if self.plain_rows \
-                else tab.pad[:n]
+            if self.greedy_tokens is not None:  # taken by forward's pass over the logits (no processors)
+                tokens = self.greedy_tokens
+            else:
+                tokens = self.ops.select_greedy(logits, self.seq[:n], self.t[:n], tab, self.spec) if self.plain_rows \
+                    else tab.pad[:n]
         if n < self.N:  # an eager extent: the rows past it are idle
             tokens = torch.cat([tokens, tab.pad[n:]])
             if self.live_groups:  # beam groups read every row
@@ -274,6 +276,7 @@ class DecodeState:
         self.ops.commit_tokens(tokens, self.seq, self.t, self.limit, self.alive, self.busy, self.is_beam, beam_done,
                                self.stop_t, tab.pad, tab.eos, self.steps, self.all_stopped_at)
 
+    greedy_tokens = None  # the last forward's argmax tokens when it took them (fused greedy), else None
     beam_sampling = 0  # beam sampling: the leading beam slots that draw their candidates (set by the caller)
     keep_scores = False  # the caller reads the processed scores after each step (output_scores; set by it)
 
@@ -298,7 +301,7 @@ class DecodeState:
         entry = self.graphs.get(key)
         if entry is None:
             entry = self._capture(key, whole, move)
-        graph, self.scores, self.logits = entry
+        graph, self.scores, self.logits, self.greedy_tokens = entry
         graph.replay()
         if not whole:
             self.commit(choose(self.scores) if choose is not None else None, beam_generator=generator,
@@ -325,7 +328,7 @@ class DecodeState:
             self.forward(processed=not whole or self.keep_scores)
             if whole:
                 self.commit(None, move_length=move)
-        entry = self.graphs[key] = (graph, self.scores, self.logits)
+        entry = self.graphs[key] = (graph, self.scores, self.logits, self.greedy_tokens)
         self.captures += 1
         self.capture_seconds += time.perf_counter() - t0
         return entry
