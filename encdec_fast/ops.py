@@ -170,9 +170,11 @@ def decode_attention(q, k, v, *, scale: float, starts: torch.Tensor, lens: torch
     W = _window_len(lens, max_len, T)
     if N == 0 or W == 0:
         return torch.zeros_like(q)
+    kw, vw = _window_view(k, starts, W), _window_view(v, starts, W)  # each (N, W, H, D), or None
+    if kw is None and key_mask is None and starts.device.type == "cpu":
+        return _decode_attention_by_window(q, k, v, starts, lens, scale)
     j = torch.arange(W, device=q.device)
     visible = j[None, :] < lens[:, None]  # (N, W)
-    kw, vw = _window_view(k, starts, W), _window_view(v, starts, W)  # each (N, W, H, D), or None
     if kw is None or key_mask is not None:
         idx = (starts.long()[:, None] + j[None, :]).clamp_(0, T - 1)  # (N, W) key rows of each window
         if kw is None:
@@ -184,6 +186,26 @@ def decode_attention(q, k, v, *, scale: float, starts: torch.Tensor, lens: torch
                                          vw.float().transpose(1, 2), attn_mask=visible[:, None, None, :],
                                          scale=scale)  # (N, H, 1, D)
     return out.squeeze(2).nan_to_num(0.0).to(q.dtype)  # a row with no visible key -> zeros
+
+
+def _decode_attention_by_window(q, k, v, starts, lens, scale: float):
+    """decode_attention over windows that are not evenly spaced (a packed cross-attention arena: each request
+    its own span), on the CPU where starts and lens are host values: the rows sharing one window (the beams
+    of a request) are one SDPA over a view of its keys, so no key is copied (gathering every row's window
+    copied N x W x H x D keys per layer, most of a beam-search step's time at batch 8)."""
+    T = k.shape[0]
+    out = torch.zeros_like(q)
+    groups: dict[tuple[int, int], list[int]] = {}
+    for n, (s, ln) in enumerate(zip(starts.tolist(), lens.tolist())):
+        groups.setdefault((s, ln), []).append(n)
+    for (s, ln), rows in groups.items():
+        ln = min(ln, T - s)
+        if ln <= 0:  # no visible key: zeros
+            continue
+        sel = slice(rows[0], rows[-1] + 1) if rows[-1] - rows[0] + 1 == len(rows) else torch.tensor(rows)
+        qg, kg, vg = (x.float().transpose(0, 1).unsqueeze(0) for x in (q[sel], k[s:s + ln], v[s:s + ln]))  # (1, H, *, D)
+        out[sel] = F.scaled_dot_product_attention(qg, kg, vg, scale=scale)[0].transpose(0, 1).to(q.dtype)
+    return out
 
 
 def _window_len(lens: torch.Tensor, max_len: int | None, T: int) -> int:
