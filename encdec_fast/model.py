@@ -219,9 +219,8 @@ def _build(src, device, dtype, backend, seed: int, check_finite: bool, prepack: 
     dev = _pick_device(device)
     be = _pick_backend(backend, dev)
     dt = _pick_dtype(dtype, src.stored_dtype, dev)
-    net = ckpt.build_net(src, device=dev, dtype=dt, seed=seed, check_finite=check_finite)
-    if prepack and prepack_mod.applies(dev, dt, be):
-        prepack_mod.pack(net)
+    net = ckpt.build_net(src, device=dev, dtype=dt, seed=seed, check_finite=check_finite,
+                         pack=prepack and prepack_mod.applies(dev, dt, be))
     return EncDecModel(net, src.hf_config, ckpt.generation_config(src), be, path=src.folder, prepack=prepack)
 
 

@@ -48,6 +48,19 @@ def _slots(net: nn.Module):
             yield m, "weight"
 
 
+def slot_names(net: nn.Module) -> frozenset[str]:
+    """The buffer names (from the net's root) of every projection weight."""
+    from .modules import Linear, LMHead
+
+    return frozenset(f"{n}.weight" if n else "weight" for n, m in net.named_modules() if isinstance(m, (Linear, LMHead)))
+
+
+@torch.inference_mode()
+def pack_tensor(w: torch.Tensor) -> torch.Tensor:
+    """One weight [out, in], reordered (a new tensor; w is not changed)."""
+    return torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), _ROWS_HINT)
+
+
 @torch.inference_mode()
 def pack(net: nn.Module) -> None:
     """Reorder every projection weight of net in place (idempotent). Weights shared between modules
@@ -58,7 +71,7 @@ def pack(net: nn.Module) -> None:
         if w.is_mkldnn:
             continue
         if id(w) not in done:
-            done[id(w)] = torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), _ROWS_HINT)
+            done[id(w)] = pack_tensor(w)
         m._buffers[name] = done[id(w)]
 
 

@@ -217,6 +217,17 @@ def test_tie_encoder_decoder_checkpoint_takes_missing_decoder_tensors_from_the_e
     with torch.no_grad():
         r = ref(input_ids=ids, attention_mask=mask, decoder_input_ids=dec)
     assert rel_err(ours(ids, attention_mask=mask, decoder_input_ids=dec).logits, r.logits) < 1e-4
+    # the same as a legacy pre-zip .bin (read whole, each tensor let go after its last read: the encoder's
+    # tensors are read twice, for the decoder too)
+    import shutil
+
+    legacy = tmp_path / "legacy"
+    shutil.copytree(path, legacy)
+    (legacy / "model.safetensors").unlink()
+    torch.save(sd, legacy / "pytorch_model.bin", _use_new_zipfile_serialization=False)
+    for pack in (True, False):
+        got = encdec_fast.load(legacy, prepack=pack)(ids, attention_mask=mask, decoder_input_ids=dec).logits
+        assert rel_err(got, r.logits) < 1e-4, pack
     # without the flag the same file is incomplete
     cfg["tie_encoder_decoder"] = False
     (path / "config.json").write_text(json.dumps(cfg))
