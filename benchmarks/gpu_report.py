@@ -5,6 +5,13 @@ attention tile sweep and the W1-W4 workloads, then rewrite benchmarks/RESULTS.md
     python benchmarks/gpu_report.py --parts tests kernels      # a subset (sections kept from the old file)
     python benchmarks/gpu_report.py --parts csrc     # W1 with the CUDA C++ kernels off and on
     python benchmarks/gpu_report.py --out DIR        # also copy RESULTS.md and logs to DIR
+    python benchmarks/gpu_report.py --quick --budget 420 --out $OUT   # a lent machine's one run (below)
+
+--quick fits a session's device time (15 minutes, start-up included, on the project's lent machines): the
+GPU tests without the CPU-only serving, Ray, CLI and stress files; W1, W2 and the Rothe-size W1 for
+encdec_fast-triton and transformers-sdpa only; the kernel table; the Engine; csrc on/off. --budget is a
+deadline in seconds for the whole run: each part runs under what is left of it (a part cut short says
+so in its section), and a part that would start with under 30 s left is skipped.
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -24,13 +32,30 @@ RESULTS = ROOT / "benchmarks" / "RESULTS.md"
 PARTS = ("tests", "kernels", "tiles", "workloads", "engine", "csrc")
 
 
+QUICK = False  # --quick: the reduced selection described above
+DEADLINE: float | None = None  # --budget: time.monotonic() at which every part must have ended
+PART_END: float | None = None  # the current part's own deadline (--quick --budget: its share, below)
+# --quick --budget: the most of the budget each part may take (what one leaves goes to the next)
+QUICK_SHARES = {"tests": 0.35, "workloads": 0.3, "kernels": 0.12, "engine": 0.12, "csrc": 0.2}
+
+
 def sh(cmd: list[str], log: Path, env=None, timeout=3000) -> tuple[int, str]:
     print("$", " ".join(cmd), flush=True)
-    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ, **(env or {})}, timeout=timeout)
-    out = p.stdout + p.stderr
+    end = min(t for t in (DEADLINE, PART_END) if t is not None) if (DEADLINE or PART_END) else None
+    if end is not None:
+        timeout = max(1.0, min(timeout, end - time.monotonic()))
+    try:
+        p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ, **(env or {})},
+                           timeout=timeout)
+        rc, out = p.returncode, p.stdout + p.stderr
+    except subprocess.TimeoutExpired as e:
+        def text(b):
+            return b.decode(errors="replace") if isinstance(b, bytes) else (b or "")
+
+        rc, out = 124, text(e.stdout) + text(e.stderr) + f"\n(cut short: the run's budget ended after {timeout:.0f} s)\n"
     log.write_text(out)
     print(out[-3000:], flush=True)
-    return p.returncode, out
+    return rc, out
 
 
 def header() -> str:
@@ -44,11 +69,19 @@ def header() -> str:
             f"run {datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}.")
 
 
+CPU_ONLY_TESTS = ("tests/test_ray.py", "tests/test_server.py", "tests/test_cli.py", "tests/test_engine_stress.py")
+
+
 def part_tests(tmp: Path) -> str:
-    rc, out = sh([sys.executable, "-m", "pytest", "tests/", "-q", "-p", "no:cacheprovider", "-rfs", "-s"], tmp / "tests.log")
+    skip = [f"--ignore={f}" for f in CPU_ONLY_TESTS] if QUICK else []
+    rc, out = sh([sys.executable, "-m", "pytest", "tests/", "-q", "-p", "no:cacheprovider", "-rfs", "-s", *skip],
+                 tmp / "tests.log")
     summary = [l for l in out.splitlines() if re.search(r"\d+ (passed|failed)", l)]
     fails = [l for l in out.splitlines() if l.startswith("FAILED")]
-    body = f"`pytest tests/` on the GPU: **{summary[-1].strip('= ') if summary else 'no summary (rc %d)' % rc}**\n"
+    what = "`pytest tests/`" + (f" (without {', '.join(CPU_ONLY_TESTS)})" if QUICK else "")
+    body = f"{what} on the GPU: **{summary[-1].strip('= ') if summary else 'no summary (rc %d)' % rc}**\n"
+    if rc == 124:
+        body += "\n(cut short: the run's budget ended before the tests did)\n"
     if fails:
         body += "\n" + "\n".join(f"- {l}" for l in fails[:30]) + "\n"
     lp = [l for l in out.splitlines() if re.match(r"torch\.(float16|bfloat16): triton", l.strip())]
@@ -56,6 +89,9 @@ def part_tests(tmp: Path) -> str:
         body += "\nWhole-model low-precision error vs fp32 (triton vs plain PyTorch at that precision):\n\n" + \
                 "\n".join(f"- {l.strip()}" for l in lp) + "\n"
     return body
+
+
+QUICK_WORKLOADS = "(triton or sdpa) and (W1 or (W2 and not rothe))"  # pytest -k of --quick's workloads
 
 
 def part_kernels(tmp: Path) -> str:
@@ -72,17 +108,22 @@ def part_tiles(tmp: Path) -> str:
 
 def part_workloads(tmp: Path, name="workloads", files=("benchmarks/test_bench_workloads.py",)) -> str:
     js = tmp / f"{name}.json"
+    only = ["-k", QUICK_WORKLOADS] if QUICK and name == "workloads" else []
     rc, out = sh([sys.executable, "-m", "pytest", *files, "-q", "-s", "-p", "no:cacheprovider",
-                  "--benchmark-disable-gc"], tmp / f"{name}.log", env={"ENCDEC_BENCH_JSON": str(js)})
+                  "--benchmark-disable-gc", *only], tmp / f"{name}.log", env={"ENCDEC_BENCH_JSON": str(js)})
     table = [l for l in out.splitlines() if l.startswith("|")]
     extra = [l for l in out.splitlines() if l.startswith("ceilings:")]
     notes = [l[len("note: "):] for l in out.splitlines() if l.startswith("note: ")]
     body = "\n".join(table) + "\n"
+    if only:
+        body = f"--quick: `-k \"{QUICK_WORKLOADS}\"`\n\n" + body
     if notes:
         body += "\n" + "\n".join(f"- {n}" for n in notes) + "\n"
     if extra:
         body += f"\nMeasured ceilings: {extra[-1][len('ceilings: '):]}\n"
-    if rc != 0:
+    if rc == 124:
+        body += "\n(cut short: the run's budget ended; the rows above are those that finished)\n"
+    elif rc != 0:
         body += f"\n(pytest exit code {rc}: " + "; ".join(l for l in out.splitlines() if l.startswith("FAILED"))[:2000] + ")\n"
     return body
 
@@ -142,11 +183,22 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--parts", nargs="+", default=list(PARTS), choices=PARTS)
     ap.add_argument("--out")
+    ap.add_argument("--quick", action="store_true", help="the reduced run that fits a lent machine's session")
+    ap.add_argument("--budget", type=float, help="seconds for the whole run; each part gets what is left")
     a = ap.parse_args()
+    global QUICK, DEADLINE, PART_END
+    QUICK = a.quick
+    if a.budget:
+        DEADLINE = time.monotonic() + a.budget
+    parts = a.parts if a.parts != list(PARTS) or not QUICK else ["tests", "workloads", "kernels", "engine", "csrc"]
     secs = read_sections()
     with tempfile.TemporaryDirectory() as t:
         tmp = Path(t)
-        for p in a.parts:
+        for p in parts:
+            if DEADLINE is not None and DEADLINE - time.monotonic() < 30:
+                print(f"skipped {p}: under 30 s of the budget left", flush=True)
+                continue
+            PART_END = time.monotonic() + QUICK_SHARES[p] * a.budget if QUICK and a.budget and p in QUICK_SHARES else None
             secs[p] = header() + "\n\n" + globals()[f"part_{p}"](tmp)
             write(secs)
             if a.out:  # after each part, so a run cut short still returns what it finished
