@@ -9,7 +9,8 @@ attention tile sweep and the W1-W4 workloads, then rewrite benchmarks/RESULTS.md
 
 --quick fits a session's device time (15 minutes, start-up included, on the project's lent machines): the
 GPU tests without the CPU-only serving, Ray, CLI and stress files; W1, W2 and the Rothe-size W1 for
-encdec_fast-triton and transformers-sdpa only; the kernel table; the Engine; csrc on/off. --budget is a
+encdec_fast-triton and transformers-sdpa only; the W1 step profile (kernels per step, replay time); the
+kernel table; the Engine; csrc on/off. --budget is a
 deadline in seconds for the whole run: each part runs under what is left of it (a part cut short says
 so in its section), and a part that would start with under 30 s left is skipped.
 """
@@ -29,14 +30,14 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "RESULTS.md"
-PARTS = ("tests", "kernels", "tiles", "workloads", "engine", "csrc")
+PARTS = ("tests", "kernels", "tiles", "workloads", "profile", "engine", "csrc")
 
 
 QUICK = False  # --quick: the reduced selection described above
 DEADLINE: float | None = None  # --budget: time.monotonic() at which every part must have ended
 PART_END: float | None = None  # the current part's own deadline (--quick --budget: its share, below)
 # --quick --budget: the most of the budget each part may take (what one leaves goes to the next)
-QUICK_SHARES = {"tests": 0.35, "workloads": 0.3, "kernels": 0.12, "engine": 0.12, "csrc": 0.2}
+QUICK_SHARES = {"tests": 0.3, "workloads": 0.3, "profile": 0.1, "kernels": 0.12, "engine": 0.12, "csrc": 0.15}
 
 
 def sh(cmd: list[str], log: Path, env=None, timeout=3000) -> tuple[int, str]:
@@ -128,6 +129,21 @@ def part_workloads(tmp: Path, name="workloads", files=("benchmarks/test_bench_wo
     return body
 
 
+def part_profile(tmp: Path) -> str:
+    """benchmarks/profile_step.py: W1's time per token, the captured step's replay alone, the kernels per step."""
+    rc, out = sh([sys.executable, "benchmarks/profile_step.py"], tmp / "profile.log", timeout=600)
+    keep = [l.strip() for l in out.splitlines() if l.startswith(("generate:", "kernels per step:", "without CUDA graphs:"))]
+    body = ("`python benchmarks/profile_step.py` (random bert-base + gpt2, bf16, batch 1, 512 source tokens, 128 new, "
+            "greedy):\n\n" + "\n".join(f"- {l}" for l in keep) + "\n")
+    lines = out.splitlines()
+    head = next((i for i, l in enumerate(lines) if "Name" in l and "CUDA" in l), None)
+    if head is not None:  # the profiler's kernel table, top rows
+        body += "\nOne eager step's kernels by CUDA time:\n\n```\n" + "\n".join(lines[head - 1:head + 20]) + "\n```\n"
+    if rc != 0:
+        body += f"\n(exit code {rc}{': cut short by the budget' if rc == 124 else ''}; see profile.log)\n"
+    return body
+
+
 def part_engine(tmp: Path) -> str:
     return part_workloads(tmp, "engine", ("benchmarks/test_bench_engine.py",))
 
@@ -163,7 +179,7 @@ def part_csrc(tmp: Path) -> str:
 
 
 TITLES = {"tests": "GPU parity tests", "kernels": "Kernels vs PyTorch", "tiles": "Attention tiles per head dim",
-          "workloads": "Workloads W1-W4", "engine": "Batch engine",
+          "workloads": "Workloads W1-W4", "profile": "Decode step profile", "engine": "Batch engine",
           "csrc": "W1 with the CUDA C++ kernels (csrc) off and on"}
 
 
@@ -190,7 +206,8 @@ def main():
     QUICK = a.quick
     if a.budget:
         DEADLINE = time.monotonic() + a.budget
-    parts = a.parts if a.parts != list(PARTS) or not QUICK else ["tests", "workloads", "kernels", "engine", "csrc"]
+    parts = a.parts if a.parts != list(PARTS) or not QUICK else ["tests", "workloads", "profile", "kernels", "engine",
+                                                                  "csrc"]
     secs = read_sections()
     with tempfile.TemporaryDirectory() as t:
         tmp = Path(t)
