@@ -31,7 +31,9 @@ _ROWS_HINT = 8
 
 def available() -> bool:
     """True when this torch build can run packed linears (built with oneDNN)."""
-    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+    ops = torch.ops.mkldnn  # oneDNN's entry points for inductor's frozen CPU graphs (private: checked, not assumed)
+    return torch.backends.mkldnn.is_available() and all(hasattr(ops, n) for n in ("_reorder_linear_weight",
+                                                                                   "_linear_pointwise"))
 
 
 def applies(device: torch.device, dtype: torch.dtype, backend: str) -> bool:
