@@ -243,15 +243,17 @@ def _varlen_attn_fwd_kernel(
 # --------------------------------------------------------------------------------------------
 # launchers
 # --------------------------------------------------------------------------------------------
-# fp16/bf16 tiles per padded head dim: (BLOCK_M, BLOCK_N, num_warps, num_stages). BLOCK_M, BLOCK_N and
-# the warps follow FlashAttention-2's forward choices for A100/H100 without dropout
-# (csrc/flash_attn/src/flash_fwd_launch_template.h: head dim <= 64 -> 128 x 128, 4 warps; 96 and 128
-# -> 128 x 64, 4 warps; 256 -> 64 x 64, 4 warps on H100); head dim 80 runs as BLOCK_D 128 here (FA2
-# rounds it to 96: the same tile). Stages: 3 while K/V tiles are small, else 2. Not yet measured
-# with these Triton kernels on a GPU: `python benchmarks/bench_kernels.py --tiles` times them against
-# the tiles used before (128 x 64, 8 warps) and a few neighbours.
-HALF_TILES = {16: (128, 128, 4, 3), 32: (128, 128, 4, 3), 64: (128, 128, 4, 3), 128: (128, 64, 4, 2),
-              256: (64, 64, 4, 2)}
+# fp16/bf16 tiles per padded head dim: (BLOCK_M, BLOCK_N, num_warps, num_stages). BLOCK_M and BLOCK_N
+# follow FlashAttention-2's forward choices for A100/H100 without dropout
+# (csrc/flash_attn/src/flash_fwd_launch_template.h: head dim <= 64 -> 128 x 128; 96 and 128 -> 128 x 64;
+# 256 -> 64 x 64); head dim 80 runs as BLOCK_D 128 here (FA2 rounds it to 96: the same tile). The warps
+# are 8, not FA2's 4: compiled by Triton for sm_90a (tests/test_kernels_compile.py reads ptxas's report),
+# every 4-warp tile but head dim 16's spills registers to local memory (36-404 bytes a thread at head
+# dims 32-256), and 8 warps spill nothing (163-204 registers). Stages: 3, or 2 at head dim 256 (shared
+# memory). Not yet timed on a GPU: `python benchmarks/bench_kernels.py --tiles` times them against
+# the 4-warp tiles and a few neighbours.
+HALF_TILES = {16: (128, 128, 8, 3), 32: (128, 128, 8, 3), 64: (128, 128, 8, 3), 128: (128, 64, 8, 3),
+              256: (64, 64, 8, 2)}
 
 
 def _attention_config(Lq: int, D: int, dtype: torch.dtype, tiles=None) -> tuple[int, int, int, int, int]:

@@ -9,7 +9,7 @@ recorded, with the argument types, constexprs, warps and stages they really get:
     512-token prefill), recorded without running (the interpreter would take minutes there),
 every fp16 launch again in bf16, and each distinct one compiled by Triton's own compiler down to a cubin
 (ptxas) by tests/kernel_compile.py in a process without the interpreter. A GPU session then starts from
-kernels known to compile."""
+kernels known to compile, within sm_90's shared memory, and (fp16/bf16) without register spills."""
 
 import inspect
 import json
@@ -35,24 +35,31 @@ def _spec(fn, args, kwargs) -> dict:
     """One launch as Triton's compiler takes it: argument types, constexpr values, launch options."""
     params = list(inspect.signature(fn).parameters.values())
     bound = dict(zip([p.name for p in params], args)) | {k: v for k, v in kwargs.items() if k != "grid"}
-    sig, const = {}, {}
-    for p in params:
+    sig, const, div16 = {}, {}, []  # div16: arguments Triton's launcher marks divisible by 16, as on a GPU
+    for i, p in enumerate(params):
         v = bound.get(p.name, p.default)
         ann = p.annotation
         if ann == "tl.constexpr" or getattr(ann, "__name__", "") == "constexpr" or v is None:
             sig[p.name], const[p.name] = "constexpr", v
         elif isinstance(v, torch.Tensor):
             sig[p.name] = "*" + _TYPES[v.dtype]
+            if v.data_ptr() % 16 == 0:
+                div16.append(i)
         elif isinstance(v, bool):
             sig[p.name] = "i1"
+        elif isinstance(v, int) and v == 1:  # the launcher specialises an integer 1 into a constant
+            sig[p.name], const[p.name] = "constexpr", 1
         elif isinstance(v, int):
             sig[p.name] = "i32" if -2**31 <= v < 2**31 else "i64"
+            if v % 16 == 0:
+                div16.append(i)
         elif isinstance(v, float):
             sig[p.name] = "fp32"
         else:
             raise TypeError(f"{fn.__name__}: argument {p.name} = {v!r} has no Triton type here")
     options = {k: bound[k] for k in ("num_warps", "num_stages") if k in bound}
-    return {"module": fn.__module__, "kernel": fn.__name__, "signature": sig, "constexprs": const, "options": options}
+    return {"module": fn.__module__, "kernel": fn.__name__, "signature": sig, "constexprs": const, "options": options,
+            "div16": div16}
 
 
 @pytest.fixture
@@ -153,7 +160,10 @@ def test_every_kernel_compiles_for_sm90(make_ckpt, recorder, tmp_path):
     unique = list({json.dumps(s, sort_keys=True): s for s in with_bf16}.values())
     kernels = {s["kernel"] for s in unique}
     assert {"_embed_step_kernel", "_scan_kernel", "_commit_kernel", "_decode_kernel", "_fused_linear_kernel"} <= kernels, kernels
+    if os.environ.get("ENCDEC_KERNEL_SPECS"):  # keep the launches, e.g. for ptxas -v (registers, spills)
+        Path(os.environ["ENCDEC_KERNEL_SPECS"]).write_text(json.dumps(unique))
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path / "triton_cache")  # compile for real: ptxas's report comes with it
     shards = 2  # the CI machine's cores: two compiler processes
     procs = []
     for i in range(shards):
@@ -172,4 +182,10 @@ def test_every_kernel_compiles_for_sm90(make_ckpt, recorder, tmp_path):
     assert not failed, f"{len(failed)} of {len(rows)} launches do not compile for sm_90:\n" + "\n".join(map(str, failed[:5]))
     big = [(s["kernel"], s["constexprs"], s["options"], r["shared"]) for s, r in zip(unique, rows) if r["shared"] > SHARED_LIMIT]
     assert not big, f"launches needing more shared memory than sm_90 has: {big[:5]}"
+    # the GPU dtypes spill no register to local memory (spills are slow; they decided the attention tiles)
+    half = [(s, r) for s, r in zip(unique, rows) if any(t in ("*fp16", "*bf16") for t in s["signature"].values())]
+    assert all(r["spill_stores"] is not None for _, r in half), "ptxas's report was not captured"
+    spilling = [(s["kernel"], {k: v for k, v in s["constexprs"].items() if k.startswith(("BLOCK", "HEAD", "NUM"))},
+                 s["options"], r["spill_stores"]) for s, r in half if r["spill_stores"] > 0]
+    assert not spilling, f"fp16/bf16 launches that spill registers (bytes a thread): {spilling[:6]}"
     print(f"{len(rows)} launches of {len(kernels)} kernels compiled for sm_90")
