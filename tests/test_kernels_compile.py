@@ -144,6 +144,11 @@ def _real_sizes():
             katt.varlen_attention(q.flatten(0, 1), q.flatten(0, 1), q.flatten(0, 1), cu_seqlens=cu, max_seqlen=L,
                                   scale=0.125)
             kln.add_layer_norm(z(B * L, E), z(B * L, E), z(E), z(E), 1e-12)
+    for D in (16, 32, 256):  # the other rows of the attention tile table
+        q = z(2, 256, 4, D)
+        katt.attention(q, q, q, scale=0.125, causal=True)
+        katt.varlen_attention(q.flatten(0, 1), q.flatten(0, 1), q.flatten(0, 1),
+                              cu_seqlens=torch.tensor([0, 256, 512], dtype=torch.int32), max_seqlen=256, scale=0.125)
 
 
 def test_every_kernel_compiles_for_sm90(make_ckpt, recorder, tmp_path):
