@@ -73,13 +73,30 @@ def header() -> str:
 CPU_ONLY_TESTS = ("tests/test_ray.py", "tests/test_server.py", "tests/test_cli.py", "tests/test_engine_stress.py")
 
 
+# --quick runs these first (the GPU code paths), then the rest of tests/, each test's result on its own line
+# (-v), so that a run cut short by the budget still says what passed and what failed
+GPU_FIRST_TESTS = ("tests/test_kernels_*.py", "tests/test_triton_model.py", "tests/test_graphs.py", "tests/test_csrc*.py",
+                   "tests/test_generation.py", "tests/test_parity.py", "tests/test_engine.py")
+
+
 def part_tests(tmp: Path) -> str:
-    skip = [f"--ignore={f}" for f in CPU_ONLY_TESTS] if QUICK else []
-    rc, out = sh([sys.executable, "-m", "pytest", "tests/", "-q", "-p", "no:cacheprovider", "-rfs", "-s", *skip],
-                 tmp / "tests.log")
+    import glob
+
+    if QUICK:
+        first = [f for pat in GPU_FIRST_TESTS for f in sorted(glob.glob(str(ROOT / pat)))]
+        args = [*(str(Path(f).relative_to(ROOT)) for f in first), "tests/", "-v",
+                *(f"--ignore={f}" for f in CPU_ONLY_TESTS)]
+    else:
+        args = ["tests/", "-q"]
+    rc, out = sh([sys.executable, "-m", "pytest", *args, "-p", "no:cacheprovider", "-rfs", "-s"], tmp / "tests.log")
     summary = [l for l in out.splitlines() if re.search(r"\d+ (passed|failed)", l)]
     fails = [l for l in out.splitlines() if l.startswith("FAILED")]
-    what = "`pytest tests/`" + (f" (without {', '.join(CPU_ONLY_TESTS)})" if QUICK else "")
+    if QUICK and not fails:  # cut short before the summary: the streamed results
+        fails = sorted({"FAILED " + l.split(" FAILED")[0] for l in out.splitlines() if " FAILED" in l and "::" in l})
+    what = "`pytest tests/`" + (f" (GPU paths first, without {', '.join(CPU_ONLY_TESTS)})" if QUICK else "")
+    if not summary and QUICK:
+        counts = {k: sum(1 for l in out.splitlines() if "::" in l and f" {k.upper()}" in l) for k in ("passed", "failed", "skipped")}
+        summary = [", ".join(f"{v} {k}" for k, v in counts.items()) + " (streamed results)"]
     body = f"{what} on the GPU: **{summary[-1].strip('= ') if summary else 'no summary (rc %d)' % rc}**\n"
     if rc == 124:
         body += "\n(cut short: the run's budget ended before the tests did)\n"
