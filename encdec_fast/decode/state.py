@@ -63,7 +63,14 @@ class KVCache:
 
     def move(self, rows: torch.Tensor, parents: torch.Tensor, length: int | None) -> None:
         """Row rows[i] takes the cache of row parents[i] (beam search), for the filled prefix [:length]
-        (None: every slot). Gathers into a temporary, so the per-layer views stay valid."""
+        (None: every slot). Gathers into a temporary, so the per-layer views stay valid. On the CPU (no graph
+        to keep static) only the rows whose parent is another row are copied: a beam that stays on its own
+        path keeps its cache where it is."""
+        if rows.device.type == "cpu":
+            moved = parents != rows
+            if not bool(moved.any()):
+                return
+            rows, parents = rows[moved], parents[moved]
         filled = self.buf if length is None else self.buf[:, :, :, :length]  # (2, layers, rows, length, H, D)
         filled[:, :, rows] = filled[:, :, parents]
 
