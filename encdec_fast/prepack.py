@@ -4,11 +4,12 @@ On the CPU, PyTorch's F.linear goes to MKL's sgemm, which is slow at decode size
 project's 2-core AVX-512 CI machine, a 768 -> 50257 LM head at 1 row takes 11.3 ms through F.linear and
 4.5 ms through oneDNN with the weight reordered once into its blocked layout (24 ms and 5.7 ms at 8
 rows); the decoder's 768-wide projections run 1.5-3x faster the same way, and the encoder's 128-row
-products about 1.1x. ``pack(net)`` replaces every projection weight of the net (nn.Linear's [out, in]
-buffers and the LM head) by that reordered tensor, once, at load; the torch backend's linear ops see
-a packed weight (``weight.is_mkldnn``) and call oneDNN, with the bias, GELU or residual add fused
-into the same call. ``unpack(net)`` restores the plain tensors (before a move to another device or
-dtype, or to the triton backend, whose kernels read plain memory).
+products about 1.1x. Every projection weight of the net (nn.Linear's [out, in] buffers and the LM head)
+is replaced by that reordered tensor, once: at load as each weight is read (checkpoint.assign, with
+``pack_tensor``: one plain copy alive at a time), or for a whole net with ``pack(net)``. The torch
+backend's linear ops see a packed weight (``weight.is_mkldnn``) and call oneDNN, with the bias, GELU or
+residual add fused into the same call. ``unpack(net)`` restores the plain tensors (before a move to
+another device or dtype, or to the triton backend, whose kernels read plain memory).
 
 Only fp32 on the CPU is packed, and only where this torch build has oneDNN. The results are the
 same products summed in another order: logits within ~1e-6 relative of F.linear's, and tokens equal
@@ -24,8 +25,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-# the batch size oneDNN's reorder is told to expect: measured best from 1 to 512 rows (8 beats 1 at 1 row
-# on every shape tried, and beats the larger hints up to the encoder's prefill sizes)
+# the batch size oneDNN's reorder is told to expect. Measured on a decode step's projections (bert-base +
+# gpt2, weights not in cache): a hint of 8 reads 26.7 GB/s at 1 row and 26.6 GB/s at 8; a hint of 1 reads
+# 29 GB/s at 1 row but 15.5 GB/s at 8. With weights in cache 8 also beat 1 at one row, and beat larger
+# hints up to the encoder's prefill sizes.
 _ROWS_HINT = 8
 
 
