@@ -330,6 +330,12 @@ class _MappedPages:
             self.freed = 0
 
 
+def _shared_key(hf_names, fn):
+    """assign()'s identity of a buffer's source: buffers with the same key and fn wm.same share one tensor
+    (read once); any other transform is read and computed per buffer."""
+    return tuple(hf_names), fn.__name__
+
+
 def assign(model, plan: wm.Plan, fetch: Callable[[str], torch.Tensor], *, device, dtype, check_finite: bool = True,
            pack: frozenset[str] = frozenset()):
     """Fill every buffer of `model` (built on meta) from the plan. fetch(hf_name) returns a CPU tensor.
@@ -341,7 +347,7 @@ def assign(model, plan: wm.Plan, fetch: Callable[[str], torch.Tensor], *, device
     packed: dict = {}  # key -> its packed tensor (tie_encoder_decoder: several projections, one tensor)
     pages = _MappedPages()
     for ours, (hf_names, fn) in plan.items():
-        key = (tuple(hf_names), fn.__name__)
+        key = _shared_key(hf_names, fn)
         if key in shared or key in packed:
             if ours in pack:
                 if key not in packed:  # an LM head tied to the word embeddings: its own packed copy
@@ -450,17 +456,17 @@ def open_folder(path) -> Source:
     reader = WeightReader(root)
     keys = reader.keys()
     plan = wm.full_plan(cfg, keys)
-    fetch, names, resolve = reader.get, keys, (lambda n: n)
+    names, tied = keys, {}
     if cfg.tie_encoder_decoder:  # checkpoints saved with tied halves drop the decoder's copies
         base = "decoder." + wm.DECODER_BASE[cfg.decoder.family]
         tied = {base + k[len("encoder."):]: k for k in keys if k.startswith("encoder.")}
         names = keys | set(tied)
 
-        def resolve(n):
-            return n if n in keys else tied.get(n, n)
+    def resolve(n):  # the stored name of a tensor (a tied decoder's tensors are the encoder's)
+        return n if n in keys else tied.get(n, n)
 
-        def fetch(n):
-            return reader.get(resolve(n))
+    def fetch(n):
+        return reader.get(resolve(n))
 
     missing, unexpected = wm.missing_and_unexpected(plan, names)
     report_missing(str(root), missing, unexpected)
@@ -510,11 +516,12 @@ def open_pair(encoder, decoder) -> Source:
 
 
 def _reads(plan: wm.Plan) -> list[str]:
-    """The HF names assign() fetches, once per read (a group of names shared by several buffers is read once)."""
+    """The HF names assign() fetches, once per read: a source shared by several buffers (wm.same) is read
+    once, any other as often as a buffer uses it (_shared_key)."""
     seen, out = set(), []
     for hf_names, fn in plan.values():
-        key = (tuple(hf_names), fn.__name__)
-        if key not in seen:
+        key = _shared_key(hf_names, fn)
+        if fn is not wm.same or key not in seen:
             seen.add(key)
             out.extend(hf_names)
     return out

@@ -156,7 +156,6 @@ class StepContext:
     enc_bound: int  # a bound on enc_lens known to the host
 
 
-
 class SelfAttention(nn.Module):
     def __init__(self, cfg: StackConfig, layer: int):
         super().__init__()

@@ -91,18 +91,14 @@ def fused_linear(x, weight, bias=None, *, x_ln=None, gelu=None, residual=None, r
         raise ValueError(f"fused_linear: gelu must be None, 'none' or 'tanh', got {gelu!r}")
     if x_ln is not None:
         x = F.layer_norm(x, (x.shape[-1],), x_ln[0], x_ln[1], x_ln[2])
+    if residual is not None and residual_ln is not None:
+        residual = F.layer_norm(residual, (residual.shape[-1],), residual_ln[0], residual_ln[1], residual_ln[2])
     if weight.is_mkldnn:  # one oneDNN call with the GELU or the residual add (prepack.py)
-        if residual is not None and residual_ln is not None:
-            residual = F.layer_norm(residual, (residual.shape[-1],), residual_ln[0], residual_ln[1], residual_ln[2])
         return prepack.linear(x, weight, bias, gelu=gelu, residual=residual)
     y = F.linear(x, weight, bias)
     if gelu is not None:
         y = F.gelu(y, approximate=gelu)
-    if residual is not None:
-        if residual_ln is not None:
-            residual = F.layer_norm(residual, (residual.shape[-1],), residual_ln[0], residual_ln[1], residual_ln[2])
-        y = y + residual
-    return y
+    return y + residual if residual is not None else y
 
 
 # --------------------------------------------------------------------------------------------
@@ -261,7 +257,7 @@ def embed_step(seq, t, word, position, type0, *, scale: float, offset: int, pad_
     if ln is not None:
         x = F.layer_norm(x, (x.shape[-1],), ln[0], ln[1], ln[2])
     N = t.shape[0]
-    return x, t.to(torch.int32), torch.arange(0, N * row_stride, row_stride, device=t.device)[:N]
+    return x, t.to(torch.int32), torch.arange(0, N * row_stride, row_stride, device=t.device)
 
 
 def scan_logits(logits, busy, stop_t, nonfinite, *, argmax: bool):

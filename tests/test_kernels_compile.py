@@ -79,7 +79,7 @@ def recorder(monkeypatch):
     return specs, state
 
 
-def _models(make_ckpt, specs):
+def _models(make_ckpt):
     ids = torch.tensor([[5, 9, 14, 22, 7, 31, 12], [6, 18, 4, 11, 0, 0, 0]])
     mask = (ids != 0).long()
     dec = torch.tensor([[3, 8, 15], [3, 1, 2]])
@@ -153,7 +153,7 @@ def _real_sizes():
 
 def test_every_kernel_compiles_for_sm90(make_ckpt, recorder, tmp_path):
     specs, state = recorder
-    _models(make_ckpt, specs)
+    _models(make_ckpt)
     state["run"] = False
     _real_sizes()
     state["run"] = True

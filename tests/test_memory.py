@@ -15,7 +15,7 @@ def test_load_peak_memory_under_1_5x_weights():
 
 
 
-def test_legacy_bin_state_dict_lets_go_of_each_tensor_after_its_last_read(make_ckpt):
+def test_legacy_bin_state_dict_lets_go_of_each_tensor_after_its_last_read(make_ckpt, monkeypatch):
     """A legacy pre-zip .bin is read whole; WeightReader.expect tells it how often load() reads each tensor,
     and the state dict drops a tensor after its last read (so a copied, fused or packed weight is not held
     twice until the end of the load). After the load it holds only what the model never reads."""
@@ -23,9 +23,17 @@ def test_legacy_bin_state_dict_lets_go_of_each_tensor_after_its_last_read(make_c
 
     from encdec_fast import checkpoint as ckpt
 
+    readers = []
+
+    class Recorded(ckpt.WeightReader):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            readers.append(self)
+
+    monkeypatch.setattr(ckpt, "WeightReader", Recorded)
     path = pathlib.Path(make_ckpt("bert", "gpt2", fmt="legacy_bin"))
     src = ckpt.open_folder(path)
-    reader = src.fetch.__self__  # WeightReader.get, bound
+    [reader] = readers
     everything = set(reader.keys())
     net = ckpt.build_net(src, device="cpu", dtype=torch.float32, seed=0, pack=True)
     [state] = reader._open.values()
