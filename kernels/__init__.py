@@ -1,1 +1,0 @@
-"""Triton kernels, one family per file, installed as ``encdec_fast.kernels``."""
