@@ -15,7 +15,7 @@ setup(
     # symbolic link to it, so that encdec_fast.kernels (the only name the project imports it by) resolves in a
     # checkout, an editable install and a wheel alike (setuptools' editable finder cannot map a namespace
     # subpackage of a regular package onto another folder).
-    packages=["encdec_fast", "encdec_fast.decode", "encdec_fast.engine", "encdec_fast.kernels", "encdec_fast._csrc"],
+    packages=["encdec_fast", "encdec_fast.checkpoint", "encdec_fast.decode", "encdec_fast.engine", "encdec_fast.kernels", "encdec_fast._csrc"],
     package_dir={"encdec_fast": "encdec_fast", "encdec_fast._csrc": "csrc"},
     package_data={"encdec_fast._csrc": ["*.cu", "*.h", "libencdec_cuda.so"]},
     # sentencepiece: transformers needs it to load BertGenerationTokenizer (spiece.model), the tokenizer of the

@@ -215,12 +215,12 @@ class EncDecModel:
 
 # ------------------------------------------------------------------------------------------------
 def _build(src, device, dtype, backend, seed: int, check_finite: bool, prepack: bool) -> EncDecModel:
-    """The model for a resolved checkpoint source (checkpoint.py): what load() and from_transformers() share."""
+    """The model for a resolved checkpoint source (checkpoint/sources.py): what load() and from_transformers() share."""
     dev = _pick_device(device)
     be = _pick_backend(backend, dev)
     dt = _pick_dtype(dtype, src.stored_dtype, dev)
-    net = ckpt.build_net(src, device=dev, dtype=dt, seed=seed, check_finite=check_finite,
-                         pack=prepack and prepack_mod.applies(dev, dt, be))
+    transform = prepack_mod.TRANSFORM if prepack and prepack_mod.applies(dev, dt, be) else None
+    net = ckpt.build_net(src, device=dev, dtype=dt, seed=seed, check_finite=check_finite, transform=transform)
     return EncDecModel(net, src.hf_config, ckpt.generation_config(src), be, path=src.folder, prepack=prepack)
 
 

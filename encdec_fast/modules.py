@@ -389,3 +389,11 @@ class EncoderDecoderNet(nn.Module):
 
     def project(self, enc, ops):
         return self.enc_to_dec_proj(enc, ops) if self.cfg.has_enc_to_dec_proj else enc
+
+    def tie_head(self):
+        """One tensor for the decoder's word embeddings and an LM head stored equal to them (memory, not
+        numbers); a head in another layout (prepack.py) stays apart."""
+        dec = self.decoder
+        w, h = dec.embed.word, dec.head.weight
+        if w is not h and h.layout == torch.strided and w.shape == h.shape and torch.equal(w, h):
+            dec.head._buffers["weight"] = w

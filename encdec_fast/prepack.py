@@ -5,8 +5,8 @@ project's 2-core AVX-512 CI machine, a 768 -> 50257 LM head at 1 row takes 11.3 
 4.5 ms through oneDNN with the weight reordered once into its blocked layout (24 ms and 5.7 ms at 8
 rows); the decoder's 768-wide projections run 1.5-3x faster the same way, and the encoder's 128-row
 products about 1.1x. Every projection weight of the net (nn.Linear's [out, in] buffers and the LM head)
-is replaced by that reordered tensor, once: at load as each weight is read (checkpoint.assign, with
-``pack_tensor``: one plain copy alive at a time), or for a whole net with ``pack(net)``. The torch
+is replaced by that reordered tensor, once: at load as each weight is read (checkpoint/assign.py, through
+``TRANSFORM``: one plain copy alive at a time), or for a whole net with ``pack(net)``. The torch
 backend's linear ops see a packed weight (``weight.is_mkldnn``) and call oneDNN, with the bias, GELU or
 residual add fused into the same call. ``unpack(net)`` restores the plain tensors (before a move to
 another device or dtype, or to the triton backend, whose kernels read plain memory).
@@ -24,6 +24,9 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+
+from .checkpoint import WeightTransform
+from .modules import Linear, LMHead
 
 # the batch size oneDNN's reorder is told to expect. Measured on a decode step's projections (bert-base +
 # gpt2, weights not in cache): a hint of 8 reads 26.7 GB/s at 1 row and 26.6 GB/s at 8; a hint of 1 reads
@@ -46,8 +49,6 @@ def applies(device: torch.device, dtype: torch.dtype, backend: str) -> bool:
 
 def _slots(net: nn.Module):
     """(module, buffer name) of every projection weight: each Linear's and the LM head's matrix."""
-    from .modules import Linear, LMHead
-
     for m in net.modules():
         if isinstance(m, (Linear, LMHead)) and m._buffers.get("weight") is not None:
             yield m, "weight"
@@ -55,8 +56,6 @@ def _slots(net: nn.Module):
 
 def slot_names(net: nn.Module) -> frozenset[str]:
     """The buffer names (from the net's root) of every projection weight."""
-    from .modules import Linear, LMHead
-
     return frozenset(f"{n}.weight" if n else "weight" for n, m in net.named_modules() if isinstance(m, (Linear, LMHead)))
 
 
@@ -91,10 +90,8 @@ def unpack(net: nn.Module) -> None:
             if id(w) not in done:
                 done[id(w)] = w.to_dense()
             m._buffers[name] = done[id(w)]
-    from .checkpoint import share_tied_head
-
-    if hasattr(net, "decoder"):
-        share_tied_head(net)
+    if hasattr(net, "tie_head"):
+        net.tie_head()
 
 
 def is_packed(net: nn.Module) -> bool:
@@ -112,3 +109,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, *, 
     if gelu is not None:
         return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "gelu", [], gelu)
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+
+# what checkpoint.build_net applies as each weight is read
+TRANSFORM = WeightTransform(names=slot_names, tensor=pack_tensor, net=pack, dense=lambda t: t.to_dense())

@@ -22,6 +22,8 @@ def test_legacy_bin_state_dict_lets_go_of_each_tensor_after_its_last_read(make_c
     import torch
 
     from encdec_fast import checkpoint as ckpt
+    from encdec_fast import prepack
+    from encdec_fast.checkpoint import sources
 
     readers = []
 
@@ -30,13 +32,13 @@ def test_legacy_bin_state_dict_lets_go_of_each_tensor_after_its_last_read(make_c
             super().__init__(*a, **k)
             readers.append(self)
 
-    monkeypatch.setattr(ckpt, "WeightReader", Recorded)
+    monkeypatch.setattr(sources, "WeightReader", Recorded)
     path = pathlib.Path(make_ckpt("bert", "gpt2", fmt="legacy_bin"))
     src = ckpt.open_folder(path)
     [reader] = readers
     everything = set(reader.keys())
-    net = ckpt.build_net(src, device="cpu", dtype=torch.float32, seed=0, pack=True)
+    net = ckpt.build_net(src, device="cpu", dtype=torch.float32, seed=0, transform=prepack.TRANSFORM)
     [state] = reader._open.values()
-    assert isinstance(state, dict) and set(state) == everything - set(ckpt._reads(src.plan)) == {
+    assert isinstance(state, dict) and set(state) == everything - set(sources._reads(src.plan)) == {
         "encoder.pooler.dense.weight", "encoder.pooler.dense.bias"}
     assert net.decoder.layers[0].attn.qkv.weight.is_mkldnn

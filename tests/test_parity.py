@@ -190,7 +190,7 @@ def test_tie_encoder_decoder_checkpoint_takes_missing_decoder_tensors_from_the_e
     from conftest import build_checkpoint
     from safetensors.torch import load_file, save_file
 
-    from encdec_fast.weight_map import DECODER_BASE
+    from encdec_fast.checkpoint.weight_map import DECODER_BASE
 
     kw = dict(embedding_size=24) if fam == "electra" else {}
     path = build_checkpoint(tmp_path / "tied", fam, fam, enc_kw=kw, dec_kw=kw)

@@ -2,7 +2,7 @@
 
 Our layout is the fast path's: fused QKV (BERT's query/key/value and BART's q/k/v_proj concatenated,
 GPT-2's Conv1D c_attn transposed to nn.Linear's [out, in]), cross-attention K/V fused. A plan maps each
-buffer name of modules.EncoderDecoderNet to (HF names, combine function); checkpoint.py reads the
+buffer name of modules.EncoderDecoderNet to (HF names, combine function); sources.py and assign.py read the
 tensors and fills the buffers. Standalone checkpoints (glued with load(encoder=, decoder=)) are first
 mapped onto the EncoderDecoderModel names by alias().
 """
@@ -13,7 +13,7 @@ from typing import Callable
 
 import torch
 
-from .config import ModelConfig, StackConfig
+from ..config import ModelConfig, StackConfig
 
 # tensors a checkpoint may hold that the inference net does not use
 _IGNORED_SUFFIXES = (".position_ids", ".token_type_ids", "attn.bias", "attn.masked_bias",
@@ -219,3 +219,9 @@ def alias(keys: set[str], strip: tuple[str, ...], canon: str, extra: tuple[str, 
                 break
         out[canon + rest] = k
     return out
+
+
+def source_key(hf_names, fn):
+    """A buffer's source: buffers with the same key and fn `same` share one tensor (read once); any other
+    transform is read and computed per buffer."""
+    return tuple(hf_names), fn.__name__
