@@ -305,6 +305,7 @@ def selection_cases(dev, V=50257) -> list[Case]:
     from csrc_checks import selection_case
 
     from encdec_fast import csrc_ops, ops
+    from encdec_fast.decode import ops as dops
 
     cases = []
     for rows in (1, 64, 512):
@@ -312,8 +313,8 @@ def selection_cases(dev, V=50257) -> list[Case]:
         case = selection_case("all", rows, V, 64, device=dev)
         cases.append(Case("csrc greedy select (processors fused) vs processors + argmax", f"{rows}x{V}",
                           lambda s=s, c=case: csrc_ops.select_greedy(s, *c, fallback=None),
-                          lambda s=s, c=case: ops.select_greedy(s, *c),
-                          lambda s=s, c=case: ops.select_greedy(s, *c), "GB/s", rows * V * 4))
+                          lambda s=s, c=case: dops.select_greedy(s, *c),
+                          lambda s=s, c=case: dops.select_greedy(s, *c), "GB/s", rows * V * 4))
     for requests, beams in ((1, 4), (16, 4), (64, 4)):
         rows = requests * beams
         s = torch.randn(rows, V, device=dev) * 3
@@ -322,8 +323,8 @@ def selection_cases(dev, V=50257) -> list[Case]:
         cases.append(Case("csrc beam candidates (log-softmax, processors, top 2 x beams) vs torch",
                           f"{requests} x {beams} beams x {V}",
                           lambda s=s, c=case, r=run, k=2 * beams: csrc_ops.select_beam(s, *c, r, k, fallback=None),
-                          lambda s=s, c=case, r=run, k=2 * beams: ops.select_beam(s, *c, r, k),
-                          lambda s=s, c=case, r=run, k=2 * beams: ops.select_beam(s, *c, r, k), "GB/s", rows * V * 4))
+                          lambda s=s, c=case, r=run, k=2 * beams: dops.select_beam(s, *c, r, k),
+                          lambda s=s, c=case, r=run, k=2 * beams: dops.select_beam(s, *c, r, k), "GB/s", rows * V * 4))
     return cases
 
 

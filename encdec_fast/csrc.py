@@ -17,7 +17,7 @@ a CPU torch wheel, so the library is a standalone shared object:
           ABI version and the size of its params struct must equal this module's.
 
 ENCDEC_CUDA picks (read each time an op table is made):
-  auto (default)  use the csrc ops listed in ops.CSRC_FASTER (the ones measured faster on a GPU) when
+  auto (default)  use the csrc ops listed in decode/ops.py's CSRC_FASTER (the ones measured faster on a GPU) when
                   the library builds, loads and finds a GPU of compute capability >= 9.0; otherwise
                   log once why not, and the Triton table stays as it is.
   0               never.
@@ -294,7 +294,7 @@ def enabled_ops(measured_faster) -> tuple[str, ...]:
         return _off("ENCDEC_CUDA=0.")
     wanted = OPS if m == "1" else tuple(n for n in OPS if n in measured_faster)
     if not wanted:
-        return _off("no csrc op has been measured faster than the Triton path on a GPU yet (ops.CSRC_FASTER is "
+        return _off("no csrc op has been measured faster than the Triton path on a GPU yet (decode/ops.py's CSRC_FASTER is "
                     "empty); ENCDEC_CUDA=1 forces them on.")
     try:
         check_device(library())

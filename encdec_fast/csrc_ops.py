@@ -1,6 +1,6 @@
 """The op-table entries backed by the csrc/ CUDA kernels: input checks, outputs, and the C-ABI call.
 
-Each entry is the op of ops.py with the same name and takes the op it replaces as `fallback`: a call
+Each entry is the op of decode/ops.py with the same name and takes the op it replaces as `fallback`: a call
 the kernel does not cover (CPU tensors, more than 16 rows, a dtype, stride or alignment it does not
 take, a processor it does not fuse) goes to the fallback unchanged, so model code never needs to know.
 The kernels run on torch's current stream; outputs and scratch come from torch's allocator (graph-safe).
@@ -175,7 +175,7 @@ def _select_covers(logits: torch.Tensor, seq: torch.Tensor, t: torch.Tensor) -> 
 
 
 def select_greedy(logits, seq, t, tables, spec, *, fallback):
-    """argmax over the processed logits, as fallback (ops.select_greedy) computes it, in one launch."""
+    """argmax over the processed logits, as fallback (decode/ops.py's select_greedy) computes it, in one launch."""
     N, V = logits.shape
     params = select_params(seq[:N], t[:N], tables, spec) if _select_covers(logits, seq, t) else None
     if params is None:
@@ -188,7 +188,7 @@ def select_greedy(logits, seq, t, tables, spec, *, fallback):
 
 def select_beam(logits, seq, t, tables, spec, running_scores, k, *, fallback):
     """top k over beams x vocab of processed log-probabilities + running beam scores, per request (rows
-    r*nb .. r*nb+nb-1 of request r), as fallback (ops.select_beam) computes it."""
+    r*nb .. r*nb+nb-1 of request r), as fallback (decode/ops.py's select_beam) computes it."""
     R, nb = running_scores.shape
     rows, V = R * nb, logits.shape[1]
     ok = (_select_covers(logits, seq, t) and running_scores.dtype == torch.float32 and running_scores.is_contiguous()

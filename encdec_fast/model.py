@@ -63,6 +63,11 @@ def _pick_dtype(dtype, stored: torch.dtype, device):
     return dtype
 
 
+def _op_table(net, backend: str):
+    """The backend's op table; prepack.py's where the projection weights are packed for oneDNN."""
+    return prepack_mod.TABLE if prepack_mod.is_packed(net) else ops_mod.table(backend)
+
+
 class EncDecModel:
     """Drop-in for transformers' EncoderDecoderModel at inference: forward(), generate(), config."""
 
@@ -74,7 +79,7 @@ class EncDecModel:
         self.config = hf_config
         self.generation_config = generation_config
         self.backend = backend
-        self.ops = ops_mod.table(backend)
+        self.ops = _op_table(net, backend)
         self.path = path
         self.cuda_graphs = True  # capture the decode step as a CUDA graph on CUDA devices
         self.static_decode = False  # the bucketed static-buffer step without capture (tests it on the CPU)
@@ -107,9 +112,10 @@ class EncDecModel:
         prepack_mod.unpack(self.net)  # packed tensors only move as plain ones
         self.net.to(device=dev, dtype=dtype)
         self._graph_cache = None  # captured graphs point at the old tensors
-        self.backend, self.ops = new_backend, ops_mod.table(new_backend)
+        self.backend = new_backend
         if self.prepack and prepack_mod.applies(self.device, self.dtype, self.backend):
             prepack_mod.pack(self.net)
+        self.ops = _op_table(self.net, self.backend)
         return self
 
     def eval(self):

@@ -1,7 +1,9 @@
 """The op table: every numeric op the model net uses, per backend.
 
 Model code calls ``self.ops.<name>(...)`` on the table it was built with and never branches on the
-backend. The plain-PyTorch versions below are the reference the Triton kernels are tested against.
+backend. The plain-PyTorch versions below are the reference every other table is tested against: the
+Triton kernels (kernels/), and the oneDNN calls on prepacked CPU weights (prepack.py's table). The
+decode-only ops (token choice, a step's bookkeeping) have their own table, decode/ops.py.
 
 Shape conventions (B batch, L length, H heads, D head dim, N decode rows, V vocabulary):
   attention        q [B, Lq, H, D], k/v [B, Lk, H, D] (any strides, unit stride on D) -> [B, Lq, H, D]
@@ -10,14 +12,6 @@ Shape conventions (B batch, L length, H heads, D head dim, N decode rows, V voca
   fused_linear     x [M, K], weight [N, K] (nn.Linear layout) -> [M, N], LayerNorm/GELU/residual fused
   embed_step       seq [N, Lc], t [N] (row n feeds seq[n, t[n] - 1] at position t[n] - 1), the tables
                    -> (x [N, E], seq_lens int32 [N] = t, self_starts long [N] = n * row_stride)
-  scan_logits      logits [N, V]: flags running rows with NaN/inf in nonfinite [N] (in place); -> argmax
-                   tokens long [N] (argmax=True) or None
-  select_greedy    logits [N, V], seq [N, Lc], t [N], RowTables, Spec -> tokens long [N]
-  select_beam      logits [N, V], seq, t, RowTables, Spec, running scores [R, nb], k
-                   -> (scores float32, indices long) [R, k]; request r's beams are rows r*nb .. r*nb+nb-1
-
-The triton table can take ops from the CUDA C++ kernels of csrc/ (csrc.py, csrc_ops.py): those listed
-in CSRC_FASTER, or all of them with ENCDEC_CUDA=1.
 """
 
 from __future__ import annotations
@@ -29,15 +23,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from . import prepack, validate
-from .decode import select as sel
 
 BACKENDS = ("torch", "triton")
-
-# The ops for which the csrc/ CUDA kernel was measured faster than the triton table's own op, on a GPU
-# (benchmarks/bench_kernels.py rows and W1 in benchmarks/gpu_report.py, ENCDEC_CUDA=1 vs 0). Empty
-# until measured: no GPU has run them yet (issue 10), so ENCDEC_CUDA=auto switches nothing on.
-CSRC_FASTER: frozenset[str] = frozenset()
 
 
 # --------------------------------------------------------------------------------------------
@@ -62,25 +49,26 @@ def bias_gelu(x: torch.Tensor, bias: torch.Tensor | None, approximate: str) -> t
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """x @ weight.T + bias, weight [out, in] (nn.Linear layout), plain or packed (prepack.py)."""
-    if weight.is_mkldnn:
-        return prepack.linear(x, weight, bias)
+    """x @ weight.T + bias, weight [out, in] (nn.Linear layout)."""
     return F.linear(x, weight, bias)
 
 
 def linear_gelu(x, weight, bias, approximate: str, *, gelu: Callable = bias_gelu) -> torch.Tensor:
     """gelu(x @ weight.T + bias): the MLP's first projection. The product is rounded to x's dtype before
-    the bias is added (as a matmul without bias followed by the bias_gelu op rounds it)."""
-    if weight.is_mkldnn:
-        return prepack.linear(x, weight, bias, gelu=approximate)
-    return gelu(linear(x, weight, None), bias, approximate)
+    the bias is added (as a matmul without bias followed by bias_gelu rounds it); gelu: the bias + GELU
+    op (the triton table's kernel)."""
+    return gelu(F.linear(x, weight, None), bias, approximate)
 
 
-def linear_residual(x, weight, bias, residual) -> torch.Tensor:
-    """x @ weight.T + bias + residual (the linear's output rounded to x's dtype before the add)."""
-    if weight.is_mkldnn:
-        return prepack.linear(x, weight, bias, residual=residual)
-    return linear(x, weight, bias) + residual
+def fused_linear_inputs(x, residual, x_ln, residual_ln):
+    """fused_linear's prologues: (LN_x?(x), LN_r?(residual)), shared with the tables that replace the product."""
+    if x_ln is not None:
+        x = F.layer_norm(x, (x.shape[-1],), x_ln[0], x_ln[1], x_ln[2])
+    if residual is not None and residual_ln is not None:
+        residual = F.layer_norm(residual, (residual.shape[-1],), residual_ln[0], residual_ln[1], residual_ln[2])
+    return x, residual
+
+
 def fused_linear(x, weight, bias=None, *, x_ln=None, gelu=None, residual=None, residual_ln=None):
     """gelu?(LN_x?(x) @ weight.T + bias) + LN_r?(residual): a decode-step projection with its
     neighbours. x [..., K]; weight [N, K]; bias [N] or None; x_ln, residual_ln: (weight, bias, eps) of
@@ -89,12 +77,7 @@ def fused_linear(x, weight, bias=None, *, x_ln=None, gelu=None, residual=None, r
     sublayer being the LayerNorm of the previous sum."""
     if gelu not in (None, "none", "tanh"):
         raise ValueError(f"fused_linear: gelu must be None, 'none' or 'tanh', got {gelu!r}")
-    if x_ln is not None:
-        x = F.layer_norm(x, (x.shape[-1],), x_ln[0], x_ln[1], x_ln[2])
-    if residual is not None and residual_ln is not None:
-        residual = F.layer_norm(residual, (residual.shape[-1],), residual_ln[0], residual_ln[1], residual_ln[2])
-    if weight.is_mkldnn:  # one oneDNN call with the GELU or the residual add (prepack.py)
-        return prepack.linear(x, weight, bias, gelu=gelu, residual=residual)
+    x, residual = fused_linear_inputs(x, residual, x_ln, residual_ln)
     y = F.linear(x, weight, bias)
     if gelu is not None:
         y = F.gelu(y, approximate=gelu)
@@ -202,9 +185,9 @@ def _decode_attention_by_window(q, k, v, starts, lens, scale: float):
         ln = min(ln, T - s)
         if ln <= 0:  # no visible key: zeros
             continue
-        sel = slice(rows[0], rows[-1] + 1) if rows[-1] - rows[0] + 1 == len(rows) else torch.tensor(rows)
-        qg, kg, vg = (x.float().transpose(0, 1).unsqueeze(0) for x in (q[sel], k[s:s + ln], v[s:s + ln]))  # (1, H, *, D)
-        out[sel] = F.scaled_dot_product_attention(qg, kg, vg, scale=scale)[0].transpose(0, 1).to(q.dtype)
+        group_rows = slice(rows[0], rows[-1] + 1) if rows[-1] - rows[0] + 1 == len(rows) else torch.tensor(rows)
+        qg, kg, vg = (x.float().transpose(0, 1).unsqueeze(0) for x in (q[group_rows], k[s:s + ln], v[s:s + ln]))  # (1, H, *, D)
+        out[group_rows] = F.scaled_dot_product_attention(qg, kg, vg, scale=scale)[0].transpose(0, 1).to(q.dtype)
     return out
 
 
@@ -235,7 +218,7 @@ def _window_view(k: torch.Tensor, starts: torch.Tensor, W: int) -> torch.Tensor 
 
 
 # --------------------------------------------------------------------------------------------
-# a decode step's embeddings (modules.Embeddings.step) and its look at the logits (decode/state.py)
+# a decode step's embeddings (modules.Embeddings.step)
 # --------------------------------------------------------------------------------------------
 def embed_step(seq, t, word, position, type0, *, scale: float, offset: int, pad_id: int, skip_pad: bool, ln,
                row_stride: int):
@@ -260,69 +243,6 @@ def embed_step(seq, t, word, position, type0, *, scale: float, offset: int, pad_
     return x, t.to(torch.int32), torch.arange(0, N * row_stride, row_stride, device=t.device)
 
 
-def scan_logits(logits, busy, stop_t, nonfinite, *, argmax: bool):
-    """One look at a step's logits [N, V]: running rows (busy, stop_t == 0) holding NaN or inf get
-    nonfinite[n] = True (bool [N], in place; validate.nonfinite_rows); with argmax, returns each row's
-    argmax (first index among equal maxima; any index in range for a row holding NaN), else None."""
-    nonfinite |= validate.nonfinite_rows(logits) & busy & (stop_t == 0)
-    return torch.argmax(logits, dim=-1) if argmax else None
-
-
-# --------------------------------------------------------------------------------------------
-# token selection (decode/state.py's commit and decode/beam.py's BeamGroup.step; the processors and
-# their per-row tables are decode/select.py's)
-# --------------------------------------------------------------------------------------------
-def select_greedy(logits: torch.Tensor, seq: torch.Tensor, t: torch.Tensor, tables: sel.RowTables,
-                  spec: sel.Spec) -> torch.Tensor:
-    """Greedy choice for rows n < N = len(logits) holding tokens seq[n, :t[n]]: argmax of the processed fp32
-    logits (first index among equal maxima), or of the raw logits when spec runs no processor. seq, t and the
-    tables may hold more rows (the decode state's buffers): row n reads row n of each."""
-    if not spec.needs_scores:
-        return sel.greedy(logits)
-    N = logits.shape[0]
-    return sel.greedy(sel.process(logits.float(), seq[:N], t[:N], tables, spec))
-
-
-def select_beam(logits: torch.Tensor, seq: torch.Tensor, t: torch.Tensor, tables: sel.RowTables, spec: sel.Spec,
-                running_scores: torch.Tensor, k: int):
-    """One beam-search step's candidates per request, as transformers' _beam_search takes them: the top k of
-    process(log_softmax(logits)) + running_scores over beams x vocabulary (torch.topk), indices
-    beam * V + token. running_scores [R, nb]: request r's beams are rows r*nb .. r*nb+nb-1 (decode/beam.py's
-    layout); rows past R*nb (of the logits, seq, t and the tables) are not read."""
-    R, nb = running_scores.shape
-    rows = R * nb
-    log_probs = sel.process(F.log_softmax(logits[:rows].float(), dim=-1), seq[:rows], t[:rows], tables, spec)
-    V = log_probs.shape[-1]
-    acc = (log_probs.view(R, nb, V) + running_scores[:, :, None]).view(R, nb * V)  # (R, nb * V)
-    return torch.topk(acc, k=k)
-
-
-# --------------------------------------------------------------------------------------------
-# a decode step's bookkeeping (decode/state.py)
-# --------------------------------------------------------------------------------------------
-def commit_tokens(tokens, seq, t, limit, alive, busy, is_beam, beam_done, stop_t, pad, eos, steps, all_stopped_at):
-    """After the token choice, in place: rows that are not alive emit their pad; a busy row below its limit
-    takes its token (written at seq[n, t[n]] unless it is a beam row, whose tokens its beam group wrote)
-    and advances; eos (any of the row's eos ids, (N, E) padded with -1) ends an alive row; a row's stop
-    mark becomes its length when it stops (eos, its limit, or for a beam row beam_done); steps counts the
-    step, and all_stopped_at takes it the first time no busy row is still running.
-    tokens, t, limit, stop_t, pad int64 (N,); alive, busy, is_beam, beam_done bool (N,); seq int64 (N, Lc);
-    steps, all_stopped_at int64 ()."""
-    room = busy & (t < limit)  # rows that take a token this step
-    tok = torch.where(alive, tokens, pad)
-    hit = (tok[:, None] == eos).any(-1) & alive & room
-    plain = room & ~is_beam
-    at = t.clamp(max=seq.shape[1] - 1)[:, None]
-    seq.scatter_(1, at, torch.where(plain, tok, seq.gather(1, at).squeeze(1))[:, None])
-    alive &= ~hit
-    t += room.long()
-    ended = busy & (stop_t == 0) & torch.where(is_beam, beam_done, ~alive | (t >= limit))
-    stop_t.copy_(torch.where(ended, t, stop_t))
-    steps += 1
-    everyone = torch.all((stop_t > 0) | ~busy)
-    all_stopped_at.copy_(torch.where(everyone & (all_stopped_at == 0), steps, all_stopped_at))
-
-
 # --------------------------------------------------------------------------------------------
 # the switch
 # --------------------------------------------------------------------------------------------
@@ -333,55 +253,40 @@ class OpTable:
     name: str
     layer_norm: Callable
     add_layer_norm: Callable
-    bias_gelu: Callable
     linear: Callable
     linear_gelu: Callable
-    linear_residual: Callable
     fused_linear: Callable
     attention: Callable
     varlen_attention: Callable
     decode_attention: Callable
     embed_step: Callable
-    scan_logits: Callable
-    select_greedy: Callable
-    select_beam: Callable
-    commit_tokens: Callable
 
 
-_TORCH = OpTable(
+TORCH = OpTable(
     name="torch",
     layer_norm=layer_norm,
     add_layer_norm=add_layer_norm,
-    bias_gelu=bias_gelu,
     linear=linear,
     linear_gelu=linear_gelu,
-    linear_residual=linear_residual,
     fused_linear=fused_linear,
     attention=attention,
     varlen_attention=varlen_attention,
     decode_attention=decode_attention,
     embed_step=embed_step,
-    scan_logits=scan_logits,
-    select_greedy=select_greedy,
-    select_beam=select_beam,
-    commit_tokens=commit_tokens,
 )
 
 
 def table(backend: str) -> OpTable:
     """The op table for a backend name ("torch" or "triton")."""
     if backend == "torch":
-        return _TORCH
+        return TORCH
     if backend == "triton":
-        # encdec_fast.kernels is the top-level kernels/ folder, mapped by setup.py
         from .kernels import activation as kact
         from .kernels import attention as katt
-        from .kernels import commit as kcommit
         from .kernels import decode_attention as kdec
         from .kernels import embed as kembed
         from .kernels import layer_norm as kln
         from .kernels import linear as klin
-        from .kernels import scan as kscan
 
         def triton_fused_linear(x, weight, bias=None, **kw):
             """The Triton GEMV for decode-sized inputs (<= klin.MAX_ROWS rows), cuBLAS beyond."""
@@ -394,35 +299,16 @@ def table(backend: str) -> OpTable:
             y = klin.fused_linear(x.reshape(rows, x.shape[-1]), weight, bias, **kw)
             return y.view(*x.shape[:-1], weight.shape[0])
 
-        return with_csrc(OpTable(
+        return OpTable(
             name="triton",
             layer_norm=kln.layer_norm,
             add_layer_norm=kln.add_layer_norm,
-            bias_gelu=kact.bias_gelu,
             linear=linear,  # cuBLAS; bias fused into neighbours where it pays
             linear_gelu=functools.partial(linear_gelu, gelu=kact.bias_gelu),
-            linear_residual=linear_residual,
             fused_linear=triton_fused_linear,
             attention=katt.attention,
             varlen_attention=katt.varlen_attention,
             decode_attention=kdec.decode_attention,
             embed_step=kembed.embed_step,
-            scan_logits=kscan.scan_logits,
-            select_greedy=select_greedy,
-            select_beam=select_beam,
-            commit_tokens=kcommit.commit_tokens,
-        ))
+        )
     raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
-
-
-def with_csrc(t: OpTable) -> OpTable:
-    """t with the ops that ENCDEC_CUDA and CSRC_FASTER give to the csrc kernels (each falls back to t's op
-    where the kernel does not apply)."""
-    from . import csrc
-
-    names = csrc.enabled_ops(CSRC_FASTER)
-    if not names:
-        return t
-    from . import csrc_ops
-
-    return dataclasses.replace(t, **{n: csrc_ops.bind(n, getattr(t, n)) for n in names})

@@ -6,10 +6,10 @@ project's 2-core AVX-512 CI machine, a 768 -> 50257 LM head at 1 row takes 11.3 
 rows); the decoder's 768-wide projections run 1.5-3x faster the same way, and the encoder's 128-row
 products about 1.1x. Every projection weight of the net (nn.Linear's [out, in] buffers and the LM head)
 is replaced by that reordered tensor, once: at load as each weight is read (checkpoint/assign.py, through
-``TRANSFORM``: one plain copy alive at a time), or for a whole net with ``pack(net)``. The torch
-backend's linear ops see a packed weight (``weight.is_mkldnn``) and call oneDNN, with the bias, GELU or
-residual add fused into the same call. ``unpack(net)`` restores the plain tensors (before a move to
-another device or dtype, or to the triton backend, whose kernels read plain memory).
+``TRANSFORM``: one plain copy alive at a time), or for a whole net with ``pack(net)``. The model then
+runs on this file's op table (``TABLE``: the torch reference's, whose products call oneDNN with the bias,
+GELU or residual add fused into the same call). ``unpack(net)`` restores the plain tensors (before a move
+to another device or dtype, or to the triton backend, whose kernels read plain memory).
 
 Only fp32 on the CPU is packed, and only where this torch build has oneDNN. The results are the
 same products summed in another order: logits within ~1e-6 relative of F.linear's, and tokens equal
@@ -22,9 +22,12 @@ floats more, 154 MB for GPT-2's). load(prepack=False) keeps everything plain.
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch import nn
 
+from . import ops
 from .checkpoint import WeightTransform
 from .modules import Linear, LMHead
 
@@ -98,18 +101,42 @@ def is_packed(net: nn.Module) -> bool:
     return any(m._buffers[name].is_mkldnn for m, name in _slots(net))
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, *, gelu: str | None = None,
-           residual: torch.Tensor | None = None) -> torch.Tensor:
+def _pointwise(x, weight, bias, gelu=None, residual=None):
     """gelu?(x @ weight.T + bias) + residual with a packed weight [N, K]: one oneDNN call. x [..., K]
     (any strides); gelu None, "none" (erf form) or "tanh"; residual [..., N] or None (not with gelu)."""
     if residual is not None:
         if gelu is not None:
-            raise ValueError("prepack.linear: gelu and residual are not fused together")
+            raise ValueError("prepack: gelu and residual are not fused together")
         return torch.ops.mkldnn._linear_pointwise.binary(x, residual.contiguous(), weight, bias, "add")
     if gelu is not None:
         return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "gelu", [], gelu)
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
 
+
+# --------------------------------------------------------------------------------------------
+# the op table of a net with packed weights: the torch reference's, with the products through oneDNN
+# (a weight that is not packed goes to the reference op)
+# --------------------------------------------------------------------------------------------
+def linear(x, weight, bias):
+    return _pointwise(x, weight, bias) if weight.is_mkldnn else ops.linear(x, weight, bias)
+
+
+def linear_gelu(x, weight, bias, approximate: str):
+    return _pointwise(x, weight, bias, gelu=approximate) if weight.is_mkldnn else ops.linear_gelu(x, weight, bias,
+                                                                                                   approximate)
+
+
+def fused_linear(x, weight, bias=None, *, x_ln=None, gelu=None, residual=None, residual_ln=None):
+    if not weight.is_mkldnn:
+        return ops.fused_linear(x, weight, bias, x_ln=x_ln, gelu=gelu, residual=residual, residual_ln=residual_ln)
+    if gelu not in (None, "none", "tanh"):
+        raise ValueError(f"fused_linear: gelu must be None, 'none' or 'tanh', got {gelu!r}")
+    x, residual = ops.fused_linear_inputs(x, residual, x_ln, residual_ln)
+    return _pointwise(x, weight, bias, gelu=gelu, residual=residual)
+
+
+TABLE = dataclasses.replace(ops.TORCH, name="torch+onednn", linear=linear, linear_gelu=linear_gelu,
+                            fused_linear=fused_linear)
 
 # what checkpoint.build_net applies as each weight is read
 TRANSFORM = WeightTransform(names=slot_names, tensor=pack_tensor, net=pack, dense=lambda t: t.to_dense())

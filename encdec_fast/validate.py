@@ -316,12 +316,6 @@ def config_fields(raw: Mapping, file, prefix: str = ""):
 # ------------------------------------------------------------------------------------------------
 # run time
 # ------------------------------------------------------------------------------------------------
-def nonfinite_rows(logits: torch.Tensor) -> torch.Tensor:
-    """(N, V) logits -> bool (N,): rows holding NaN or inf. One pass: a row's sum is finite iff all its
-    entries are (fp32 sums of real logits cannot overflow)."""
-    return ~torch.isfinite(logits.sum(dim=-1, dtype=torch.float32))
-
-
 def nonfinite_error() -> NumericalError:
     return NumericalError("the model produced NaN or inf logits (float16 overflow, or non-finite weights loaded with "
                           "check_finite=False); load the model with dtype=torch.bfloat16 or torch.float32, or check "

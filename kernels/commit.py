@@ -7,7 +7,7 @@ and the step at which every busy row had stopped. In plain PyTorch that is ~25 t
 in a CUDA graph of a batch-1 step they cost about as much as a decoder layer. Here it is one program
 over all rows (a decode state has at most a few thousand), every value loaded once.
 
-Reference: ``encdec_fast.ops.commit_tokens`` (plain PyTorch), element for element.
+Reference: ``encdec_fast.decode.ops.commit_tokens`` (plain PyTorch), element for element.
 
 Limits: one program, so rows <= 16384; eos ids per row <= 64 (the table is padded with -1).
 """
@@ -72,7 +72,7 @@ def _commit_kernel(
 
 
 def commit_tokens(tokens, seq, t, limit, alive, busy, is_beam, beam_done, stop_t, pad, eos, steps, all_stopped_at):
-    """ops.commit_tokens in one launch (see the module docstring); every tensor is updated in place."""
+    """decode/ops.py's commit_tokens in one launch (see the module docstring); every tensor is updated in place."""
     N, Lc = seq.shape
     E = eos.shape[1]
     if N == 0:

@@ -8,7 +8,7 @@ logits once in blocks of BLOCK_V, keeping the best value and its first index (st
 replaces: ties keep the earliest index, as torch.argmax) and whether any element was NaN or inf, and
 ORs the flag into the row's entry of `nonfinite` when the row is running (busy, not stopped).
 
-Reference: ``encdec_fast.ops.scan_logits``. The two agree on the flags and on the argmax of every row
+Reference: ``encdec_fast.decode.ops.scan_logits``. The two agree on the flags and on the argmax of every row
 without NaN (a row with NaN gets some index in range: its request fails anyway). The reference's
 row-sum test equals this element test unless an fp32 sum of finite logits overflows.
 """
@@ -53,7 +53,7 @@ def _scan_kernel(
 
 
 def scan_logits(logits, busy, stop_t, nonfinite, *, argmax: bool):
-    """ops.scan_logits in one launch (see the module docstring); nonfinite is updated in place."""
+    """decode/ops.py's scan_logits in one launch (see the module docstring); nonfinite is updated in place."""
     N, V = logits.shape
     tokens = torch.empty(N, dtype=torch.int64, device=logits.device) if argmax else None
     if N == 0:

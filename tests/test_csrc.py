@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from csrc_checks import KINDS, library_or_skip, nvcc_or_skip, scores, selection_case
 
 from encdec_fast import csrc, csrc_ops, ops
+from encdec_fast.decode import ops as dops
 from encdec_fast.decode import select as sel
 from encdec_fast.errors import CudaKernelError, UnsupportedArgumentError
 
@@ -248,7 +249,7 @@ def test_csrc_ops_replace_exactly_the_enabled_entries_and_fall_back_off_gpu(fres
     t = ops.table("triton")
     assert t.linear.func is csrc_ops.linear and t.linear.keywords["fallback"] is ops.linear
     assert t.select_greedy.func is csrc_ops.select_greedy
-    assert t.linear_gelu.func is ops.linear_gelu and t.select_beam is ops.select_beam  # not measured: unchanged
+    assert t.linear_gelu.func is ops.linear_gelu and t.select_beam is dops.select_beam  # not measured: unchanged
     monkeypatch.setenv("ENCDEC_CUDA", "0")
     plain = ops.table("triton")
     monkeypatch.setenv("ENCDEC_CUDA", "1")
@@ -370,7 +371,7 @@ def test_kernel_rule_over_the_params_gives_process(kind):
     want = sel.process(s, seq, t, tables, spec)
     assert torch.equal(kernel_rule(s, csrc_ops.select_params(seq, t, tables, spec)), want)
     assert (want == float("-inf")).any() or kind in ("none", "repetition")  # the bans fire
-    assert torch.equal(ops.select_greedy(s, seq, t, tables, spec), want.argmax(-1))
+    assert torch.equal(dops.select_greedy(s, seq, t, tables, spec), want.argmax(-1))
 
 
 def test_params_point_into_the_tables_and_leave_off_what_spec_leaves_off():

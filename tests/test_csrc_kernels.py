@@ -3,9 +3,9 @@
   gemv          every projection of bert-base / gpt2 / bert-large and the LM head, 1-16 rows, each epilogue,
                 fp32 / fp16 / bf16, vs ops.linear / linear_gelu / linear_residual run in fp32 (and, in
                 fp16/bf16, within 2x the error of the torch op run in that precision)
-  select_greedy identical tokens to ops.select_greedy (decode/select.py's process over RowTables + argmax):
+  select_greedy identical tokens to dops.select_greedy (decode/select.py's process over RowTables + argmax):
                 every processor, rows with their own settings and lengths, ties, NaN, misaligned rows
-  select_beam   identical candidates to ops.select_beam (log-softmax, process, running scores, torch.topk:
+  select_beam   identical candidates to dops.select_beam (log-softmax, process, running scores, torch.topk:
                 what decode/beam.py's BeamGroup.step takes)
   streams       results right on a non-default stream whose inputs are written late
   graphs        captured in a CUDA graph and replayed on new logits, tokens and table contents
@@ -24,6 +24,7 @@ from csrc_checks import KINDS, library_or_skip, row_configs, scores, selection_c
 from kernel_checks import check
 
 from encdec_fast import csrc, csrc_ops, ops
+from encdec_fast.decode import ops as dops
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="the csrc kernels run on a GPU; owed there")
 DEV = "cuda"
@@ -133,7 +134,7 @@ def test_greedy_matches_processors_and_argmax(rows, vocab, kind, dtype):
     case = _case(kind, rows, vocab)
     s = scores(rows, vocab, dtype=dtype).to(DEV)
     got = csrc_ops.select_greedy(s, *case, fallback=_no_fallback)
-    assert torch.equal(got, ops.select_greedy(s, *case)), kind
+    assert torch.equal(got, dops.select_greedy(s, *case)), kind
 
 
 def test_greedy_ties_nan_inf_and_misaligned_rows():
@@ -145,7 +146,7 @@ def test_greedy_ties_nan_inf_and_misaligned_rows():
     s = base.to(DEV)[:, 1:]  # rows start 4 bytes past a 16-byte boundary, row stride 102
     for kind in ("none", "all", "mixed"):
         case = _case(kind, 6, V, 5)
-        assert torch.equal(csrc_ops.select_greedy(s, *case, fallback=_no_fallback), ops.select_greedy(s, *case)), kind
+        assert torch.equal(csrc_ops.select_greedy(s, *case, fallback=_no_fallback), dops.select_greedy(s, *case)), kind
 
 
 def test_greedy_reads_only_the_rows_it_chooses_for():
@@ -153,7 +154,7 @@ def test_greedy_reads_only_the_rows_it_chooses_for():
     seq, t, tables, spec = _case("mixed", 9, 61)
     s = scores(5, 61, seed=6).to(DEV)
     got = csrc_ops.select_greedy(s, seq, t, tables, spec, fallback=_no_fallback)
-    assert got.shape == (5,) and torch.equal(got, ops.select_greedy(s, seq, t, tables, spec))
+    assert got.shape == (5,) and torch.equal(got, dops.select_greedy(s, seq, t, tables, spec))
 
 
 @pytest.mark.parametrize("dtype", **DTYPE_IDS)
@@ -167,7 +168,7 @@ def test_beam_candidates_match_one_beam_search_step(requests, beams, vocab, kind
     running[0, 1:] = -1e9  # the first step's beam scores
     for k in sorted({min(2 * beams, 32), min(3 * beams, 32)}):  # 2 x beams; 3 x beams (two eos ids)
         top, idx = csrc_ops.select_beam(logits, *case, running, k, fallback=_no_fallback)
-        want_top, want_idx = ops.select_beam(logits, *case, running, k)
+        want_top, want_idx = dops.select_beam(logits, *case, running, k)
         assert torch.equal(idx, want_idx), f"k={k}: {idx.tolist()} vs {want_idx.tolist()}"
         torch.testing.assert_close(top, want_top, atol=2e-5, rtol=1e-6)
 
@@ -183,7 +184,7 @@ def _run_all(x, w, b, s, case, running):
 
 
 def _refs(x, w, b, s, case, running):
-    return (ops.linear_gelu(x, w, b, "tanh"), ops.select_greedy(s, *case), *ops.select_beam(s, *case, running, 4))
+    return (ops.linear_gelu(x, w, b, "tanh"), dops.select_greedy(s, *case), *dops.select_beam(s, *case, running, 4))
 
 
 def _same(got, want):
@@ -252,10 +253,10 @@ def test_every_kernel_once_on_awkward_shapes():
         s = scores(6, 98, dtype=dtype).to(DEV)[:, 1:]
         for kind in ("all", "mixed"):
             case = _case(kind, 6, 97, 7)
-            assert torch.equal(csrc_ops.select_greedy(s, *case, fallback=_no_fallback), ops.select_greedy(s, *case))
+            assert torch.equal(csrc_ops.select_greedy(s, *case, fallback=_no_fallback), dops.select_greedy(s, *case))
             running = torch.zeros(2, 3, device=DEV)
             got = csrc_ops.select_beam(s, *case, running, 9, fallback=_no_fallback)
-            assert torch.equal(got[1], ops.select_beam(s, *case, running, 9)[1])
+            assert torch.equal(got[1], dops.select_beam(s, *case, running, 9)[1])
     torch.cuda.synchronize()
 
 

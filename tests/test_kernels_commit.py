@@ -1,13 +1,13 @@
 """Triton commit kernel (a decode step's bookkeeping in one launch) vs the torch reference
-(encdec_fast.ops.commit_tokens), element for element, on random decode states with every kind of row:
+(encdec_fast.decode.ops.commit_tokens), element for element, on random decode states with every kind of row:
 idle, running, finished by eos, at their limit, beam rows with and without their request done."""
 
 import pytest
 import torch
 from encdec_fast.kernels import commit as kcommit
+from encdec_fast.decode import ops as dops
 from kernel_checks import DEVICE
 
-from encdec_fast import ops
 
 
 def _state(N, Lc, E, seed):
@@ -33,7 +33,7 @@ def _state(N, Lc, E, seed):
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_commit_kernel_matches_reference(N, Lc, E, seed):
     ref, got = _state(N, Lc, E, seed), _state(N, Lc, E, seed)
-    ops.commit_tokens(**ref)
+    dops.commit_tokens(**ref)
     kcommit.commit_tokens(**got)
     for k in ref:
         assert torch.equal(ref[k], got[k]), f"{k} differs (N={N}, Lc={Lc}, E={E}, seed={seed})"

@@ -1,11 +1,12 @@
 """The decode step's two small kernels against their torch references, under the interpreter on the
 CPU: the embeddings of the fed tokens (kernels/embed.py vs ops.embed_step: every family's options,
-awkward widths) and the one pass over the logits (kernels/scan.py vs ops.scan_logits: argmax with
+awkward widths) and the one pass over the logits (kernels/scan.py vs dops.scan_logits: argmax with
 ties across and within blocks, NaN/inf rows, running and stopped rows)."""
 
 import pytest
 import torch
 from encdec_fast.kernels import embed as kembed
+from encdec_fast.decode import ops as dops
 from encdec_fast.kernels import scan as kscan
 from kernel_checks import DEVICE, bf16_needs_cuda
 
@@ -85,7 +86,7 @@ def test_scan_logits_matches_reference(dtype, N, V):
     for argmax in (True, False):
         logits, busy, stop, bad_ref = _rows(N, V, N * V, dtype)
         bad_got = bad_ref.clone()
-        want = ops.scan_logits(logits, busy, stop, bad_ref, argmax=argmax)
+        want = dops.scan_logits(logits, busy, stop, bad_ref, argmax=argmax)
         got = kscan.scan_logits(logits, busy, stop, bad_got, argmax=argmax)
         assert torch.equal(bad_got, bad_ref)
         if not argmax:

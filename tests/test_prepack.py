@@ -34,14 +34,16 @@ def test_packed_linear_ops_equal_plain(rows, k, n):
     lnr = (torch.rand(n, generator=g) + 0.5, torch.randn(n, generator=g), 1e-12)
     p = _packed(w)
     close = dict(rtol=1e-5, atol=1e-4)
-    torch.testing.assert_close(ops.linear(x, p, b), F.linear(x, w, b), **close)
-    torch.testing.assert_close(ops.linear(x, p, None), F.linear(x, w), **close)
+    packed = prepack.TABLE  # the packed table against the torch reference on the plain weight
+    torch.testing.assert_close(packed.linear(x, p, b), F.linear(x, w, b), **close)
+    torch.testing.assert_close(packed.linear(x, p, None), F.linear(x, w), **close)
     for approx in ("none", "tanh"):
-        torch.testing.assert_close(ops.linear_gelu(x, p, b, approx), ops.linear_gelu(x, w, b, approx), **close)
-    torch.testing.assert_close(ops.linear_residual(x, p, b, r), ops.linear_residual(x, w, b, r), **close)
+        torch.testing.assert_close(packed.linear_gelu(x, p, b, approx), ops.linear_gelu(x, w, b, approx), **close)
     for kw in (dict(x_ln=lnx), dict(x_ln=lnx, gelu="tanh"), dict(residual=r), dict(residual=r, residual_ln=lnr),
-               dict(x_ln=lnx, residual=r, residual_ln=lnr)):
-        torch.testing.assert_close(ops.fused_linear(x, p, b, **kw), ops.fused_linear(x, w, b, **kw), **close)
+               dict(x_ln=lnx, residual=r, residual_ln=lnr), dict(x_ln=lnx, gelu="none")):
+        torch.testing.assert_close(packed.fused_linear(x, p, b, **kw), ops.fused_linear(x, w, b, **kw), **close)
+        # a plain weight given to the packed table runs the reference
+        assert torch.equal(packed.fused_linear(x, w, b, **kw), ops.fused_linear(x, w, b, **kw))
 
 
 def test_packed_linear_takes_3d_and_strided_inputs():
@@ -50,10 +52,10 @@ def test_packed_linear_takes_3d_and_strided_inputs():
     x3 = torch.randn(2, 5, 24, generator=g)
     xs = torch.randn(5, 48, generator=g)[:, ::2]  # a strided view
     p = _packed(w)
-    torch.testing.assert_close(ops.linear(x3, p, b), F.linear(x3, w, b), rtol=1e-5, atol=1e-4)
-    torch.testing.assert_close(ops.linear(xs, p, b), F.linear(xs, w, b), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(prepack.TABLE.linear(x3, p, b), F.linear(x3, w, b), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(prepack.TABLE.linear(xs, p, b), F.linear(xs, w, b), rtol=1e-5, atol=1e-4)
     with pytest.raises(ValueError, match="gelu and residual"):
-        prepack.linear(xs, p, b, gelu="tanh", residual=torch.zeros(5, 40))
+        prepack.TABLE.fused_linear(xs, p, b, gelu="tanh", residual=torch.zeros(5, 40))
 
 
 def test_pack_unpack_round_trip_keeps_sharing(make_ckpt):
@@ -80,8 +82,9 @@ def test_pack_unpack_round_trip_keeps_sharing(make_ckpt):
 
 def test_load_packs_on_cpu_fp32_only(make_ckpt):
     path = make_ckpt()
-    assert prepack.is_packed(encdec_fast.load(path).net)
-    assert not prepack.is_packed(encdec_fast.load(path, prepack=False).net)
+    packed, plain = encdec_fast.load(path), encdec_fast.load(path, prepack=False)
+    assert prepack.is_packed(packed.net) and packed.ops is prepack.TABLE  # packed weights run on their own table
+    assert not prepack.is_packed(plain.net) and plain.ops is ops.TORCH
     assert not prepack.is_packed(encdec_fast.load(path, dtype=torch.bfloat16).net)
     assert not prepack.is_packed(encdec_fast.load(path, backend="triton").net)  # the kernels read plain memory
     with pytest.raises(InvalidInputError, match="prepack"):

@@ -5,7 +5,7 @@ Each request slot r holds num_beams decode rows (`rows[r]`). Per step, from the 
 of those rows (decode/select.py, applied to log_softmax(logits) as transformers does):
 
   top-K continuations over all beams (K = (1 + number of eos ids) * num_beams; the op table's
-  select_beam, which the csrc kernel may replace, or multinomial without replacement for beam
+  select_beam (decode/ops.py), which the csrc kernel may replace, or multinomial without replacement for beam
   sampling) -> which stop (eos, or max_length reached) -> the best
   num_beams that did not stop become the running beams (their tokens and cache rows follow their
   parents) -> the ones that stopped among the top num_beams merge into the finished hypotheses, with
@@ -107,10 +107,10 @@ class BeamGroup:
         self.active.zero_()
         self.done.zero_()
 
-    def step(self, logits: torch.Tensor, seq: torch.Tensor, t: torch.Tensor, tables, spec, ops, *,
+    def step(self, logits: torch.Tensor, seq: torch.Tensor, t: torch.Tensor, tables, spec, dops, *,
              scores: torch.Tensor | None = None, sample: int = 0, generator=None) -> torch.Tensor:
         """One beam step for every active slot. logits (N, V): the decoder's logits of all decode rows,
-        whose processed log-probs (tables, spec: decode/select.py) ops.select_beam ranks;
+        whose processed log-probs (tables, spec: decode/select.py) dops.select_beam (decode/ops.py) ranks;
         seq (N, Lc) the decode rows' tokens (written here: running beams take their parents' tokens
         and the new one at index t); t (N,) tokens per row before this step.
         sample: beam sampling for slots 0 .. sample-1 (else top-K), drawn from scores (N, V), the
@@ -127,7 +127,7 @@ class BeamGroup:
 
         # top-K continuations over all beams of a request (beam sampling: slots 0 .. sample-1 draw them,
         # without replacement, in one multinomial as transformers draws them; idle slots take the top K)
-        top_lp, top_idx = ops.select_beam(logits, seq, t, tables, spec, self.running_scores, K)
+        top_lp, top_idx = dops.select_beam(logits, seq, t, tables, spec, self.running_scores, K)
         if sample:
             acc = (scores[rows[:sample]] + self.running_scores[:sample, :, None]).view(sample, nb * V)
             idx = torch.multinomial(sampling_probs(acc), num_samples=K, generator=generator)

@@ -353,7 +353,7 @@ def greedy(scores: torch.Tensor) -> torch.Tensor:
 def sampling_probs(scores: torch.Tensor) -> torch.Tensor:
     """softmax(scores) for torch.multinomial, the NaN of a non-finite row replaced: on CUDA a NaN
     probability is a device-side assert that kills the process. Identity on finite rows; the row's
-    request still fails, through DecodeState.nonfinite (validate.nonfinite_rows)."""
+    request still fails, through DecodeState.nonfinite (decode/ops.py's nonfinite_rows)."""
     return torch.softmax(scores, dim=-1).nan_to_num_(nan=1.0)
 
 

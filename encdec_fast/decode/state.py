@@ -20,7 +20,7 @@ device, preallocated:
 One step = the decoder over every row (all layers + LM head) -> the logits processors -> token choice
 (greedy argmax; sampled rows draw between `forward` and `commit`; beams choose in decode/beam.py) ->
 tokens written, finished flags updated, beam caches moved. Greedy and beam choice go through the op
-table (ops.select_greedy / select_beam, which run the processors themselves, fused in the csrc kernels);
+table (decode/ops.py's select_greedy / select_beam, which run the processors themselves, fused in the csrc kernels);
 `forward` materialises processed scores only for what else reads them (sampling, keep_scores). Nothing reads the host: a caller looks at
 the flags only every few steps, and a late look loses nothing because `stop_t` records where each row
 stopped (extra steps only append padding past it).
@@ -41,6 +41,7 @@ import time
 import torch
 
 from ..config import StackConfig
+from . import ops as decode_ops
 from . import select as sel
 from .beam import BeamGroup
 
@@ -83,6 +84,7 @@ class DecodeState:
     def __init__(self, model, rows: int, seq_cap: int, enc_slots: int, enc_cap: int, *, capture: bool = False):
         t0 = time.perf_counter()
         self.model, self.decoder, self.ops = model, model.net.decoder, model.ops
+        self.dops = decode_ops.table(model.backend)
         dcfg = model.cfg.decoder
         self.N, self.Lc, self.Be, self.Sc = rows, seq_cap, enc_slots, enc_cap
         self.dev, self.dtype, self.V = model.device, model.dtype, dcfg.vocab_size
@@ -217,7 +219,7 @@ class DecodeState:
         logits when nothing is processed). Beam rows get processed log-probs.
 
         processed: whether anything reads the processed scores (a sampling choice, beam sampling, a caller
-        that keeps them); otherwise commit's selection ops (ops.select_greedy / select_beam) process the
+        that keeps them); otherwise commit's selection ops (decode/ops.py's select_greedy / select_beam) process the
         logits themselves. extent (eager steps only): (rows, token slots) that hold anything, so that an
         idle tail of rows and slots costs nothing; rows past it score nothing (choose treats them as
         idle). None: every row over the whole buffers, as a captured step runs. (Cross-attention reads
@@ -233,7 +235,7 @@ class DecodeState:
         # one pass over the logits: running rows with NaN/inf are flagged (the sampled draws are kept safe), and
         # a greedy step without processors takes its argmax in the same pass (commit uses it)
         fused_greedy = not processed and not spec.needs_scores and self.plain_rows > 0
-        self.greedy_tokens = self.ops.scan_logits(logits, self.busy[:n], self.stop_t[:n], self.nonfinite[:n],
+        self.greedy_tokens = self.dops.scan_logits(logits, self.busy[:n], self.stop_t[:n], self.nonfinite[:n],
                                                   argmax=fused_greedy)
         if not (processed and (spec.needs_scores or self.live_groups)):
             self.scores = logits
@@ -254,7 +256,7 @@ class DecodeState:
             if self.greedy_tokens is not None:  # taken by forward's pass over the logits (no processors)
                 tokens = self.greedy_tokens
             else:
-                tokens = self.ops.select_greedy(logits, self.seq[:n], self.t[:n], tab, self.spec) if self.plain_rows \
+                tokens = self.dops.select_greedy(logits, self.seq[:n], self.t[:n], tab, self.spec) if self.plain_rows \
                     else tab.pad[:n]
         if n < self.N:  # an eager extent: the rows past it are idle
             tokens = torch.cat([tokens, tab.pad[n:]])
@@ -271,7 +273,7 @@ class DecodeState:
             at = self.t.clamp(max=self.Lc - 1)[:, None]
             beam_done = torch.zeros_like(self.busy)
             for g in self.live_groups:
-                parents = g.step(logits, self.seq, self.t, tab, self.spec, self.ops, scores=scores,
+                parents = g.step(logits, self.seq, self.t, tab, self.spec, self.dops, scores=scores,
                                  sample=self.beam_sampling, generator=beam_generator)  # beam_sampling: how many draw
                 rows = g.rows.reshape(-1)
                 if move_caches:
@@ -280,7 +282,7 @@ class DecodeState:
                 tab.observe(self.seq.gather(1, at).squeeze(1), self.is_beam & room)
                 beam_done[rows] = (g.done & g.active)[:, None].expand_as(g.rows).reshape(-1)  # a beam row stops with its request
         # the rest (pad for finished rows, eos, token writes, progress, stop marks, step counts): one op
-        self.ops.commit_tokens(tokens, self.seq, self.t, self.limit, self.alive, self.busy, self.is_beam, beam_done,
+        self.dops.commit_tokens(tokens, self.seq, self.t, self.limit, self.alive, self.busy, self.is_beam, beam_done,
                                self.stop_t, tab.pad, tab.eos, self.steps, self.all_stopped_at)
 
     greedy_tokens = None  # the last forward's argmax tokens when it took them (fused greedy), else None
