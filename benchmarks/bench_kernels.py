@@ -6,11 +6,9 @@
     python benchmarks/bench_kernels.py --quick            # tiny shapes: a smoke run (CPU: interpreter)
     python benchmarks/bench_kernels.py --tiles            # attention tile sweep per head dim 64/80/128
 
-csrc rows (when the library builds and finds the GPU; ENCDEC_CUDA=0 leaves them out): the matrix-vector
-kernels at 1, 4 and 16 rows for every projection of bert-base / gpt2, bert-large and the LM head, against
-F.linear (cuBLAS: the triton table's linear), and with fused GELU / residual against the triton table's
-composition; greedy and beam selection (processors fused) against decode/select.py's processors + argmax /
-topk. Their GB/s is also given as a fraction of the measured device-to-device copy rate ("of copy").
+csrc rows (when the library builds and finds the GPU; ENCDEC_CUDA=0 leaves them out): greedy and beam
+selection (processors fused) on fp32 logits against decode/select.py's processors + argmax / topk. Their
+GB/s is also given as a fraction of the measured device-to-device copy rate ("of copy").
 
 Each row times one op with ``triton.testing.do_bench`` (median, L2 flushed between runs) for ours
 and for the PyTorch baseline (SDPA for attention, SDPA over the cache for decode, F.layer_norm,
@@ -247,12 +245,6 @@ def norm_act_cases(dt, dev, M, N_ln, N_mlp) -> list[Case]:
     return cases
 
 
-# (name, outputs, k): every projection of bert-base / gpt2 (768), bert-large (1024) and the LM head
-PROJECTIONS = [("qkv", 2304, 768), ("attn out / cross q", 768, 768), ("cross kv", 1536, 768), ("fc1", 3072, 768),
-               ("fc2", 768, 3072), ("large qkv", 3072, 1024), ("large out", 1024, 1024), ("large fc1", 4096, 1024),
-               ("large fc2", 1024, 4096), ("lm head", 50257, 768)]
-
-
 def csrc_available() -> str | None:
     """None when the csrc kernels can run here, else why not."""
     from encdec_fast import csrc
@@ -267,44 +259,13 @@ def csrc_available() -> str | None:
     return None
 
 
-def csrc_cases(dt, dev) -> list[Case]:
-    from encdec_fast import csrc_ops, ops
-
-    t = ops.table("triton")
-    elt = torch.finfo(dt).bits // 8
-    cases = []
-    for name, n, k in PROJECTIONS:
-        w = torch.randn(n, k, device=dev, dtype=dt) / k ** 0.5
-        b = torch.randn(n, device=dev, dtype=dt)
-        for rows in (1, 4, 16):
-            x = torch.randn(rows, k, device=dev, dtype=dt)
-            f32 = [v.float() for v in (x, w, b)]
-            nbytes = (n * k + rows * k + rows * n + n) * elt
-            shape = f"{name} {rows}x{k} @ {k}x{n}"
-            cases.append(Case("csrc gemv + bias vs cuBLAS", shape, lambda x=x, w=w, b=b: csrc_ops.gemv(x, w, b, None, "bias"),
-                              lambda x=x, w=w, b=b: F.linear(x, w, b), lambda f=f32: ops.linear(*f), "GB/s", nbytes))
-            if name in ("fc1", "large fc1"):
-                cases.append(Case("csrc gemv + bias + gelu(tanh) vs cuBLAS + Triton bias_gelu", shape,
-                                  lambda x=x, w=w, b=b: csrc_ops.gemv(x, w, b, None, "gelu_tanh"),
-                                  lambda x=x, w=w, b=b: t.linear_gelu(x, w, b, "tanh"),
-                                  lambda f=f32: ops.linear_gelu(*f, "tanh"), "GB/s", nbytes))
-            if name in ("attn out / cross q", "fc2"):
-                r = torch.randn(rows, n, device=dev, dtype=dt)
-                cases.append(Case("csrc gemv + bias + residual vs cuBLAS + add", shape,
-                                  lambda x=x, w=w, b=b, r=r: csrc_ops.gemv(x, w, b, r, "residual"),
-                                  lambda x=x, w=w, b=b, r=r: t.linear_residual(x, w, b, r),
-                                  lambda f=f32, r=r: ops.linear_residual(*f, r.float()), "GB/s",
-                                  nbytes + rows * n * elt))
-    return cases
-
-
 def selection_cases(dev, V=50257) -> list[Case]:
     """fp32 logits (what the decode step hands over) of rows with repetition penalty, 3-gram ban, bad words and
     min length (decode/select.py's RowTables, 64 tokens per row), against the torch op of the op table."""
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
     from csrc_checks import selection_case
 
-    from encdec_fast import csrc_ops, ops
+    from encdec_fast import csrc_ops
     from encdec_fast.decode import ops as dops
 
     cases = []
@@ -352,8 +313,8 @@ def run(dtypes, quick: bool, csrc_only: bool = False) -> str:
             for m in (1, 64 if not quick else 3):
                 cases += linear_cases(dt, dev, m, N_ln, N_mlp)
             cases += norm_act_cases(dt, dev, B * L, N_ln, N_mlp)
-        if no_csrc is None:
-            cases += csrc_cases(dt, dev) + (selection_cases(dev) if i == 0 else [])  # selection: fp32 logits
+        if no_csrc is None and i == 0:
+            cases += selection_cases(dev)  # fp32 logits: once, whatever the dtypes
         for c in cases:
             ref = _first(c.ref32()).float()
             err_ours = (_first(c.ours()).float() - ref).abs().max().item()

@@ -1,5 +1,6 @@
-/* Device helpers the kernels share: element conversion, 16-byte loads, the (score, index) order of
- * torch.argmax / torch.topk, and warp reductions. Header-only, no torch headers. */
+/* Device helpers of the selection kernels: conversion to float, 16-byte loads, the (score, index) order
+ * of torch.argmax / torch.topk, the warp's best (score, index) and the merge of two log-sum-exps.
+ * Header-only, no torch headers. */
 #ifndef ENCDEC_DEVICE_UTILS_H
 #define ENCDEC_DEVICE_UTILS_H
 
@@ -17,14 +18,6 @@ constexpr unsigned FULL_MASK = 0xffffffffu;
 __device__ __forceinline__ float to_float(float v) { return v; }
 __device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
 __device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
-
-template <typename T> __device__ __forceinline__ T from_float(float v);
-template <> __device__ __forceinline__ float from_float<float>(float v) { return v; }
-template <> __device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
-template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
-
-/* v rounded to T and back: what storing an intermediate result in T does to it */
-template <typename T> __device__ __forceinline__ float round_to(float v) { return to_float(from_float<T>(v)); }
 
 /* 16 bytes through the read-only path; p must be 16-byte aligned */
 __device__ __forceinline__ uint4 load16(const void* p) { return __ldg(reinterpret_cast<const uint4*>(p)); }
@@ -46,12 +39,6 @@ __device__ __forceinline__ void warp_best(float& v, int64_t& i) {
         const int64_t oi = __shfl_xor_sync(FULL_MASK, i, off);
         if (better(ov, oi, v, i)) { v = ov; i = oi; }
     }
-}
-
-__device__ __forceinline__ float warp_sum(float v) {
-#pragma unroll
-    for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(FULL_MASK, v, off);
-    return v;
 }
 
 /* Running (max, sum of exp(x - max)) of a log-sum-exp, merged from two partial ones. */

@@ -15,20 +15,11 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#define ENCDEC_ABI_VERSION 2
+#define ENCDEC_ABI_VERSION 3
 #define ENCDEC_EXPORT extern "C" __attribute__((visibility("default")))
 
-/* element types of activations, weights and logits */
+/* element types of the scores (logits) the selection kernels read */
 enum encdec_dtype { ENCDEC_F32 = 0, ENCDEC_F16 = 1, ENCDEC_BF16 = 2 };
-
-/* what the matrix-vector kernel does to acc = x @ w.T before the store (rounding as the torch ops do) */
-enum encdec_epilogue {
-    ENCDEC_EPI_NONE = 0,           /* y = acc                                   (F.linear, no bias) */
-    ENCDEC_EPI_BIAS = 1,           /* y = acc + bias                            (F.linear) */
-    ENCDEC_EPI_BIAS_GELU_ERF = 2,  /* y = gelu(round(round(acc) + bias))        (ops.linear_gelu "none") */
-    ENCDEC_EPI_BIAS_GELU_TANH = 3, /* the same with GPT-2's tanh form           (ops.linear_gelu "tanh") */
-    ENCDEC_EPI_BIAS_RESIDUAL = 4,  /* y = round(acc + bias) + residual          (ops.linear_residual) */
-};
 
 /* The deterministic logits processors of decode/select.py's process(), over its per-row device tables
  * (RowTables), for row r of a launch. Per-row tables are read at [r * *_stride] (a stride of 0 shares one
@@ -83,15 +74,6 @@ ENCDEC_EXPORT size_t encdec_select_params_size(void);
 ENCDEC_EXPORT const char* encdec_error_string(int err);
 /* cudaGetDeviceCount: 0 and *count on success; without a driver, 35 (cudaErrorInsufficientDriver). */
 ENCDEC_EXPORT int encdec_probe(int* count);
-
-/* y[r, n] = epilogue(sum_k x[r, k] * w[n, k]) for r < rows <= 16, n < n_out.
- * x [rows, k] row stride ldx; w [n_out, k] contiguous (nn.Linear layout); bias [n_out] or NULL;
- * residual [rows, n_out] row stride ldr or NULL; y [rows, n_out] row stride ldy. All of one dtype.
- * k % 8 == 0 and 16-byte aligned x rows and w. `split` (1, 2, 4 or 8) warps share each output tile
- * along k (split-K inside a block, reduced in shared memory: deterministic). */
-ENCDEC_EXPORT int encdec_gemv(const void* x, int64_t ldx, const void* w, const void* bias, const void* residual,
-                              int64_t ldr, void* y, int64_t ldy, int rows, int n_out, int k, int dtype,
-                              int epilogue, int split, void* stream);
 
 /* Greedy choice: out[r] = argmax_v processed(scores[r, v]) (first index among equal maxima, NaN
  * counts as the maximum, as torch.argmax), processors from p; scores [rows, vocab] row stride ld. */

@@ -1,8 +1,10 @@
 """The CUDA C++ kernels of csrc/: built by nvcc on first use, loaded with ctypes, switched by ENCDEC_CUDA.
 
 csrc/*.cu hold kernels behind a C ABI (csrc/encdec_abi.h: raw device pointers, sizes, the stream;
-each launcher returns the cudaError_t). torch's C++ extension builder cannot build CUDA code against
-a CPU torch wheel, so the library is a standalone shared object:
+each launcher returns the cudaError_t): today token selection (select.cu: the deterministic logits
+processors fused with greedy argmax, and with beam search's log-softmax + top k), which csrc_ops.py
+binds to the op table's select_greedy / select_beam. torch's C++ extension builder cannot build CUDA
+code against a CPU torch wheel, so the library is a standalone shared object:
 
   build   nvcc compiles each csrc/*.cu (in parallel) and links libencdec_cuda.so with the CUDA runtime
           linked statically, for sm_90 (plus compute_90 PTX for newer GPUs). It needs no libcuda to
@@ -39,13 +41,13 @@ from pathlib import Path
 
 from .errors import CudaKernelError, UnsupportedArgumentError
 
-ABI_VERSION = 2  # csrc/encdec_abi.h ENCDEC_ABI_VERSION
+ABI_VERSION = 3  # csrc/encdec_abi.h ENCDEC_ABI_VERSION
 LIB_NAME = "libencdec_cuda.so"
 MIN_CAPABILITY = (9, 0)  # sm_90 code, compute_90 PTX
 COMPILE_FLAGS = ("-O3", "-std=c++17", "-lineinfo", "-Xcompiler", "-fPIC,-fvisibility=hidden",
                  "-gencode", "arch=compute_90,code=sm_90", "-gencode", "arch=compute_90,code=compute_90")
 LINK_FLAGS = ("-shared", "-cudart", "static", "-Xlinker", "--exclude-libs,ALL")
-OPS = ("linear", "linear_gelu", "linear_residual", "select_greedy", "select_beam")  # what csrc_ops provides
+OPS = ("select_greedy", "select_beam")  # what csrc_ops provides
 
 log = logging.getLogger("encdec_fast.csrc")
 
@@ -75,7 +77,6 @@ SIGNATURES = {
     "encdec_select_params_size": (ctypes.c_size_t, []),
     "encdec_error_string": (ctypes.c_char_p, [_i32]),
     "encdec_probe": (_i32, [ctypes.POINTER(_i32)]),
-    "encdec_gemv": (_i32, [_p, _i64, _p, _p, _p, _i64, _p, _i64, _i32, _i32, _i32, _i32, _i32, _i32, _p]),
     "encdec_select_greedy": (_i32, [_p, _i64, _i32, _i32, _i32, ctypes.POINTER(SelectParams), _p, _p]),
     "encdec_select_beam": (_i32, [_p, _i64, _i32, _i32, _i32, _i32, ctypes.POINTER(SelectParams), _p, _i32,
                                   _p, _p, _p, _p, _p]),

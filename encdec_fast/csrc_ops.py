@@ -1,15 +1,14 @@
 """The op-table entries backed by the csrc/ CUDA kernels: input checks, outputs, and the C-ABI call.
 
 Each entry is the op of decode/ops.py with the same name and takes the op it replaces as `fallback`: a call
-the kernel does not cover (CPU tensors, more than 16 rows, a dtype, stride or alignment it does not
-take, a processor it does not fuse) goes to the fallback unchanged, so model code never needs to know.
-The kernels run on torch's current stream; outputs and scratch come from torch's allocator (graph-safe).
+the kernel does not cover (CPU tensors, a dtype, stride or size it does not take, a processor it does
+not fuse) goes to the fallback unchanged, so model code never needs to know. The kernels run on
+torch's current stream; outputs and scratch come from torch's allocator (graph-safe).
 
-  linear / linear_gelu / linear_residual   csrc/gemv.cu, 1-16 rows (decode), bias / GELU / residual fused
-  select_greedy                             csrc/select.cu, processors + argmax in one launch
-  select_beam                               csrc/select.cu, log-softmax + processors + beam scores + top k
+  select_greedy   csrc/select.cu, processors + argmax in one launch
+  select_beam     csrc/select.cu, log-softmax + processors + beam scores + top k
 
-select_* read decode/select.py's per-row device tables (RowTables) in place, through the pointers and
+Both read decode/select.py's per-row device tables (RowTables) in place, through the pointers and
 strides of one encdec_select_params (select_params): repetition penalty (the `seen` table), no-repeat
 n-gram, bad words (the `ban` table, multi-token words with their owner mask) and min length fuse; a Spec
 with sampling warpers (temperature, top-k, top-p) falls back.
@@ -25,10 +24,9 @@ from . import csrc
 from .errors import CudaKernelError
 
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
-EPILOGUES = {"none": 0, "bias": 1, "gelu_none": 2, "gelu_tanh": 3, "residual": 4}
-MAX_ROWS = 16
 MAX_VOCAB = 163840  # ENCDEC_SELECT_MAX_VOCAB
 MAX_K = MAX_BEAMS = 32  # ENCDEC_BEAM_MAX_K, ENCDEC_BEAM_MAX_BEAMS
+MAX_NGRAM = 63  # encdec_select_params.ngram_sizes: one bit per size
 
 
 def _call(name: str, *args) -> None:
@@ -40,91 +38,6 @@ def _call(name: str, *args) -> None:
 
 def _stream(t: torch.Tensor) -> int:
     return torch.cuda.current_stream(t.device).cuda_stream
-
-
-def _ptr(t: torch.Tensor | None):
-    return None if t is None else t.data_ptr()
-
-
-# ------------------------------------------------------------------------------------------------
-# matrix-vector products
-# ------------------------------------------------------------------------------------------------
-def _aligned(t: torch.Tensor) -> bool:
-    return t.data_ptr() % 16 == 0
-
-
-def gemv_covers(x: torch.Tensor, w: torch.Tensor, *vectors) -> bool:
-    """Whether gemv takes these operands: CUDA, one dtype, 1-16 rows, k % 8 == 0, 16-byte aligned rows."""
-    if not (x.is_cuda and x.dtype in DTYPE_CODES and w.dtype == x.dtype and w.device == x.device and w.dim() == 2):
-        return False
-    K = x.shape[-1]
-    rows = x.numel() // K if K else 0
-    if not (1 <= rows <= MAX_ROWS and K % 8 == 0 and w.shape[1] == K and w.is_contiguous() and _aligned(w)):
-        return False
-    x2 = x.reshape(rows, K)
-    elems = 16 // x.element_size()
-    if x2.stride(1) != 1 or not _aligned(x2) or (rows > 1 and x2.stride(0) % elems):
-        return False
-    return all(v is None or (v.dtype == x.dtype and v.device == x.device) for v in vectors)
-
-
-def pick_split(n_out: int, k: int, dtype: torch.dtype, device) -> int:
-    """Warps sharing one output tile along k: enough warps in flight for narrow outputs, while every
-    warp keeps at least two steps of k (a step: 32 elements on tensor cores, 128 in fp32)."""
-    from .kernels.common import sm_count
-
-    tiles, step = (n_out, 128) if dtype == torch.float32 else (-(-n_out // 8), 32)
-    steps = -(-k // step)
-    target = 16 * sm_count(torch.device(device))
-    split = 1
-    while split < 8 and tiles * split < target and steps >= 4 * split:
-        split *= 2
-    return split
-
-
-def gemv(x, w, bias, residual, epilogue: str) -> torch.Tensor:
-    """epilogue(x @ w.T) for operands gemv_covers; y has x's leading dims and w.shape[0] columns."""
-    K, N = x.shape[-1], w.shape[0]
-    x2 = x.reshape(-1, K)  # (rows, K)
-    rows = x2.shape[0]
-    y = torch.empty(*x.shape[:-1], N, dtype=x.dtype, device=x.device)
-    y2 = y.view(rows, N)
-    r2 = None
-    if residual is not None:
-        r2 = residual.reshape(rows, N)  # (rows, N)
-        if r2.stride(1) != 1:
-            r2 = r2.contiguous()
-    if bias is not None and not bias.is_contiguous():
-        bias = bias.contiguous()
-    _call("encdec_gemv", x2.data_ptr(), x2.stride(0), w.data_ptr(), _ptr(bias), _ptr(r2),
-          r2.stride(0) if r2 is not None else 0, y2.data_ptr(), y2.stride(0), rows, N, K, DTYPE_CODES[x.dtype],
-          EPILOGUES[epilogue], pick_split(N, K, x.dtype, x.device), _stream(x))
-    return y
-
-
-def linear(x, weight, bias, *, fallback):
-    if not gemv_covers(x, weight, bias):
-        return fallback(x, weight, bias)
-    return gemv(x, weight, bias, None, "bias" if bias is not None else "none")
-
-
-def linear_gelu(x, weight, bias, approximate, *, fallback):
-    if approximate not in ("none", "tanh") or not gemv_covers(x, weight, bias):
-        return fallback(x, weight, bias, approximate)
-    return gemv(x, weight, bias, None, f"gelu_{approximate}")
-
-
-def linear_residual(x, weight, bias, residual, *, fallback):
-    shape = (*x.shape[:-1], weight.shape[0])
-    if residual.shape != shape or not gemv_covers(x, weight, bias, residual):
-        return fallback(x, weight, bias, residual)
-    return gemv(x, weight, bias, residual, "residual")
-
-
-# ------------------------------------------------------------------------------------------------
-# selection
-# ------------------------------------------------------------------------------------------------
-MAX_NGRAM = 63  # encdec_select_params.ngram_sizes: one bit per size
 
 
 def _row_stride(t: torch.Tensor) -> int:

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from csrc_checks import KINDS, library_or_skip, nvcc_or_skip, scores, selection_case
 
-from encdec_fast import csrc, csrc_ops, ops
+from encdec_fast import csrc, csrc_ops
 from encdec_fast.decode import ops as dops
 from encdec_fast.decode import select as sel
 from encdec_fast.errors import CudaKernelError, UnsupportedArgumentError
@@ -84,22 +84,29 @@ def test_first_cuda_call_without_a_driver_returns_35(lib):
 
 @no_gpu
 def test_launchers_return_the_error_and_the_process_goes_on(lib):
-    x = torch.zeros(2, 16)
-    w = torch.zeros(8, 16)
-    y = torch.empty(2, 8)
-    args = [x.data_ptr(), 16, w.data_ptr(), None, None, 0, y.data_ptr(), 8, 2, 8, 16, 0, 0, 1, None]
-    assert lib.lib.encdec_gemv(*args) == 35
-    with pytest.raises(CudaKernelError, match=r"encdec_gemv failed with CUDA error 35 \(CUDA driver version"):
-        csrc_ops._call("encdec_gemv", *args)
-    bad_rows = list(args)
-    bad_rows[8] = 17  # more than 16 rows: refused before any CUDA call
-    assert lib.lib.encdec_gemv(*bad_rows) == 1 and "invalid argument" in lib.error_string(1)
-    seq, t, tables, spec = selection_case("all", 3, 50, 4)
+    """Without a driver a launch returns 35 and _call raises it with its message; arguments the kernels do not
+    take are refused with 1 (cudaErrorInvalidValue) before any CUDA call; torch runs on afterwards."""
+    seq, t, tables, spec = selection_case("all", 6, 50, 4)
     p = csrc_ops.select_params(seq, t, tables, spec)
-    out = torch.empty(3, dtype=torch.long)
-    s = torch.zeros(3, 50)
-    assert lib.lib.encdec_select_greedy(s.data_ptr(), 50, 3, 50, 0, p, out.data_ptr(), None) == 35
-    assert lib.lib.encdec_select_greedy(s.data_ptr(), 50, 3, 10**6, 0, p, out.data_ptr(), None) == 1  # vocab too big
+    s, out = torch.zeros(6, 50), torch.empty(6, dtype=torch.long)
+    greedy = [s.data_ptr(), 50, 6, 50, 0, p, out.data_ptr(), None]
+    assert lib.lib.encdec_select_greedy(*greedy) == 35
+    with pytest.raises(CudaKernelError, match=r"encdec_select_greedy failed with CUDA error 35 \(CUDA driver version"):
+        csrc_ops._call("encdec_select_greedy", *greedy)
+    too_big = list(greedy)
+    too_big[3] = csrc_ops.MAX_VOCAB + 1
+    assert lib.lib.encdec_select_greedy(*too_big) == 1 and "invalid argument" in lib.error_string(1)
+    running, k = torch.zeros(2, 3), 4
+    cand_scores, cand_index = torch.empty(6, k), torch.empty(6, k, dtype=torch.int32)
+    top, index = torch.empty(2, k), torch.empty(2, k, dtype=torch.long)
+    beam = [s.data_ptr(), 50, 2, 3, 50, 0, p, running.data_ptr(), k, cand_scores.data_ptr(), cand_index.data_ptr(),
+            top.data_ptr(), index.data_ptr(), None]
+    assert lib.lib.encdec_select_beam(*beam) == 35
+    with pytest.raises(CudaKernelError, match=r"encdec_select_beam failed with CUDA error 35 \(CUDA driver version"):
+        csrc_ops._call("encdec_select_beam", *beam)
+    too_many = list(beam)
+    too_many[2:4] = [1, csrc_ops.MAX_BEAMS + 1]  # more beams than the kernels take
+    assert lib.lib.encdec_select_beam(*too_many) == 1
     assert torch.zeros(2).add(1).sum().item() == 2  # torch still fine
 
 
@@ -132,7 +139,7 @@ def test_build_goes_to_the_cache_once_and_checks_the_symbols(fresh):
     refused because it lacks the kernels' symbols."""
     nvcc_or_skip()
     src = _sources(fresh, {"abi.cu": (csrc.source_dir() / "abi.cu").read_text()})
-    with pytest.raises(CudaKernelError, match="does not export encdec_gemv"):
+    with pytest.raises(CudaKernelError, match="does not export encdec_select_greedy"):
         csrc.library(src)
     built = list((fresh / "cache").rglob("*"))
     lib_path = fresh / "cache" / csrc.build_key(src, csrc.find_nvcc()) / csrc.LIB_NAME
@@ -159,8 +166,8 @@ def test_broken_build_under_auto_logs_one_line_and_keeps_triton(fresh, monkeypat
     src = _sources(fresh, {"broken.cu": "int f() { return undefined_name_xyz; }\n"})
     monkeypatch.setattr(csrc, "source_dir", lambda: src)
     with caplog.at_level(logging.INFO, logger="encdec_fast.csrc"):
-        assert csrc.enabled_ops(frozenset({"linear"})) == ()
-        assert csrc.enabled_ops(frozenset({"linear"})) == ()
+        assert csrc.enabled_ops(frozenset({"select_greedy"})) == ()
+        assert csrc.enabled_ops(frozenset({"select_greedy"})) == ()
     lines = [r for r in caplog.records if "csrc) off" in r.getMessage()]
     assert len(lines) == 1 and lines[0].levelno == logging.WARNING
     assert "undefined_name_xyz" in lines[0].getMessage()
@@ -176,8 +183,6 @@ ENCDEC_EXPORT int encdec_abi_version(void) {{ return {version}; }}
 ENCDEC_EXPORT size_t encdec_select_params_size(void) {{ return {params_size}; }}
 ENCDEC_EXPORT const char* encdec_error_string(int) {{ return "x"; }}
 ENCDEC_EXPORT int encdec_probe(int* n) {{ *n = 0; return 35; }}
-ENCDEC_EXPORT int encdec_gemv(const void*, int64_t, const void*, const void*, const void*, int64_t, void*, int64_t,
-                              int, int, int, int, int, int, void*) {{ return 35; }}
 ENCDEC_EXPORT int encdec_select_greedy(const void*, int64_t, int, int, int, const encdec_select_params*, int64_t*,
                                        void*) {{ return 35; }}
 ENCDEC_EXPORT int encdec_select_beam(const void*, int64_t, int, int, int, int, const encdec_select_params*,
@@ -206,8 +211,8 @@ def test_prebuilt_library_with_another_abi_is_refused(fresh, monkeypatch):
 # ------------------------------------------------------------------------------------------------
 def test_auto_with_nothing_measured_builds_nothing_and_says_why(fresh, caplog):
     with caplog.at_level(logging.INFO, logger="encdec_fast.csrc"):
-        t = ops.table("triton")
-        ops.table("triton")
+        t = dops.table("triton")
+        dops.table("triton")
     assert all(getattr(getattr(t, n), "func", None) is not getattr(csrc_ops, n) for n in csrc.OPS)
     lines = [r.getMessage() for r in caplog.records if "csrc) off" in r.getMessage()]
     assert len(lines) == 1 and "ENCDEC_CUDA=1 forces them on" in lines[0]
@@ -219,7 +224,7 @@ def test_encdec_cuda_0_and_bad_values(fresh, monkeypatch):
     assert csrc.enabled_ops(frozenset(csrc.OPS)) == ()
     monkeypatch.setenv("ENCDEC_CUDA", "yes")
     with pytest.raises(UnsupportedArgumentError, match="ENCDEC_CUDA='yes'"):
-        ops.table("triton")
+        dops.table("triton")
 
 
 @no_gpu
@@ -227,15 +232,15 @@ def test_encdec_cuda_1_without_a_gpu_is_a_clear_error(lib, unset, monkeypatch):
     monkeypatch.setenv("ENCDEC_CUDA", "1")
     with pytest.raises(CudaKernelError, match=r"ENCDEC_CUDA=1 .* failed with error 35 \(CUDA driver version is "
                                               r"insufficient.*Set ENCDEC_CUDA=auto or 0"):
-        ops.table("triton")
+        dops.table("triton")
 
 
 @no_gpu
 def test_auto_with_measured_ops_but_no_gpu_warns_once(lib, unset, monkeypatch, caplog):
-    monkeypatch.setattr(ops, "CSRC_FASTER", frozenset({"linear", "select_greedy"}))
+    monkeypatch.setattr(dops, "CSRC_FASTER", frozenset({"select_greedy"}))
     with caplog.at_level(logging.INFO, logger="encdec_fast.csrc"):
-        t = ops.table("triton")
-    assert t.linear is ops.linear
+        t = dops.table("triton")
+    assert t.select_greedy is dops.select_greedy
     [line] = [r for r in caplog.records if "csrc) off" in r.getMessage()]
     assert line.levelno == logging.WARNING and "error 35" in line.getMessage()
 
@@ -245,20 +250,15 @@ def test_csrc_ops_replace_exactly_the_enabled_entries_and_fall_back_off_gpu(fres
     on CPU tensors each falls back to the op it replaced, with the same result."""
     monkeypatch.setattr(csrc, "check_device", lambda lib: None)
     monkeypatch.setattr(csrc, "library", lambda src=None: None)
-    monkeypatch.setattr(ops, "CSRC_FASTER", frozenset({"linear", "select_greedy"}))
-    t = ops.table("triton")
-    assert t.linear.func is csrc_ops.linear and t.linear.keywords["fallback"] is ops.linear
-    assert t.select_greedy.func is csrc_ops.select_greedy
-    assert t.linear_gelu.func is ops.linear_gelu and t.select_beam is dops.select_beam  # not measured: unchanged
+    monkeypatch.setattr(dops, "CSRC_FASTER", frozenset({"select_greedy"}))
+    t = dops.table("triton")
+    assert t.select_greedy.func is csrc_ops.select_greedy and t.select_greedy.keywords["fallback"] is dops.select_greedy
+    assert t.select_beam is dops.select_beam  # not measured: unchanged
     monkeypatch.setenv("ENCDEC_CUDA", "0")
-    plain = ops.table("triton")
+    plain = dops.table("triton")
     monkeypatch.setenv("ENCDEC_CUDA", "1")
-    forced = ops.table("triton")
+    forced = dops.table("triton")
     assert all(getattr(forced, n).func is getattr(csrc_ops, n) for n in csrc.OPS)
-    x, w, b, r = torch.randn(3, 16), torch.randn(24, 16), torch.randn(24), torch.randn(3, 24)
-    assert torch.equal(forced.linear(x, w, b), plain.linear(x, w, b))
-    assert torch.equal(forced.linear_gelu(x, w, b, "tanh"), plain.linear_gelu(x, w, b, "tanh"))
-    assert torch.equal(forced.linear_residual(x, w, b, r), plain.linear_residual(x, w, b, r))
     case, s, running = selection_case("mixed", 7, 40, 9), scores(7, 40), torch.randn(3, 2)
     assert torch.equal(forced.select_greedy(s, *case), plain.select_greedy(s, *case))
     got, want = forced.select_beam(s, *case, running, 4), plain.select_beam(s, *case, running, 4)
@@ -270,7 +270,7 @@ def test_csrc_ops_replace_exactly_the_enabled_entries_and_fall_back_off_gpu(fres
                                      bad_words_ids=[[5], [7, 8]]),
                                 dict(num_beams=3, no_repeat_ngram_size=2, repetition_penalty=1.3)])
 def test_decode_step_chooses_through_the_csrc_entries_of_the_op_table(make_ckpt, monkeypatch, kw):
-    """DecodeState.commit (greedy) and BeamGroup.step take their tokens from the op table's select_greedy /
+    """DecodeState.commit (greedy) and BeamGroup.step take their tokens from the decode op table's select_greedy /
     select_beam: with the csrc entries in the table (falling back to the torch ops on CPU tensors, as they
     do for whatever they do not cover) generate() still gives transformers' tokens; every step calls the op
     with the raw logits, and the processors run once per step, inside it (the decoder step does not
@@ -291,12 +291,13 @@ def test_decode_step_chooses_through_the_csrc_entries_of_the_op_table(make_ckpt,
         def op(logits, *args):
             calls[name] += 1
             assert logits.dtype == ours.dtype and (logits > 0).any()  # raw logits, not log-probs
-            return getattr(csrc_ops, name)(logits, *args, fallback=getattr(ops, name))
+            return getattr(csrc_ops, name)(logits, *args, fallback=getattr(dops, name))
         return op
 
     process = sel.process
     monkeypatch.setattr(sel, "process", lambda *a: calls.update(["process"]) or process(*a))
-    ours.ops = dataclasses.replace(ours.ops, select_greedy=entry("select_greedy"), select_beam=entry("select_beam"))
+    table = dataclasses.replace(dops.table("torch"), select_greedy=entry("select_greedy"), select_beam=entry("select_beam"))
+    monkeypatch.setattr(dops, "table", lambda backend: table)
     ids, mask, _ = make_inputs(3, 9, 1, 97, 0, padded=True, avoid=(0, ref.config.pad_token_id))
     with torch.no_grad():
         want = ref.generate(ids, attention_mask=mask, max_new_tokens=8, **kw)
@@ -308,17 +309,8 @@ def test_decode_step_chooses_through_the_csrc_entries_of_the_op_table(make_ckpt,
 
 
 # ------------------------------------------------------------------------------------------------
-# the torch semantics the kernels implement
+# the torch semantics: what the selection kernels compute
 # ------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("approximate", ["none", "tanh"])
-def test_fused_linear_references_keep_the_models_rounding(approximate):
-    """linear_gelu is what the MLP computed before it existed (product rounded, then bias_gelu), so the torch
-    and triton tables give the same numbers as before; the csrc epilogue emulates these roundings."""
-    x, w, b, r = torch.randn(5, 32).half(), torch.randn(48, 32).half(), torch.randn(48).half(), torch.randn(5, 48).half()
-    assert torch.equal(ops.linear_gelu(x, w, b, approximate), ops.bias_gelu(F.linear(x, w), b, approximate))
-    assert torch.equal(ops.linear_residual(x, w, b, r), F.linear(x, w, b) + r)
-
-
 def _read(addr: int, ctype, count: int) -> list:
     return list((ctype * count).from_address(addr)) if count else []
 
@@ -393,14 +385,3 @@ def test_sampling_specs_and_long_ngrams_are_not_fused():
                  sel.Spec(top_p=True, sample=True), sel.Spec(ngram_sizes=(64,))):
         assert csrc_ops.select_params(seq, t, tables, spec) is None, spec
     assert csrc_ops.select_params(seq, t, tables, sel.Spec(sample=True)) is not None  # sample alone: no warper
-
-
-def test_split_k_choice():
-    dev = torch.device("cpu")  # sm_count: an H100's 132
-    assert csrc_ops.pick_split(50257, 768, torch.float16, dev) == 1  # the LM head fills the GPU alone
-    assert csrc_ops.pick_split(768, 768, torch.float16, dev) == 8
-    assert csrc_ops.pick_split(768, 3072, torch.bfloat16, dev) == 8
-    assert csrc_ops.pick_split(768, 64, torch.float16, dev) == 1  # two steps of k: nothing to split
-    for n, k in [(2304, 768), (3072, 1024), (1024, 4096), (13, 40)]:
-        for dt in (torch.float32, torch.float16):
-            assert csrc_ops.pick_split(n, k, dt, dev) in (1, 2, 4, 8)

@@ -11,6 +11,7 @@ import functools
 
 import pytest
 import torch
+import torch.nn.functional as F
 from encdec_fast.kernels import linear as klin
 from kernel_checks import DEVICE, ON_CUDA, bf16_needs_cuda, check
 
@@ -127,3 +128,11 @@ def test_fused_linear_rejects_bad_inputs():
         klin.fused_linear(x, w.double(), b)
     with pytest.raises(ValueError, match="gelu"):
         ops.fused_linear(x, w, b, gelu="relu")
+
+
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+def test_linear_gelu_reference_rounds_the_product_before_the_bias(approximate):
+    """ops.linear_gelu is a matmul without bias followed by bias + GELU (the product rounded to the dtype
+    first), so the torch and triton tables (whose bias_gelu is a kernel) round alike."""
+    x, w, b = torch.randn(5, 32).half(), torch.randn(48, 32).half(), torch.randn(48).half()
+    assert torch.equal(ops.linear_gelu(x, w, b, approximate), ops.bias_gelu(F.linear(x, w), b, approximate))
