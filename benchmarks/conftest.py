@@ -30,7 +30,7 @@ class GenBenchSize:
 
 
 # bert-base encoder + gpt2 (small) decoder on the GPU; 4 layers x 256 on the CPU, unless
-# ENCDEC_BENCH_SIZE=base asks for bert-base + gpt2 there too (128 source tokens, 32 new: issue 9's CPU case)
+# ENCDEC_BENCH_SIZE=base asks for bert-base + gpt2 there too (128 source tokens, 32 new: the README's CPU case)
 _BASE = GenBenchSize(12, 768, 12, 30522, 50257, 1024, 128, 64)
 GEN_SIZE = (_BASE if CUDA else
             GenBenchSize(12, 768, 12, 30522, 50257, 1024, 128, 32) if os.environ.get("ENCDEC_BENCH_SIZE") == "base"

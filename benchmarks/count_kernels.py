@@ -136,10 +136,12 @@ def decode_step_fn(model, rows: int = 1, src_len: int = 16, pos: int = 3):
 
 
 def state_step_fn(model, rows: int = 1, src_len: int = 16, new_tokens: int = 16):
-    """A closure running one whole decode step of generate()'s DecodeState (decoder, token choice,
-    bookkeeping) for `rows` greedy rows, after two warm-up steps, against `src_len` source tokens."""
+    """A closure running one whole decode step of generate()'s (decoder, token choice, bookkeeping: decode/step.py
+    through decode/runner.py) for `rows` greedy rows, after two warm-up steps, against `src_len` source tokens."""
     from encdec_fast.decode import select as sel
+    from encdec_fast.decode.runner import StepRunner
     from encdec_fast.decode.state import DecodeState
+    from encdec_fast.decode.step import StepPlan
 
     dev = model.device
     ids = torch.randint(5, model.cfg.encoder.vocab_size, (rows, src_len), device=dev)
@@ -149,13 +151,14 @@ def state_step_fn(model, rows: int = 1, src_len: int = 16, new_tokens: int = 16)
         state = DecodeState(model, rows, 1 + new_tokens + 3, 1, packing.total)
         state.set_cross(torch.arange(packing.total, device=dev), cross)
         cfg = sel.RowConfig(eos=[2], pad=0)
-        state.spec = sel.Spec.of([cfg])
+        plan = StepPlan(spec=sel.Spec.of([cfg]))
         start = torch.full((rows, 1), 3, dtype=torch.long, device=dev)
-        state.join(torch.arange(rows, device=dev), start, cfg, enc_start=packing.cu_seqlens[:-1].long(),
+        state.join(list(range(rows)), start, cfg, enc_start=packing.cu_seqlens[:-1].long(),
                    enc_len=torch.tensor(packing.lengths, dtype=torch.int32, device=dev), limit=1 + new_tokens, fill=0)
-        state.step()
-        state.step()
-    return state.step
+        runner = StepRunner(state)
+        runner.step(plan)
+        runner.step(plan)
+    return lambda: runner.step(plan)
 
 
 def main(argv=None) -> int:

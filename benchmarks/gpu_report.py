@@ -2,7 +2,7 @@
 attention tile sweep and the W1-W4 workloads, then rewrite benchmarks/RESULTS.md (device, versions, date, tables).
 
     python benchmarks/gpu_report.py                  # everything
-    python benchmarks/gpu_report.py --parts tests kernels      # a subset (sections kept from the old file)
+    python benchmarks/gpu_report.py --parts tests kernels      # a subset of the sections
     python benchmarks/gpu_report.py --parts csrc     # W1 with the CUDA C++ kernels off and on
     python benchmarks/gpu_report.py --out DIR        # also copy RESULTS.md and logs to DIR
     python benchmarks/gpu_report.py --quick --budget 420 --out $OUT   # a lent machine's one run (below)

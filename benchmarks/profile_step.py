@@ -26,6 +26,7 @@ def main():
     ap.add_argument("--steps", type=int, default=128)
     a = ap.parse_args()
     import encdec_fast
+    from encdec_fast.decode import step as step_fn
 
     with tempfile.TemporaryDirectory() as d:
         W.build_checkpoint(d)
@@ -40,8 +41,8 @@ def main():
         m.generate(ids, **kw)
     torch.cuda.synchronize()
     per_tok = (time.perf_counter() - t0) / 3 / a.steps
-    state = next(iter(m.graph_cache.entries.values()))  # the DecodeState generate() used, with its graphs
-    graph = next(iter(state.graphs.values()))[0]  # the whole step: decoder, processors, token choice, commit
+    runner = next(iter(m.state_cache.entries.values()))  # the StepRunner generate() used, with its graphs
+    (plan, _), (graph, _) = next(iter(runner.graphs.items()))  # the whole step: decoder, processors, choice, commit
     torch.cuda.synchronize()
     t0 = time.perf_counter()
     for _ in range(200):
@@ -54,8 +55,7 @@ def main():
 
     with profile(activities=[ProfilerActivity.CUDA]) as prof:  # the step's kernels, eagerly (one row per kernel)
         for _ in range(5):
-            state.forward()
-            state.commit(None)
+            step_fn.commit(runner.state, plan, step_fn.forward(runner.state, plan))
         torch.cuda.synchronize()
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=70))
     kernels = sum(e.count for e in prof.key_averages() if e.device_type.name == "CUDA") / 5

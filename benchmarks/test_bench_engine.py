@@ -1,4 +1,4 @@
-"""Engine throughput on a mixed-length workload (issue 6): encdec_fast.Engine (continuous batching)
+"""Engine throughput on a mixed-length workload: encdec_fast.Engine (continuous batching)
 vs sorted static batches through encdec_fast's model.generate vs the same static batches through
 transformers' EncoderDecoderModel.generate. Same checkpoint, device, dtype and inputs for all three.
 

@@ -1,4 +1,4 @@
-"""Ray Data batch generation (issue 13): encdec_fast.ray.generate_dataset on a local Ray with 1 and 2
+"""Ray Data batch generation: encdec_fast.ray.generate_dataset on a local Ray with 1 and 2
 actors, against engine.generate() in this process on the same rows (sources of test_bench_engine.py's
 mixed workload, 8-512 tokens; one budget for every row, NEW_TOKENS, greedy, the checkpoint's eos:
 generate_dataset takes one set of generate arguments per job). Reported: generated tokens/s over the job's

@@ -1,4 +1,4 @@
-"""HTTP serving vs the Engine alone (issue 13): `encdec-fast serve` in a subprocess, 64 clients in a
+"""HTTP serving vs the Engine alone: `encdec-fast serve` in a subprocess, 64 clients in a
 closed loop over HTTP, against the same Engine in this process fed by 64 clients in a closed loop,
 and against engine.generate() with every request at once. Same checkpoint, device, dtype and
 requests (test_bench_engine.py's mixed workload: sources 8-512 tokens, budgets 4-128, greedy).

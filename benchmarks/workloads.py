@@ -1,4 +1,4 @@
-"""Workloads W1-W4 (issues 5, 11 and 14), shared checkpoint building, timing and physical floors.
+"""Workloads W1-W4, shared checkpoint building, timing and physical floors.
 
 Sized for a GPU when CUDA is present, shrunk on the CPU so `pytest benchmarks/` stays short there;
 ENCDEC_BENCH_SIZE=base runs W4 alone at bert-base + gpt2 size on the CPU (16 sources for the encoder,

@@ -82,17 +82,19 @@ class EncDecModel:
         self.ops = _op_table(net, backend)
         self.path = path
         self.cuda_graphs = True  # capture the decode step as a CUDA graph on CUDA devices
-        self.static_decode = False  # the bucketed static-buffer step without capture (tests it on the CPU)
-        self._graph_cache = None
+        # decode as a CUDA graph would, without capturing: bucketed states reused across generate() calls, eager
+        # steps over their whole buffers (how the CPU tests exercise the CUDA path's shapes)
+        self.graph_shapes = False
+        self._state_cache = None
 
     @property
-    def graph_cache(self):
-        """Captured decode steps (CUDA only), reused across generate() calls of the same shapes."""
-        if self._graph_cache is None:
-            from .decode.state import StateCache
+    def state_cache(self):
+        """Decode states (with their captured steps on CUDA) reused across generate() calls of nearby shapes."""
+        if self._state_cache is None:
+            from .decode.runner import StateCache
 
-            self._graph_cache = StateCache()
-        return self._graph_cache
+            self._state_cache = StateCache()
+        return self._state_cache
 
     # -- torch-like ------------------------------------------------------------------------------
     @property
@@ -111,7 +113,7 @@ class EncDecModel:
         new_backend = _pick_backend(backend, dev) if (backend or dev.type != self.device.type) else self.backend
         prepack_mod.unpack(self.net)  # packed tensors only move as plain ones
         self.net.to(device=dev, dtype=dtype)
-        self._graph_cache = None  # captured graphs point at the old tensors
+        self._state_cache = None  # its states and captured steps point at the old tensors
         self.backend = new_backend
         if self.prepack and prepack_mod.applies(self.device, self.dtype, self.backend):
             prepack_mod.pack(self.net)
@@ -165,7 +167,7 @@ class EncDecModel:
             raise UnsupportedArgumentError(f"forward() does not support {names}; encdec_fast takes input_ids, attention_mask, "
                                            "token_type_ids, decoder_input_ids, decoder_attention_mask, labels and "
                                            "encoder_outputs.")
-        ops, g, dev = self.ops, self.net, self.device
+        ops, net, dev = self.ops, self.net, self.device
         if encoder_outputs is not None:
             enc = validate.encoder_outputs(encoder_outputs, self.cfg.encoder.hidden_size).to(device=dev, dtype=self.dtype)
             enc_mask = validate.attention_mask(attention_mask, enc.shape[:2], "attention_mask")
@@ -187,8 +189,8 @@ class EncDecModel:
                                     "they must match (or leave decoder_input_ids out: it is built from the labels).")
         dec_mask = validate.attention_mask(decoder_attention_mask, dec_ids.shape, "decoder_attention_mask")
         dec_mask = dec_mask.to(dev) if dec_mask is not None else None
-        cross = g.decoder.cross_kv(g.project(enc, ops), ops)
-        logits = g.decoder.full(dec_ids, dec_mask, cross, enc_mask, ops)
+        cross = net.decoder.cross_kv(net.project(enc, ops), ops)
+        logits = net.decoder.full(dec_ids, dec_mask, cross, enc_mask, ops)
         loss = None
         if labels is not None:
             loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),

@@ -153,7 +153,7 @@ def decode_attention(q, k, v, *, scale: float, starts: torch.Tensor, lens: torch
     if key_mask is None and starts.device.type == "cpu":
         if kw is None:
             return _decode_attention_by_window(q, k, v, starts, lens, scale)
-        if int(lens.min()) == W:  # every row sees its whole window (a static batch's rows, one row): no mask
+        if int(lens.min()) == W:  # every row sees its whole window (rows of one length, or one row): no mask
             return F.scaled_dot_product_attention(q.float().unsqueeze(2), kw.float().transpose(1, 2),
                                                   vw.float().transpose(1, 2), scale=scale).squeeze(2).to(q.dtype)
     j = torch.arange(W, device=q.device)
@@ -192,7 +192,7 @@ def _decode_attention_by_window(q, k, v, starts, lens, scale: float):
 
 
 def _window_len(lens: torch.Tensor, max_len: int | None, T: int) -> int:
-    """Keys per window: lens.max() where reading it is free (CPU), else the static bound max_len."""
+    """Keys per window: lens.max() where reading it is free (CPU), else the bound max_len known from shapes."""
     if lens.numel() == 0:
         return 0
     if lens.device.type == "cpu" or max_len is None:

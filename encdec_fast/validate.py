@@ -11,7 +11,8 @@ judge a checkpoint's config.json or generation_config.json.
   special_id, generation_length                          ids against the vocabulary, lengths against positions
   CONFIG_FIELDS, config_fields                           config.json fields of any family: type and range
   number, path                                           single arguments (load, Engine, CLI)
-  nonfinite_rows, nonfinite_error                        NaN/inf logits found at run time
+  decode_memory                                          a decode state against the device's free memory
+  nonfinite_error                                        NaN/inf logits found at run time
 """
 
 from __future__ import annotations
@@ -316,6 +317,32 @@ def config_fields(raw: Mapping, file, prefix: str = ""):
 # ------------------------------------------------------------------------------------------------
 # run time
 # ------------------------------------------------------------------------------------------------
+def available_memory(device: torch.device) -> int | None:
+    """Bytes a new allocation can take on device: CUDA's free memory plus what torch's allocator holds
+    unused; the CPU's MemAvailable (Linux). None where it cannot be told."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def decode_memory(nbytes: int, device: torch.device, what: str):
+    """A decode state of nbytes must fit the device's free memory: refused before it is allocated (a
+    request of 10^6 beams fails here, not in the allocator, and fails alone)."""
+    free = available_memory(device)
+    if free is not None and nbytes > free:
+        raise InvalidInputError(f"{what} needs {nbytes / 2**30:.2f} GiB of decode state, more than the "
+                                f"{free / 2**30:.2f} GiB free on {device}; lower num_beams, num_return_sequences, "
+                                "max_new_tokens or the batch size.")
+
+
 def nonfinite_error() -> NumericalError:
     return NumericalError("the model produced NaN or inf logits (float16 overflow, or non-finite weights loaded with "
                           "check_finite=False); load the model with dtype=torch.bfloat16 or torch.float32, or check "

@@ -105,12 +105,12 @@ def test_static_step_with_late_looks_matches_solo_generate(models):
         if kw.get("do_sample"):
             kw["seed"] = 7 + i
         kws.append(kw)
-    model.static_decode = True
+    model.graph_shapes = True
     try:
         with encdec_fast.Engine(model, max_batch_size=8, max_batch_tokens=256, check_every=16) as engine:
             results = engine.generate(inputs, request_kwargs=kws)
     finally:
-        model.static_decode = False
+        model.graph_shapes = False
     for i, (ids, kw, res) in enumerate(zip(inputs, kws, results)):
         assert rows_of(res) == solo(model, ids, **kw), (i, kw)
 

@@ -1,4 +1,4 @@
-"""Engine failure isolation: a bad request never fails another. Arguments that used to pass submit() and
+"""Engine failure isolation: a bad request never fails another. Arguments that would
 break a batch are refused at submit; what still fails inside a batch (an encoder micro-batch, the decode
 steps, NaN logits, a beam-sampling run) is pinned on the request that caused it; the engine keeps
 serving; its error classes are encdec_fast's; and a script that never calls close() exits cleanly."""

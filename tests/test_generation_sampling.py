@@ -11,7 +11,7 @@ from transformers import GenerationConfig
 
 import encdec_fast
 from encdec_fast.decode import select as P
-from encdec_fast.decode.search import resolve_config
+from encdec_fast.decode.params import resolve_config
 
 V = 97
 

@@ -45,6 +45,7 @@ class BeamGroup:
     def __init__(self, rows: int, num_beams: int, n_eos: int, seq_cap: int, device, *, joint: bool):
         R, nb, L = rows // num_beams, num_beams, seq_cap
         self.R, self.nb, self.K, self.joint = R, num_beams, max(2, 1 + n_eos) * num_beams, joint
+        self.key = (nb, self.K)  # its key in DecodeState.groups and StepPlan.beams
         i64 = dict(dtype=torch.long, device=device)
         self.rows = torch.arange(R * nb, device=device).view(R, nb)  # decode rows of each slot's beams
         self.active = torch.zeros(R, dtype=torch.bool, device=device)
@@ -108,52 +109,70 @@ class BeamGroup:
         self.done.zero_()
 
     def step(self, logits: torch.Tensor, seq: torch.Tensor, t: torch.Tensor, tables, spec, dops, *,
-             scores: torch.Tensor | None = None, sample: int = 0, generator=None) -> torch.Tensor:
+             scores: torch.Tensor | None = None, draws=()) -> torch.Tensor:
         """One beam step for every active slot. logits (N, V): the decoder's logits of all decode rows,
         whose processed log-probs (tables, spec: decode/select.py) dops.select_beam (decode/ops.py) ranks;
         seq (N, Lc) the decode rows' tokens (written here: running beams take their parents' tokens
         and the new one at index t); t (N,) tokens per row before this step.
-        sample: beam sampling for slots 0 .. sample-1 (else top-K), drawn from scores (N, V), the
-        processed log-probs (read only then).
+        draws: beam sampling, [(slots, generator)]: each entry's slots (a slice or a list of slot indices)
+        draw their candidates in one multinomial with that generator (None: torch's global one), from
+        scores (N, V), the processed log-probs (read only then); the other slots take the top K.
         Returns parents (N,) long: decode row n continues row parents[n] (n itself outside beams),
         for the caller to move the cache and per-row state."""
-        R, nb, K = self.R, self.nb, self.K
-        N, V = logits.shape
-        Lc = seq.shape[1]
         rows = self.rows  # (R, nb)
         live = self.active & ~self.done  # a finished request waits, unchanged, for its caller
-        cur = t[rows[:, 0]].clamp(max=Lc - 1)  # (R,) tokens in each slot's running beams
-        s = cur - self.prompt  # index of this step in beam_indices
-
-        # top-K continuations over all beams of a request (beam sampling: slots 0 .. sample-1 draw them,
-        # without replacement, in one multinomial as transformers draws them; idle slots take the top K)
-        top_lp, top_idx = dops.select_beam(logits, seq, t, tables, spec, self.running_scores, K)
-        if sample:
-            acc = (scores[rows[:sample]] + self.running_scores[:sample, :, None]).view(sample, nb * V)
-            idx = torch.multinomial(sampling_probs(acc), num_samples=K, generator=generator)
-            lp, order = torch.gather(acc, 1, idx).sort(dim=-1, descending=True)
-            top_lp[:sample], top_idx[:sample] = lp, idx.gather(-1, order)
-        src = top_idx // V  # (R, K) beam each continuation extends
-        tok = top_idx % V
+        cur = t[rows[:, 0]].clamp(max=seq.shape[1] - 1)  # (R,) tokens in each slot's running beams
+        top_lp, top_idx = dops.select_beam(logits, seq, t, tables, spec, self.running_scores, self.K)
+        for slots, generator in draws:
+            self._draw(top_lp, top_idx, scores, slots, generator)
+        V = logits.shape[1]
+        src, tok = top_idx // V, top_idx % V  # (R, K): the beam each continuation extends, its token
         run_seq = seq[rows]  # (R, nb, Lc)
+        top_seq, top_bidx = self._extend(run_seq, src, tok, cur)
+        # which continuations stop: eos, or max_length reached
+        hits = is_eos(tok.reshape(-1), tables.eos[rows[:, :1].expand(self.R, self.K).reshape(-1)]).view(self.R, self.K)
+        hits = hits | (cur + 1 >= self.max_length)[:, None]
+        parent_beam, new_seq = self._keep_running(top_lp, hits, src, top_seq, top_bidx, live)
+        self._merge_finished(top_lp, hits, top_seq, top_bidx, cur, live)
+        self._update_done(hits, cur, live)
+        # the running beams' tokens move to their decode rows; the caller moves their caches
+        act = live[:, None]
+        flat = rows.reshape(-1)
+        seq[flat] = torch.where(act[..., None], new_seq, run_seq).reshape(self.R * self.nb, -1)
+        parents = torch.arange(logits.shape[0], device=logits.device)
+        parents[flat] = torch.where(act, rows.gather(1, parent_beam), rows).reshape(-1)
+        return parents
+
+    def _draw(self, top_lp, top_idx, scores, slots, generator):
+        """Beam sampling: the slots' K candidates drawn without replacement, in one multinomial as transformers
+        draws a batch's, sorted by score, in place of their top K."""
+        acc = (scores[self.rows[slots]] + self.running_scores[slots, :, None]).flatten(1)  # (slots, nb * V)
+        idx = torch.multinomial(sampling_probs(acc), num_samples=self.K, generator=generator)
+        lp, order = torch.gather(acc, 1, idx).sort(dim=-1, descending=True)
+        top_lp[slots], top_idx[slots] = lp, idx.gather(-1, order)
+
+    def _extend(self, run_seq, src, tok, cur):
+        """Each candidate's tokens (its parent's, then its token at cur) and beam indices (R, K, Lc)."""
+        R, K = self.R, self.K
         top_seq = _gather(run_seq, src)  # (R, K, Lc)
         top_seq.scatter_(2, cur.view(R, 1, 1).expand(R, K, 1), tok.unsqueeze(-1))
+        s = cur - self.prompt  # index of this step in beam_indices
         top_bidx = _gather(self.running_bidx, src)
         top_bidx.scatter_(2, s.view(R, 1, 1).expand(R, K, 1), (src + self.offset).to(torch.int32).unsqueeze(-1))
+        return top_seq, top_bidx
 
-        # which continuations stop: eos, or max_length reached
-        hits = is_eos(tok.reshape(-1), tables.eos[rows[:, :1].expand(R, K).reshape(-1)]).view(R, K)
-        hits = hits | (cur + 1 >= self.max_length)[:, None]
-
-        # running beams for the next step: the best num_beams that did not stop
+    def _keep_running(self, top_lp, hits, src, top_seq, top_bidx, live):
+        """The running beams for the next step: the best num_beams candidates that did not stop.
+        -> (parent beam (R, nb), their tokens (R, nb, Lc))."""
         top_running_lp = top_lp + hits.to(torch.float32) * _BIG
-        keep = torch.topk(top_running_lp, k=nb)[1]
-        parent_beam = _gather(src, keep)  # (R, nb)
-        new_seq = _gather(top_seq, keep)
+        keep = torch.topk(top_running_lp, k=self.nb)[1]
         self.running_scores.copy_(torch.where(live[:, None], _gather(top_running_lp, keep), self.running_scores))
         self.running_bidx.copy_(torch.where(live[:, None, None], _gather(top_bidx, keep), self.running_bidx))
+        return _gather(src, keep), _gather(top_seq, keep)
 
-        # finished hypotheses: the candidates that stopped among the top num_beams, with the length penalty
+    def _merge_finished(self, top_lp, hits, top_seq, top_bidx, cur, live):
+        """The candidates that stopped among the top num_beams join the finished hypotheses, with the length
+        penalty (the best num_beams of both are kept)."""
         just = hits & self.top_nb[None, :]
         denom = ((cur + 1 - self.prompt).to(torch.float64) ** self.length_penalty).to(torch.float32)
         cand = top_lp / denom[:, None]
@@ -161,7 +180,7 @@ class BeamGroup:
         cand = cand + full.to(torch.float32) * _BIG
         cand = cand + (~self.open).to(torch.float32) * _BIG
         cand = cand + (~just) * _BIG
-        merged = torch.topk(torch.cat((self.beam_scores, cand), dim=1), k=nb)[1]
+        merged = torch.topk(torch.cat((self.beam_scores, cand), dim=1), k=self.nb)[1]
         act = live[:, None]
         self.hyps.copy_(torch.where(act[..., None], _gather(torch.cat((self.hyps, top_seq), 1), merged), self.hyps))
         self.beam_scores.copy_(torch.where(act, _gather(torch.cat((self.beam_scores, cand), 1), merged), self.beam_scores))
@@ -169,7 +188,10 @@ class BeamGroup:
                                             self.beam_indices))
         self.finished.copy_(torch.where(act, _gather(torch.cat((self.finished, just), 1), merged), self.finished))
 
-        # can the running beams still beat the finished ones? (transformers' early-stop heuristic)
+    def _update_done(self, hits, cur, live):
+        """Can the running beams still beat the finished ones (transformers' early-stop heuristic)? A slot
+        is done when not; with joint, every slot when no slot can improve (transformers' batch condition)."""
+        act = live[:, None]
         best_len = torch.where(self.never_lp, self.max_length - self.prompt, cur + 1 - self.prompt).to(torch.float64)
         best_running = self.running_scores[:, :1] / (best_len ** self.length_penalty).to(torch.float32)[:, None]
         worst = torch.where(self.finished, torch.min(self.beam_scores, dim=1, keepdim=True)[0], _BIG)
@@ -179,20 +201,8 @@ class BeamGroup:
             improvable = torch.any(self.open[:, 0] & live)
             open_beam = ~(torch.all(self.finished | ~act) & torch.any(self.early_true & live))
             go_on = improvable & open_beam & ~torch.all(all_hits | ~live)
-            done = (~go_on).expand(R)
+            done = (~go_on).expand(self.R)
         else:
             open_beam = ~(torch.all(self.finished, dim=-1) & self.early_true)
             done = ~(self.open[:, 0] & open_beam & ~all_hits)
         self.done |= live & done
-
-        # the running beams' tokens move to their decode rows; the caller moves their caches
-        flat = rows.reshape(-1)
-        seq[flat] = torch.where(act[..., None], new_seq, run_seq).reshape(R * nb, -1)
-        parents = torch.arange(N, device=logits.device)
-        parent_rows = torch.where(act, rows.gather(1, parent_beam), rows)
-        parents[flat] = parent_rows.reshape(-1)
-        return parents
-
-    def results(self, slot: int, returned: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(sequences (returned, Lc), scores (returned,), beam_indices (returned, Lc)) of one slot."""
-        return self.hyps[slot, :returned], self.beam_scores[slot, :returned], self.beam_indices[slot, :returned]

@@ -261,7 +261,7 @@ class RowTables:
 
 
 # ------------------------------------------------------------------------------------------------
-# processors over the static token buffer
+# processors over the fixed token buffer
 # ------------------------------------------------------------------------------------------------
 def process(scores: torch.Tensor, seq: torch.Tensor, t: torch.Tensor, tab: RowTables, spec: Spec) -> torch.Tensor:
     """The processors of `spec` on fp32 scores (N, V) of rows holding tokens seq[n, :t[n]]."""

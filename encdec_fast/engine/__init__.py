@@ -5,22 +5,22 @@
         fut = engine.submit([101, 7592, 102], num_beams=4)      # from any thread -> Future[Result]
 
 Every request's tokens are those of `model.generate(ids[None], **same_kwargs)` on it alone: its
-generation arguments are resolved by decode/search.py's own code (checkpoint defaults, lengths, special
-tokens), its logits processors are decode/select.py's, applied to exactly the ids a solo run sees.
+generation settings are resolved by decode/params.py (checkpoint defaults, lengths, special tokens), as
+generate() resolves them, and its logits processors are decode/select.py's, applied to exactly the ids a
+solo run sees.
 
-How requests are served (scheduler.py, pool.py):
-  - greedy, sampling and beam search: continuous batching over one decode state (decode/state.py, the
-    state and step generate() runs). The encoder runs on packed micro-batches (no padding computed)
-    of at most max_batch_tokens real source tokens; each decoder layer's cross K/V is projected once,
-    from the packed states, into the request's slot of the cross-K/V arena; decode rows
-    (max_batch_size) step together, each at its own position; a beam request's beams are rows of an
-    aligned block reading that slot. The host looks at the stop marks every few steps (16 on CUDA),
-    and a finished request's rows are refilled by waiting requests without touching the others. A
-    sampling request draws from its own torch.Generator: seed=s reproduces
-    `torch.manual_seed(s); model.generate(...)`; without seed, one is drawn from torch's global RNG
-    when the request is submitted.
-  - beam sampling (num_beams > 1 with do_sample) runs each request alone through model.generate on
-    its seed; decoding of the other requests pauses while it runs.
+How requests are served (scheduler.py, pool.py): every request, whatever its kind (greedy, sampling,
+beam search, beam sampling), joins one decode state (decode/state.py, the state and step generate()
+runs) and leaves it when it finishes: continuous batching. The encoder runs on packed micro-batches (no
+padding computed) of at most max_batch_tokens real source tokens; each decoder layer's cross K/V is
+projected once, from the packed states, into the request's slot of the cross-K/V arena; decode rows
+(max_batch_size) step together, each at its own position; a beam request's beams are rows of an aligned
+block reading that slot. The host looks at the stop marks every few steps (16 on CUDA), and a finished,
+failed or cancelled request's rows are refilled by waiting requests without touching the others. A
+sampling request (beam sampling included) draws from its own torch.Generator: seed=s reproduces
+`torch.manual_seed(s); model.generate(...)`; without seed, one is drawn from torch's global RNG when the
+request is submitted. A request is bounded when it is submitted: its rows by max_batch_size, its tokens
+by max_request_tokens, its input by max_input_tokens.
 
 One background thread owns the model; submit() only validates and queues (encdec_fast/validate.py, the
 same checks as model.generate), so a request with bad input or unsupported arguments fails alone, its
@@ -43,8 +43,7 @@ import weakref
 import torch
 
 from .. import validate
-from ..decode import search as gen_mod
-from ..decode import select as sel
+from ..decode.params import resolve
 from ..errors import EngineClosedError, InvalidInputError, UnsupportedArgumentError
 from .requests import (
     REFUSED,
@@ -65,9 +64,11 @@ __all__ = ["Engine", "EngineStats", "Result", "TokenStream"]
 class Engine:
     """Continuous-batching generation over an encdec_fast model (see the module docstring).
 
-    max_batch_size: decode rows stepped together (beam search: rows of one static batch, beams included).
+    max_batch_size: decode rows stepped together (a request's beams or returned sequences each take one).
     max_batch_tokens: real source tokens per (packed) encoder micro-batch.
     max_input_tokens: longer inputs are refused with InvalidInputError (None: the encoder's positions).
+    max_request_tokens: a request's decode rows x (input + output tokens) above this are refused with
+    InvalidInputError (None: no limit beyond max_batch_size rows and the positions).
     tokenizer / decoder_tokenizer: for string inputs and text outputs; by default loaded from the
     checkpoint folder (model.path) on first use; decoder_tokenizer defaults to tokenizer.
     check_every: decode steps between looks at which requests finished (default 1 on CPU, 16 on CUDA):
@@ -77,12 +78,14 @@ class Engine:
     generate()): their done-callbacks run there, inside a turn, and must not block or wait on this engine."""
 
     def __init__(self, model, max_batch_size: int = 32, max_batch_tokens: int = 16384, *, tokenizer=None,
-                 decoder_tokenizer=None, check_every: int | None = None, max_input_tokens: int | None = None):
+                 decoder_tokenizer=None, check_every: int | None = None, max_input_tokens: int | None = None,
+                 max_request_tokens: int | None = None):
         for name, v in (("max_batch_size", max_batch_size), ("max_batch_tokens", max_batch_tokens),
-                        ("check_every", check_every), ("max_input_tokens", max_input_tokens)):
+                        ("check_every", check_every), ("max_input_tokens", max_input_tokens),
+                        ("max_request_tokens", max_request_tokens)):
             validate.number(v, name, validate.Field("int", 1))
         self.model, self.max_batch_size, self.max_batch_tokens = model, max_batch_size, max_batch_tokens
-        self.max_input_tokens = max_input_tokens
+        self.max_input_tokens, self.max_request_tokens = max_input_tokens, max_request_tokens
         self._out = Outcomes(model, tokenizer, decoder_tokenizer)
         self._t0 = time.perf_counter()
         self._sched = Scheduler(model, max_batch_size, max_batch_tokens, self._out.finish, self._out.fail, closed_error,
@@ -108,7 +111,7 @@ class Engine:
         fut, req = self._make(input, generation_kwargs)
         if req is None:
             raise fut.exception()
-        req.stream = Channel(several=req.returned > 1)
+        req.stream = Channel(several=req.params.num_return_sequences > 1)
         stream = TokenStream(fut, req.stream)
         if not self._enqueue(req):
             raise fut.exception()
@@ -183,7 +186,7 @@ class Engine:
                     reqs.append(req)
             # largest step budget first (the longest runs do not end up alone at the tail), then longest
             # source (similar lengths reach the encoder together)
-            for req in sorted(reqs, key=lambda r: (-r.max_length, -len(r.ids))):
+            for req in sorted(reqs, key=lambda r: (-r.params.max_length, -len(r.ids))):
                 self._enqueue(req)
 
         try:
@@ -219,14 +222,13 @@ class Engine:
         pool = sched.pool
         s.busy_s, s.wall_s = sched.busy_s, time.perf_counter() - self._t0
         s.requests_waiting, s.requests_running = sched.counts()
-        if pool is not None:
-            s.decode_steps = pool.steps
-            s.mean_rows_per_step = pool.rows_stepped / pool.steps if pool.steps else 0.0
+        s.decode_steps = pool.steps
+        s.mean_rows_per_step = pool.rows_stepped / pool.steps if pool.steps else 0.0
         return s
 
     def close(self, drain: bool = False, timeout: float | None = None):
-        """Stops the engine. drain=False: every request not finished yet fails with EngineClosedError (a
-        beam-search batch already running completes first). drain=True: finishes what was submitted.
+        """Stops the engine. drain=False: every request not finished yet fails with EngineClosedError.
+        drain=True: finishes what was submitted.
         Waits for the scheduler thread (at most timeout seconds). Idempotent."""
         self._sched.stop(drain)
         me = threading.current_thread()
@@ -241,7 +243,7 @@ class Engine:
 
     # -- requests ---------------------------------------------------------------------------------
     def _prepare(self, inp, kwargs) -> Request:
-        """Validates one request and resolves its generation arguments with decode/search.py's own code."""
+        """Validates one request and resolves its generation settings (decode/params.py, as model.generate)."""
         model = self.model
         kwargs = dict(kwargs)
         seed = kwargs.pop("seed", None)
@@ -251,32 +253,24 @@ class Engine:
                 raise UnsupportedArgumentError(f"Engine does not take {name}: {why}.")
             kwargs.pop(name, None)
         validate.number(seed, "seed", validate.SEED)
-        r = Request()
-        gc, _, has_default_max_length = gen_mod.resolve_config(model, gen_config, kwargs)
-        r.is_text = isinstance(inp, str)
-        ids = self._out.encode_text(inp) if r.is_text else inp
-        r.ids = validate.token_ids(ids, "input", model.cfg.encoder, one_sequence=True).tolist()
-        if self.max_input_tokens is not None and len(r.ids) > self.max_input_tokens:
-            raise InvalidInputError(f"input has {len(r.ids)} tokens, more than this engine's max_input_tokens="
+        params = resolve(model, gen_config, kwargs, batch=1)
+        is_text = isinstance(inp, str)
+        ids = validate.token_ids(self._out.encode_text(inp) if is_text else inp, "input", model.cfg.encoder,
+                                 one_sequence=True).tolist()
+        if self.max_input_tokens is not None and len(ids) > self.max_input_tokens:
+            raise InvalidInputError(f"input has {len(ids)} tokens, more than this engine's max_input_tokens="
                                     f"{self.max_input_tokens}; send a shorter input.")
-        eos, r.pad, start = gen_mod.special_tokens(gc, 1, model.cfg.decoder.vocab_size)
-        gen_mod.prepare_lengths(model, gc, has_default_max_length, 1)
-        r.gc, r.kwargs, r.generation_config = gc, kwargs, gen_config
-        r.select = sel.RowConfig.from_generation_config(gc, prompt_len=1, eos=eos, pad=r.pad,
-                                                        vocab_size=model.cfg.decoder.vocab_size)
-        r.eos, r.eos_set, r.start, r.max_length = eos, set(eos or ()), start[0], gc.max_length
-        r.num_beams = gc.num_beams or 1
-        r.fill = gen_mod.fill_token(r.num_beams, r.pad, eos)
-        r.returned = gc.num_return_sequences or 1
-        r.rows = max(r.num_beams, r.returned)
-        if gc.do_sample and seed is None:  # drawn from torch's global RNG: torch.manual_seed makes runs repeatable
+        if params.rows_per_input > self.max_batch_size:
+            raise too_many_rows(params, self.max_batch_size)
+        tokens = params.rows_per_input * (len(ids) + params.max_length)
+        if self.max_request_tokens is not None and tokens > self.max_request_tokens:
+            raise InvalidInputError(
+                f"this request takes {params.rows_per_input} decode rows x ({len(ids)} input + {params.max_length} "
+                f"output tokens) = {tokens} tokens, more than this engine's max_request_tokens={self.max_request_tokens}; "
+                "lower num_beams, num_return_sequences or max_new_tokens, or send a shorter input.")
+        if params.do_sample and seed is None:  # drawn from torch's global RNG: torch.manual_seed makes runs repeatable
             seed = int(torch.randint(0, 2**62, (1,)).item())
-        r.seed = seed
-        # beam sampling runs alone through model.generate on its seed; everything else joins the pool
-        r.static_key = f"beam-sampling|seed={seed}" if (r.num_beams > 1 and gc.do_sample) else None
-        if r.static_key is None and r.rows > self.max_batch_size:
-            raise too_many_rows(r, self.max_batch_size)
-        return r
+        return Request(ids=ids, params=params, is_text=is_text, seed=seed)
 
 
 def _input_list(inputs, name: str = "inputs") -> list:

@@ -1,20 +1,20 @@
 """Continuous batching for the engine: requests join and leave one decode state between steps.
 
-The pool owns a decode/state.py DecodeState of `slots` rows: the same state and step generate() runs,
-so a request's tokens are those of model.generate on it alone. A request takes rows (one per
-returned sequence, or num_beams rows for beam search: an aligned block, as decode/beam.py lays out
-its slots), its encoder output is projected once into the cross-K/V row of its first row (its other
-rows point at it through kv_index), and its logits processors run from per-row settings.
+The pool executes what the scheduler decides: it owns a decode/state.py DecodeState of `slots` rows and
+its decode/runner.py StepRunner (the same state, step and runner generate() uses), so a request's tokens
+are those of model.generate on it alone. The scheduler gives each request its rows (one per returned
+sequence, or num_beams rows for beam search: an aligned block, as decode/beam.py lays out its slots);
+its encoder output is projected once into the arena slot of its first row (its other rows read that
+slot), and its logits processors run from per-row settings.
 
 The host looks at the state only every `check_every` steps (1 on CPU, 16 on CUDA): one read of the
 rows' stop marks tells which requests finished; their tokens are read then, their rows freed, and
 waiting requests join before the next steps. Between looks nothing waits for the host: on CUDA the
-greedy step is one CUDA-graph replay; a sampling request draws its tokens with its own
-torch.Generator between the captured decoder and the commit (seed=s reproduces
-`torch.manual_seed(s); model.generate(...)`), without a sync.
+greedy step is one CUDA-graph replay; a sampling request draws its tokens with its own torch.Generator
+between the captured decoder and the commit (beam sampling: its beams' candidates), without a sync.
 
-Capacities (token slots per row, encoder positions per cross row) grow with the longest request seen
-so far, in multiples of 64; growing drops the captured graphs, which are captured again.
+Capacities (token slots per row, encoder positions per arena slot) grow with the longest request seen
+so far, in multiples of 64; growing makes the runner capture its steps again.
 
 A request whose running rows got NaN/inf logits (the state's nonfinite flags, read in the same look as
 the stop marks) fails alone with NumericalError; the others go on.
@@ -26,8 +26,10 @@ import torch
 
 from .. import validate
 from ..decode import select as sel
+from ..decode.runner import StepRunner
 from ..decode.search import beam_results
 from ..decode.state import DecodeState
+from ..decode.step import StepPlan
 
 _GROW = 64  # capacities grow in multiples of this many positions
 
@@ -66,125 +68,98 @@ def pad_batch(seqs: list[list[int]], pad: int, device):
 
 
 class Live:
-    """A request in the pool: its rows, its beam slot (beam search), its progress as the host knows it."""
+    """A request in the pool: its rows, its beam group and slot (beam search), its generator (sampling)."""
 
-    __slots__ = ("req", "rows", "rows_t", "group", "slot", "t", "generator")
+    __slots__ = ("req", "rows", "rows_t", "group", "slot", "generator")
 
     def __init__(self, req, rows: list[int], device, group=None, slot=None, generator=None):
         self.req, self.rows, self.group, self.slot, self.generator = req, rows, group, slot, generator
         self.rows_t = torch.tensor(rows, dtype=torch.long, device=device)
-        self.t = 1  # tokens each row holds: the decoder start
 
 
 class DecodePool:
-    def __init__(self, model, slots: int, max_batch_tokens: int, check_every: int | None = None, on_tokens=None):
+    def __init__(self, model, slots: int, max_batch_tokens: int, check_every: int | None = None, on_tokens=None,
+                 on_free=None):
         """on_tokens(req, new_rows): gets a streamed request's new tokens (one list per row) whenever they
-        reach the host (every look); a request whose req.cancelled is set leaves at the next look."""
-        self.model, self.N, self.max_batch_tokens = model, slots, max_batch_tokens
-        self.on_tokens = on_tokens
+        reach the host (every look); on_free(rows): rows a request left (the scheduler allocates them). A
+        request whose req.cancelled is set leaves at the next look."""
+        self.model, self.max_batch_tokens = model, max_batch_tokens
+        self.on_tokens, self.on_free = on_tokens, on_free
         self.enc_pad = model.cfg.encoder.pad_token_id or 0
         self.dev = model.device
         capture = self.dev.type == "cuda" and getattr(model, "cuda_graphs", False)
-        self.state = DecodeState(model, slots, _GROW, slots, _GROW, capture=capture)  # one arena slot per row
+        self.state = DecodeState(model, slots, _GROW, slots, _GROW)  # one arena slot per row
+        self.runner = StepRunner(self.state, capture=capture, graph_shaped=model.graph_shapes)
         self.check_every = check_every or (1 if self.dev.type == "cpu" else 16)
-        self.free_rows = set(range(slots))
-        self.reserved: dict[int, list[int]] = {}  # id(request) -> rows set aside by reserve()
         self.lives: list[Live] = []
         self.configs: dict = {}  # every selection setting seen: the step's processor spec only grows
         self.steps = self.rows_stepped = 0
 
-    # -- capacity ------------------------------------------------------------------------------
-    @property
-    def free(self) -> int:
-        return len(self.free_rows)
-
-    def _rows_for(self, req) -> list[int] | None:
-        """Free rows for req: any req.rows rows; beam search an aligned block of num_beams rows."""
-        if req.num_beams == 1:
-            if req.rows > len(self.free_rows):
-                return None
-            return sorted(self.free_rows)[:req.rows]
-        nb = req.num_beams
-        for slot in range(self.N // nb):
-            block = list(range(slot * nb, (slot + 1) * nb))
-            if all(r in self.free_rows for r in block):
-                return block
-        return None
-
-    def reserve(self, req) -> bool:
-        """Sets rows aside for req if enough are free (admit gives them to it, or unreserve frees them)."""
-        rows = self._rows_for(req)
-        if rows is None:
-            return False
-        self.free_rows.difference_update(rows)
-        self.reserved[id(req)] = rows
-        return True
-
-    def unreserve(self, req):
-        self.free_rows.update(self.reserved.pop(id(req), ()))
-
     # -- joining ---------------------------------------------------------------------------------
-    def admit(self, reqs: list) -> list:
-        """Encodes reqs (each holding rows from reserve) in packed micro-batches of at most
-        max_batch_tokens real source tokens, writes their cross K/V and gives them rows. Returns
-        [(req, exc)] for the requests that failed (a failing micro-batch fails only its own requests)."""
+    def admit(self, taken: list) -> list:
+        """Encodes the requests of taken ([(request, its rows)]) in packed micro-batches of at most
+        max_batch_tokens real source tokens, writes their cross K/V and starts them on their rows. Returns
+        [(req, exc)] for the requests that failed (a failing micro-batch fails only its own requests; their
+        rows are not freed here: the scheduler still holds them)."""
         failed = []
-        for chunk in token_chunks(reqs, lambda r: len(r.ids), self.max_batch_tokens, self.N):
+        for chunk in token_chunks(taken, lambda rt: len(rt[0].ids), self.max_batch_tokens, self.state.rows):
             try:
                 self._join(chunk)
             except Exception as e:  # noqa: BLE001  (reported on the requests' futures)
-                failed += [(r, e) for r in chunk]
-                for r in chunk:
-                    self.unreserve(r)
+                failed += [(r, e) for r, _ in chunk]
         return failed
 
     def _join(self, chunk: list):
         model, st = self.model, self.state
         net, ops = model.net, model.ops
-        ids, mask = pad_batch([r.ids for r in chunk], self.enc_pad, self.dev)
+        ids, mask = pad_batch([r.ids for r, _ in chunk], self.enc_pad, self.dev)
         enc, packing = model.encode_packed(ids, mask)  # (T, E): real source tokens only
         cross = net.decoder.cross_kv(net.project(enc, ops), ops)  # per layer (K, V) each (T, H, D)
-        st.grow(_round_up(max(r.max_length for r in chunk), _GROW), _round_up(packing.max_seqlen, _GROW))
-        rows = [self.reserved[id(r)] for r in chunk]
-        first = torch.tensor([rw[0] for rw in rows], dtype=torch.long, device=self.dev)  # each request's arena slot
+        st.grow(_round_up(max(r.params.max_length for r, _ in chunk), _GROW), _round_up(packing.max_seqlen, _GROW))
+        first = torch.tensor([rows[0] for _, rows in chunk], dtype=torch.long, device=self.dev)  # arena slots
         row, offset = packing.rows_and_offsets()
-        st.set_cross(first[row] * st.Sc + offset, cross)  # a request's tokens at the front of its slot
+        st.set_cross(first[row] * st.enc_cap + offset, cross)  # a request's tokens at the front of its slot
         started = []
         try:  # all or nothing: a request of a failed chunk must not stay in the state
-            for r, rw in zip(chunk, rows):
-                started.append(self._start(r, rw))
+            for r, rows in chunk:
+                started.append(self._start(r, rows))
         except BaseException:
             for lv in started:
-                self._release(lv, free=False)  # admit() gives the reserved rows back
+                self._release(lv, free=False)  # the scheduler gives the rows back
             raise
-        for r, lv in zip(chunk, started):
+        for (r, _), lv in zip(chunk, started):
             self.lives.append(lv)
-            del self.reserved[id(r)]
-            self.configs.setdefault(r.select.key(), r.select)
-        st.spec = sel.Spec.of(self.configs.values())
+            self.configs.setdefault(r.params.select.key(), r.params.select)
 
     def _start(self, r, rows: list[int]) -> Live:
-        st = self.state
-        rows_t = torch.tensor(rows, dtype=torch.long, device=self.dev)
-        prefix = torch.full((len(rows), 1), r.start, dtype=torch.long, device=self.dev)
+        st, p = self.state, r.params
+        prefix = p.prefix.expand(len(rows), -1)
         group = slot = beam = generator = None
-        if r.num_beams > 1:
-            group = st.beam_group(r.num_beams, len(r.eos or ()), joint=False)
-            slot = rows[0] // r.num_beams
-            beam = (group, slot, dict(length_penalty=r.gc.length_penalty, early_stopping=r.gc.early_stopping))
-        elif r.gc.do_sample:
+        if p.num_beams > 1:
+            group = st.beam_group(p.num_beams, len(p.eos or ()), joint=False)
+            slot = rows[0] // p.num_beams
+            beam = (group, slot, dict(length_penalty=p.gc.length_penalty, early_stopping=p.gc.early_stopping))
+        if p.do_sample:
             generator = torch.Generator(device=self.dev)
             generator.manual_seed(r.seed)
-        st.join(rows_t, prefix, r.select, enc_start=rows[0] * st.Sc, enc_len=len(r.ids), limit=r.max_length,
-                fill=r.fill, beam=beam)
+        st.join(rows, prefix, p.select, enc_start=rows[0] * st.enc_cap, enc_len=len(r.ids), limit=p.max_length,
+                fill=p.fill, beam=beam)
         return Live(r, rows, self.dev, group, slot, generator)
 
     # -- stepping ----------------------------------------------------------------------------------
+    def _plan(self) -> StepPlan:
+        """The step the live requests need (decode/step.py)."""
+        return StepPlan(spec=sel.Spec.of(self.configs.values()),
+                        plain=any(lv.group is None for lv in self.lives),
+                        beams=tuple(sorted({lv.group.key for lv in self.lives if lv.group is not None})),
+                        sample=any(lv.generator is not None and lv.group is None for lv in self.lives),
+                        beam_sample=any(lv.generator is not None and lv.group is not None for lv in self.lives))
+
     def _choose(self, scores: torch.Tensor) -> torch.Tensor:
         """Greedy for every row, then each sampling request's rows draw with its own generator."""
         toks = sel.greedy(scores)
         for lv in self.lives:
-            if lv.generator is not None:
+            if lv.generator is not None and lv.group is None:
                 toks[lv.rows_t] = sel.sample(scores[lv.rows_t], lv.generator)
         return toks
 
@@ -193,18 +168,14 @@ class DecodePool:
         ids)] for the requests that finished (beam search: its returned hypotheses), and [(request,
         NumericalError)] for those whose logits turned NaN or inf."""
         st = self.state
-        sampling = any(lv.generator is not None for lv in self.lives)
+        plan = self._plan()
+        draws = [(lv.group, [lv.slot], lv.generator) for lv in self.lives
+                 if lv.generator is not None and lv.group is not None]
         for _ in range(self.check_every):
-            extent = None
-            if not (st.capture or self.model.static_decode):  # eager: only the rows, slots and positions in use
-                extent = (max(max(lv.rows) for lv in self.lives) + 1, max(lv.t for lv in self.lives))
-            st.step(choose=self._choose if sampling else None, extent=extent,
-                    filled=max(lv.t for lv in self.lives))
+            self.runner.step(plan, choose=self._choose if plan.sample else None, draws=draws)
             self.steps += 1
-            self.rows_stepped += sum(len(lv.rows) for lv in self.lives)
-            for lv in self.lives:
-                lv.t = min(lv.t + 1, lv.req.max_length)
-            if all(lv.t >= lv.req.max_length for lv in self.lives):
+            self.rows_stepped += len(st.busy_rows)
+            if all(st.held[lv.rows[0]] >= lv.req.params.max_length for lv in self.lives):
                 break
         return self._collect()
 
@@ -228,7 +199,8 @@ class DecodePool:
             self._release(lv)
         for lv, marks in done:
             if lv.group is not None:
-                seqs, _, _ = beam_results(lv.group, [lv.slot], lv.req.returned, 1, lv.req.max_length)
+                p = lv.req.params
+                seqs, _, _ = beam_results(lv.group, [lv.slot], p.num_return_sequences, 1, p.max_length)
                 rows = seqs.tolist()
             else:
                 rows = self.state.seq[lv.rows_t, :max(marks)].tolist()
@@ -241,17 +213,17 @@ class DecodePool:
         count: a finished row's padding included, as the final result holds it); beam search's running
         beams are not final, so a beam request streams its result when it finishes."""
         for lv in lives:
-            req = lv.req
-            if req.stream is None or lv.group is not None or lv.t <= 1 + req.streamed:
+            req, t = lv.req, self.state.held[lv.rows[0]]
+            if req.stream is None or lv.group is not None or t <= 1 + req.streamed:
                 continue
-            self.on_tokens(req, self.state.seq[lv.rows_t, 1 + req.streamed:lv.t].tolist())
+            self.on_tokens(req, self.state.seq[lv.rows_t, 1 + req.streamed:t].tolist())
 
     def _release(self, lv: Live, free: bool = True):
-        self.state.leave(lv.rows_t)
+        self.state.leave(lv.rows)
         if lv.group is not None:
             lv.group.stop(lv.slot)
         if free:
-            self.free_rows.update(lv.rows)
+            self.on_free(lv.rows)
 
     def clear(self) -> list:
         """Drops every request in the pool (after a failed step, or at shutdown); returns them."""

@@ -1,7 +1,7 @@
-"""Engine requests: validation and argument resolution, results, statistics, and the settling of futures.
+"""Engine requests: what a submitted input becomes, results, statistics, and the settling of futures.
 
-A request is validated and resolved when it is submitted (generation arguments by decode/search.py's
-own code, the same as model.generate), so that nothing invalid reaches a batch.
+A request is validated and resolved when it is submitted (its generation settings by decode/params.py,
+as model.generate resolves them), so that nothing invalid reaches a batch.
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from __future__ import annotations
 import concurrent.futures as cf
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import EngineClosedError, InvalidInputError, UnsupportedArgumentError
@@ -22,7 +22,7 @@ REFUSED = {
     "decoder_input_ids": "decoder prefixes are not served by the engine; call model.generate",
     "attention_mask": "each engine input is one unpadded sequence; drop the padding instead of masking it",
     "token_type_ids": "the engine encodes every token with type 0; call model.generate for token_type_ids",
-    "stop_check_every": "the engine checks every step",
+    "stop_check_every": "the engine looks at its decode rows every check_every steps (an Engine argument)",
 }
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "spiece.model",
                     "sentencepiece.bpe.model")
@@ -51,7 +51,7 @@ class EngineStats:
     requests_failed: int = 0
     requests_cancelled: int = 0
     requests_waiting: int = 0  # submitted, not started yet (a snapshot)
-    requests_running: int = 0  # in the decode pool or a static batch (a snapshot)
+    requests_running: int = 0  # in the decode pool (a snapshot)
     tokens_generated: int = 0
     busy_s: float = 0.0  # scheduler time spent working
     wall_s: float = 0.0  # since the engine started
@@ -63,23 +63,35 @@ class EngineStats:
         return self.tokens_generated / self.busy_s if self.busy_s > 0 else 0.0
 
 
+@dataclass(eq=False)
 class Request:
-    """One submitted input, resolved: ids, its GenerationConfig and selection settings, its rows."""
+    """One submitted input, resolved: its token ids, its generation settings, its seed (sampling), and its
+    progress as the engine's thread knows it."""
 
-    __slots__ = ("ids", "is_text", "kwargs", "generation_config", "gc", "select", "eos", "eos_set", "pad", "fill",
-                 "start", "num_beams", "rows", "returned", "max_length", "static_key", "seed", "future", "stream",
-                 "streamed", "cancelled")
+    ids: list[int]
+    params: object  # decode/params.py's GenParams, for a batch of one
+    is_text: bool = False
+    seed: int | None = None
+    future: object = None  # its RequestFuture
+    stream: object = None  # a stream.Channel when the request is streamed
+    streamed: int = 0  # tokens per sequence handed to the stream so far
+    cancelled: bool = False  # set by RequestFuture.cancel; the decode pool drops the request at its next look
+    eos: frozenset = field(init=False)
 
-    def __init__(self):
-        self.stream = None  # a stream.Channel when the request is streamed
-        self.streamed = 0  # tokens per sequence handed to the stream so far
-        self.cancelled = False  # set by RequestFuture.cancel; the decode pool drops the request at its next host look
+    def __post_init__(self):
+        self.eos = frozenset(self.params.eos or ())
+
+    @property
+    def rows(self) -> int:
+        """Decode rows the request takes: its beams, or its returned sequences."""
+        return self.params.rows_per_input
 
 
-def too_many_rows(req, slots: int) -> UnsupportedArgumentError:
-    what = f"num_beams={req.num_beams}" if req.num_beams > 1 else f"num_return_sequences={req.rows}"
-    return UnsupportedArgumentError(f"{what} needs {req.rows} decode rows but the engine has max_batch_size={slots}; "
-                                    "raise max_batch_size.")
+def too_many_rows(params, slots: int) -> UnsupportedArgumentError:
+    rows = params.rows_per_input
+    what = f"num_beams={params.num_beams}" if params.num_beams > 1 else f"num_return_sequences={rows}"
+    return UnsupportedArgumentError(f"{what} needs {rows} decode rows but the engine has max_batch_size={slots}; "
+                                    "lower it, or raise the engine's max_batch_size.")
 
 
 def count_generated(row: list[int], eos: set) -> int:
@@ -149,9 +161,9 @@ class Outcomes:
         if req.stream is not None:
             self.stream(req, [row[1 + req.streamed:] for row in rows])
         try:
-            n = sum(count_generated(row, req.eos_set) for row in rows)
+            n = sum(count_generated(row, req.eos) for row in rows)
             text = self.decode_text(rows) if req.is_text else None
-            one = req.returned == 1
+            one = req.params.num_return_sequences == 1
             res = Result(rows[0] if one else rows, (text[0] if one else text) if text is not None else None, n, req.ids)
         except Exception as e:  # noqa: BLE001  (decoding the text failed)
             self.fail(req, e)

@@ -7,15 +7,14 @@ libgomp throttles its spin-waiting and every torch op pays a thread wake-up (mea
 from a second thread runs 2x slower on 2 cores than from the thread that loaded the model). Either
 way exactly one thread touches the model at a time.
 
-Each turn:
-  1. take the newly submitted requests (beam-sampling ones go to the static queue, the others wait for
-     decode rows);
-  2. run one beam-sampling request, if any waits, alone through model.generate on its seed (this
-     pauses the decode rows while it runs);
-  3. refill free decode rows (continuous batching): waiting requests join in arrival order once a
-     few rows are free (or all the waiting ones fit), encoded in micro-batches of similar length;
-  4. a few decode steps over the busy rows (pool.advance: 1 on CPU, 16 on CUDA), then one look at
-     which requests finished; they get their result at once.
+The scheduler decides, the pool (pool.py) executes: the scheduler owns the decode rows (which are
+free, which request holds which) and the queue of requests waiting for rows. Each turn:
+  1. take the newly submitted requests into the waiting queue;
+  2. refill free decode rows (continuous batching): waiting requests take rows in arrival order once a
+     few rows are free (or all the waiting ones fit), and join the pool, encoded in micro-batches of
+     similar length;
+  3. a few decode steps over the busy rows (pool.advance: 1 on CPU, 16 on CUDA), then one look at
+     which requests finished (or were cancelled); they get their result at once and their rows are free.
 
 Every request ends with a result or an exception on its future: its own bad input (caught when it
 is submitted), its own failure inside a batch (see "Failure isolation" below), or EngineClosedError.
@@ -26,8 +25,8 @@ retried: its requests run again one by one through model.generate (the reference
 must equal anyway; a sampling request on its own seed), and only a request that fails alone gets an
 error. The pool is cleared and the engine goes on serving.
 
-At interpreter exit, every engine still running is stopped (pending requests get EngineClosedError, a
-beam-sampling run already going completes) and its thread joined, so a script that never calls
+At interpreter exit, every engine still running is stopped (pending requests get EngineClosedError) and
+its thread joined, so a script that never calls
 close() exits cleanly instead of tearing down a thread inside torch.
 """
 
@@ -41,8 +40,8 @@ from collections import deque
 import torch
 
 from ..errors import EngineUsageError
+from ..decode import search
 from .pool import DecodePool
-from .requests import too_many_rows
 
 _RUNNING: set = set()  # schedulers whose thread runs; stopped and joined at interpreter exit
 _RUNNING_LOCK = threading.Lock()
@@ -73,11 +72,11 @@ class Scheduler:
         self.closing = self.drain = self.stopped = False
         self.drivers = 0  # threads in drive(): the background thread stands aside
         self.drive_lock = threading.Lock()  # held for a turn: one thread runs the model at a time
-        self.waiting: deque = deque()  # continuous-batching requests without a slot yet
-        self.static: dict = {}  # static key -> [requests]
-        self.pool = DecodePool(model, max_batch_size, max_batch_tokens, check_every, on_tokens)
+        self.waiting: deque = deque()  # requests without rows yet, in arrival order
+        self.free_rows = set(range(max_batch_size))  # decode rows no request holds
+        self.pool = DecodePool(model, max_batch_size, max_batch_tokens, check_every, on_tokens,
+                               on_free=self.free_rows.update)
         self.busy_s = 0.0
-        self.static_running = 0  # requests in the static batch now running
         self.turn_thread = None  # the thread inside a turn
         self.thread = threading.Thread(target=self._run, name="encdec_fast-engine", daemon=True)
         with _RUNNING_LOCK:
@@ -130,12 +129,11 @@ class Scheduler:
         """(requests waiting to start, requests running): a snapshot, read from any thread."""
         with self.cv:
             inbox = len(self.inbox)
-        waiting = inbox + len(self.waiting) + sum(len(g) for g in list(self.static.values()))
-        return waiting, len(self.pool.lives) + self.static_running
+        return inbox + len(self.waiting), len(self.pool.lives)
 
     # -- turns -------------------------------------------------------------------------------------
     def _has_work(self) -> bool:
-        return bool(self.inbox or self.waiting or self.static or self.pool.lives)
+        return bool(self.inbox or self.waiting or self.pool.lives)
 
     def _run(self):
         try:
@@ -162,11 +160,7 @@ class Scheduler:
             new = list(self.inbox)
             self.inbox.clear()
             closing, drain = self.closing, self.drain
-        for r in new:
-            if r.static_key is not None:
-                self.static.setdefault(r.static_key, []).append(r)
-            else:
-                self.waiting.append(r)
+        self.waiting.extend(new)
         if closing and (not drain or not self._has_work()):
             self._fail_all()
             with self.cv:
@@ -179,8 +173,6 @@ class Scheduler:
         self.turn_thread = threading.current_thread()
         try:
             with torch.inference_mode():
-                if self.static:
-                    self._static_batch()
                 self._refill()
                 if self.pool.lives:
                     for req, out in self.pool.advance():  # rows, or the request's own NumericalError
@@ -199,63 +191,63 @@ class Scheduler:
 
     def _fail_all(self):
         err = self.closed_error()
-        pending = self.pool.clear() + list(self.waiting) + [r for rs in self.static.values() for r in rs]
+        pending = self.pool.clear() + list(self.waiting)
         self.waiting.clear()
-        self.static.clear()
         with self.cv:
             pending += list(self.inbox)
             self.inbox.clear()
         for r in pending:
             self.fail(r, err)
 
+    # -- decode rows -------------------------------------------------------------------------------
+    def _rows_for(self, req) -> list[int] | None:
+        """Free rows for req: any req.rows rows; beam search an aligned block of num_beams rows (its slot
+        of decode/beam.py's layout). None: not enough free now."""
+        nb = req.params.num_beams
+        if nb == 1:
+            return sorted(self.free_rows)[:req.rows] if req.rows <= len(self.free_rows) else None
+        for slot in range(self.max_rows // nb):
+            block = list(range(slot * nb, (slot + 1) * nb))
+            if self.free_rows.issuperset(block):
+                return block
+        return None
+
     def _refill(self):
-        pool = self.pool
-        if not self.waiting or pool.free < min(self.min_refill, sum(r.rows for r in self.waiting)):
+        waiting = self.waiting
+        if not waiting or len(self.free_rows) < min(self.min_refill, sum(r.rows for r in waiting)):
             return
-        take = []
-        while self.waiting and pool.reserve(self.waiting[0]):  # in arrival order, as long as rows are free
-            r = self.waiting.popleft()
+        taken = []
+        while waiting:  # in arrival order, as long as rows are free
+            rows = self._rows_for(waiting[0])
+            if rows is None:
+                break
+            r = waiting.popleft()
             if not r.future.set_running_or_notify_cancel():
-                pool.unreserve(r)
                 continue  # cancelled by the caller before it started
-            take.append(r)
-        if self.waiting and not take and not pool.lives and self.waiting[0].rows > pool.N:
-            # cannot happen through Engine.submit (it checks rows <= max_batch_size); never spin on it
-            r = self.waiting.popleft()
-            self.fail(r, too_many_rows(r, pool.N))
+            self.free_rows.difference_update(rows)
+            taken.append((r, rows))
         try:
-            failed = pool.admit(take)
+            failed = self.pool.admit(taken)
         except BaseException as e:  # an interrupt: what did not join the pool is settled here
-            for r in take:
+            for r, rows in taken:
                 self.fail(r, e)
             raise
+        held = {id(r): rows for r, rows in taken}
+        for r, _ in failed:
+            self.free_rows.update(held[id(r)])
         self._run_alone([r for r, _ in failed])  # a failed encoder micro-batch
 
-    def _static_batch(self):
-        """The oldest beam-sampling request, alone through model.generate on its seed."""
-        key = next(iter(self.static))
-        group = self.static.pop(key)
-        req, rest = group[0], group[1:]
-        if rest:
-            self.static[key] = rest
-        if req.future.set_running_or_notify_cancel():
-            self.static_running = 1
-            try:
-                self._run_alone([req])
-            finally:
-                self.static_running = 0
-
     def _run_alone(self, reqs: list):
-        """Requests one by one through model.generate (a sampling one on its seed): beam sampling, and the
-        failure isolation of requests that failed together; only a request that fails alone gets an error."""
+        """Requests one by one through generate() (a sampling one on its seed): the failure isolation of
+        requests that failed together; only a request that fails alone gets an error."""
         model = self.model
         for i, req in enumerate(reqs):
             try:
                 ids = torch.tensor([req.ids], dtype=torch.long, device=model.device)
                 with torch.random.fork_rng(devices=[model.device] if model.device.type == "cuda" else []):
-                    if req.gc.do_sample:
+                    if req.params.do_sample:
                         torch.manual_seed(req.seed)
-                    out = model.generate(ids, generation_config=req.generation_config, **req.kwargs)
+                    out = search.run(model, ids, None, req.params)
                 self.finish(req, out.tolist())
             except Exception as e:  # noqa: BLE001  its own error
                 self.fail(req, e)

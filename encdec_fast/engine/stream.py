@@ -11,8 +11,9 @@
 A chunk is a list of token ids (a list of such lists, one per sequence, with num_return_sequences > 1;
 a finished sequence's later chunks are pad tokens, as model.generate pads it). The decoder start token
 is never streamed: [start] + the chunks concatenated == result.output_ids, token for token.
-Continuously batched requests stream every time tokens reach the host (every decode step today);
-beam-search requests, served in static batches, stream their tokens as one chunk when they finish.
+Requests stream every time tokens reach the host (each look at the decode rows: every step on the CPU,
+every 16 on CUDA); beam-search requests, whose running beams are not final, stream their tokens as one
+chunk when they finish.
 
 How tokens travel: the engine's thread hands a request's new tokens to Outcomes.stream (requests.py),
 which puts them into the request's Channel; the request's future settles after its last chunk.
