@@ -18,12 +18,13 @@ from .config import ModelConfig
 from .errors import InvalidInputError, UnsupportedArgumentError
 from .modules import EncoderDecoderNet
 from .packing import Packing
-from .views import DecoderView, EncoderView, check_model_kwargs, wants_dict
+from .views import DecoderView, EncoderView, check_model_kwargs, transition_scores, wants_dict
 
 _NAMES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
-_INFERENCE_ONLY = ("encdec_fast is inference only: fine-tune with transformers and load the result (encdec_fast.load(folder) "
-                   "after save_pretrained(), or encdec_fast.from_transformers(model) in memory)")
+_INFERENCE_ONLY = ("encdec_fast is inference only: fine-tune with transformers and load the result "
+                   "(encdec_fast.load(folder) after save_pretrained(), or encdec_fast.from_transformers(model) "
+                   "in memory)")
 
 
 def _pick_device(device):
@@ -294,23 +295,7 @@ class EncDecModel(nn.Module):
     def compute_transition_scores(self, sequences, scores, beam_indices=None, normalize_logits: bool = False):
         """transformers' GenerationMixin.compute_transition_scores on generate()'s outputs (sequences, scores
         and, after beam search, beam_indices): the score of each chosen token, (rows, generated length)."""
-        from transformers.generation.utils import GenerationMixin
-
-        fix = "pass the .sequences, .scores (and .beam_indices) of generate(..., return_dict_in_generate=True, output_scores=True)"
-        V = self.cfg.decoder.vocab_size
-        if (not isinstance(scores, (tuple, list)) or not scores or not all(isinstance(s, torch.Tensor) for s in scores)
-                or any(s.dim() != 2 or s.shape != scores[0].shape or s.shape[-1] != V for s in scores)):
-            raise InvalidInputError(f"scores must be a non-empty tuple of (rows, {V}) tensors, one per generated token; {fix}.")
-        if (not isinstance(sequences, torch.Tensor) or sequences.dim() != 2 or sequences.is_floating_point()
-                or sequences.shape[1] < len(scores)):
-            raise InvalidInputError(f"sequences must be the 2-D token ids that came with these {len(scores)} scores; {fix}.")
-        if beam_indices is None and scores[0].shape[0] != sequences.shape[0]:
-            raise InvalidInputError(f"scores have {scores[0].shape[0]} rows but sequences {sequences.shape[0]}: these are "
-                                    "beam search scores; pass beam_indices=outputs.beam_indices.")
-        if beam_indices is not None and (not isinstance(beam_indices, torch.Tensor) or beam_indices.dim() != 2
-                                         or beam_indices.shape[0] != sequences.shape[0]):
-            raise InvalidInputError(f"beam_indices must be a (rows, length) tensor with a row per sequence; {fix}.")
-        return GenerationMixin.compute_transition_scores(self, sequences, scores, beam_indices, normalize_logits)
+        return transition_scores(self, sequences, scores, beam_indices, normalize_logits)
 
     def prepare_decoder_input_ids_from_labels(self, labels: torch.Tensor) -> torch.Tensor:
         return self.shift_right(labels)

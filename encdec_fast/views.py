@@ -140,3 +140,28 @@ class DecoderView:
 
     def __repr__(self):
         return f"DecoderView({self.config.model_type}, of {self.model!r})"
+
+
+def transition_scores(model, sequences, scores, beam_indices=None, normalize_logits: bool = False):
+    """model.compute_transition_scores(): transformers' GenerationMixin.compute_transition_scores (which reads
+    model.config only) on generate()'s outputs, once they are checked to be such outputs."""
+    from transformers.generation.utils import GenerationMixin
+
+    fix = ("pass the .sequences, .scores (and .beam_indices) of generate(..., return_dict_in_generate=True, "
+           "output_scores=True)")
+    V = model.cfg.decoder.vocab_size
+    if (not isinstance(scores, (tuple, list)) or not scores or not all(isinstance(s, torch.Tensor) for s in scores)
+            or any(s.dim() != 2 or s.shape != scores[0].shape or s.shape[-1] != V for s in scores)):
+        raise InvalidInputError(f"scores must be a non-empty tuple of (rows, {V}) tensors, one per generated "
+                                f"token; {fix}.")
+    if (not isinstance(sequences, torch.Tensor) or sequences.dim() != 2 or sequences.is_floating_point()
+            or sequences.shape[1] < len(scores)):
+        raise InvalidInputError(f"sequences must be the 2-D token ids that came with these {len(scores)} scores; "
+                                f"{fix}.")
+    if beam_indices is None and scores[0].shape[0] != sequences.shape[0]:
+        raise InvalidInputError(f"scores have {scores[0].shape[0]} rows but sequences {sequences.shape[0]}: these "
+                                "are beam search scores; pass beam_indices=outputs.beam_indices.")
+    if beam_indices is not None and (not isinstance(beam_indices, torch.Tensor) or beam_indices.dim() != 2
+                                     or beam_indices.shape[0] != sequences.shape[0]):
+        raise InvalidInputError(f"beam_indices must be a (rows, length) tensor with a row per sequence; {fix}.")
+    return GenerationMixin.compute_transition_scores(model, sequences, scores, beam_indices, normalize_logits)

@@ -73,10 +73,11 @@ def check_options(revision, token, cache_dir, local_files_only):
     if revision is not None and (not isinstance(revision, str) or not revision):
         raise InvalidInputError(f"revision must be a branch, tag or commit hash (a non-empty str), got {revision!r}.")
     if token is not None and not isinstance(token, (str, bool)):
-        raise InvalidInputError(f"token must be a Hugging Face access token (str), True (the saved login) or False, got "
-                                f"{type(token).__name__}.")
+        raise InvalidInputError(f"token must be a Hugging Face access token (str), True (the saved login) or False, "
+                                f"got {type(token).__name__}.")
     if cache_dir is not None and not isinstance(cache_dir, (str, os.PathLike)):
-        raise InvalidInputError(f"cache_dir must be a folder path (str or os.PathLike), got {type(cache_dir).__name__}.")
+        raise InvalidInputError(f"cache_dir must be a folder path (str or os.PathLike), got "
+                                f"{type(cache_dir).__name__}.")
     if local_files_only is not None and not isinstance(local_files_only, bool):
         raise InvalidInputError(f"local_files_only must be True or False, got {local_files_only!r}.")
 
