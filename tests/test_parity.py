@@ -5,7 +5,6 @@ import torch
 from conftest import hf_model, plain
 
 import encdec_fast
-from encdec_fast import prepack
 
 PAIRS = [("bert", "gpt2"), ("bert", "bert"), ("roberta", "roberta"), ("roberta", "gpt2")]
 
