@@ -169,7 +169,7 @@ def test_hub_revision_by_branch_and_by_commit_hash(ckpt, make_ckpt, tmp_path, of
 
 def test_hub_id_missing_offline_is_a_clear_error(ckpt, offline_cache):
     with pytest.raises(CheckpointNotFoundError, match=r"'org/absent'.*not in the Hugging Face cache.*"
-                       r"huggingface-cli download org/absent") as e:
+                       r"hf download org/absent") as e:
         encdec_fast.load("org/absent")
     assert "HF_HUB_OFFLINE" in str(e.value)
     # a snapshot without its weights: the missing file is named

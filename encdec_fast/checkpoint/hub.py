@@ -105,17 +105,17 @@ def snapshot(repo_id: str, *, revision=None, token=None, cache_dir=None, local_f
         return folder
     if offline(local_files_only):
         why = "HF_HUB_OFFLINE is set" if not local_files_only else "local_files_only=True"
-        fetch = (f"fetch it once with `huggingface-cli download {repo_id}"
-                 f"{f' --revision {revision}' if revision else ''}` (or load it online: unset HF_HUB_OFFLINE, "
-                 "drop local_files_only)")
+        command = f"hf download {repo_id}" + (f" --revision {revision}" if revision else "") + (
+            f" --cache-dir {str(cache)!r}" if cache_dir is not None else "")
+        fetch = f"Fetch it once with `{command}`, or load it online (unset HF_HUB_OFFLINE, drop local_files_only)"
         if folder is None:
             raise CheckpointNotFoundError(
                 f"{repo_id!r} is not a local folder, and the Hub model {repo_id!r} (revision {rev!r}) is not in the "
-                f"Hugging Face cache {str(cache)!r}; downloads are off ({why}). {fetch[0].upper()}{fetch[1:]}, or pass "
-                "cache_dir= if it was downloaded elsewhere.")
+                f"Hugging Face cache {str(cache)!r}; downloads are off ({why}). {fetch}; or pass cache_dir= if it was "
+                "downloaded elsewhere.")
         raise CheckpointNotFoundError(
             f"the cached snapshot of {repo_id!r} (revision {rev!r}) in {str(folder)!r} lacks {missing[:5]}; downloads "
-            f"are off ({why}). {fetch[0].upper()}{fetch[1:]}.")
+            f"are off ({why}). {fetch}.")
     return download(repo_id, revision=revision, token=token, cache=cache)
 
 
@@ -190,13 +190,13 @@ def _download_error(e: Exception, repo_id: str, where: str) -> CheckpointNotFoun
     msg = " ".join(str(e).split())[:300]
     if isinstance(e, hub.GatedRepoError):
         why = (f"the {where} is gated: accept its terms on huggingface.co, then pass token= or log in with "
-               "`huggingface-cli login`")
+               "`hf auth login`")
     elif isinstance(e, hub.RevisionNotFoundError):
         why = f"the {where} has no such revision; pass an existing branch, tag or commit hash as revision="
     elif isinstance(e, hub.RepositoryNotFoundError):
         why = (f"{repo_id!r} is not a local folder, and the Hub has no model {repo_id!r} that this login can see "
-               "(check the name, or pass token= / log in with `huggingface-cli login` for a private one)")
+               "(check the name, or pass token= / log in with `hf auth login` for a private one)")
     else:
         why = (f"could not download the {where} ({type(e).__name__}: {msg}); check the network, or fetch it with "
-               f"`huggingface-cli download {repo_id}` and load with HF_HUB_OFFLINE=1")
+               f"`hf download {repo_id}` and load with HF_HUB_OFFLINE=1")
     return CheckpointNotFoundError(why + ".")
