@@ -20,7 +20,10 @@ setup(
     package_data={"encdec_fast._csrc": ["*.cu", "*.h", "libencdec_cuda.so"]},
     # sentencepiece: transformers needs it to load BertGenerationTokenizer (spiece.model), the tokenizer of the
     # bert-generation checkpoints of Rothe et al.; it has no tokenizers-library counterpart
-    install_requires=["torch>=2.4", "triton>=3.0", "transformers>=5.0", "safetensors>=0.4", "sentencepiece>=0.2"],
+    # huggingface_hub: load() resolves Hub ids itself (encdec_fast/checkpoint/hub.py imports it directly), so it is
+    # a dependency of ours, not only of transformers
+    install_requires=["torch>=2.4", "triton>=3.0", "transformers>=5.0", "safetensors>=0.4", "sentencepiece>=0.2",
+                      "huggingface_hub>=1.0"],
     extras_require={
         "serve": SERVE,
         "ray": RAY,

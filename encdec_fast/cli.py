@@ -1,8 +1,11 @@
 """The `encdec-fast` command.
 
-    encdec-fast generate PATH --input in.txt|in.jsonl --output out.jsonl [--max-new-tokens N --num-beams K ...]
-    encdec-fast generate PATH --input a.txt b.jsonl ... --output OUT_DIR --ray [ADDRESS] [--num-actors N]
-    encdec-fast serve PATH [--host 127.0.0.1 --port 8000 --api-key KEY --max-queued 256 ...]
+    encdec-fast generate PATH|ID --input in.txt|in.jsonl --output out.jsonl [--max-new-tokens N --num-beams K ...]
+    encdec-fast generate PATH|ID --input a.txt b.jsonl ... --output OUT_DIR --ray [ADDRESS] [--num-actors N]
+    encdec-fast serve PATH|ID [--host 127.0.0.1 --port 8000 --api-key KEY --max-queued 256 ...]
+
+PATH is a checkpoint folder; ID a Hugging Face Hub id ("org/name"), read from the local cache (downloaded
+first when online; HF_HUB_OFFLINE=1 reads the cache alone).
     encdec-fast demo [--size small|base] [--batch 8] [--new-tokens 32]
 """
 
@@ -253,7 +256,8 @@ def cmd_generate_ray(a) -> int:
         t0 = time.perf_counter()
         files = ray.data.from_items([{"file": os.path.abspath(f)} for f in a.input])
         rows = files.flat_map(_file_rows)
-        out = edr.generate_dataset(rows, os.path.abspath(a.path), num_actors=a.num_actors, num_gpus=a.gpus_per_actor,
+        path = os.path.abspath(a.path) if os.path.exists(a.path) else a.path  # a Hub id stays an id
+        out = edr.generate_dataset(rows, path, num_actors=a.num_actors, num_gpus=a.gpus_per_actor,
                                    batch_size=a.batch_size, max_batch_size=a.batch_size, device=a.device,
                                    dtype=a.dtype, **_generate_kwargs(a)).map(_merge_errors).materialize()
         out.write_json(a.output)
@@ -288,7 +292,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="encdec-fast", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
     g = sub.add_parser("generate", help="generate for every line of a file")
-    g.add_argument("path", help="EncoderDecoderModel folder (with a tokenizer for text inputs)")
+    g.add_argument("path", help="EncoderDecoderModel folder or Hub id \"org/name\" (with a tokenizer for text inputs)")
     g.add_argument("--input", required=True, nargs="+",
                    help="text lines or JSONL ({\"text\": ...} or {\"input_ids\": [...]}); several files with --ray")
     g.add_argument("--output", required=True, help="JSONL out, one line per input as it finishes (then sorted): index, "
@@ -309,7 +313,7 @@ def main(argv=None) -> int:
     g.add_argument("--ray-cpus", type=int, default=None, help="with a local Ray: CPUs it may use (default: all)")
     g.set_defaults(fn=cmd_generate)
     v = sub.add_parser("serve", help="serve a checkpoint over HTTP (POST /v1/generate, GET /health, GET /metrics)")
-    v.add_argument("path", help="EncoderDecoderModel folder (with a tokenizer for text inputs)")
+    v.add_argument("path", help="EncoderDecoderModel folder or Hub id \"org/name\" (with a tokenizer for text inputs)")
     v.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0: every interface)")
     v.add_argument("--port", type=int, default=8000)
     v.add_argument("--device", default=None)

@@ -88,10 +88,10 @@ SEED = Field("int", 0, 2**64 - 1)  # what torch.Generator.manual_seed takes
 
 
 def path(value, name: str):
-    """A folder argument: None, a str or an os.PathLike."""
+    """A checkpoint argument: None, a str (a folder or a Hub id) or an os.PathLike."""
     if value is not None and not isinstance(value, (str, os.PathLike)):
         raise InvalidInputError(f"{name} must be a folder path (a str or os.PathLike), got {type(value).__name__} "
-                                f"{value!r}.")
+                                f"{value!r}; a Hub id is a str too (\"org/name\").")
     return value
 
 
@@ -201,15 +201,15 @@ def labels(x, stack, batch: int) -> torch.Tensor:
     return t.long()
 
 
-def encoder_outputs(x, width: int) -> torch.Tensor:
+def encoder_outputs(x, width: int, name: str = "encoder_outputs") -> torch.Tensor:
     """The encoder's last hidden state (B, S, width), from a tensor, a tuple holding it first, or a ModelOutput."""
     enc = x[0] if isinstance(x, (tuple, list)) and len(x) else getattr(x, "last_hidden_state", x)
     if not isinstance(enc, torch.Tensor):
-        raise InvalidInputError(f"encoder_outputs must be a tensor (batch, source length, {width}), a tuple holding one "
+        raise InvalidInputError(f"{name} must be a tensor (batch, source length, {width}), a tuple holding one "
                                 f"first, or the encoder's ModelOutput; got {type(x).__name__}.")
     if not enc.is_floating_point() or enc.dim() != 3 or enc.shape[-1] != width or enc.shape[0] * enc.shape[1] == 0:
-        raise InvalidInputError(f"encoder_outputs must be a non-empty floating tensor (batch, source length, {width}) "
-                                f"(the encoder's hidden size), got {enc.dtype} {tuple(enc.shape)}.")
+        raise InvalidInputError(f"{name} must be a non-empty floating tensor (batch, source length, {width}) "
+                                f"(the hidden size it feeds), got {enc.dtype} {tuple(enc.shape)}.")
     return enc
 
 

@@ -5,7 +5,6 @@ import torch
 from conftest import hf_model, plain
 
 import encdec_fast
-from encdec_fast import prepack
 
 PAIRS = [("bert", "gpt2"), ("bert", "bert"), ("roberta", "roberta"), ("roberta", "gpt2")]
 
@@ -152,8 +151,8 @@ def test_glued_encoder_and_decoder_match_from_encoder_decoder_pretrained(tmp_pat
     # the projection is new in both (random): give ours transformers' values
     ours.net.enc_to_dec_proj.weight.copy_(ref.enc_to_dec_proj.weight)
     ours.net.enc_to_dec_proj.bias.copy_(ref.enc_to_dec_proj.bias)
-    if prepack.applies(ours.device, ours.dtype, ours.backend):  # then the CPU default: packed weights
-        prepack.pack(ours.net)
+    ours.prepack = True  # then the CPU default, packed weights: to() packs them and picks their op table
+    ours.to(ours.device)
     ids, mask, decids = make_inputs(2, 9, 6, 97, 0, True)
     with torch.no_grad():
         r = ref(input_ids=ids, attention_mask=mask, decoder_input_ids=decids)

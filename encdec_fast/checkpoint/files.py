@@ -41,7 +41,7 @@ def folder(path) -> Path:
     if not p.is_dir():
         raise CheckpointNotFoundError(
             f"checkpoint folder {str(p)!r} does not exist (or is not a folder); pass the folder written by "
-            "save_pretrained(), which holds config.json and the weights. Hub names are not downloaded."
+            "save_pretrained(), which holds config.json and the weights, or a Hub id (\"org/name\")."
         )
     if not (p / "config.json").is_file():
         raise CheckpointNotFoundError(f"{str(p)!r} has no config.json; pass the folder written by save_pretrained().")

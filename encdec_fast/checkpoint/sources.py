@@ -94,8 +94,6 @@ def open_pair(encoder, decoder) -> Source:
     """An encoder and a decoder checkpoint glued like EncoderDecoderModel.from_encoder_decoder_pretrained."""
     from transformers import EncoderDecoderConfig
 
-    if encoder is None or decoder is None:
-        raise InvalidInputError("gluing needs both encoder= and decoder= checkpoint folders.")
     ef, df = folder(encoder), folder(decoder)
     ecfg, dcfg = read_config(ef), read_config(df)
     for c, role in ((ecfg, "encoder"), (dcfg, "decoder")):
