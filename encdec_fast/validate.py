@@ -83,8 +83,9 @@ def number(value, name: str, field: Field, err=InvalidInputError, fix: str = "")
         raise err(f"{name} must be {field.describe()}, got {_short(value)}" + (f"; {fix}" if fix else "."))
     ints = value if isinstance(value, (list, tuple)) else [value]  # an int field's value, or each id
     if field.cap is not None and any(abs(i) > field.cap for i in ints):
-        raise err(f"{name} must be {field.describe()} of magnitude at most {_power(field.cap)}, got {_short(value)}"
-                  + (f"; {fix}" if fix else "."))
+        signed = field.lo is None or field.lo < 0
+        most = f"{'of magnitude ' if signed else 'and '}at most {_power(field.cap)}"
+        raise err(f"{name} must be {field.describe()} {most}, got {_short(value)}" + (f"; {fix}" if fix else "."))
     return value
 
 
@@ -286,6 +287,9 @@ def generation(gc, vocab_size: int):
     if gc.do_sample and gc.temperature is not None and not gc.temperature > 0:
         raise InvalidInputError(f"temperature must be a strictly positive float when sampling, got {gc.temperature!r}; "
                                 "for greedy decoding set do_sample=False.")
+    if (gc.num_beams or 1) > 1 and gc.length_penalty is None:  # beam scores divide by length ** length_penalty
+        raise InvalidInputError("length_penalty is None but beam search needs a number; pass one (1.0 is the default) "
+                                "or leave it out.")
     bad_words_ids(gc.bad_words_ids, vocab_size)
     forced = gc.forced_eos_token_id
     if forced is not None:  # the step sets these ids' scores: each must be a column of the logits
