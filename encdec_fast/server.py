@@ -48,23 +48,17 @@ try:
     import anyio
     from fastapi import FastAPI, Request
     from fastapi.responses import JSONResponse, PlainTextResponse, Response
-    from prometheus_client import (
-        CollectorRegistry,
-        Counter,
-        Gauge,
-        Histogram,
-        generate_latest,
-    )
+    from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
     from starlette.exceptions import HTTPException
     from starlette.responses import StreamingResponse
 
     from .server_api import (
+        EXTRA_SCHEMAS,
         GENERATE_BODY,
         GENERATE_RESPONSES,
         APIKey,
         BodyRefused,
         Disconnected,
-        GenerateRequest,
         Health,
         error_body,
         http_error,
@@ -128,7 +122,8 @@ class Metrics:
     def __init__(self, state: ServerState):
         r = self.registry = CollectorRegistry()
         self.requests = Counter("encdec_fast_requests", "HTTP answers by status code: every answer of /v1/generate "
-                                "(499: the client went away), and the errors of every other route", ["code"], registry=r)
+                                "(499: the client went away), and the errors of every other route", ["code"],
+                                registry=r)
         self.tokens = Counter("encdec_fast_generated_tokens", "tokens generated for answered requests", registry=r)
         Gauge("encdec_fast_queue_depth", "requests admitted and not answered yet", registry=r).set_function(
             lambda: state.in_flight)
@@ -217,9 +212,9 @@ def create_app(engine=None, *, limits: ServerLimits | None = None, close_engine:
         except Disconnected:
             return Response(status_code=499)  # nobody to answer; nginx's code for it
         if state.in_flight >= limits.max_queued:
-            return JSONResponse({"error": f"the server has max_queued={limits.max_queued} requests in flight; retry after "
-                                          "the Retry-After seconds, or raise the limit (--max-queued).",
-                                 "type": "QueueFull"}, 429, retry)
+            why = (f"the server has max_queued={limits.max_queued} requests in flight; retry after the Retry-After "
+                   "seconds, or raise the limit (--max-queued).")
+            return JSONResponse({"error": why, "type": "QueueFull"}, 429, retry)
         state.in_flight += 1
         streaming = False
         try:
@@ -255,11 +250,12 @@ def create_app(engine=None, *, limits: ServerLimits | None = None, close_engine:
     base_openapi = app.openapi
 
     def openapi():
-        """FastAPI's schema, plus GenerateRequest (the route reads its body itself, so FastAPI does not list it)."""
+        """FastAPI's schema, plus GenerateRequest (the route reads its body itself, so FastAPI does not list
+        it) and StreamChunk (the data of a stream's events)."""
         if app.openapi_schema is None:
-            schema = base_openapi()
-            schema["components"]["schemas"]["GenerateRequest"] = GenerateRequest.model_json_schema(
-                ref_template="#/components/schemas/{model}")
+            schemas = base_openapi()["components"]["schemas"]
+            for model in EXTRA_SCHEMAS:
+                schemas[model.__name__] = model.model_json_schema(ref_template="#/components/schemas/{model}")
         return app.openapi_schema
 
     app.openapi = openapi

@@ -24,14 +24,7 @@ import re
 from http import HTTPStatus
 from typing import Annotated, Any, Literal
 
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    PlainValidator,
-    ValidationError,
-    WithJsonSchema,
-    create_model,
-)
+from pydantic import BaseModel, ConfigDict, PlainValidator, ValidationError, WithJsonSchema, create_model
 from pydantic import Field as Prop
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
@@ -94,15 +87,23 @@ def _field_schema(f: validate.Field) -> dict:
     return {"anyOf": [s, {"type": "null"}]}
 
 
+def _integral(v):
+    """JSON has one kind of number: 10.0 is the integer 10, as JSON Schema's "integer" has it (lists too)."""
+    if isinstance(v, float) and v.is_integer():
+        return int(v)
+    return [_integral(i) for i in v] if isinstance(v, list) else v
+
+
 def _checked(name: str, field: validate.Field):
     """A GenerateRequest field judged by validate.number, described by the Field's schema."""
     def check(v):
-        return validate.number(v, name, field)
+        return validate.number(_integral(v) if field.kind in ("int", "ids") else v, name, field)
 
     return Annotated[Any, PlainValidator(check), WithJsonSchema(_field_schema(field))]
 
 
 def _input(v):
+    v = _integral(v)
     if not isinstance(v, str) and not (isinstance(v, list) and all(type(i) is int for i in v)):
         raise InvalidInputError('"input" must be a string or a list of integer token ids (one sequence).')
     return v
@@ -117,7 +118,7 @@ def _stream(v):
 _TOKEN = {"type": "integer", "minimum": 0, "maximum": validate.ID_MAX}
 _INPUT = Annotated[Any, PlainValidator(_input), WithJsonSchema(
     {"anyOf": [{"type": "string"}, {"type": "array", "items": _TOKEN, "minItems": 1}]})]
-_BAD_WORDS = Annotated[Any, PlainValidator(validate.bad_words_ids), WithJsonSchema(
+_BAD_WORDS = Annotated[Any, PlainValidator(lambda v: validate.bad_words_ids(_integral(v))), WithJsonSchema(
     {"anyOf": [{"type": "array", "items": {"type": "array", "items": _TOKEN, "minItems": 1}, "minItems": 1},
                {"type": "null"}]})]
 
@@ -163,9 +164,30 @@ class Health(BaseModel):
     reason: str | None = Prop(None, description="degraded: why")
 
 
-STREAM_DOC = ("With \"stream\": true: server-sent events. One `data: {\"token_ids\": [...], \"text\": \"...\"}` per "
-              "chunk of new tokens (\"text\" for text inputs; lists per sequence when num_return_sequences > 1), "
-              "then `event: done` with a GenerateResponse, or `event: error` with an ErrorBody.")
+class StreamChunk(BaseModel):
+    """A stream's event for the tokens generated since the previous one."""
+
+    token_ids: list[int] | list[list[int]] = Prop(description="the new tokens; one list per sequence when "
+                                                  "num_return_sequences > 1")
+    text: str | list[str] | None = Prop(None, description="text inputs: the new text (held back while a character "
+                                        "is incomplete)")
+
+
+def _event(name: str, model: str, named: bool = True) -> dict:
+    """An SSE event (as OpenAPI 3.2 describes a text/event-stream item) whose data is a JSON `model`."""
+    data = {"type": "string", "contentMediaType": "application/json",
+            "contentSchema": {"$ref": f"#/components/schemas/{model}"}}
+    return {"type": "object", "properties": {"event": {"const": name}, "data": data},
+            "required": ["event", "data"] if named else ["data"]}
+
+
+STREAM_EVENT = {
+    "description": "With \"stream\": true: server-sent events, one per chunk of new tokens (a StreamChunk), then "
+                   "`event: done` with the GenerateResponse, or `event: error` with an ErrorBody.",
+    "oneOf": [_event("message", "StreamChunk", named=False), _event("done", "GenerateResponse"),
+              _event("error", "ErrorBody")],
+}
+EXTRA_SCHEMAS = (GenerateRequest, StreamChunk)  # models the app lists in /openapi.json itself (no route declares them)
 
 
 def _error(description: str) -> dict:
@@ -174,7 +196,7 @@ def _error(description: str) -> dict:
 
 GENERATE_RESPONSES = {
     200: {"model": GenerateResponse, "description": "the generated tokens (or, with stream, the events)",
-          "content": {"text/event-stream": {"schema": {"type": "string", "description": STREAM_DOC}}}},
+          "content": {"text/event-stream": {"schema": STREAM_EVENT}}},
     400: _error("a malformed body, an unknown key, or an argument the model cannot take"),
     401: _error("a missing or wrong API key (when the server has one)"),
     408: _error("the body did not arrive within body_timeout_s"),
@@ -206,8 +228,8 @@ async def read_body(request, max_bytes: int, timeout_s: float) -> bytes:
     not fully arrived after timeout_s; Disconnected when the client goes away meanwhile."""
     size = request.headers.get("content-length")
     if size is not None and size.isdigit() and int(size) > max_bytes:
-        raise BodyRefused(413, {"error": f"the request body has {int(size)} bytes, more than max_body_bytes={max_bytes}; "
-                                         "send a shorter input, or raise the limit (--max-body-bytes).",
+        raise BodyRefused(413, {"error": f"the request body has {int(size)} bytes, more than max_body_bytes="
+                                         f"{max_bytes}; send a shorter input, or raise the limit (--max-body-bytes).",
                                 "type": "BodyTooLarge"})
     try:
         return await asyncio.wait_for(_chunks(request, max_bytes), timeout_s)
@@ -224,8 +246,9 @@ async def _chunks(request, max_bytes: int) -> bytes:
     async for chunk in request.stream():
         n += len(chunk)
         if n > max_bytes:
-            raise BodyRefused(413, {"error": f"the request body is longer than max_body_bytes={max_bytes}; send a shorter "
-                                             "input, or raise the limit (--max-body-bytes).", "type": "BodyTooLarge"})
+            raise BodyRefused(413, {"error": f"the request body is longer than max_body_bytes={max_bytes}; send a "
+                                             "shorter input, or raise the limit (--max-body-bytes).",
+                                    "type": "BodyTooLarge"})
         chunks.append(chunk)
     return b"".join(chunks)
 
@@ -273,9 +296,11 @@ def _request_error(e: ValidationError) -> EncDecError:
     errors = e.errors()
     unknown = [str(err["loc"][0]) for err in errors if err["type"] == "extra_forbidden"]
     if unknown:
-        return InvalidInputError(f"unknown argument(s) {', '.join(map(repr, unknown))}: a /v1/generate body takes input, "
-                                 f"stream, seed and the generate() arguments {', '.join(GENERATE_ARGS)} (see "
-                                 "/openapi.json); check the spelling.")
+        names = ", ".join(repr(k) if len(k) <= 40 else repr(k[:40]) + "..." for k in unknown[:8])
+        more = ", ..." if len(unknown) > 8 else ""
+        return InvalidInputError(f"unknown argument(s) {names}{more}: a /v1/generate body takes input, stream, seed "
+                                 f"and the generate() arguments {', '.join(GENERATE_ARGS)} (see /openapi.json); check "
+                                 "the spelling.")
     for err in errors:
         cause = err.get("ctx", {}).get("error")
         if isinstance(cause, EncDecError):  # validate.py's own message
@@ -323,7 +348,8 @@ async def http_error(request, exc: HTTPException):
         why = (f"there is no route {request.url.path}; the routes are POST /v1/generate, GET /health, GET /metrics and "
                "GET /openapi.json.")
     elif code == 405:
-        why = f"{request.url.path} does not take {request.method}; use {(exc.headers or {}).get('Allow', 'another method')}."
+        allowed = (exc.headers or {}).get("Allow", "another method")
+        why = f"{request.url.path} does not take {request.method}; use {allowed}."
     else:
         why = str(exc.detail)
     kind = {404: "NotFound", 405: "MethodNotAllowed"}.get(code) or HTTPStatus(code).phrase.replace(" ", "")

@@ -305,10 +305,12 @@ def bad_words_ids(words, vocab_size: int | None = None):
         return words
     if (not isinstance(words, (list, tuple)) or not words
             or any(not isinstance(w, (list, tuple)) or not w or not all(_is_int(i) for i in w) for w in words)):
-        raise InvalidInputError(f"bad_words_ids must be a non-empty list of non-empty lists of token ids, got {_short(words)}.")
+        raise InvalidInputError(f"bad_words_ids must be a non-empty list of non-empty lists of token ids, got "
+                                f"{_short(words)}.")
     for w in words:
         if any(i < 0 or (vocab_size is not None and i >= vocab_size) for i in w):
-            raise InvalidInputError(f"bad_words_ids holds {_short(list(w))}, outside the vocabulary [0, {vocab_size or 'vocab_size'}).")
+            raise InvalidInputError(f"bad_words_ids holds {_short(list(w))}, outside the vocabulary "
+                                    f"[0, {vocab_size or 'vocab_size'}).")
     return words
 
 
