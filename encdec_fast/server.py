@@ -186,7 +186,7 @@ def create_app(engine=None, *, limits: ServerLimits | None = None, close_engine:
         stalled = state.engine.stats.stalled_s
         if stalled > limits.stalled_after_s:
             why = (f"the engine's current turn has run {stalled:.1f} s, more than stalled_after_s="
-                   f"{limits.stalled_after_s:g} s: a request is holding it (the log may say which)")
+                   f"{limits.stalled_after_s:g} s: a request is holding it; ready again when the turn ends")
             return JSONResponse({"status": "degraded", "stalled_s": round(stalled, 3), "reason": why}, status_code=503,
                                 headers=retry)
         return JSONResponse({"status": "ready"})

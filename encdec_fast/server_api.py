@@ -31,12 +31,7 @@ from starlette.requests import ClientDisconnect
 from starlette.responses import JSONResponse
 
 from . import validate
-from .errors import (
-    EncDecError,
-    EngineClosedError,
-    InvalidInputError,
-    RequestCancelledError,
-)
+from .errors import EncDecError, EngineClosedError, InvalidInputError, RequestCancelledError
 
 MAX_JSON_DEPTH = 32  # a valid body nests 3 levels (the object, bad_words_ids, one bad word)
 
@@ -77,7 +72,7 @@ def _field_schema(f: validate.Field) -> dict:
             s["exclusiveMinimum" if f.lo_open else "minimum"] = f.lo
         elif f.cap is not None:
             s["minimum"] = -f.cap
-        hi = min(v for v in (f.hi, f.cap) if v is not None) if (f.hi, f.cap) != (None, None) else None
+        hi = min((v for v in (f.hi, f.cap) if v is not None), default=None)
         if hi is not None:
             s["maximum"] = hi
         if f.kind == "ids":
@@ -91,7 +86,9 @@ def _integral(v):
     """JSON has one kind of number: 10.0 is the integer 10, as JSON Schema's "integer" has it (lists too)."""
     if isinstance(v, float) and v.is_integer():
         return int(v)
-    return [_integral(i) for i in v] if isinstance(v, list) else v
+    if isinstance(v, list) and not all(type(i) is int for i in v):  # a list of ints (most inputs) as it is
+        return [_integral(i) for i in v]
+    return v
 
 
 def _checked(name: str, field: validate.Field):

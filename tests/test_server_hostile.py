@@ -283,6 +283,20 @@ def test_health_is_degraded_while_an_engine_turn_is_stuck(model):
     assert stalled > 0.5
 
 
+def test_a_server_bug_answers_a_json_500_is_counted_and_closes_the_connection(url, engine, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(engine, "submit", broken)
+    before = count(url, 500)
+    with server_errors() as errors:
+        r = httpx.post(url + "/v1/generate", json={"input": IDS}, timeout=60)
+    assert r.status_code == 500 and is_error_body(r) and r.json()["type"] == "InternalServerError"
+    assert "RuntimeError: a bug" in r.json()["error"] and r.headers["connection"] == "close"
+    assert count(url, 500) == before + 1
+    assert any("Exception in ASGI application" in e.getMessage() for e in errors)  # a bug is logged, with its traceback
+
+
 @pytest.mark.parametrize("kw", [dict(body_timeout_s=0), dict(stalled_after_s=-1), dict(body_timeout_s="10")])
 def test_bad_server_limits_are_refused(kw):
     with pytest.raises(InvalidInputError, match=next(iter(kw))):
