@@ -27,7 +27,8 @@ setup(
     extras_require={
         "serve": SERVE,
         "ray": RAY,
-        "test": ["pytest>=8", "pytest-benchmark>=4", "httpx>=0.25"] + SERVE + RAY,
+        # hypothesis and schemathesis: tests/test_server_hostile.py fuzzes the server and checks it against its schema
+        "test": ["pytest>=8", "pytest-benchmark>=4", "httpx>=0.25", "hypothesis>=6.100", "schemathesis>=4.0"] + SERVE + RAY,
     },
     entry_points={"console_scripts": ["encdec-fast=encdec_fast.cli:main"]},
 )

@@ -2,11 +2,11 @@
 
     encdec-fast generate PATH|ID --input in.txt|in.jsonl --output out.jsonl [--max-new-tokens N --num-beams K ...]
     encdec-fast generate PATH|ID --input a.txt b.jsonl ... --output OUT_DIR --ray [ADDRESS] [--num-actors N]
-    encdec-fast serve PATH|ID [--host 127.0.0.1 --port 8000 --api-key KEY --max-queued 256 ...]
+    encdec-fast serve PATH|ID [--host 127.0.0.1 --port 8000 --api-key KEY --max-queued 256 --body-timeout 10 ...]
+    encdec-fast demo [--size small|base] [--batch 8] [--new-tokens 32]
 
 PATH is a checkpoint folder; ID a Hugging Face Hub id ("org/name"), read from the local cache (downloaded
 first when online; HF_HUB_OFFLINE=1 reads the cache alone).
-    encdec-fast demo [--size small|base] [--batch 8] [--new-tokens 32]
 """
 
 from __future__ import annotations
@@ -275,8 +275,9 @@ def cmd_generate_ray(a) -> int:
 def cmd_serve(a) -> int:
     from .server import ServerLimits, serve
 
-    limits = ServerLimits(max_queued=a.max_queued, request_timeout_s=a.request_timeout, max_body_bytes=a.max_body_bytes,
-                          max_input_tokens=a.max_input_tokens, api_key=a.api_key)
+    limits = ServerLimits(max_queued=a.max_queued, request_timeout_s=a.request_timeout, body_timeout_s=a.body_timeout,
+                          max_body_bytes=a.max_body_bytes, max_input_tokens=a.max_input_tokens,
+                          max_request_tokens=a.max_request_tokens, api_key=a.api_key, stalled_after_s=a.stalled_after)
     return serve(a.path, host=a.host, port=a.port, limits=limits, max_batch_size=a.max_batch_size,
                  max_batch_tokens=a.max_batch_tokens, device=a.device, dtype=a.dtype, log_level=a.log_level)
 
@@ -322,9 +323,15 @@ def main(argv=None) -> int:
     v.add_argument("--max-batch-tokens", type=int, default=16384, help="padded source tokens per encoder batch")
     v.add_argument("--max-queued", type=int, default=256, help="requests admitted at once; more get 429")
     v.add_argument("--request-timeout", type=float, default=120.0, help="seconds a request may take; then 504")
+    v.add_argument("--body-timeout", type=float, default=10.0,
+                   help="seconds a request body may take to arrive; then 408 and the connection is closed")
     v.add_argument("--max-body-bytes", type=int, default=1 << 20, help="larger request bodies get 413")
     v.add_argument("--max-input-tokens", type=int, default=None, help="longer inputs get 400 (default: the model's)")
+    v.add_argument("--max-request-tokens", type=int, default=1 << 16,
+                   help="a request whose decode rows x (input + output tokens) exceed this gets 400")
     v.add_argument("--api-key", default=None, help="key every route but /health needs (default: $ENCDEC_FAST_API_KEY)")
+    v.add_argument("--stalled-after", type=float, default=30.0,
+                   help="/health answers 503 \"degraded\" while one engine turn has run longer than this (seconds)")
     v.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     v.set_defaults(fn=cmd_serve)
     d = sub.add_parser("demo", help="build a random bert2gpt2, generate with encdec_fast and transformers, compare")

@@ -147,7 +147,8 @@ def serve_deployment(path, *, num_replicas: int = 1, num_gpus: float = 0, num_cp
 
         model = encdec_fast.load(path, device=device, dtype=dtype)
         engine = encdec_fast.Engine(model, max_batch_size=max_batch_size, max_batch_tokens=max_batch_tokens,
-                                    max_input_tokens=limits.max_input_tokens)
+                                    max_input_tokens=limits.max_input_tokens,
+                                    max_request_tokens=limits.max_request_tokens)
         warm_up(engine)
         return create_app(engine, limits=limits, close_engine=True)
 

@@ -2,23 +2,28 @@
 
     encdec-fast serve PATH --port 8000 --max-batch-size 64 [--api-key KEY]
 
-Routes (JSON in, JSON out; errors are {"error": message, "type": exception name}):
-  POST /v1/generate  {"input": "text" or [token ids], "stream": false, ...generate() arguments}
+Routes (the bodies are server_api.py's pydantic models, so /openapi.json describes them):
+  POST /v1/generate  {"input": "text" or [token ids], "stream": false, "seed": ..., ...generate() arguments}
                      -> {"output_ids": [...], "text": "..." or null, "num_generated": n}
                      with "stream": true: server-sent events, one per token chunk
                          data: {"token_ids": [...], "text": "new text"}      ("text" for text inputs)
                      then `event: done` with the JSON above, or `event: error` with an error.
-  GET  /health       200 {"status": "ready"} once the model is loaded and warmed; 503 while loading or
-                     shutting down. Never needs the API key.
+  GET  /health       200 {"status": "ready"} once the model is loaded and warmed; 503 while loading, while
+                     the engine is stuck ("degraded": its current turn has run longer than stalled_after_s,
+                     from EngineStats.stalled_s), or shutting down. Never needs the API key.
   GET  /metrics      Prometheus text: requests by status, generated tokens, queue depth, engine
                      waiting/running requests, request latency and time to first token histograms.
+Every error, on every route (404 and 405 included), is JSON {"error": message, "type": name} and is
+counted in encdec_fast_requests_total{code}.
 
-Limits (ServerLimits; each a command-line flag): max_queued requests admitted at once (running or
-waiting in the engine; one more gets 429 with Retry-After, so the queue is never unbounded),
-request_timeout_s (a request still unfinished is cancelled: 504, or an error event in a stream),
-max_body_bytes (413), max_input_tokens (400, checked by the Engine), and api_key (401 without
-`Authorization: Bearer KEY` or `X-API-Key: KEY` on every route but /health). A client that
-disconnects cancels its request, which frees its decode slots at the engine's next step.
+Limits (ServerLimits; each a command-line flag): body_timeout_s (a body still incomplete then gets 408
+and its connection is closed: a slow client holds no capacity), max_body_bytes (413), max_queued
+requests admitted at once (running or waiting in the engine; admitted once the body is read and valid;
+one more gets 429 with Retry-After, so the queue is never unbounded), request_timeout_s (a request still
+unfinished is cancelled: 504, or an error event in a stream), max_input_tokens and max_request_tokens
+(400, checked by the Engine serve() builds, with its max_batch_size on a request's decode rows), and api_key (401 without `Authorization: Bearer KEY` or `X-API-Key: KEY` on every route but
+/health). A client that disconnects cancels its request, which frees its decode slots at the engine's
+next step.
 
 Model work stays on one thread: serve() loads the model and drives the engine from the main thread
 and runs uvicorn's event loop in a second one (why: engine/scheduler.py, on OpenMP thread teams);
@@ -29,7 +34,6 @@ lets the requests in flight finish (at most request_timeout_s), then closes the 
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 import os
 import signal
@@ -38,14 +42,33 @@ import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
 
-from .errors import EncDecError, EngineClosedError, InvalidInputError, MissingDependencyError, RequestCancelledError
+from .errors import EncDecError, InvalidInputError, MissingDependencyError
 
 try:
     import anyio
     from fastapi import FastAPI, Request
-    from fastapi.responses import JSONResponse, Response
+    from fastapi.responses import JSONResponse, PlainTextResponse, Response
     from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+    from starlette.exceptions import HTTPException
     from starlette.responses import StreamingResponse
+
+    from .server_api import (
+        EXTRA_SCHEMAS,
+        GENERATE_BODY,
+        GENERATE_RESPONSES,
+        APIKey,
+        BodyRefused,
+        Disconnected,
+        Health,
+        error_body,
+        http_error,
+        internal_error,
+        parse_generate,
+        read_body,
+        refused_body,
+        status_of,
+        timeout_body,
+    )
 except ImportError as e:  # pragma: no cover  (the test extra installs them)
     raise MissingDependencyError(f"the HTTP server needs FastAPI, uvicorn and prometheus-client ({e}); install them "
                                  "with: pip install 'encdec_fast[serve]'") from None
@@ -59,18 +82,23 @@ class ServerLimits:
 
     max_queued: int = 256  # requests admitted at once; more get 429 + Retry-After
     request_timeout_s: float = 120.0  # per request, from admission to its last token
+    body_timeout_s: float = 10.0  # a request body must have arrived whole by then; else 408
     max_body_bytes: int = 1 << 20  # request body size
     max_input_tokens: int | None = None  # input length (None: the encoder's positions); passed to the Engine
+    max_request_tokens: int | None = 1 << 16  # decode rows x (input + output tokens) of one request; the Engine's
     api_key: str | None = None  # None: open (serve() reads ENCDEC_FAST_API_KEY when no key is given)
     retry_after_s: int = 1  # the Retry-After header of 429 and 503 answers
+    stalled_after_s: float = 30.0  # /health answers 503 "degraded" while an engine turn runs longer
 
     def __post_init__(self):
         for name in ("max_queued", "max_body_bytes", "retry_after_s"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise InvalidInputError(f"{name} must be a positive int, got {v!r}.")
-        if not self.request_timeout_s > 0:
-            raise InvalidInputError(f"request_timeout_s must be positive, got {self.request_timeout_s!r}.")
+        for name in ("request_timeout_s", "body_timeout_s", "stalled_after_s"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
+                raise InvalidInputError(f"{name} must be a positive number of seconds, got {v!r}.")
         if self.api_key == "":
             raise InvalidInputError("api_key is empty; pass a non-empty key, or none for an open server.")
 
@@ -94,7 +122,8 @@ class Metrics:
 
     def __init__(self, state: ServerState):
         r = self.registry = CollectorRegistry()
-        self.requests = Counter("encdec_fast_requests", "HTTP requests to /v1/generate, by status code", ["code"],
+        self.requests = Counter("encdec_fast_requests", "HTTP answers by status code: every answer of /v1/generate "
+                                "(499: the client went away), and the errors of every other route", ["code"],
                                 registry=r)
         self.tokens = Counter("encdec_fast_generated_tokens", "tokens generated for answered requests", registry=r)
         Gauge("encdec_fast_queue_depth", "requests admitted and not answered yet", registry=r).set_function(
@@ -120,43 +149,10 @@ def _engine_counts(state: ServerState):
     return s.requests_waiting, s.requests_running
 
 
-# -- errors ----------------------------------------------------------------------------------------
-def _status_of(exc: BaseException, refused: bool = False) -> int:
-    """refused: raised when the request was submitted (its input or arguments), not while it ran."""
-    if isinstance(exc, RequestCancelledError):
-        return 504  # only the server cancels a request whose client is still there: its time limit
-    if isinstance(exc, EngineClosedError):
-        return 503
-    if isinstance(exc, EncDecError) or (refused and isinstance(exc, (ValueError, TypeError))):
-        return 400
-    return 500
-
-
-def _error_body(exc: BaseException) -> dict:
-    return {"error": str(exc), "type": type(exc).__name__}
-
-
-def _refused_body(exc: BaseException) -> dict:
-    """The answer to a request refused when submitted: an encdec_fast error as it is; a TypeError or
-    ValueError from deeper down (an argument of the wrong JSON type) named as the request's fault."""
-    if isinstance(exc, EncDecError):
-        return _error_body(exc)
-    return {"error": f"invalid generate() arguments ({type(exc).__name__}: {exc}); check each argument's type "
-                     "(numbers for lengths and probabilities, lists of ints for token ids).",
-            "type": "InvalidInputError"}
-
-
-class _Timeout(Exception):
-    pass
-
-
-def _timeout_body(limits: ServerLimits) -> dict:
-    return {"error": f"the request did not finish within request_timeout_s={limits.request_timeout_s:g} s and was "
-                     "cancelled; ask for fewer tokens, or raise the limit (--request-timeout).",
-            "type": "RequestTimeout"}
-
-
 # -- the app -----------------------------------------------------------------------------------------
+_UNCOUNTED = "encdec_fast.uncounted"  # a scope key: this answer is not counted by _Counted
+
+
 def create_app(engine=None, *, limits: ServerLimits | None = None, close_engine: bool = False):
     """The FastAPI app over an encdec_fast Engine.
 
@@ -173,126 +169,138 @@ def create_app(engine=None, *, limits: ServerLimits | None = None, close_engine:
         if state.close_engine and state.engine is not None:
             await asyncio.to_thread(state.engine.close)
 
-    app = FastAPI(title="encdec_fast", lifespan=lifespan)
+    app = FastAPI(title="encdec_fast", lifespan=lifespan,
+                  description="Generation over an EncoderDecoderModel checkpoint: encdec_fast's Engine over HTTP.")
     app.state.encdec = state
     retry = {"Retry-After": str(limits.retry_after_s)}
+    app.add_exception_handler(HTTPException, http_error)
+    app.add_exception_handler(Exception, internal_error)
 
-    def refuse(status: int, body: dict, headers=None):
-        state.metrics.requests.labels(str(status)).inc()
-        return JSONResponse(body, status_code=status, headers=headers)
-
-    @app.get("/health")
-    async def health():
+    @app.get("/health", response_model=Health, responses={503: {"model": Health, "description": "loading, degraded "
+                                                                "(the engine is stuck in one turn) or shutting down"}})
+    async def health(request: Request):
+        request.scope[_UNCOUNTED] = True  # a state, not a failed request
         if state.shutting_down:
             return JSONResponse({"status": "shutting down"}, status_code=503)
         if state.engine is None:
             return JSONResponse({"status": "loading"}, status_code=503, headers=retry)
-        return {"status": "ready"}
+        stalled = state.engine.stats.stalled_s
+        if stalled > limits.stalled_after_s:
+            why = (f"the engine's current turn has run {stalled:.1f} s, more than stalled_after_s="
+                   f"{limits.stalled_after_s:g} s: a request is holding it; ready again when the turn ends")
+            return JSONResponse({"status": "degraded", "stalled_s": round(stalled, 3), "reason": why}, status_code=503,
+                                headers=retry)
+        return JSONResponse({"status": "ready"})
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse,
+             responses={200: {"description": "Prometheus' text format", "content": {"text/plain": {}}}})
     async def metrics():
         return Response(state.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
-    @app.post("/v1/generate")
+    @app.post("/v1/generate", response_model=None, responses=GENERATE_RESPONSES, openapi_extra=GENERATE_BODY)
     async def generate(request: Request):
+        """Generates for one input (see GenerateRequest; with "stream": true the answer is server-sent events)."""
         engine = state.engine
         if engine is None or state.shutting_down:
             why = "the model is still loading" if engine is None else "the server is shutting down"
-            return refuse(503, {"error": f"{why}; retry shortly.", "type": "Unavailable"}, retry)
+            return JSONResponse({"error": f"{why}; retry shortly.", "type": "Unavailable"}, 503, retry)
+        try:  # the whole body, and valid, before it takes a place in the queue
+            inp, stream, kwargs = parse_generate(await read_body(request, limits.max_body_bytes, limits.body_timeout_s))
+        except BodyRefused as e:
+            return JSONResponse(e.body, e.status, e.headers)
+        except InvalidInputError as e:
+            return JSONResponse(error_body(e), 400)
+        except Disconnected:
+            return Response(status_code=499)  # nobody to answer; nginx's code for it
         if state.in_flight >= limits.max_queued:
-            return refuse(429, {"error": f"the server has max_queued={limits.max_queued} requests in flight; retry "
-                                         "after the Retry-After seconds, or raise the limit (--max-queued).",
-                                "type": "QueueFull"}, retry)
+            why = (f"the server has max_queued={limits.max_queued} requests in flight; retry after the Retry-After "
+                   "seconds, or raise the limit (--max-queued).")
+            return JSONResponse({"error": why, "type": "QueueFull"}, 429, retry)
         state.in_flight += 1
         streaming = False
         try:
-            try:
-                body = await _read_body(request, limits.max_body_bytes)
-            except _BodyTooLarge as e:
-                return refuse(413, {"error": str(e), "type": "BodyTooLarge"})
-            try:
-                inp, stream, kwargs = _parse(body)
-            except InvalidInputError as e:
-                return refuse(400, _error_body(e))
             t0 = time.perf_counter()
             if stream:
                 try:
                     token_stream = engine.stream(inp, **kwargs)
                 except Exception as e:  # noqa: BLE001  a bad input or argument, or a closed engine
-                    return refuse(_status_of(e, refused=True), _refused_body(e))
+                    return JSONResponse(refused_body(e), status_of(e, refused=True))
                 streamed = _StreamedRequest(state, engine, token_stream, t0, isinstance(inp, str))
                 streaming = True  # the response answers and counts from here on
+                request.scope[_UNCOUNTED] = True
                 return _EventStream(streamed.events(), streamed.close, media_type="text/event-stream",
                                     headers={"Cache-Control": "no-cache"})
             fut = engine.submit(inp, **kwargs)
             if fut.done() and fut.exception() is not None:  # refused when submitted
-                return refuse(_status_of(fut.exception(), refused=True), _refused_body(fut.exception()))
+                return JSONResponse(refused_body(fut.exception()), status_of(fut.exception(), refused=True))
             try:
                 res = await _wait(request, fut, limits.request_timeout_s)
             except _Timeout:
-                return refuse(504, _timeout_body(limits))
-            except _Disconnected:
-                state.metrics.requests.labels("499").inc()  # nobody to answer; nginx's code for it
+                return JSONResponse(timeout_body(limits.request_timeout_s), 504)
+            except Disconnected:
                 return Response(status_code=499)
             except Exception as e:  # noqa: BLE001  the request failed in the engine
-                return refuse(_status_of(e), _error_body(e))
+                return JSONResponse(error_body(e), status_of(e))
             state.metrics.latency.observe(time.perf_counter() - t0)
             state.metrics.tokens.inc(res.num_generated)
-            state.metrics.requests.labels("200").inc()
-            return {"output_ids": res.output_ids, "text": res.text, "num_generated": res.num_generated}
+            return JSONResponse({"output_ids": res.output_ids, "text": res.text, "num_generated": res.num_generated})
         finally:
             if not streaming:
                 state.in_flight -= 1
 
-    app.add_middleware(_APIKey, key=limits.api_key)
+    base_openapi = app.openapi
+
+    def openapi():
+        """FastAPI's schema, plus GenerateRequest (the route reads its body itself, so FastAPI does not list
+        it) and StreamChunk (the data of a stream's events)."""
+        if app.openapi_schema is None:
+            schemas = base_openapi()["components"]["schemas"]
+            for model in EXTRA_SCHEMAS:
+                schemas[model.__name__] = model.model_json_schema(ref_template="#/components/schemas/{model}")
+        return app.openapi_schema
+
+    app.openapi = openapi
+    app.add_middleware(APIKey, key=limits.api_key)
+    app.add_middleware(_Counted, counter=state.metrics.requests)  # outside APIKey: its 401s count too
     return app
 
 
-class _BodyTooLarge(Exception):
+class _Counted:
+    """ASGI middleware: encdec_fast_requests_total{code} counts every answer of /v1/generate and every
+    error (status >= 400) of the other routes, the API key's 401 and 404/405 included. A stream counts
+    itself when it ends (by how it ended), and /health's 503s (states) are not counted: both mark their
+    scope _UNCOUNTED. A route that raises is counted 500 (the app's error handler answers it)."""
+
+    def __init__(self, app, counter):
+        self.app, self.counter = app, counter
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        status = None
+
+        async def sending(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, sending)
+        except Exception:
+            status = status or 500
+            raise
+        finally:
+            if status is not None and not scope.get(_UNCOUNTED) and (status >= 400 or scope["path"] == "/v1/generate"):
+                self.counter.labels(str(status)).inc()
+
+
+class _Timeout(Exception):
     pass
-
-
-class _Disconnected(Exception):
-    pass
-
-
-async def _read_body(request, limit: int) -> bytes:
-    """The body, refused past limit bytes (by Content-Length before reading, or while reading)."""
-    size = request.headers.get("content-length")
-    if size is not None and size.isdigit() and int(size) > limit:
-        raise _BodyTooLarge(f"the request body has {int(size)} bytes, more than max_body_bytes={limit}; send a "
-                            "shorter input, or raise the limit (--max-body-bytes).")
-    chunks, n = [], 0
-    async for chunk in request.stream():
-        n += len(chunk)
-        if n > limit:
-            raise _BodyTooLarge(f"the request body is longer than max_body_bytes={limit}; send a shorter input, or "
-                                "raise the limit (--max-body-bytes).")
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
-def _parse(body: bytes):
-    """-> (input, stream, generate kwargs) of a /v1/generate body; InvalidInputError when malformed."""
-    try:
-        obj = json.loads(body)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise InvalidInputError(f"the request body is not valid JSON ({e}); send an object like "
-                                '{"input": "some text", "max_new_tokens": 32}.') from None
-    if not isinstance(obj, dict) or "input" not in obj:
-        raise InvalidInputError('the request body must be a JSON object with an "input" field (a string, or a list '
-                                'of token ids), plus generate() arguments, e.g. {"input": [101, 2023, 102]}.')
-    obj = dict(obj)
-    inp, stream = obj.pop("input"), obj.pop("stream", False)
-    if not isinstance(stream, bool):
-        raise InvalidInputError(f'"stream" must be true or false, got {stream!r}.')
-    if not isinstance(inp, str) and not (isinstance(inp, list) and all(type(i) is int for i in inp)):
-        raise InvalidInputError('"input" must be a string or a list of integer token ids (one sequence).')
-    return inp, stream, obj
 
 
 async def _wait(request, fut, timeout: float):
-    """The future's result; cancels the request if the client disconnects (_Disconnected) or the
+    """The future's result; cancels the request if the client disconnects (Disconnected) or the
     time limit passes (_Timeout) first."""
     result = asyncio.ensure_future(asyncio.wrap_future(fut))
     gone = asyncio.ensure_future(_until_disconnect(request))
@@ -304,7 +312,7 @@ async def _wait(request, fut, timeout: float):
         return result.result()
     fut.cancel()  # frees the request's decode slots
     result.cancel()
-    raise _Disconnected() if gone in done else _Timeout()
+    raise Disconnected() if gone in done else _Timeout()
 
 
 async def _until_disconnect(request):
@@ -340,11 +348,11 @@ class _StreamedRequest:
                 break
             except asyncio.TimeoutError:
                 self.status = "504"
-                yield _sse(_timeout_body(limits), "error")
+                yield _sse(timeout_body(limits.request_timeout_s), "error")
                 return
             except Exception as e:  # noqa: BLE001  the request failed in the engine
-                self.status = str(_status_of(e))
-                yield _sse(_error_body(e), "error")
+                self.status = str(status_of(e))
+                yield _sse(error_body(e), "error")
                 return
             if first:
                 metrics.first_token.observe(time.perf_counter() - self.t0)
@@ -423,32 +431,6 @@ class _EventStream(StreamingResponse):
             self.on_end()
 
 
-class _APIKey:
-    """ASGI middleware: every HTTP route but /health needs the key (Authorization: Bearer KEY, or
-    X-API-Key: KEY), compared in constant time."""
-
-    def __init__(self, app, key: str | None):
-        self.app, self.key = app, key.encode() if key else None
-
-    async def __call__(self, scope, receive, send):
-        if self.key is None or scope["type"] != "http" or scope["path"] == "/health":
-            return await self.app(scope, receive, send)
-        headers = dict(scope["headers"])
-        auth = headers.get(b"authorization", b"")
-        given = auth[7:].strip() if auth[:7].lower() == b"bearer " else headers.get(b"x-api-key")
-        if given is None:
-            why = "this server needs an API key: send the header 'Authorization: Bearer KEY' (or 'X-API-Key: KEY')."
-        elif not hmac.compare_digest(given, self.key):
-            why = "the API key is wrong; send the key the server was started with (--api-key or ENCDEC_FAST_API_KEY)."
-        else:
-            return await self.app(scope, receive, send)
-        body = json.dumps({"error": why, "type": "Unauthorized"}).encode()
-        await send({"type": "http.response.start", "status": 401,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                                (b"www-authenticate", b"Bearer")]})
-        await send({"type": "http.response.body", "body": body})
-
-
 # -- running it ---------------------------------------------------------------------------------------
 def warm_up(engine):
     """One short greedy request through the engine (first calls, buffers, CUDA graphs of small shapes)."""
@@ -483,7 +465,8 @@ def serve(path, *, host: str = "127.0.0.1", port: int = 8000, limits: ServerLimi
                               "pick another --port.")
         model = encdec_fast.load(path, device=device, dtype=dtype)
         engine = encdec_fast.Engine(model, max_batch_size=max_batch_size, max_batch_tokens=max_batch_tokens,
-                                    max_input_tokens=limits.max_input_tokens)
+                                    max_input_tokens=limits.max_input_tokens,
+                                    max_request_tokens=limits.max_request_tokens)
         try:
             warm_up(engine)
             app.state.encdec.ready(engine)

@@ -8,7 +8,7 @@ judge a checkpoint's config.json or generation_config.json.
 
   token_ids, attention_mask, labels, encoder_outputs    model inputs (dtype, shape, vocabulary, positions)
   GENERATION_FIELDS, generation_values, generation       generate() arguments: type, range, cross-checks
-  special_id, generation_length                          ids against the vocabulary, lengths against positions
+  bad_words_ids, special_id, generation_length           ids against the vocabulary, lengths against positions
   CONFIG_FIELDS, config_fields                           config.json fields of any family: type and range
   number, path                                           single arguments (load, Engine, CLI)
   decode_memory                                          a decode state against the device's free memory
@@ -40,6 +40,7 @@ class Field:
     hi: float | None = None  # upper bound, inclusive
     lo_open: bool = False
     also: tuple = ()  # other accepted values (early_stopping="never")
+    cap: int | None = None  # ints (each id): largest magnitude taken (an int64 limit, not part of the meaning)
 
     def describe(self) -> str:
         what = {"int": "an int", "real": "a number", "bool": "True or False", "ids": "an int or a non-empty list of ints"}
@@ -74,17 +75,46 @@ def number(value, name: str, field: Field, err=InvalidInputError, fix: str = "")
     elif k == "int":
         ok = _is_int(value) and _in_range(value, field)
     elif k == "real":
-        ok = (isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+        ok = (isinstance(value, numbers.Real) and not isinstance(value, bool) and _finite(value)
               and _in_range(value, field))
     else:  # ids
         ids = value if isinstance(value, (list, tuple)) else [value]
         ok = len(ids) > 0 and all(_is_int(i) and _in_range(i, field) for i in ids)
     if not ok:
-        raise err(f"{name} must be {field.describe()}, got {value!r}" + (f"; {fix}" if fix else "."))
+        raise err(f"{name} must be {field.describe()}, got {_short(value)}" + (f"; {fix}" if fix else "."))
+    ints = value if isinstance(value, (list, tuple)) else [value]  # an int field's value, or each id
+    if field.cap is not None and any(abs(i) > field.cap for i in ints):
+        signed = field.lo is None or field.lo < 0
+        most = f"{'of magnitude ' if signed else 'and '}at most {_power(field.cap)}"
+        raise err(f"{name} must be {field.describe()} {most}, got {_short(value)}" + (f"; {fix}" if fix else "."))
     return value
 
 
+def _power(v: int) -> str:
+    """2**63 - 1 reads better than 9223372036854775807."""
+    k = v.bit_length()
+    return f"2**{k} - 1" if v == 2**k - 1 and k > 16 else str(v)
+
+
+def _short(value) -> str:
+    """repr(value), cut to a readable length (a request can carry a 1000-digit number)."""
+    r = repr(value)
+    return r if len(r) <= 80 else f"{r[:60]}... ({len(r)} characters)"
+
+
+def _finite(v) -> bool:
+    try:
+        return math.isfinite(v)
+    except OverflowError:  # an int too large for a float
+        return False
+
+
 SEED = Field("int", 0, 2**64 - 1)  # what torch.Generator.manual_seed takes
+# Upper bounds that keep every number an int64 on the device: a count (a length, a number of beams, a
+# top_k) beyond any position table or vocabulary, so that sums with lengths stay far inside int64; a
+# token id within int64 (whether it is inside the vocabulary is checked where the id is used).
+COUNT_MAX = 2**31 - 1
+ID_MAX = 2**63 - 1
 
 
 def path(value, name: str):
@@ -217,14 +247,14 @@ def encoder_outputs(x, width: int, name: str = "encoder_outputs") -> torch.Tenso
 # generation arguments (kwargs, a GenerationConfig, the checkpoint's generation_config.json)
 # ------------------------------------------------------------------------------------------------
 GENERATION_FIELDS = {
-    "max_length": Field("int", 1),
-    "max_new_tokens": Field("int", 1),
-    "min_length": Field("int", 0),
-    "min_new_tokens": Field("int", 0),
-    "num_beams": Field("int", 1),
-    "num_return_sequences": Field("int", 1),
-    "no_repeat_ngram_size": Field("int", 0),
-    "top_k": Field("int", 0),
+    "max_length": Field("int", 1, cap=COUNT_MAX),
+    "max_new_tokens": Field("int", 1, cap=COUNT_MAX),
+    "min_length": Field("int", 0, cap=COUNT_MAX),
+    "min_new_tokens": Field("int", 0, cap=COUNT_MAX),
+    "num_beams": Field("int", 1, cap=COUNT_MAX),
+    "num_return_sequences": Field("int", 1, cap=COUNT_MAX),
+    "no_repeat_ngram_size": Field("int", 0, cap=COUNT_MAX),
+    "top_k": Field("int", 0, cap=COUNT_MAX),
     "temperature": Field("real", 0),
     "top_p": Field("real", 0, 1),
     "repetition_penalty": Field("real", 0, lo_open=True),
@@ -235,12 +265,13 @@ GENERATION_FIELDS = {
     "return_dict_in_generate": Field("bool"),
     "output_scores": Field("bool"),
     "output_logits": Field("bool"),
-    # types only: the ids actually used are checked against the vocabulary by special_id()
-    "pad_token_id": Field("int"),
-    "bos_token_id": Field("int"),
-    "eos_token_id": Field("ids"),
-    "decoder_start_token_id": Field("ids"),
-    "forced_eos_token_id": Field("ids", 0),
+    # types and int64 only: the ids used are checked against the vocabulary by special_id() (eos ids
+    # outside it are allowed, as in transformers: they never stop a sequence)
+    "pad_token_id": Field("int", cap=ID_MAX),
+    "bos_token_id": Field("int", cap=ID_MAX),
+    "eos_token_id": Field("ids", cap=ID_MAX),
+    "decoder_start_token_id": Field("ids", cap=ID_MAX),
+    "forced_eos_token_id": Field("ids", 0, cap=ID_MAX),
 }
 
 
@@ -252,18 +283,36 @@ def generation_values(values: Mapping, source: str = "", err=InvalidInputError, 
 
 
 def generation(gc, vocab_size: int):
-    """What a resolved GenerationConfig must satisfy beyond single fields (the logits processors rely on it)."""
+    """What a resolved GenerationConfig must satisfy beyond single fields (the logits processors rely on
+    it): sampling temperature, and the ids the processors write or ban inside the vocabulary."""
     if gc.do_sample and gc.temperature is not None and not gc.temperature > 0:
         raise InvalidInputError(f"temperature must be a strictly positive float when sampling, got {gc.temperature!r}; "
                                 "for greedy decoding set do_sample=False.")
-    words = gc.bad_words_ids
-    if words is not None:
-        if (not isinstance(words, (list, tuple)) or not words
-                or any(not isinstance(w, (list, tuple)) or not w or not all(_is_int(i) for i in w) for w in words)):
-            raise InvalidInputError(f"bad_words_ids must be a non-empty list of non-empty lists of token ids, got {words!r}.")
-        for w in words:
-            if any(i < 0 or i >= vocab_size for i in w):
-                raise InvalidInputError(f"bad_words_ids holds {list(w)}, outside the vocabulary [0, {vocab_size}).")
+    if (gc.num_beams or 1) > 1 and gc.length_penalty is None:  # beam scores divide by length ** length_penalty
+        raise InvalidInputError("length_penalty is None but beam search needs a number; pass one (1.0 is the default) "
+                                "or leave it out.")
+    bad_words_ids(gc.bad_words_ids, vocab_size)
+    forced = gc.forced_eos_token_id
+    if forced is not None:  # the step sets these ids' scores: each must be a column of the logits
+        forced = forced.tolist() if isinstance(forced, torch.Tensor) else forced
+        for i in forced if isinstance(forced, (list, tuple)) else [forced]:
+            special_id(i, "forced_eos_token_id", vocab_size, "pass forced_eos_token_id=None or a token id of this "
+                       "decoder to generate() (or fix the checkpoint's generation_config.json)")
+
+
+def bad_words_ids(words, vocab_size: int | None = None):
+    """None, or a non-empty list of non-empty lists of token ids (inside [0, vocab_size) when given)."""
+    if words is None:
+        return words
+    if (not isinstance(words, (list, tuple)) or not words
+            or any(not isinstance(w, (list, tuple)) or not w or not all(_is_int(i) for i in w) for w in words)):
+        raise InvalidInputError(f"bad_words_ids must be a non-empty list of non-empty lists of token ids, got "
+                                f"{_short(words)}.")
+    for w in words:
+        if any(i < 0 or (vocab_size is not None and i >= vocab_size) for i in w):
+            raise InvalidInputError(f"bad_words_ids holds {_short(list(w))}, outside the vocabulary "
+                                    f"[0, {vocab_size or 'vocab_size'}).")
+    return words
 
 
 def special_id(value: int, name: str, vocab_size: int, fix: str = "") -> int:

@@ -5,10 +5,8 @@ code and message; a client that goes away frees its decode slot; /health and /me
 `encdec-fast serve` in a subprocess shuts down cleanly on SIGTERM with requests in flight."""
 
 import asyncio
-import contextlib
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -23,21 +21,27 @@ import encdec_fast
 
 httpx = pytest.importorskip("httpx", reason="the test extra installs httpx")
 uvicorn = pytest.importorskip("uvicorn", reason="the test extra installs uvicorn")
+from serving import (  # noqa: E402
+    checkpoint_with_tokenizer,
+    driving,
+    free_port,
+    metric,
+    post,
+    running,
+    solo,
+    sse,
+    wait_for,
+)
+
 from encdec_fast.server import ServerLimits, create_app  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("quiet", "one_torch_thread")
-VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"w{i}" for i in range(92)]  # 97 = the model's vocab
 
 
 @pytest.fixture(scope="module")
 def ckpt(make_ckpt, tmp_path_factory):
-    """A tiny bert2gpt2 (1024 decoder positions) with a BERT tokenizer saved beside it (for text inputs)."""
-    import transformers as T
-
-    path = tmp_path_factory.mktemp("served") / "ckpt"
-    shutil.copytree(make_ckpt("bert", "gpt2", dec_kw={"positions": 1024}), path)  # long budgets for the slow tests
-    T.BertTokenizer(vocab={w: i for i, w in enumerate(VOCAB)}).save_pretrained(path)
-    return path
+    """A tiny bert2gpt2 (1024 decoder positions: long budgets for the slow tests) with a BERT tokenizer."""
+    return checkpoint_with_tokenizer(make_ckpt, tmp_path_factory.mktemp("served") / "ckpt", dec_kw={"positions": 1024})
 
 
 @pytest.fixture(scope="module")
@@ -51,80 +55,10 @@ def engine(model):
         yield eng
 
 
-@contextlib.contextmanager
-def running(app):
-    """uvicorn serving app on 127.0.0.1 at a free port, in a thread -> base URL."""
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="on"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    t0 = time.monotonic()
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() - t0 < 30, "the server did not start"
-        time.sleep(0.01)
-    port = server.servers[0].sockets[0].getsockname()[1]
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(30)
-        assert not thread.is_alive()
-
-
 @pytest.fixture(scope="module")
 def url(engine):
     with running(create_app(engine, limits=ServerLimits(max_body_bytes=4096))) as base:
         yield base
-
-
-def driving(engine, fn):
-    """fn() in a thread while this thread drives the engine, as serve() does: the model's work stays on
-    the thread that has run torch so far (engine/scheduler.py says why that matters on a CPU)."""
-    done, out = threading.Event(), {}
-
-    def run():
-        try:
-            out["value"] = fn()
-        except BaseException as e:  # noqa: BLE001  re-raised below
-            out["error"] = e
-        finally:
-            done.set()
-
-    threading.Thread(target=run, daemon=True).start()
-    engine.drive(until=done.is_set)
-    done.wait()
-    if "error" in out:
-        raise out["error"]
-    return out["value"]
-
-
-def solo(model, ids, **kw):
-    return model.generate(torch.tensor([ids]), **kw)[0].tolist()
-
-
-def sse(lines):
-    """(event, data) pairs of a server-sent event stream's lines."""
-    out, event = [], "message"
-    for line in lines:
-        if line.startswith("event: "):
-            event = line[7:]
-        elif line.startswith("data: "):
-            out.append((event, json.loads(line[6:])))
-            event = "message"
-    return out
-
-
-async def post(client, body):
-    """-> (status, JSON answer); a stream's events are folded into its done event plus "chunks"."""
-    if not body.get("stream"):
-        r = await client.post("/v1/generate", json=body)
-        return r.status_code, r.json()
-    async with client.stream("POST", "/v1/generate", json=body) as r:
-        if r.headers["content-type"].startswith("application/json"):
-            return r.status_code, json.loads(await r.aread())
-        events = sse([line async for line in r.aiter_lines()])
-    assert [e for e, _ in events[:-1]] == ["message"] * (len(events) - 1), events
-    kind, last = events[-1]
-    return r.status_code, {**last, "event": kind, "chunks": [d for _, d in events[:-1]]}
 
 
 def test_100_concurrent_clients_get_model_generates_tokens(url, model, engine):
@@ -273,26 +207,6 @@ def test_health_waits_for_the_engine_and_metrics_count(engine):
     assert f"encdec_fast_generated_tokens_total {float(sum(n))}" in text
     assert "encdec_fast_request_seconds_count 3.0" in text and "encdec_fast_queue_depth 0.0" in text
     assert 'encdec_fast_engine_requests{state="waiting"} 0.0' in text
-
-
-def metric(base, name, headers=None):
-    for line in httpx.get(base + "/metrics", timeout=60, headers=headers).text.splitlines():
-        if line.startswith(name + " "):
-            return float(line.split()[1])
-    return None
-
-
-def wait_for(cond, timeout=60):
-    t0 = time.monotonic()
-    while not cond():
-        assert time.monotonic() - t0 < timeout, "timed out"
-        time.sleep(0.02)
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_serve_command_shuts_down_cleanly_on_sigterm(ckpt, model, tmp_path):

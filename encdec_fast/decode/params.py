@@ -14,6 +14,7 @@ request's settings.
 from __future__ import annotations
 
 import copy
+import functools
 import warnings
 from dataclasses import dataclass
 
@@ -44,6 +45,9 @@ OFF_VALUES = {
 }
 # model kwargs (what GenerationConfig.update leaves over) that we take; token_type_ids go to the encoder
 MODEL_KWARGS = ("decoder_input_ids", "token_type_ids")
+# model kwargs of transformers' generate() that we refuse by name (UnsupportedArgumentError)
+OTHER_MODEL_KWARGS = ("decoder_attention_mask", "encoder_outputs", "past_key_values", "inputs_embeds",
+                      "decoder_inputs_embeds", "head_mask", "decoder_head_mask", "cross_attn_head_mask")
 
 
 @dataclass(frozen=True)
@@ -124,11 +128,33 @@ def _refuse(names, where: str):
             "output_scores/output_logits. Use transformers' generate() for the rest.")
 
 
+def _known_kwargs(kwargs: dict) -> dict:
+    """kwargs without unknown names set to None (transformers ignores those too); an unknown name with a
+    value is refused. Known: GenerationConfig fields (the keys of its to_dict(), private ones excepted),
+    transformers' generate() arguments and model kwargs. GenerationConfig.update() would set any other
+    attribute that exists on the object (to_dict, __dict__) and take allow_custom_entries as its own."""
+    known = _generation_fields().union(CALL_ARGS, MODEL_KWARGS, OTHER_MODEL_KWARGS)
+    unknown = [k for k in kwargs if k not in known and kwargs[k] is not None]
+    if unknown:
+        raise UnsupportedArgumentError(
+            f"generate() got unknown argument(s) {', '.join(sorted(map(repr, unknown)))}; it takes GenerationConfig "
+            "fields (max_new_tokens, num_beams, do_sample, ...) and input_ids/attention_mask/decoder_input_ids. "
+            "Check the spelling.")
+    return {k: v for k, v in kwargs.items() if k in known}
+
+
+@functools.cache
+def _generation_fields() -> frozenset:
+    from transformers import GenerationConfig
+
+    return frozenset(k for k in GenerationConfig().to_dict() if not k.startswith("_"))
+
+
 def resolve_config(model, generation_config=None, kwargs=None):
     """-> (GenerationConfig, model kwargs, has_default_max_length), as GenerationMixin resolves them."""
     from transformers import GenerationConfig
 
-    kwargs = dict(kwargs or {})
+    kwargs = _known_kwargs(dict(kwargs or {}))
     _refuse([k for k in CALL_ARGS if kwargs.get(k) not in (None, False)], "a transformers generate() argument")
     for k in CALL_ARGS:
         kwargs.pop(k, None)

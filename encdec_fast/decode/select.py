@@ -72,8 +72,8 @@ class RowConfig:
                 c.min_len = max(c.min_len, prompt_len + gc.min_new_tokens)
         if gc.forced_eos_token_id is not None:  # the last token of a max_length sequence is eos (BART)
             forced = gc.forced_eos_token_id
-            forced = [forced] if isinstance(forced, int) else list(forced)  # validate.py checked the ids
-            c.forced_eos, c.forced_at = [e for e in forced if e < vocab_size], gc.max_length - 1
+            forced = [forced] if isinstance(forced, int) else list(forced)  # in the vocabulary: validate.generation
+            c.forced_eos, c.forced_at = forced, gc.max_length - 1
         if c.do_sample:
             # beams keep one non-eos token beyond the eos ids, so a continuation always survives
             c.min_keep = (len(eos) + 1 if eos is not None else 2) if (gc.num_beams or 1) > 1 else 1

@@ -215,12 +215,16 @@ class Engine:
 
     @property
     def stats(self) -> EngineStats:
-        """A snapshot: requests, tokens generated, busy time (tokens_per_s = tokens / busy time)."""
+        """A snapshot: requests, tokens generated, busy time (tokens_per_s = tokens / busy time), and
+        stalled_s, how long the current turn has been running (the server's /health reads it)."""
         with self._out.lock:
             s = EngineStats(**vars(self._out.stats))
         sched = self._sched
         pool = sched.pool
-        s.busy_s, s.wall_s = sched.busy_s, time.perf_counter() - self._t0
+        now = time.perf_counter()
+        s.busy_s, s.wall_s = sched.busy_s, now - self._t0
+        started = sched.turn_started
+        s.stalled_s = now - started if started is not None else 0.0
         s.requests_waiting, s.requests_running = sched.counts()
         s.decode_steps = pool.steps
         s.mean_rows_per_step = pool.rows_stepped / pool.steps if pool.steps else 0.0

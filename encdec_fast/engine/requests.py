@@ -57,6 +57,9 @@ class EngineStats:
     wall_s: float = 0.0  # since the engine started
     decode_steps: int = 0
     mean_rows_per_step: float = 0.0
+    # how long the scheduler's current turn has been running (0 when idle or between turns): a turn
+    # normally lasts milliseconds (a few decode steps), so seconds here mean the engine is stuck in one
+    stalled_s: float = 0.0
 
     @property
     def tokens_per_s(self) -> float:

@@ -78,6 +78,7 @@ class Scheduler:
                                on_free=self.free_rows.update)
         self.busy_s = 0.0
         self.turn_thread = None  # the thread inside a turn
+        self.turn_started = None  # perf_counter() when the turn now running (with work) began; None between turns
         self.thread = threading.Thread(target=self._run, name="encdec_fast-engine", daemon=True)
         with _RUNNING_LOCK:
             _RUNNING.add(self)
@@ -169,7 +170,7 @@ class Scheduler:
             return "stop"
         if not self._has_work():
             return "idle"
-        t0 = time.perf_counter()
+        t0 = self.turn_started = time.perf_counter()
         self.turn_thread = threading.current_thread()
         try:
             with torch.inference_mode():
@@ -185,7 +186,7 @@ class Scheduler:
                 self.fail(r, e)
             raise
         finally:
-            self.turn_thread = None
+            self.turn_thread = self.turn_started = None
             self.busy_s += time.perf_counter() - t0
         return "busy"
 
