@@ -172,7 +172,8 @@ def test_relative_links_point_at_files_and_headings_that_exist():
     for page in PAGES:
         if not page.exists():
             continue
-        text = re.sub(r"```.*?```", "", page.read_text(encoding="utf-8"), flags=re.DOTALL)  # links in code are not links
+        # links inside code blocks are not links
+        text = re.sub(r"```.*?```", "", page.read_text(encoding="utf-8"), flags=re.DOTALL)
         for target in _LINK.findall(text):
             if re.match(r"[a-z]+:", target):
                 continue
