@@ -165,12 +165,15 @@ def merge_criteria(gc, eos, pad, custom, tokenizer) -> tuple[tuple, bool]:
 
 
 def first_hits(criteria, ids: torch.Tensor, start: int, scores=None) -> tuple[list[int], list[int]]:
-    """Where the criteria first fire on rows of ids (n, t): each length L in start..t is checked as
-    transformers checks it after the step that made L tokens. -> (row indices, their lengths)."""
+    """Where any of the criteria (StoppingCriteria) first fires on rows of ids (n, t): each length L in
+    start..t is checked as transformers checks it after the step that made L tokens. -> (row indices,
+    their lengths)."""
     n, t = ids.shape
     first = [0] * n
     for L in range(start, t + 1):
-        hit = criteria(ids[:, :L], scores)
+        hit = torch.zeros(n, dtype=torch.bool, device=ids.device)
+        for c in criteria:
+            hit = hit | c(ids[:, :L], scores).to(ids.device)
         for i in hit.nonzero().flatten().tolist():
             first[i] = first[i] or L
     rows = [i for i in range(n) if first[i]]
