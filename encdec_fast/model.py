@@ -403,11 +403,6 @@ class EncDecModel(nn.Module):
         """transformers' generate(): same arguments (attention_mask as a keyword), same tokens."""
         from .decode.search import generate
 
-        if kwargs.get("encoder_outputs") is not None:
-            raise UnsupportedArgumentError(
-                "generate(encoder_outputs=...) is not supported: generate() runs the encoder itself, once, on the "
-                "real tokens of input_ids; pass input_ids and attention_mask instead (forward() takes "
-                "encoder_outputs=).")
         if "inputs" in kwargs and input_ids is None:
             input_ids = kwargs.pop("inputs")
         attention_mask = kwargs.pop("attention_mask", None)

@@ -475,8 +475,9 @@ def test_encoder_outputs_from_get_encoder_as_in_transformers(pair):
                            labels=dec)
     assert rel_err(d.logits, dec_want.logits) < 1e-4 and abs(d.loss.item() - dec_want.loss.item()) < 1e-4
     assert isinstance(ours.get_encoder()(**batch, return_dict=False), tuple)
-    with pytest.raises(UnsupportedArgumentError, match=r"encoder_outputs=\.\.\.\) is not supported"):
-        ours.generate(encoder_outputs=enc, attention_mask=mask, max_new_tokens=3)
+    with torch.no_grad():  # transformers' idiom: generate() from the encoder's output
+        gen_want = ref.generate(encoder_outputs=ref.get_encoder()(**batch), attention_mask=mask, max_new_tokens=5)
+    assert torch.equal(ours.generate(encoder_outputs=enc, attention_mask=mask, max_new_tokens=5), gen_want)
     with pytest.raises(InvalidInputError, match="encoder_hidden_states"):
         ours.get_decoder()(input_ids=dec)
 
