@@ -8,6 +8,7 @@ judge a checkpoint's config.json or generation_config.json.
 
   token_ids, attention_mask, labels, encoder_outputs    model inputs (dtype, shape, vocabulary, positions)
   GENERATION_FIELDS, generation_values, generation       generate() arguments: type, range, cross-checks
+  stop_strings                                           stop strings (generate()'s stop_strings, the Engine's stop)
   bad_words_ids, special_id, generation_length           ids against the vocabulary, lengths against positions
   CONFIG_FIELDS, config_fields                           config.json fields of any family: type and range
   number, path                                           single arguments (load, Engine, CLI)
@@ -259,6 +260,7 @@ GENERATION_FIELDS = {
     "top_p": Field("real", 0, 1),
     "repetition_penalty": Field("real", 0, lo_open=True),
     "length_penalty": Field("real"),
+    "max_time": Field("real", 0, lo_open=True),
     "do_sample": Field("bool"),
     "early_stopping": Field("bool", also=("never",)),
     "use_cache": Field("bool"),
@@ -280,6 +282,15 @@ def generation_values(values: Mapping, source: str = "", err=InvalidInputError, 
     for name, field in GENERATION_FIELDS.items():
         if name in values:
             number(values[name], source + name, field, err, fix)
+
+
+def stop_strings(value, name: str) -> tuple[str, ...]:
+    """Stop strings: one non-empty string or a non-empty list of them -> a tuple."""
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, (list, tuple)) or not items or not all(isinstance(s, str) and s for s in items):
+        raise InvalidInputError(f"{name} must be a non-empty string or a non-empty list of non-empty strings, got "
+                                f"{value!r}.")
+    return tuple(items)
 
 
 def generation(gc, vocab_size: int):

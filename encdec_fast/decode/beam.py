@@ -109,7 +109,7 @@ class BeamGroup:
         self.done.zero_()
 
     def step(self, logits: torch.Tensor, seq: torch.Tensor, t: torch.Tensor, tables, spec, dops, *,
-             scores: torch.Tensor | None = None, draws=()) -> torch.Tensor:
+             scores: torch.Tensor | None = None, draws=(), ranked: bool = False, extra_hits=None) -> torch.Tensor:
         """One beam step for every active slot. logits (N, V): the decoder's logits of all decode rows,
         whose processed log-probs (tables, spec: decode/select.py) dops.select_beam (decode/ops.py) ranks;
         seq (N, Lc) the decode rows' tokens (written here: running beams take their parents' tokens
@@ -117,12 +117,18 @@ class BeamGroup:
         draws: beam sampling, [(slots, generator)]: each entry's slots (a slice or a list of slot indices)
         draw their candidates in one multinomial with that generator (None: torch's global one), from
         scores (N, V), the processed log-probs (read only then); the other slots take the top K.
+        ranked: the top K are taken from `scores` (processed on the host by the caller's processors) instead
+        of select_beam's own processing of the logits. extra_hits(candidate tokens (R, K, Lc), scores) ->
+        (R, K) bool: candidates that stop besides eos and max_length (the caller's stopping criteria).
         Returns parents (N,) long: decode row n continues row parents[n] (n itself outside beams),
         for the caller to move the cache and per-row state."""
         rows = self.rows  # (R, nb)
         live = self.active & ~self.done  # a finished request waits, unchanged, for its caller
         cur = t[rows[:, 0]].clamp(max=seq.shape[1] - 1)  # (R,) tokens in each slot's running beams
-        top_lp, top_idx = dops.select_beam(logits, seq, t, tables, spec, self.running_scores, self.K)
+        if ranked:
+            top_lp, top_idx = torch.topk(self._accumulated(scores, slice(None)), k=self.K)
+        else:
+            top_lp, top_idx = dops.select_beam(logits, seq, t, tables, spec, self.running_scores, self.K)
         for slots, generator in draws:
             self._draw(top_lp, top_idx, scores, slots, generator)
         V = logits.shape[1]
@@ -132,6 +138,8 @@ class BeamGroup:
         # which continuations stop: eos, or max_length reached
         hits = is_eos(tok.reshape(-1), tables.eos[rows[:, :1].expand(self.R, self.K).reshape(-1)]).view(self.R, self.K)
         hits = hits | (cur + 1 >= self.max_length)[:, None]
+        if extra_hits is not None:
+            hits = hits | extra_hits(top_seq, scores)
         parent_beam, new_seq = self._keep_running(top_lp, hits, src, top_seq, top_bidx, live)
         self._merge_finished(top_lp, hits, top_seq, top_bidx, cur, live)
         self._update_done(hits, cur, live)
@@ -146,10 +154,14 @@ class BeamGroup:
     def _draw(self, top_lp, top_idx, scores, slots, generator):
         """Beam sampling: the slots' K candidates drawn without replacement, in one multinomial as transformers
         draws a batch's, sorted by score, in place of their top K."""
-        acc = (scores[self.rows[slots]] + self.running_scores[slots, :, None]).flatten(1)  # (slots, nb * V)
+        acc = self._accumulated(scores, slots)
         idx = torch.multinomial(sampling_probs(acc), num_samples=self.K, generator=generator)
         lp, order = torch.gather(acc, 1, idx).sort(dim=-1, descending=True)
         top_lp[slots], top_idx[slots] = lp, idx.gather(-1, order)
+
+    def _accumulated(self, scores, slots):
+        """The slots' running scores plus each beam's processed log-probs: (slots, nb * V), index beam * V + token."""
+        return (scores[self.rows[slots]] + self.running_scores[slots, :, None]).flatten(1)
 
     def _extend(self, run_seq, src, tok, cur):
         """Each candidate's tokens (its parent's, then its token at cur) and beam indices (R, K, Lc)."""

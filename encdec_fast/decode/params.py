@@ -22,16 +22,18 @@ import torch
 
 from .. import validate
 from ..errors import InvalidInputError, UnsupportedArgumentError
+from . import host as host_mod
 from . import select as sel
 
-# generate() arguments of transformers that are not GenerationConfig fields; we implement none of them
-CALL_ARGS = ("logits_processor", "stopping_criteria", "prefix_allowed_tokens_fn", "assistant_model", "streamer",
-             "negative_prompt_ids", "negative_prompt_attention_mask", "custom_generate", "tokenizer",
-             "assistant_tokenizer", "trust_remote_code", "synced_gpus")
+# generate() arguments of transformers that are not GenerationConfig fields: those that run on the host
+# (decode/host.py), and those we do not implement
+HOST_ARGS = ("streamer", "logits_processor", "stopping_criteria", "tokenizer")
+CALL_ARGS = ("prefix_allowed_tokens_fn", "assistant_model", "negative_prompt_ids", "negative_prompt_attention_mask",
+             "custom_generate", "assistant_tokenizer", "trust_remote_code", "synced_gpus")
 
 # GenerationConfig fields we do not implement, with the values that leave them off
 OFF_VALUES = {
-    "max_time": (None,), "stop_strings": (None,), "use_mtp": (None, False), "min_p": (None,), "top_h": (None,),
+    "use_mtp": (None, False), "min_p": (None,), "top_h": (None,),
     "typical_p": (None, 1.0), "epsilon_cutoff": (None, 0.0), "eta_cutoff": (None, 0.0),
     "encoder_repetition_penalty": (None, 1.0), "renormalize_logits": (None, False), "forced_bos_token_id": (None,),
     "remove_invalid_values": (None, False), "exponential_decay_length_penalty": (None,),
@@ -58,7 +60,8 @@ class GenParams:
     processors' per-row settings. eos: the eos ids (None: no eos). pad: the padding id finished rows are
     fed. prefix: (B, P) decoder prefix tokens (decoder start, then decoder_input_ids). fill: what token
     buffers hold past the prefix (transformers' value, which processors may read). token_type_ids: for
-    the encoder, or None."""
+    the encoder, or None. host: what runs on the host (streamer, stopping criteria, the caller's logits
+    processors: decode/host.py), or None."""
 
     gc: object
     select: sel.RowConfig
@@ -67,6 +70,7 @@ class GenParams:
     prefix: torch.Tensor
     fill: int
     token_type_ids: object = None
+    host: host_mod.Host | None = None
 
     @property
     def max_length(self) -> int:
@@ -104,6 +108,8 @@ class GenParams:
 
 def resolve(model, generation_config=None, kwargs=None, *, batch: int = 1) -> GenParams:
     """The settings of a generate() call on `batch` inputs (see the module docstring)."""
+    kwargs = dict(kwargs or {})
+    call = {k: kwargs.pop(k) for k in HOST_ARGS if k in kwargs}
     gc, model_kwargs, has_default_max_length = resolve_config(model, generation_config, kwargs)
     V = model.cfg.decoder.vocab_size
     eos, pad, start = special_tokens(gc, batch, V)
@@ -111,8 +117,11 @@ def resolve(model, generation_config=None, kwargs=None, *, batch: int = 1) -> Ge
     P = prefix.shape[1]
     prepare_lengths(model, gc, has_default_max_length, P)
     select = sel.RowConfig.from_generation_config(gc, prompt_len=P, eos=eos, pad=pad, vocab_size=V)
+    rows = batch * max(gc.num_beams or 1, gc.num_return_sequences or 1)
+    host = host_mod.resolve(gc, call, eos=eos, pad=pad, rows=rows)
     return GenParams(gc=gc, select=select, eos=tuple(eos) if eos is not None else None, pad=pad, prefix=prefix,
-                     fill=fill_token(gc.num_beams or 1, pad, eos), token_type_ids=model_kwargs.get("token_type_ids"))
+                     fill=fill_token(gc.num_beams or 1, pad, eos), token_type_ids=model_kwargs.get("token_type_ids"),
+                     host=host)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -125,7 +134,8 @@ def _refuse(names, where: str):
             f"generate() does not support {', '.join(names)} ({where}); encdec_fast implements greedy, sampling "
             "(temperature, top_k, top_p) and beam search with repetition_penalty, no_repeat_ngram_size, bad_words_ids, "
             "min_length/min_new_tokens, forced_eos_token_id, length_penalty, early_stopping, num_return_sequences, "
-            "output_scores/output_logits. Use transformers' generate() for the rest.")
+            "output_scores/output_logits, max_time, stop_strings, streamer, stopping_criteria and logits_processor. "
+            "Use transformers' generate() for the rest.")
 
 
 def _known_kwargs(kwargs: dict) -> dict:

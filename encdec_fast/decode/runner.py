@@ -10,7 +10,8 @@ A StepRunner owns one DecodeState and runs decode/step.py's forward and commit o
   eager, trimmed    (the CPU) rows past the highest busy one and token slots past the longest row are left
                     out (the state's host bounds), so that an idle tail costs nothing.
   eager, graph-shaped  every row over the whole buffers, as a captured step runs (model.graph_shapes:
-                    how the CPU tests exercise the CUDA path's shapes).
+                    how the CPU tests exercise the CUDA path's shapes; and on CUDA a plan with `host`,
+                    whose StepHooks run the caller's functions inside the step).
 
 Beam search moves caches physically: a step copies the filled prefix of the beam rows (as far as the
 host knows it); a captured step rounds it up to a multiple of 64 slots (one graph each).
@@ -58,19 +59,21 @@ class StepRunner:
         self.captures, self.capture_seconds = 0, 0.0
         self.last: step_fn.StepOutput | None = None  # the last step's logits and scores
 
-    def step(self, plan: StepPlan, *, choose=None, draws=()) -> step_fn.StepOutput:
+    def step(self, plan: StepPlan, *, choose=None, draws=(), hooks: step_fn.StepHooks | None = None
+             ) -> step_fn.StepOutput:
         """One step. choose: for a plan with `sample`, a function scores -> the plain rows' tokens, run
-        between forward and commit; draws: beam sampling's [(group, slots, generator)]. Returns the step's
-        output (its scores are the processed ones when plan.processed)."""
+        between forward and commit; draws: beam sampling's [(group, slots, generator)]; hooks: a plan with
+        `host` gets them (that step runs eagerly). Returns the step's output (its scores are the processed
+        ones when plan.processed)."""
         st = self.state
         move = st.filled if plan.beams else None
         if move is not None and self.graph_shaped:
             move = min(_round(move, SEQ_BUCKET), st.seq_cap)
-        if not self.capture:
+        if not self.capture or plan.host:
             extent = None if self.graph_shaped else (st.row_extent, st.filled)
-            out = step_fn.forward(st, plan, extent)
+            out = step_fn.forward(st, plan, extent, hooks)
             step_fn.commit(st, plan, out, choose(out.scores) if choose is not None else None, draws=draws,
-                           move_length=move)
+                           move_length=move, hooks=hooks)
         else:
             if st.epoch != self.epoch:  # a buffer was reallocated: every graph reads stale addresses
                 self.graphs.clear()

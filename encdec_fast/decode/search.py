@@ -13,6 +13,11 @@ The host looks at the finished flags only every `stop_check_every` steps (1 on C
 costs nothing and an extra step costs a whole step; 16 on GPUs). The state records the step at which
 every row had stopped, so a late look still returns what transformers returns: the steps run past it
 only append padding, which is cut off, and their scores are dropped.
+
+A call with a streamer, stopping criteria (max_time, stop_strings included) or its own logits processors
+runs them on the host (decode/host.py's HostLoop): it looks after every step, and its steps run eagerly
+where the host must act inside them. encoder_outputs= skips the encoder: the given states are packed (their
+padding positions, per attention_mask, dropped) and decoded as the encoder's own would be.
 """
 
 from __future__ import annotations
@@ -20,7 +25,10 @@ from __future__ import annotations
 import torch
 
 from .. import validate
+from ..errors import InvalidInputError
+from ..packing import Packing
 from . import select as sel
+from .host import HostLoop
 from .params import GenParams, resolve
 from .runner import StepRunner
 from .state import DecodeState
@@ -32,24 +40,39 @@ def generate(model, input_ids=None, attention_mask=None, generation_config=None,
              **kwargs):
     """transformers' EncoderDecoderModel.generate on an encdec_fast model; see the module docstring.
 
-    stop_check_every: host checks for finished sequences every this many steps (default 1 on CPU, 16 else)."""
-    ids = validate.token_ids(input_ids, "input_ids", model.cfg.encoder).to(model.device)
-    params = resolve(model, generation_config, kwargs, batch=ids.shape[0])
+    stop_check_every: host checks for finished sequences every this many steps (default 1 on CPU, 16 else).
+    encoder_outputs (a keyword): the encoder's output for the batch, (B, S, hidden) as a tensor, a tuple
+    holding it first or a ModelOutput (transformers' `encoder_outputs=model.get_encoder()(...)`); the
+    encoder is skipped, attention_mask marks the states' real positions, input_ids may be left out."""
+    enc = kwargs.pop("encoder_outputs", None)
+    ids = None
+    if enc is not None:
+        enc = validate.encoder_outputs(enc, model.cfg.encoder.hidden_size)
+    if enc is None or input_ids is not None:
+        ids = validate.token_ids(input_ids, "input_ids", model.cfg.encoder).to(model.device)
+    if enc is not None and ids is not None and ids.shape[0] != enc.shape[0]:
+        raise InvalidInputError(f"input_ids has batch {ids.shape[0]} but encoder_outputs {enc.shape[0]}; they must match "
+                                "(or leave input_ids out: the encoder does not run).")
+    params = resolve(model, generation_config, kwargs, batch=enc.shape[0] if enc is not None else ids.shape[0])
     if stop_check_every is None:
         stop_check_every = 1 if model.device.type == "cpu" else 16
     validate.number(stop_check_every, "stop_check_every", validate.Field("int", 1))
-    return run(model, ids, attention_mask, params, stop_check_every=stop_check_every)
+    return run(model, ids, attention_mask, params, stop_check_every=stop_check_every, encoder_states=enc)
 
 
 @torch.no_grad()
-def run(model, ids: torch.Tensor, attention_mask, params: GenParams, *, stop_check_every: int = 1):
-    """generate() with its settings resolved: ids (B, S) validated, on the model's device."""
-    runner, group = _start(model, ids, attention_mask, params)
-    B, P = ids.shape[0], params.prompt_len
+def run(model, ids: torch.Tensor | None, attention_mask, params: GenParams, *, stop_check_every: int = 1,
+        encoder_states: torch.Tensor | None = None):
+    """generate() with its settings resolved: ids (B, S) validated, on the model's device, or
+    encoder_states (B, S, hidden) validated, whose encoder output they are."""
+    runner, group, B = _start(model, ids, attention_mask, params, encoder_states)
+    P = params.prompt_len
     N = B * params.rows_per_input
+    host = HostLoop(params.host, runner.state, B, N, P, beams=group is not None) if params.host else None
     plan = StepPlan(spec=sel.Spec.of([params.select]), plain=group is None, beams=(group.key,) if group else (),
                     sample=params.do_sample and params.num_beams == 1,
-                    beam_sample=params.do_sample and params.num_beams > 1, keep_scores=params.output_scores)
+                    beam_sample=params.do_sample and params.num_beams > 1, keep_scores=params.output_scores,
+                    host=host is not None and host.inside)
     choose, draws = None, ()
     if plan.sample:  # one multinomial over the request's rows, as transformers draws
         def choose(scores):
@@ -60,14 +83,22 @@ def run(model, ids: torch.Tensor, attention_mask, params: GenParams, *, stop_che
         draws = [(group, slice(0, B), None)]
     scores, raw = [], []
     steps = params.max_length - P
-    for s in range(steps):
-        out = runner.step(plan, choose=choose, draws=draws)
-        if params.output_scores:
-            scores.append(out.scores[:N].float().clone())
-        if params.output_logits:
-            raw.append(out.logits[:N].float().clone())
-        if ((s + 1) % stop_check_every == 0 or s + 1 == steps) and int(runner.state.all_stopped_at):
-            break
+    kept = (lambda: tuple(scores)) if params.output_scores else (lambda: None)  # what criteria see as `scores`
+    try:
+        for s in range(steps):
+            out = runner.step(plan, choose=choose, draws=draws, hooks=host.hooks(s, kept()) if host else None)
+            if params.output_scores:
+                scores.append(out.scores[:N].float().clone())
+            if params.output_logits:
+                raw.append(out.logits[:N].float().clone())
+            if host is not None:
+                host.after(s, kept())
+            look = host is not None or (s + 1) % stop_check_every == 0 or s + 1 == steps
+            if look and int(runner.state.all_stopped_at):
+                break
+    finally:
+        if host is not None:
+            host.end()
     n_run = int(runner.state.all_stopped_at) or steps
     if bool(runner.state.nonfinite[:N].any()):  # NaN/inf logits (float16 overflow...): an error, not junk tokens
         raise validate.nonfinite_error()
@@ -82,14 +113,17 @@ def run(model, ids: torch.Tensor, attention_mask, params: GenParams, *, stop_che
                                         logits=tuple(raw[:n_run]) if params.output_logits else None)
 
 
-def _start(model, ids, attention_mask, params: GenParams):
-    """The encoder once, the cross K/V once per layer (packed: input b's keys are tokens cu_seqlens[b] ..
-    cu_seqlens[b+1]), and a runner whose state holds every input's rows, prefix fed. -> (runner, the beam
-    group of a beam search, else None)."""
+def _start(model, ids, attention_mask, params: GenParams, encoder_states=None):
+    """The encoder once (unless its states are given), the cross K/V once per layer (packed: input b's keys
+    are tokens cu_seqlens[b] .. cu_seqlens[b+1]), and a runner whose state holds every input's rows, prefix
+    fed. -> (runner, the beam group of a beam search or None, the number of inputs)."""
     net, ops = model.net, model.ops
-    enc, packing = model.encode_packed(ids, attention_mask, params.token_type_ids)
+    if encoder_states is None:
+        enc, packing = model.encode_packed(ids, attention_mask, params.token_type_ids)
+    else:
+        enc, packing = _packed_states(model, encoder_states, attention_mask)
     cross = net.decoder.cross_kv(net.project(enc, ops), ops)  # per layer (K, V) each (T, H, D)
-    B, expand, T, L = ids.shape[0], params.rows_per_input, packing.total, params.max_length
+    B, expand, T, L = packing.batch, params.rows_per_input, packing.total, params.max_length
     runner = _runner(model, B * expand, T, L)
     state = runner.state
     state.set_cross(torch.arange(T, device=model.device), cross)
@@ -109,7 +143,17 @@ def _start(model, ids, attention_mask, params: GenParams):
         state.join(list(range(B * expand)), prefix, params.select, enc_start=starts, enc_len=lens, limit=L,
                    fill=params.fill)
     state.prefill(params.prompt_len)
-    return runner, group
+    return runner, group, B
+
+
+def _packed_states(model, states: torch.Tensor, attention_mask):
+    """Given encoder states (B, S, hidden) -> (their real positions packed (T, hidden), Packing), as
+    model.encode_packed returns the encoder's own."""
+    states = states.to(device=model.device, dtype=model.dtype)
+    mask = validate.attention_mask(attention_mask, states.shape[:2], "attention_mask")
+    packing = Packing.from_mask(mask.to(model.device) if mask is not None else None, states.shape[0], states.shape[1],
+                                model.device)
+    return packing.pack(states), packing
 
 
 def _runner(model, rows: int, enc_tokens: int, max_length: int) -> StepRunner:

@@ -24,6 +24,7 @@ The settings are checked once, when generate() or Engine.submit() resolves them
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
@@ -133,6 +134,13 @@ class Spec:
             top_p=any(c.do_sample and c.top_p < 1.0 for c in configs),
             sample=any(c.do_sample for c in configs),
         )
+
+    def split(self) -> tuple["Spec", "Spec"]:
+        """(the processors, the sampling warpers): the two parts of process() between which transformers
+        runs the logits processors a caller passes to generate() (temperature, top-k and top-p come after)."""
+        warpers = dict(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p)
+        return (dataclasses.replace(self, temperature=False, top_k=False, top_p=False),
+                Spec(**warpers, sample=self.sample))
 
     @property
     def needs_scores(self) -> bool:

@@ -207,6 +207,25 @@ class DecodeState:
             group, slot, kw = beam
             group.start(slot, self.seq[idx], prompt=P, max_length=limit, **kw)
 
+    def stop_rows(self, rows: list[int], lengths: list[int], *, pad: bool):
+        """Stopping criteria checked on the host fired: row rows[i] stops at lengths[i] tokens (its stop mark;
+        a row that had stopped earlier keeps its own). pad: from there it holds and emits its padding id, as
+        an eos stops it (tokens it took past lengths[i] are overwritten); else it keeps generating with its
+        mark set (transformers pads finished rows only when an eos criterion is present). Between steps."""
+        if not rows:
+            return
+        idx = torch.tensor(rows, dtype=torch.long, device=self.device)
+        at = torch.tensor(lengths, dtype=torch.long, device=self.device)
+        mark = self.stop_t[idx]
+        new = self.busy[idx] & ((mark == 0) | (mark > at))
+        self.stop_t[idx] = torch.where(new, at, mark)
+        if pad:
+            self.alive[idx] &= ~new
+            past = torch.arange(self.seq_cap, device=self.device)[None, :] >= at[:, None]  # (n, seq_cap)
+            self.seq[idx] = torch.where(new[:, None] & past, self.tables.pad[idx, None], self.seq[idx])
+        everyone = torch.all((self.stop_t > 0) | ~self.busy)
+        self.all_stopped_at.copy_(torch.where(everyone & (self.all_stopped_at == 0), self.steps, self.all_stopped_at))
+
     def prefill(self, P: int):
         """Feeds prefix tokens 0 .. P-2 of every row (their K/V go to the cache; no choice is made)."""
         for j in range(P - 1):

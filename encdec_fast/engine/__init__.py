@@ -96,7 +96,9 @@ class Engine:
     # -- public ----------------------------------------------------------------------------------
     def submit(self, input, **generation_kwargs) -> RequestFuture:
         """Queues one input (a string, or a 1-D sequence of token ids) with model.generate's keyword
-        arguments (plus seed= for sampling). Returns a Future of a Result; errors are set on it.
+        arguments (plus seed= for sampling, and stop=[strings]: the request finishes at the token that
+        completes one of them in its decoded output, as model.generate(stop_strings=..., tokenizer=...) on
+        it alone). Returns a Future of a Result; errors are set on it.
         future.cancel() stops the request even while it runs (its decode slots are freed)."""
         fut, req = self._make(input, generation_kwargs)
         if req is not None:
@@ -257,7 +259,14 @@ class Engine:
                 raise UnsupportedArgumentError(f"Engine does not take {name}: {why}.")
             kwargs.pop(name, None)
         validate.number(seed, "seed", validate.SEED)
+        self._stop_strings(kwargs, gen_config)
         params = resolve(model, gen_config, kwargs, batch=1)
+        if params.gc.max_time is not None:
+            raise UnsupportedArgumentError(f"Engine does not take max_time (set by a generation config): "
+                                           f"{REFUSED['max_time']}.")
+        if params.host is not None and params.num_beams > 1:
+            raise UnsupportedArgumentError("the engine serves stop strings for greedy and sampling requests, not beam "
+                                           "search; call model.generate(stop_strings=..., tokenizer=...) for beams.")
         is_text = isinstance(inp, str)
         ids = validate.token_ids(self._out.encode_text(inp) if is_text else inp, "input", model.cfg.encoder,
                                  one_sequence=True).tolist()
@@ -275,6 +284,19 @@ class Engine:
         if params.do_sample and seed is None:  # drawn from torch's global RNG: torch.manual_seed makes runs repeatable
             seed = int(torch.randint(0, 2**62, (1,)).item())
         return Request(ids=ids, params=params, is_text=is_text, seed=seed)
+
+
+    def _stop_strings(self, kwargs: dict, gen_config):
+        """stop= (stop strings, or transformers' stop_strings=) -> kwargs' stop_strings, with this engine's decoder
+        tokenizer, which resolve() builds transformers' StopStringCriteria with (decode/host.py)."""
+        stop = kwargs.pop("stop", None)
+        if stop is not None:
+            if kwargs.get("stop_strings") is not None:
+                raise InvalidInputError("pass stop= or stop_strings=, not both (they are the same setting).")
+            kwargs["stop_strings"] = list(validate.stop_strings(stop, "stop"))
+        configs = (gen_config, self.model.generation_config)
+        if kwargs.get("stop_strings") is not None or any(getattr(c, "stop_strings", None) for c in configs):
+            kwargs["tokenizer"] = self._out.tokenizers()[1]
 
 
 def _input_list(inputs, name: str = "inputs") -> list:

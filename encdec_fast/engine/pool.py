@@ -18,6 +18,11 @@ so far, in multiples of 64; growing makes the runner capture its steps again.
 
 A request whose running rows got NaN/inf logits (the state's nonfinite flags, read in the same look as
 the stop marks) fails alone with NumericalError; the others go on.
+
+Stop strings (a request's stop=, resolved into transformers' StopStringCriteria by decode/host.py) are
+checked on the host at each look, for every step since the last one, as transformers checks them after
+each token: a row stops at the token that completes one (DecodeState.stop_rows; what it generated past
+it, between looks, becomes padding), so its tokens, and its streamed chunks, end where model.generate's do.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from __future__ import annotations
 import torch
 
 from .. import validate
+from ..decode import host as host_mod
 from ..decode import select as sel
 from ..decode.runner import StepRunner
 from ..decode.search import beam_results
@@ -70,11 +76,12 @@ def pad_batch(seqs: list[list[int]], pad: int, device):
 class Live:
     """A request in the pool: its rows, its beam group and slot (beam search), its generator (sampling)."""
 
-    __slots__ = ("req", "rows", "rows_t", "group", "slot", "generator")
+    __slots__ = ("req", "rows", "rows_t", "group", "slot", "generator", "checked")
 
     def __init__(self, req, rows: list[int], device, group=None, slot=None, generator=None):
         self.req, self.rows, self.group, self.slot, self.generator = req, rows, group, slot, generator
         self.rows_t = torch.tensor(rows, dtype=torch.long, device=device)
+        self.checked = req.params.prompt_len  # tokens its stop strings were checked up to
 
 
 class DecodePool:
@@ -181,6 +188,7 @@ class DecodePool:
 
     def _collect(self) -> list:
         st = self.state
+        self._stop_strings()
         stop_t = torch.where(st.nonfinite, -1, st.stop_t).tolist()  # the one host sync per look; -1: NaN/inf
         done, keep, bad = [], [], []
         for lv in self.lives:
@@ -207,6 +215,20 @@ class DecodePool:
             out.append((lv.req, rows))
             self._release(lv)
         return out
+
+    def _stop_strings(self):
+        """Requests with stop strings: the steps since the last look, checked on the host (see the module
+        docstring)."""
+        st = self.state
+        for lv in self.lives:
+            host = lv.req.params.host
+            if host is None or not host.criteria or lv.req.cancelled:
+                continue
+            t = st.held[lv.rows[0]]
+            if t > lv.checked:
+                hit, lengths = host_mod.first_hits(host.criteria, st.seq[lv.rows_t, :t], lv.checked + 1)
+                st.stop_rows([lv.rows[i] for i in hit], lengths, pad=host.pad_stopped)
+                lv.checked = t
 
     def _stream(self, lives: list):
         """Streamed requests still running get their rows' tokens since the last look (every row the same

@@ -23,6 +23,12 @@ REFUSED = {
     "attention_mask": "each engine input is one unpadded sequence; drop the padding instead of masking it",
     "token_type_ids": "the engine encodes every token with type 0; call model.generate for token_type_ids",
     "stop_check_every": "the engine looks at its decode rows every check_every steps (an Engine argument)",
+    "encoder_outputs": "each engine input is token ids or a text; call model.generate(encoder_outputs=...)",
+    "streamer": "use engine.stream(...), which yields each request's tokens as they are generated",
+    "logits_processor": "the engine runs its processors on the device; call model.generate for your own",
+    "stopping_criteria": "the engine takes stop strings (stop=[...]); call model.generate for other criteria",
+    "tokenizer": "the engine decodes with its own tokenizer: pass Engine(model, decoder_tokenizer=...)",
+    "max_time": "the engine does not time requests; cancel a request's future (or close its stream) instead",
 }
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "spiece.model",
                     "sentencepiece.bpe.model")
@@ -120,11 +126,11 @@ class Outcomes:
             if self.tok is None:
                 path = getattr(self.model, "path", None)
                 if path is None:
-                    raise InvalidInputError("string inputs need a tokenizer but this model was not loaded from a "
+                    raise InvalidInputError("string inputs and stop strings need a tokenizer but this model was not loaded from a "
                                             "folder; pass Engine(model, tokenizer=...) or token ids.")
                 # transformers 5 builds an empty-vocabulary tokenizer from config.json alone: insist on its files
                 if not any((Path(path) / f).is_file() for f in _TOKENIZER_FILES):
-                    raise InvalidInputError(f"string inputs need a tokenizer but {str(path)!r} has none (no "
+                    raise InvalidInputError(f"string inputs and stop strings need a tokenizer but {str(path)!r} has none (no "
                                             f"{' / '.join(_TOKENIZER_FILES[:2])}); save one there "
                                             "(tokenizer.save_pretrained), pass Engine(model, tokenizer=...), or submit token ids.")
                 try:
@@ -135,7 +141,7 @@ class Outcomes:
                     raise InvalidInputError(f"the tokenizer in {str(path)!r} needs a package that is not installed ({e}); "
                                             "pip install sentencepiece (an encdec_fast dependency), or submit token ids.") from None
                 except (OSError, ValueError, TypeError, KeyError) as e:
-                    raise InvalidInputError(f"string inputs need a tokenizer, and none could be loaded from {str(path)!r} "
+                    raise InvalidInputError(f"string inputs and stop strings need a tokenizer, and none could be loaded from {str(path)!r} "
                                             f"({type(e).__name__}: {e}); save one there (tokenizer.save_pretrained), "
                                             "pass Engine(model, tokenizer=...), or submit token ids.") from None
             return self.tok, (self.dec_tok if self.dec_tok is not None else self.tok)
