@@ -17,7 +17,16 @@ from encdec_fast import InvalidInputError, UnsupportedArgumentError
 
 httpx = pytest.importorskip("httpx", reason="the test extra installs httpx")
 pytest.importorskip("uvicorn", reason="the test extra installs uvicorn")
-from serving import VOCAB, checkpoint_with_tokenizer, metric, running, server_errors, solo, sse, wait_for  # noqa: E402
+from serving import (  # noqa: E402
+    VOCAB,
+    checkpoint_with_tokenizer,
+    requests_total,
+    running,
+    server_errors,
+    solo,
+    sse,
+    wait_for,
+)
 
 from encdec_fast import validate  # noqa: E402
 from encdec_fast.engine.requests import REFUSED  # noqa: E402
@@ -51,7 +60,7 @@ def url(engine):
 
 
 def count(base, code) -> float:
-    return metric(base, f'encdec_fast_requests_total{{code="{code}"}}') or 0.0
+    return requests_total(base, code)
 
 
 def is_error_body(r) -> bool:
@@ -231,9 +240,8 @@ def test_404_405_and_401_answer_the_error_body_and_are_counted(engine):
             assert r.status_code == status and is_error_body(r) and r.json()["type"] == kind, (method, path, r.text)
         assert client.get("/v1/generate", headers=auth).headers["allow"] == "POST"
         assert client.get("/health").status_code == 200
-        counted = {code: metric(base, f'encdec_fast_requests_total{{code="{code}"}}', auth)
-                   for code in (200, 401, 404, 405)}
-    assert counted == {200: None, 401: 1.0, 404: 1.0, 405: 4.0}
+        counted = {code: requests_total(base, code, headers=auth) for code in (200, 401, 404, 405)}
+    assert counted == {200: 0.0, 401: 1.0, 404: 1.0, 405: 4.0}
 
 
 def test_openapi_describes_the_bodies_and_metrics_is_text(url):
