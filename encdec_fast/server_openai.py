@@ -14,8 +14,8 @@ work as they do for /v1/generate. Its errors, at every step, take OpenAI's shape
 The text of a choice: its sequence's tokens up to the first eos, decoded whole with the Engine's decoder
 tokenizer (special tokens skipped), cut before the first stop string it holds (_Text). The Engine stops
 the sequence at the token that completes a stop string (stop=, as model.generate(stop_strings=...));
-the cut also catches a stop string the token-level check cannot see (one spanning a space that the
-tokenizer adds between tokens). A stream sends each choice's new text as it comes, holding back text
+the cut also catches a stop string the token-level check cannot see (one inside a token), and serves
+the tokenizers the Engine cannot take stop strings with (_Starter). A stream sends each choice's new text as it comes, holding back text
 that could begin a stop string (or ends in an incomplete character) until the next tokens decide it;
 the last chunk of a choice carries its finish_reason; a prompt whose choices have all ended has its
 Engine request cancelled (its decode rows freed). Then, with stream_options.include_usage, a chunk
@@ -28,13 +28,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 import uuid
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
-from .errors import InvalidInputError
+from .errors import EncDecError, InvalidInputError
 from .server import _UNCOUNTED, Disconnected, EventStream, Timeout, admit, wait_all
 from .server_api import BodyRefused, error_body, openai_body, refused_body, status_of, timeout_body
 from .server_openai_api import (
@@ -51,12 +52,14 @@ from .server_openai_api import (
 
 __all__ = ["add_routes", "EXTRA_SCHEMAS", "name_the_model"]
 ROUTE = "/v1/completions"
+log = logging.getLogger("encdec_fast.server")
 _END = object()
 
 
 def add_routes(app, state, name: str):
     """The OpenAI routes of the app over state (server.ServerState), serving the model as `name`."""
     card = {"id": name, "object": "model", "created": int(time.time()), "owned_by": "encdec_fast"}
+    starter = _Starter()
 
     @app.get("/v1/models", response_model=ModelList, responses=openai_errors(401, 500))
     async def models():
@@ -81,8 +84,8 @@ def add_routes(app, state, name: str):
         streaming = False
         try:
             if not plan.stream:
-                return await _complete(request, state, plan)
-            response = _open_stream(request, state, plan)
+                return await _complete(request, state, starter, plan)
+            response = _open_stream(request, state, starter, plan)
             streaming = isinstance(response, EventStream)  # it answers, counts and releases its place from here on
             return response
         finally:
@@ -226,29 +229,67 @@ def _refusal(exc: BaseException) -> JSONResponse:
     return _error(status_of(exc, refused=True), refused_body(exc))
 
 
-def _check_tokenizer(engine):
-    """The answer is text: the Engine's decoder tokenizer must load (InvalidInputError naming the fix)."""
-    try:
-        engine.detokenize([])
-    except InvalidInputError as e:
-        raise InvalidInputError(f"the completions API answers text, which needs the checkpoint's tokenizer: {e}") from None
-
-
 # -- answering ----------------------------------------------------------------------------------------
-async def _complete(request, state, plan: CompletionPlan):
+class _Starter:
+    """Starts a plan's Engine requests. The stop strings go to the Engine (stop=), which ends a sequence at
+    the token that completes one. When the Engine cannot take them with its tokenizer (transformers'
+    StopStringCriteria raises ValueError for some vocabularies: with transformers 5.25, a WordPiece one
+    without the token "abcdef"), requests run without them from then on, and choices stop on their text
+    alone: the same answers, but each sequence runs to eos or max_tokens (a stream cancels a prompt's
+    request once all its choices have stopped). The server logs it once."""
+
+    def __init__(self):
+        self.engine_stops = True
+
+    def start(self, engine, plan: CompletionPlan, stream: bool) -> list:
+        """Every prompt's request, in order: TokenStreams (stream) or futures. A refusal cancels the ones
+        started and is raised (InvalidInputError when the engine has no tokenizer to answer text with)."""
+        try:
+            engine.detokenize([])
+        except InvalidInputError as e:
+            raise InvalidInputError(f"the completions API answers text, which needs the checkpoint's tokenizer: {e}"
+                                    ) from None
+        kwargs = plan.kwargs if self.engine_stops else _without_stop(plan.kwargs)
+        try:
+            return _start_all(engine, plan.prompts, kwargs, stream)
+        except ValueError as e:
+            if "stop" not in kwargs or isinstance(e, EncDecError):
+                raise
+            started = _start_all(engine, plan.prompts, _without_stop(kwargs), stream)  # fails on its own faults
+            self.engine_stops = False
+            log.warning("the engine cannot take stop strings with this tokenizer (%s: %s); /v1/completions stops "
+                        "choices on their text alone from now on", type(e).__name__, e)
+            return started
+
+
+def _without_stop(kwargs: dict) -> dict:
+    return {k: v for k, v in kwargs.items() if k != "stop"}
+
+
+def _start_all(engine, prompts: list, kwargs: dict, stream: bool) -> list:
+    started = []
+    try:
+        for p in prompts:
+            if stream:
+                started.append(engine.stream(p, **kwargs))
+                continue
+            started.append(engine.submit(p, **kwargs))
+            if started[-1].done() and started[-1].exception() is not None:  # refused when submitted
+                raise started[-1].exception()
+    except BaseException:
+        for s in started:
+            s.close() if stream else s.cancel()
+        raise
+    return started
+
+
+async def _complete(request, state, starter: _Starter, plan: CompletionPlan):
     """A completion answered whole: every prompt submitted, waited for (request_timeout_s, a client that
     leaves), and its choices made."""
     engine, limits, t0 = state.engine, state.limits, time.perf_counter()
-    futures = []
     try:
-        _check_tokenizer(engine)
-        for p in plan.prompts:
-            futures.append(engine.submit(p, **plan.kwargs))
-            if futures[-1].done() and futures[-1].exception() is not None:  # refused when submitted
-                raise futures[-1].exception()
+        futures = starter.start(engine, plan, stream=False)
     except Exception as e:  # noqa: BLE001  a bad prompt or argument, or a closed engine
-        for f in futures:
-            f.cancel()
         return _refusal(e)
     try:
         results = await wait_all(request, futures, limits.request_timeout_s)
@@ -265,18 +306,13 @@ async def _complete(request, state, plan: CompletionPlan):
     return JSONResponse({**_head(plan), "choices": choices, "usage": _usage(prompts)})
 
 
-def _open_stream(request, state, plan: CompletionPlan) -> Response:
+def _open_stream(request, state, starter: _Starter, plan: CompletionPlan) -> Response:
     """The streamed answer: every prompt's TokenStream opened (or the refusal of the first bad one)."""
-    engine, streams = state.engine, []
     try:
-        _check_tokenizer(engine)
-        for p in plan.prompts:
-            streams.append(engine.stream(p, **plan.kwargs))
+        streams = starter.start(state.engine, plan, stream=True)
     except Exception as e:  # noqa: BLE001  a bad prompt or argument, or a closed engine
-        for s in streams:
-            s.close()
         return _refusal(e)
-    streamed = _CompletionStream(state, plan, streams, engine.detokenize)
+    streamed = _CompletionStream(state, plan, streams, state.engine.detokenize)
     request.scope[_UNCOUNTED] = True  # the stream counts itself when it ends
     return EventStream(streamed.events(), streamed.close, media_type="text/event-stream",
                        headers={"Cache-Control": "no-cache"})

@@ -220,6 +220,28 @@ def test_eos_ends_a_choice_with_stop(make_ckpt, model, tok, tmp_path):
     assert streamed_choices == answered(got)
 
 
+def test_stop_strings_on_the_text_alone_when_the_engine_cannot_take_them(make_ckpt, tmp_path, caplog):
+    """transformers' StopStringCriteria cannot read tests/serving.py's vocabulary (no "abcdef" token), so
+    the Engine refuses stop=: the server stops the choices on their text, with the same answers."""
+    from serving import VOCAB as PLAIN
+    from transformers import AutoTokenizer
+
+    folder = checkpoint_with_tokenizer(make_ckpt, tmp_path / "plain", vocab=PLAIN)
+    plain, tok = encdec_fast.load(folder, device="cpu"), AutoTokenizer.from_pretrained(str(folder))
+    w = words(plain, tok, PROMPT)
+    stop = [f"{w[2]} {w[3]}"]
+    full = generated(plain, tok, PROMPT, **greedy(12))[0][0]
+    with encdec_fast.Engine(plain) as eng, running(create_app(eng, model_name=NAME)) as base, \
+            openai.OpenAI(base_url=base + "/v1", api_key="x", max_retries=0) as c:
+        assert isinstance(eng.submit(PROMPT, stop=stop).exception(timeout=60), ValueError)
+        kw = dict(model=NAME, prompt=PROMPT, max_tokens=12, temperature=0, stop=stop)
+        with caplog.at_level("WARNING", logger="encdec_fast.server"):
+            got = [c.completions.create(**kw) for _ in range(2)]
+            choices, _ = streamed(c, **kw)
+    assert answered(got[0]) == answered(got[1]) == [(full[:full.find(stop[0])], "stop", 0)] == choices
+    assert [r.getMessage()[:40] for r in caplog.records] == ["the engine cannot take stop strings with"]
+
+
 def test_stream_options_include_usage_adds_a_last_chunk(client, tok):
     chunks = list(client.completions.create(model=NAME, prompt=["w1", "w2 w3"], max_tokens=4, temperature=0,
                                             stream=True, stream_options={"include_usage": True}))
