@@ -11,7 +11,8 @@ Routes (the bodies are server_api.py's pydantic models, so /openapi.json describ
   POST /v1/completions  OpenAI's completions API (server_openai.py): {"model", "prompt", "max_tokens", ...}
                      -> {"choices": [{"text", "index", "finish_reason"}], "usage": {...}, ...}, or OpenAI's
                      server-sent chunks ending with `data: [DONE]`; its errors take OpenAI's shape.
-  GET  /v1/models    OpenAI's model list: the served model's name (create_app's model_name).
+  GET  /v1/models    OpenAI's model list (and /v1/models/{model}, its card): the served model's name
+                     (create_app's model_name).
   GET  /health       200 {"status": "ready"} once the model is loaded and warmed; 503 while loading, while
                      the engine is stuck ("degraded": its current turn has run longer than stalled_after_s,
                      from EngineStats.stalled_s), or shutting down. Never needs the API key.
@@ -25,8 +26,8 @@ Limits (ServerLimits; each a command-line flag): body_timeout_s (a body still in
 and its connection is closed: a slow client holds no capacity), max_body_bytes (413), max_queued
 engine requests admitted at once (running or waiting in the engine; a completions request takes one per
 prompt; admitted once the body is read and valid; one more gets 429 with Retry-After, so the queue is
-never unbounded), request_timeout_s (a request still
-unfinished is cancelled: 504, or an error event in a stream), max_input_tokens and max_request_tokens
+never unbounded), request_timeout_s (a request still unfinished is cancelled: 504, or an error event in
+a stream), max_input_tokens and max_request_tokens
 (400, checked by the Engine serve() builds, with its max_batch_size on a request's decode rows), and api_key (401 without `Authorization: Bearer KEY` or `X-API-Key: KEY` on every route but
 /health). A client that disconnects cancels its request, which frees its decode slots at the engine's
 next step.
@@ -57,7 +58,6 @@ try:
     from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
     from starlette.exceptions import HTTPException
     from starlette.responses import StreamingResponse
-
     from starlette.routing import Match
 
     from .server_api import (

@@ -67,7 +67,7 @@ def add_routes(app, state, name: str):
         return {"object": "list", "data": [card]}
 
     @app.get("/v1/models/{model:path}", response_model=ModelCard, responses=openai_errors(401, 404, 500))
-    async def model(model: str):
+    async def model_card(model: str):
         """OpenAI's model card of the served model; any other name is 404 model_not_found."""
         if model != name:
             body = {"error": f"The model `{model}` does not exist: this server serves `{name}`.", "type": "ModelNotFound"}
@@ -116,7 +116,7 @@ class _Text:
         self.tokens: list[int] = []
         self.text = self.sent = ""
         self.finish_reason = None
-        self.eos_seen = False
+        self.eos_seen = self.cut = False  # cut: ended by a stop string found in the text
 
     def feed(self, new: list[int]) -> tuple[str, str | None]:
         """New tokens -> (the text to send now, the finish_reason if they end the choice)."""
@@ -130,6 +130,7 @@ class _Text:
         self.text = text = self.detokenize(self.tokens)
         cut = min((i for i in (text.find(s) for s in self.stop) if i >= 0), default=-1)
         if cut >= 0:
+            self.cut = True
             return self._finish(text[:cut], "stop")
         if self.eos_seen:
             return self._finish(text, "stop")
@@ -195,8 +196,10 @@ class _Prompt:
                 if text or reason for c in range(self.copies)]
 
     @property
-    def done(self) -> bool:
-        return all(t.finish_reason is not None for t in self.texts)
+    def cut(self) -> bool:
+        """Every choice has ended, one at a stop string in its text: the Engine may still run the request
+        (its token-level check can miss what the text shows), though nothing of it will be answered."""
+        return all(t.finish_reason is not None for t in self.texts) and any(t.cut for t in self.texts)
 
     @property
     def generated(self) -> int:
@@ -381,8 +384,8 @@ class _CompletionStream:
                         metrics.first_token.observe(time.perf_counter() - self.t0)
                         first = False
                     news = prompt.feed(item)
-                    if prompt.done:
-                        self.streams[i].close()  # every choice has ended: free its rows (a no-op once finished)
+                    if prompt.cut:
+                        self.streams[i].close()  # free its rows (a no-op once it has finished)
                 for index, text, reason in news:
                     yield self._chunk([_choice(index, text, reason)])
         finally:
