@@ -1,7 +1,9 @@
 """Engine streaming: a stream's chunks concatenate to the non-streamed result, which equals
 model.generate on the input alone (greedy, processors, sampling, several sequences, beam search);
 the async iterator gives the same; closing a stream (close(), with, dropping it after a break) or
-cancelling a future cancels the request and frees its decode slot at once; errors surface."""
+cancelling a future cancels the request and frees its decode slot at once; errors surface. Stop
+strings (stop=) end a request, streamed or not, where model.generate(stop_strings=..., tokenizer=...)
+on it alone ends, however often the engine looks."""
 
 import asyncio
 import gc
@@ -10,6 +12,7 @@ import time
 
 import pytest
 import torch
+import transformers as T
 from conftest import solo
 
 import encdec_fast
@@ -180,6 +183,71 @@ def test_stream_errors_surface(model):
         with pytest.raises(InvalidInputError, match="max_input_tokens=3"):
             short.stream([5, 6, 7, 8])
         assert short.submit([5, 6, 7], max_new_tokens=2).result().output_ids == solo(model, [5, 6, 7], max_new_tokens=2)[0]
+
+
+# a WordPiece vocabulary of the checkpoint's 97 ids ("abcdef": StopStringCriteria decodes tokens after it)
+STOP_VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"w{i}" for i in range(91)] + ["abcdef"]
+
+STOP_CASES = [  # (input, arguments): ids 26 = w21, 84 = w79, 21 = w16
+    ([5, 6, 7, 8, 9], dict(max_new_tokens=12, stop=["w79"])),
+    ([11, 12, 13, 14, 15], dict(max_new_tokens=12, stop="w21")),
+    ([20, 21, 22, 23, 24], dict(max_new_tokens=12, stop=["w16 w21"], eos_token_id=None)),  # across tokens
+    ([20, 21, 22, 23, 24], dict(max_new_tokens=12, stop=["w21", "w30"], do_sample=True, num_return_sequences=2,
+                                seed=3)),  # the finished sequence is padded
+    ([20, 21, 22, 23, 24], dict(max_new_tokens=12, stop=["w21", "w30"], do_sample=True, num_return_sequences=2,
+                                seed=3, eos_token_id=None)),  # no eos: the finished sequence goes on
+    ([30, 31, 32], dict(max_new_tokens=12, stop=["w21"], do_sample=True, top_k=30, seed=4)),
+    ([5, 6, 7, 8, 9], dict(max_new_tokens=6)),  # no stop strings beside the others
+]
+
+
+@pytest.mark.parametrize("check_every", [1, 4])
+def test_stop_strings_end_requests_where_model_generate_ends(model, check_every):
+    tok = T.BertTokenizer(vocab={w: i for i, w in enumerate(STOP_VOCAB)})
+    start = model.generation_config.decoder_start_token_id
+    with encdec_fast.Engine(model, max_batch_size=8, check_every=check_every, tokenizer=tok) as engine:
+        streams = [engine.stream(x, **kw) for x, kw in STOP_CASES]  # all in the engine at once
+        futures = [engine.submit(x, **kw) for x, kw in STOP_CASES]
+        chunks = [list(s) for s in streams]
+        results = [s.result() for s in streams]
+        stats = engine.stats
+    assert stats.requests_failed == 0
+    stopped = 0
+    for (x, kw), ch, res, fut in zip(STOP_CASES, chunks, results, futures):
+        kw = dict(kw)
+        stop = kw.pop("stop", None)
+        several = kw.get("num_return_sequences", 1) > 1
+        want = solo(model, x, **kw, **(dict(stop_strings=stop, tokenizer=tok) if stop else {}))
+        assert res.output_ids == (want if several else want[0]) == fut.result().output_ids, kw
+        assert joined(start, ch, several) == res.output_ids, "a chunk ran past the stop"
+        if check_every == 1:  # served by the pool's steps, one chunk each (not by a fallback generate())
+            assert len(ch) == len(want[0]) - 1, kw
+        stopped += stop is not None and len(want[0]) < 13
+    assert stopped >= 3, "too few requests stopped at a stop string to test anything"
+
+
+def test_stop_strings_on_text_inputs_and_their_errors(make_ckpt, tmp_path, model):
+    path = tmp_path / "with_tok"
+    shutil.copytree(make_ckpt("bert", "gpt2"), path)
+    T.BertTokenizer(vocab={w: i for i, w in enumerate(STOP_VOCAB)}).save_pretrained(path)
+    with_tok = encdec_fast.load(path, device="cpu")
+    with encdec_fast.Engine(with_tok) as engine:  # the folder's tokenizer
+        res = engine.submit("w0 w1 w2 w3 w4", max_new_tokens=12, stop=["w79"]).result()
+        assert res.text.endswith("w79") and len(res.output_ids) < 13
+        assert engine.submit("w0 w1 w2 w3 w4", max_new_tokens=12, stop_strings="w79").result() == res
+        for kw, err, match in [
+            (dict(stop=[""]), InvalidInputError, "stop must be"),
+            (dict(stop=["w1"], stop_strings=["w2"]), InvalidInputError, "not both"),
+            (dict(stop=["w1"], num_beams=2), encdec_fast.UnsupportedArgumentError, "beam search"),
+            (dict(max_time=1.0), encdec_fast.UnsupportedArgumentError, "max_time"),
+            (dict(streamer=object()), encdec_fast.UnsupportedArgumentError, "streamer"),
+            (dict(stopping_criteria=[]), encdec_fast.UnsupportedArgumentError, "stopping_criteria"),
+        ]:
+            with pytest.raises(err, match=match):
+                engine.stream([5, 6], max_new_tokens=3, **kw)
+    with encdec_fast.Engine(model) as engine:  # no tokenizer anywhere
+        with pytest.raises(InvalidInputError, match="stop strings need a tokenizer"):
+            engine.stream([5, 6], max_new_tokens=3, stop=["w1"])
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: the decode pool's CUDA-graph step")

@@ -32,9 +32,6 @@ IDS = torch.tensor([[5, 6, 7], [8, 9, 10]])
     (dict(force_words_ids=[[5]]), "force_words_ids"),
     (dict(penalty_alpha=0.6, top_k=4), "penalty_alpha"),
     (dict(assistant_model=object()), "assistant_model"),
-    (dict(streamer=object()), "streamer"),
-    (dict(logits_processor=[lambda i, s: s]), "logits_processor"),
-    (dict(stopping_criteria=[lambda i, s: False]), "stopping_criteria"),
     (dict(prefix_allowed_tokens_fn=lambda b, i: [5]), "prefix_allowed_tokens_fn"),
     (dict(output_attentions=True, return_dict_in_generate=True), "output_attentions"),
     (dict(output_hidden_states=True), "output_hidden_states"),
@@ -43,10 +40,9 @@ IDS = torch.tensor([[5, 6, 7], [8, 9, 10]])
     (dict(forced_bos_token_id=2), "forced_bos_token_id"),
     (dict(suppress_tokens=[4]), "suppress_tokens"),
     (dict(encoder_no_repeat_ngram_size=2), "encoder_no_repeat_ngram_size"),
-    (dict(max_time=1.0), "max_time"),
     (dict(decoder_attention_mask=torch.ones(2, 1)), "decoder_attention_mask"),
-    (dict(encoder_outputs=(torch.zeros(2, 3, 32),)), "encoder_outputs"),
     (dict(num_beamz=3), "num_beamz"),  # a typo is an unknown argument
+    (dict(negative_prompt_ids=torch.ones(2, 2, dtype=torch.long)), "negative_prompt_ids"),
 ])
 def test_unsupported_argument_is_refused_by_name(model, kw, name):
     with pytest.raises(UnsupportedArgumentError, match=name):

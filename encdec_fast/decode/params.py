@@ -165,7 +165,8 @@ def resolve_config(model, generation_config=None, kwargs=None):
     from transformers import GenerationConfig
 
     kwargs = _known_kwargs(dict(kwargs or {}))
-    _refuse([k for k in CALL_ARGS if kwargs.get(k) not in (None, False)], "a transformers generate() argument")
+    _refuse([k for k in CALL_ARGS if kwargs.get(k) is not None and kwargs.get(k) is not False],
+            "a transformers generate() argument")
     for k in CALL_ARGS:
         kwargs.pop(k, None)
     if generation_config is not None and not isinstance(generation_config, GenerationConfig):

@@ -255,7 +255,7 @@ class Engine:
         seed = kwargs.pop("seed", None)
         gen_config = kwargs.pop("generation_config", None)
         for name, why in REFUSED.items():
-            if kwargs.get(name) not in (None, False):
+            if kwargs.get(name) is not None and kwargs.get(name) is not False:
                 raise UnsupportedArgumentError(f"Engine does not take {name}: {why}.")
             kwargs.pop(name, None)
         validate.number(seed, "seed", validate.SEED)
