@@ -15,13 +15,14 @@ The text of a choice: its sequence's tokens up to the first eos, decoded whole w
 tokenizer (special tokens skipped), cut before the first stop string it holds (_Text). The Engine stops
 the sequence at the token that completes a stop string (stop=, as model.generate(stop_strings=...));
 the cut also catches a stop string the token-level check cannot see (one inside a token), and serves
-the tokenizers the Engine cannot take stop strings with (_Starter). A stream sends each choice's new text as it comes, holding back text
-that could begin a stop string (or ends in an incomplete character) until the next tokens decide it;
-the last chunk of a choice carries its finish_reason; a prompt whose choices have all ended has its
-Engine request cancelled (its decode rows freed). Then, with stream_options.include_usage, a chunk
-with the usage and no choices, and `data: [DONE]`. An error once the stream has begun (the time limit,
-a request failing in the engine) is `data: {"error": {...}}`, which the openai package raises as
-APIError, then `data: [DONE]`.
+the tokenizers the Engine cannot take stop strings with (_Starter). A stream sends each choice's new
+text as it comes, holding back text that could begin a stop string (or ends in an incomplete
+character) until the next tokens decide it; the last chunk of a choice carries its finish_reason; once
+a stop string in the text has ended a prompt's last running choice, its Engine request is cancelled
+(its decode rows freed). Then, with stream_options.include_usage, a chunk with the usage and no
+choices, and `data: [DONE]`. An error once the stream has begun (the time limit, a request failing in
+the engine) is `data: {"error": {...}}`, which the openai package raises as APIError, then
+`data: [DONE]`.
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ from .server_openai_api import (
     parse_completion,
 )
 
-__all__ = ["add_routes", "EXTRA_SCHEMAS", "name_the_model"]
+__all__ = ["EXTRA_SCHEMAS", "add_routes", "name_the_model"]
 ROUTE = "/v1/completions"
 log = logging.getLogger("encdec_fast.server")
 _END = object()
@@ -70,7 +71,8 @@ def add_routes(app, state, name: str):
     async def model_card(model: str):
         """OpenAI's model card of the served model; any other name is 404 model_not_found."""
         if model != name:
-            body = {"error": f"The model `{model}` does not exist: this server serves `{name}`.", "type": "ModelNotFound"}
+            body = {"error": f"The model `{model}` does not exist: this server serves `{name}`.",
+                    "type": "ModelNotFound"}
             return JSONResponse(openai_body(404, body, "model", "model_not_found"), 404)
         return card
 

@@ -14,7 +14,7 @@ How the fields become generate() arguments (each prompt is one Engine request):
   top_p              top_p when sampling (default 1: off); top_k=0, as OpenAI samples from every token
   n                  num_return_sequences when sampling; greedy runs once and answers n identical
                      choices, as OpenAI does for n > 1 at temperature 0 (with no work wasted)
-  seed               seed (the same seed, the same tokens)
+  seed               seed, 0 to 2**64 - 1 as torch.Generator takes it (the same seed, the same tokens)
   stop               the Engine's stop= (up to 4 strings); the text is cut before the first one
   num_beams=1        always: OpenAI's API has no beam search (the checkpoint may set beams)
 Every other generation setting is the checkpoint's generation_config, as generate() applies it. Accepted
@@ -39,21 +39,21 @@ DEFAULT_MAX_TOKENS = 16  # OpenAI's
 MAX_N = 128  # OpenAI's
 MAX_STOP = 4  # OpenAI's
 
+_PENALTIES = ("OpenAI's additive penalties have no transformers counterpart; POST /v1/generate takes "
+              "repetition_penalty and no_repeat_ngram_size")
 # fields the engine cannot honour: harmless(value, n) says when a value is accepted (and ignored)
 UNSUPPORTED = {
-    "echo": (lambda v, n: not v, "an encoder-decoder model's output does not continue its prompt, so there is no "
-             "prompt-plus-completion text to echo"),
-    "logprobs": (lambda v, n: v is None, "the engine returns tokens, not their log-probabilities; "
-                 "model.generate(output_scores=True) gives scores"),
-    "best_of": (lambda v, n: v is None or v == n, "best_of > n ranks sequences by log-probability, which the engine "
-                "does not return; ask for n choices instead"),
+    "echo": (lambda v, n: not v, ("an encoder-decoder model's output does not continue its prompt, so there is no "
+                                  "prompt-plus-completion text to echo")),
+    "logprobs": (lambda v, n: v is None, ("the engine returns tokens, not their log-probabilities; "
+                                          "model.generate(output_scores=True) gives scores")),
+    "best_of": (lambda v, n: v is None or v == n, ("best_of > n ranks sequences by log-probability, which the "
+                                                   "engine does not return; ask for n choices instead")),
     "suffix": (lambda v, n: not v, "the engine does not insert text before a suffix"),
-    "presence_penalty": (lambda v, n: not v, "OpenAI's additive penalties have no transformers counterpart; POST "
-                         "/v1/generate takes repetition_penalty and no_repeat_ngram_size"),
-    "frequency_penalty": (lambda v, n: not v, "OpenAI's additive penalties have no transformers counterpart; POST "
-                          "/v1/generate takes repetition_penalty and no_repeat_ngram_size"),
-    "logit_bias": (lambda v, n: not v, "the engine does not bias logits; POST /v1/generate takes bad_words_ids to "
-                   "ban tokens"),
+    "presence_penalty": (lambda v, n: not v, _PENALTIES),
+    "frequency_penalty": (lambda v, n: not v, _PENALTIES),
+    "logit_bias": (lambda v, n: not v, ("the engine does not bias logits; POST /v1/generate takes bad_words_ids to "
+                                        "ban tokens")),
 }
 
 
@@ -119,7 +119,8 @@ _BIAS = {"type": "object", "additionalProperties": {"type": "integer", "minimum"
 
 def _model_name(v):
     if not isinstance(v, str):
-        raise InvalidInputError(f'"model" must be a string (GET /v1/models lists the served one), got {json.dumps(v)[:60]}.')
+        raise InvalidInputError(f'"model" must be a string (GET /v1/models lists the served one), got '
+                                f"{json.dumps(v)[:60]}.")
     return v
 
 
@@ -312,7 +313,8 @@ def openai_errors(*codes: int) -> dict:
 _CHUNK = {"type": "string", "contentMediaType": "application/json", "contentSchema": {"$ref": "#/components/schemas/"
                                                                                      "Completion"}}
 STREAM_EVENT = {
-    "description": "With \"stream\": true: server-sent events whose data is a Completion chunk (each choice's new text; "
+    "description": "With \"stream\": true: server-sent events whose data is a Completion chunk (each choice's new "
+                   "text; "
                    "its last chunk has its finish_reason; with stream_options.include_usage a last chunk with usage), "
                    "then the data [DONE]. An error once the stream has begun is data {\"error\": {...}} (an "
                    "OpenAIErrorBody), then [DONE].",
