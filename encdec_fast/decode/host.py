@@ -185,7 +185,11 @@ class HostLoop:
     streamer's puts, the criteria after each step, and the StepHooks of a step that runs them inside."""
 
     def __init__(self, host: Host, state, B: int, N: int, P: int, *, beams: bool):
-        from transformers.generation import LogitsProcessorList, MaxTimeCriteria, StoppingCriteriaList
+        from transformers.generation import (
+            LogitsProcessorList,
+            MaxTimeCriteria,
+            StoppingCriteriaList,
+        )
 
         self.host, self.state, self.B, self.N, self.P, self.beams = host, state, B, N, P, beams
         timed = [MaxTimeCriteria(host.max_time)] if host.max_time is not None else []  # from the first step

@@ -5,10 +5,11 @@
 resolve() does what transformers' GenerationMixin.generate does before its first step (5.x): the
 GenerationConfig from the argument config, model.generation_config, the global defaults and the keyword
 arguments, in that order (_prepare_generation_config); the special tokens (_prepare_special_tokens); the
-decoder prefix; the lengths (_prepare_generated_length, _validate_generated_length). Everything it cannot
-honour is refused here, with UnsupportedArgumentError, and every value is checked (validate.py), so a
-GenParams holds only what the decode loop implements. The result is frozen: nothing downstream changes a
-request's settings.
+decoder prefix; the lengths (_prepare_generated_length, _validate_generated_length); and what runs on the
+host (the streamer, stopping criteria, the caller's logits processors: decode/host.py's Host, None when
+nothing does). Everything it cannot honour is refused here, with UnsupportedArgumentError, and every value
+is checked (validate.py), so a GenParams holds only what the decode loop implements. The result is frozen:
+nothing downstream changes a request's settings.
 """
 
 from __future__ import annotations

@@ -135,7 +135,7 @@ class Spec:
             sample=any(c.do_sample for c in configs),
         )
 
-    def split(self) -> tuple["Spec", "Spec"]:
+    def split(self) -> tuple[Spec, Spec]:
         """(the processors, the sampling warpers): the two parts of process() between which transformers
         runs the logits processors a caller passes to generate() (temperature, top-k and top-p come after)."""
         warpers = dict(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p)

@@ -19,7 +19,9 @@ block reading that slot. The host looks at the stop marks every few steps (16 on
 failed or cancelled request's rows are refilled by waiting requests without touching the others. A
 sampling request (beam sampling included) draws from its own torch.Generator: seed=s reproduces
 `torch.manual_seed(s); model.generate(...)`; without seed, one is drawn from torch's global RNG when the
-request is submitted. A request is bounded when it is submitted: its rows by max_batch_size, its tokens
+request is submitted. A request may carry stop strings (stop=["\n\n"]): the engine checks them on the host
+at each look, and the request ends at the token that completes one, as model.generate(stop_strings=...,
+tokenizer=...) ends (engine/pool.py). A request is bounded when it is submitted: its rows by max_batch_size, its tokens
 by max_request_tokens, its input by max_input_tokens.
 
 One background thread owns the model; submit() only validates and queues (encdec_fast/validate.py, the
