@@ -27,8 +27,10 @@ setup(
     extras_require={
         "serve": SERVE,
         "ray": RAY,
-        # hypothesis and schemathesis: tests/test_server_hostile.py fuzzes the server and checks it against its schema
-        "test": ["pytest>=8", "pytest-benchmark>=4", "httpx>=0.25", "hypothesis>=6.100", "schemathesis>=4.0"] + SERVE + RAY,
+        # hypothesis and schemathesis: tests/test_server_hostile.py fuzzes the server and checks it against its schema;
+        # openai: tests/test_openai.py speaks to /v1/completions with the openai package, as OpenAI clients do
+        "test": ["pytest>=8", "pytest-benchmark>=4", "httpx>=0.25", "hypothesis>=6.100", "schemathesis>=4.0",
+                 "openai>=1.40"] + SERVE + RAY,
     },
     entry_points={"console_scripts": ["encdec-fast=encdec_fast.cli:main"]},
 )

@@ -279,7 +279,8 @@ def cmd_serve(a) -> int:
                           max_body_bytes=a.max_body_bytes, max_input_tokens=a.max_input_tokens,
                           max_request_tokens=a.max_request_tokens, api_key=a.api_key, stalled_after_s=a.stalled_after)
     return serve(a.path, host=a.host, port=a.port, limits=limits, max_batch_size=a.max_batch_size,
-                 max_batch_tokens=a.max_batch_tokens, device=a.device, dtype=a.dtype, log_level=a.log_level)
+                 max_batch_tokens=a.max_batch_tokens, device=a.device, dtype=a.dtype, log_level=a.log_level,
+                 model_name=a.served_model_name)
 
 
 def cmd_demo(a) -> int:
@@ -332,6 +333,8 @@ def main(argv=None) -> int:
     v.add_argument("--api-key", default=None, help="key every route but /health needs (default: $ENCDEC_FAST_API_KEY)")
     v.add_argument("--stalled-after", type=float, default=30.0,
                    help="/health answers 503 \"degraded\" while one engine turn has run longer than this (seconds)")
+    v.add_argument("--served-model-name", default=None,
+                   help="the `model` OpenAI clients pass to /v1/completions (default: PATH as given)")
     v.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     v.set_defaults(fn=cmd_serve)
     d = sub.add_parser("demo", help="build a random bert2gpt2, generate with encdec_fast and transformers, compare")

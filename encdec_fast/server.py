@@ -1,6 +1,6 @@
 """The HTTP server: a FastAPI app over an Engine, and `serve()`, which runs it with uvicorn.
 
-    encdec-fast serve PATH --port 8000 --max-batch-size 64 [--api-key KEY]
+    encdec-fast serve PATH --port 8000 --max-batch-size 64 [--api-key KEY] [--served-model-name NAME]
 
 Routes (the bodies are server_api.py's pydantic models, so /openapi.json describes them):
   POST /v1/generate  {"input": "text" or [token ids], "stream": false, "seed": ..., ...generate() arguments}
@@ -8,19 +8,26 @@ Routes (the bodies are server_api.py's pydantic models, so /openapi.json describ
                      with "stream": true: server-sent events, one per token chunk
                          data: {"token_ids": [...], "text": "new text"}      ("text" for text inputs)
                      then `event: done` with the JSON above, or `event: error` with an error.
+  POST /v1/completions  OpenAI's completions API (server_openai.py): {"model", "prompt", "max_tokens", ...}
+                     -> {"choices": [{"text", "index", "finish_reason"}], "usage": {...}, ...}, or OpenAI's
+                     server-sent chunks ending with `data: [DONE]`; its errors take OpenAI's shape.
+  GET  /v1/models    OpenAI's model list (and /v1/models/{model}, its card): the served model's name
+                     (create_app's model_name).
   GET  /health       200 {"status": "ready"} once the model is loaded and warmed; 503 while loading, while
                      the engine is stuck ("degraded": its current turn has run longer than stalled_after_s,
                      from EngineStats.stalled_s), or shutting down. Never needs the API key.
-  GET  /metrics      Prometheus text: requests by status, generated tokens, queue depth, engine
+  GET  /metrics      Prometheus text: requests by route and status, generated tokens, queue depth, engine
                      waiting/running requests, request latency and time to first token histograms.
-Every error, on every route (404 and 405 included), is JSON {"error": message, "type": name} and is
-counted in encdec_fast_requests_total{code}.
+Every error, on every route (404 and 405 included), is JSON {"error": message, "type": name} (on the
+OpenAI routes: OpenAI's {"error": {"message", "type", "param", "code"}}) and is counted in
+encdec_fast_requests_total{route, code}.
 
 Limits (ServerLimits; each a command-line flag): body_timeout_s (a body still incomplete then gets 408
 and its connection is closed: a slow client holds no capacity), max_body_bytes (413), max_queued
-requests admitted at once (running or waiting in the engine; admitted once the body is read and valid;
-one more gets 429 with Retry-After, so the queue is never unbounded), request_timeout_s (a request still
-unfinished is cancelled: 504, or an error event in a stream), max_input_tokens and max_request_tokens
+engine requests admitted at once (running or waiting in the engine; a completions request takes one per
+prompt; admitted once the body is read and valid; one more gets 429 with Retry-After, so the queue is
+never unbounded), request_timeout_s (a request still unfinished is cancelled: 504, or an error event in
+a stream), max_input_tokens and max_request_tokens
 (400, checked by the Engine serve() builds, with its max_batch_size on a request's decode rows), and api_key (401 without `Authorization: Bearer KEY` or `X-API-Key: KEY` on every route but
 /health). A client that disconnects cancels its request, which frees its decode slots at the engine's
 next step.
@@ -51,6 +58,7 @@ try:
     from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
     from starlette.exceptions import HTTPException
     from starlette.responses import StreamingResponse
+    from starlette.routing import Match
 
     from .server_api import (
         EXTRA_SCHEMAS,
@@ -122,11 +130,12 @@ class Metrics:
 
     def __init__(self, state: ServerState):
         r = self.registry = CollectorRegistry()
-        self.requests = Counter("encdec_fast_requests", "HTTP answers by status code: every answer of /v1/generate "
-                                "(499: the client went away), and the errors of every other route", ["code"],
+        self.requests = Counter("encdec_fast_requests", "HTTP answers by route and status code: every answer of "
+                                "/v1/generate and /v1/completions (499: the client went away), and the errors of "
+                                "every other route (route \"other\": a path no route matches)", ["route", "code"],
                                 registry=r)
         self.tokens = Counter("encdec_fast_generated_tokens", "tokens generated for answered requests", registry=r)
-        Gauge("encdec_fast_queue_depth", "requests admitted and not answered yet", registry=r).set_function(
+        Gauge("encdec_fast_queue_depth", "engine requests admitted and not answered yet", registry=r).set_function(
             lambda: state.in_flight)
         waiting = Gauge("encdec_fast_engine_requests", "engine requests by state", ["state"], registry=r)
         waiting.labels("waiting").set_function(lambda: _engine_counts(state)[0])
@@ -151,16 +160,22 @@ def _engine_counts(state: ServerState):
 
 # -- the app -----------------------------------------------------------------------------------------
 _UNCOUNTED = "encdec_fast.uncounted"  # a scope key: this answer is not counted by _Counted
+GENERATING = ("/v1/generate", "/v1/completions")  # routes whose every answer is counted
 
 
-def create_app(engine=None, *, limits: ServerLimits | None = None, close_engine: bool = False):
+def create_app(engine=None, *, limits: ServerLimits | None = None, close_engine: bool = False,
+               model_name: str | None = None):
     """The FastAPI app over an encdec_fast Engine.
 
     engine: an Engine, or None when the caller hands it over later with app.state.encdec.ready(engine)
-    (serve() does, once the model is loaded and warmed; until then /health and /v1/generate answer 503).
-    close_engine: close the engine when the app shuts down (at the end of its lifespan)."""
+    (serve() does, once the model is loaded and warmed; until then /health and the generating routes
+    answer 503). close_engine: close the engine when the app shuts down (at the end of its lifespan).
+    model_name: the name OpenAI clients pass as `model` (GET /v1/models lists it); default: the engine's
+    checkpoint folder (model.path), else "encdec_fast"."""
     limits = limits or ServerLimits()
     state = ServerState(engine, limits, close_engine)
+    if model_name is None:
+        model_name = str(getattr(getattr(engine, "model", None), "path", None) or "encdec_fast")
 
     @asynccontextmanager
     async def lifespan(app):
@@ -172,9 +187,35 @@ def create_app(engine=None, *, limits: ServerLimits | None = None, close_engine:
     app = FastAPI(title="encdec_fast", lifespan=lifespan,
                   description="Generation over an EncoderDecoderModel checkpoint: encdec_fast's Engine over HTTP.")
     app.state.encdec = state
-    retry = {"Retry-After": str(limits.retry_after_s)}
     app.add_exception_handler(HTTPException, http_error)
     app.add_exception_handler(Exception, internal_error)
+    _add_state_routes(app, state)
+    _add_generate(app, state)
+    from . import server_openai  # here: it builds on this module's helpers
+
+    server_openai.add_routes(app, state, model_name)
+    base_openapi = app.openapi
+
+    def openapi():
+        """FastAPI's schema, plus the request bodies the routes read themselves (FastAPI does not list them)
+        and the data of stream events: GenerateRequest, StreamChunk, CompletionRequest."""
+        if app.openapi_schema is None:
+            schemas = base_openapi()["components"]["schemas"]
+            for model in EXTRA_SCHEMAS + server_openai.EXTRA_SCHEMAS:
+                schemas[model.__name__] = model.model_json_schema(ref_template="#/components/schemas/{model}")
+            server_openai.name_the_model(app.openapi_schema, model_name)
+        return app.openapi_schema
+
+    app.openapi = openapi
+    app.add_middleware(APIKey, key=limits.api_key)
+    app.add_middleware(_Counted, counter=state.metrics.requests, routes=app.routes)  # outside APIKey: counts its 401s
+    return app
+
+
+def _add_state_routes(app, state: ServerState):
+    """GET /health and GET /metrics."""
+    limits = state.limits
+    retry = {"Retry-After": str(limits.retry_after_s)}
 
     @app.get("/health", response_model=Health, responses={503: {"model": Health, "description": "loading, degraded "
                                                                 "(the engine is stuck in one turn) or shutting down"}})
@@ -197,26 +238,19 @@ def create_app(engine=None, *, limits: ServerLimits | None = None, close_engine:
     async def metrics():
         return Response(state.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
+
+def _add_generate(app, state: ServerState):
+    """POST /v1/generate."""
+    limits = state.limits
+
     @app.post("/v1/generate", response_model=None, responses=GENERATE_RESPONSES, openapi_extra=GENERATE_BODY)
     async def generate(request: Request):
         """Generates for one input (see GenerateRequest; with "stream": true the answer is server-sent events)."""
-        engine = state.engine
-        if engine is None or state.shutting_down:
-            why = "the model is still loading" if engine is None else "the server is shutting down"
-            return JSONResponse({"error": f"{why}; retry shortly.", "type": "Unavailable"}, 503, retry)
-        try:  # the whole body, and valid, before it takes a place in the queue
-            inp, stream, kwargs = parse_generate(await read_body(request, limits.max_body_bytes, limits.body_timeout_s))
+        try:
+            inp, stream, kwargs = await admit(state, request, parse_generate)
         except BodyRefused as e:
-            return JSONResponse(e.body, e.status, e.headers)
-        except InvalidInputError as e:
-            return JSONResponse(error_body(e), 400)
-        except Disconnected:
-            return Response(status_code=499)  # nobody to answer; nginx's code for it
-        if state.in_flight >= limits.max_queued:
-            why = (f"the server has max_queued={limits.max_queued} requests in flight; retry after the Retry-After "
-                   "seconds, or raise the limit (--max-queued).")
-            return JSONResponse({"error": why, "type": "QueueFull"}, 429, retry)
-        state.in_flight += 1
+            return e.response()
+        engine = state.engine
         streaming = False
         try:
             t0 = time.perf_counter()
@@ -228,14 +262,14 @@ def create_app(engine=None, *, limits: ServerLimits | None = None, close_engine:
                 streamed = _StreamedRequest(state, engine, token_stream, t0, isinstance(inp, str))
                 streaming = True  # the response answers and counts from here on
                 request.scope[_UNCOUNTED] = True
-                return _EventStream(streamed.events(), streamed.close, media_type="text/event-stream",
-                                    headers={"Cache-Control": "no-cache"})
+                return EventStream(streamed.events(), streamed.close, media_type="text/event-stream",
+                                   headers={"Cache-Control": "no-cache"})
             fut = engine.submit(inp, **kwargs)
             if fut.done() and fut.exception() is not None:  # refused when submitted
                 return JSONResponse(refused_body(fut.exception()), status_of(fut.exception(), refused=True))
             try:
-                res = await _wait(request, fut, limits.request_timeout_s)
-            except _Timeout:
+                [res] = await wait_all(request, [fut], limits.request_timeout_s)
+            except Timeout:
                 return JSONResponse(timeout_body(limits.request_timeout_s), 504)
             except Disconnected:
                 return Response(status_code=499)
@@ -248,31 +282,46 @@ def create_app(engine=None, *, limits: ServerLimits | None = None, close_engine:
             if not streaming:
                 state.in_flight -= 1
 
-    base_openapi = app.openapi
 
-    def openapi():
-        """FastAPI's schema, plus GenerateRequest (the route reads its body itself, so FastAPI does not list
-        it) and StreamChunk (the data of a stream's events)."""
-        if app.openapi_schema is None:
-            schemas = base_openapi()["components"]["schemas"]
-            for model in EXTRA_SCHEMAS:
-                schemas[model.__name__] = model.model_json_schema(ref_template="#/components/schemas/{model}")
-        return app.openapi_schema
-
-    app.openapi = openapi
-    app.add_middleware(APIKey, key=limits.api_key)
-    app.add_middleware(_Counted, counter=state.metrics.requests)  # outside APIKey: its 401s count too
-    return app
+async def admit(state: ServerState, request, parse, cost=lambda parsed: 1):
+    """The parsed body of a request admitted to the queue: state.in_flight is raised by cost(parsed), its
+    engine requests, which the caller lowers once it has answered. Else BodyRefused: 503 (loading or
+    shutting down), the body's 413/408, 400 for what parse() refuses (InvalidInputError, or its own
+    BodyRefused), a bare 499 (the client left), 429 with Retry-After (max_queued engine requests in flight),
+    or 400 (more engine requests than max_queued). The whole body, and valid, before it takes a place."""
+    limits, engine = state.limits, state.engine
+    retry = {"Retry-After": str(limits.retry_after_s)}
+    if engine is None or state.shutting_down:
+        why = "the model is still loading" if engine is None else "the server is shutting down"
+        raise BodyRefused(503, {"error": f"{why}; retry shortly.", "type": "Unavailable"}, retry)
+    try:
+        parsed = parse(await read_body(request, limits.max_body_bytes, limits.body_timeout_s))
+    except InvalidInputError as e:
+        raise BodyRefused(400, error_body(e)) from None
+    except Disconnected:
+        raise BodyRefused(499, None) from None  # nobody to answer; nginx's code for it
+    n = cost(parsed)
+    if n > limits.max_queued:
+        raise BodyRefused(400, {"error": f"this request holds {n} prompts, more than the server's max_queued="
+                                         f"{limits.max_queued}; send fewer per request.", "type": "InvalidInputError"},
+                          param="prompt")
+    if state.in_flight + n > limits.max_queued:
+        why = (f"the server has max_queued={limits.max_queued} requests in flight; retry after the Retry-After "
+               "seconds, or raise the limit (--max-queued).")
+        raise BodyRefused(429, {"error": why, "type": "QueueFull"}, retry)
+    state.in_flight += n
+    return parsed
 
 
 class _Counted:
-    """ASGI middleware: encdec_fast_requests_total{code} counts every answer of /v1/generate and every
-    error (status >= 400) of the other routes, the API key's 401 and 404/405 included. A stream counts
-    itself when it ends (by how it ended), and /health's 503s (states) are not counted: both mark their
-    scope _UNCOUNTED. A route that raises is counted 500 (the app's error handler answers it)."""
+    """ASGI middleware: encdec_fast_requests_total{route, code} counts every answer of the generating routes
+    (GENERATING) and every error (status >= 400) of the other routes, the API key's 401 and 404/405
+    included. route is the path of the app's route that matches (route_of), so its values are bounded. A
+    stream counts itself when it ends (by how it ended), and /health's 503s (states) are not counted: both
+    mark their scope _UNCOUNTED. A route that raises is counted 500 (the app's error handler answers it)."""
 
-    def __init__(self, app, counter):
-        self.app, self.counter = app, counter
+    def __init__(self, app, counter, routes):
+        self.app, self.counter, self.routes = app, counter, routes
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -291,28 +340,38 @@ class _Counted:
             status = status or 500
             raise
         finally:
-            if status is not None and not scope.get(_UNCOUNTED) and (status >= 400 or scope["path"] == "/v1/generate"):
-                self.counter.labels(str(status)).inc()
+            if status is not None and not scope.get(_UNCOUNTED):
+                route = route_of(self.routes, scope)
+                if status >= 400 or route in GENERATING:
+                    self.counter.labels(route, str(status)).inc()
 
 
-class _Timeout(Exception):
-    pass
+def route_of(routes, scope) -> str:
+    """The path of the app's route matching scope's path (whatever the method), or "other"."""
+    return next((r.path for r in routes if r.matches(scope)[0] != Match.NONE), "other")
 
 
-async def _wait(request, fut, timeout: float):
-    """The future's result; cancels the request if the client disconnects (Disconnected) or the
-    time limit passes (_Timeout) first."""
-    result = asyncio.ensure_future(asyncio.wrap_future(fut))
+class Timeout(Exception):
+    """A request's time limit (request_timeout_s) passed."""
+
+
+async def wait_all(request, futures: list, timeout: float) -> list:
+    """The futures' results, in order. Cancels every request (freeing their decode slots) if the client
+    disconnects (Disconnected), the time limit passes (Timeout), or one fails (its error is raised)."""
+    results = asyncio.ensure_future(asyncio.gather(*(asyncio.wrap_future(f) for f in futures)))
     gone = asyncio.ensure_future(_until_disconnect(request))
     try:
-        done, _ = await asyncio.wait({result, gone}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        done, _ = await asyncio.wait({results, gone}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
     finally:
         gone.cancel()
-    if result in done:
-        return result.result()
-    fut.cancel()  # frees the request's decode slots
-    result.cancel()
-    raise Disconnected() if gone in done else _Timeout()
+    if results in done and results.exception() is None:
+        return results.result()
+    for f in futures:
+        f.cancel()
+    if results in done:
+        raise results.exception()
+    results.cancel()
+    raise Disconnected() if gone in done else Timeout()
 
 
 async def _until_disconnect(request):
@@ -374,7 +433,7 @@ class _StreamedRequest:
         self.closed = True
         self.stream.close()  # no-op once finished
         self.state.in_flight -= 1
-        self.state.metrics.requests.labels(self.status).inc()
+        self.state.metrics.requests.labels("/v1/generate", self.status).inc()
 
 
 class _TextDeltas:
@@ -402,7 +461,7 @@ class _TextDeltas:
         return out if rows is chunk else out[0]
 
 
-class _EventStream(StreamingResponse):
+class EventStream(StreamingResponse):
     """A streaming response that always watches for the client going away and then cancels the body
     (Starlette skips the watch for ASGI servers of spec 2.4, which report a disconnect only when the next
     chunk is sent, and a request still waiting for a decode slot sends nothing). on_end() runs when the
@@ -440,9 +499,10 @@ def warm_up(engine):
 
 def serve(path, *, host: str = "127.0.0.1", port: int = 8000, limits: ServerLimits | None = None,
           max_batch_size: int = 32, max_batch_tokens: int = 16384, device=None, dtype=None,
-          log_level: str = "info") -> int:
+          log_level: str = "info", model_name: str | None = None) -> int:
     """Serves the checkpoint at path over HTTP until SIGTERM/SIGINT (see the module docstring). The socket
-    is open while the model loads (/health answers 503 then). Returns 0 after a clean shutdown."""
+    is open while the model loads (/health answers 503 then). model_name: what OpenAI clients pass as
+    `model` (default: path as given). Returns 0 after a clean shutdown."""
     import uvicorn
 
     import encdec_fast
@@ -450,7 +510,7 @@ def serve(path, *, host: str = "127.0.0.1", port: int = 8000, limits: ServerLimi
     limits = limits or ServerLimits()
     if limits.api_key is None and os.environ.get(API_KEY_ENV):
         limits = replace(limits, api_key=os.environ[API_KEY_ENV])
-    app = create_app(None, limits=limits)
+    app = create_app(None, limits=limits, model_name=model_name or str(path))
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on",
                             timeout_graceful_shutdown=int(limits.request_timeout_s) + 1)
     server = uvicorn.Server(config)

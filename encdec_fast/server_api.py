@@ -12,7 +12,11 @@ Rules across fields and the model's own limits (vocabulary, positions, decode ro
 submit() refuses them (400).
 
 Every error is {"error": what went wrong and how to fix it, "type": its name} (ErrorBody): the app's
-handlers answer 404, 405 and 500 so, and APIKey (ASGI middleware) 401.
+handlers answer 404, 405 and 500 so, and APIKey (ASGI middleware) 401. The OpenAI routes' errors (every
+status, those of the handlers and of APIKey included) take OpenAI's shape instead (OpenAIErrorBody,
+openai_body(): {"error": {"message", "type", "param", "code"}}), which OpenAI's clients read: the openai
+package raises BadRequestError, AuthenticationError, NotFoundError, ... from the status, and puts
+error.message in the exception's text. server_openai_api.py holds those routes' bodies.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ from pydantic import BaseModel, ConfigDict, PlainValidator, ValidationError, Wit
 from pydantic import Field as Prop
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, Response
 
 from . import validate
 from .errors import EncDecError, EngineClosedError, InvalidInputError, RequestCancelledError
@@ -155,6 +159,21 @@ class ErrorBody(BaseModel):
     type: str = Prop(description="the error's name: InvalidInputError, QueueFull, RequestTimeout, ...")
 
 
+class OpenAIError(BaseModel):
+    message: str = Prop(description="what went wrong, and how to fix it")
+    type: str = Prop(description="OpenAI's category: invalid_request_error (4xx), requests (429), server_error (5xx)")
+    param: str | None = Prop(description="the request field at fault, when one is")
+    code: str | None = Prop(description="what went wrong, for programs: model_not_found, invalid_api_key, "
+                            "unsupported_parameter, unknown_parameter, invalid_value, or encdec_fast's error name "
+                            "in snake case (queue_full, request_timeout, ...)")
+
+
+class OpenAIErrorBody(BaseModel):
+    """Every error of the OpenAI routes, in OpenAI's shape (what OpenAI's clients parse)."""
+
+    error: OpenAIError
+
+
 class Health(BaseModel):
     status: Literal["ready", "loading", "degraded", "shutting down"]
     stalled_s: float | None = Prop(None, description="degraded: how long the engine's current turn has run")
@@ -209,11 +228,20 @@ GENERATE_BODY = {"requestBody": {"required": True, "content": {"application/json
 
 # -- reading and parsing a body ----------------------------------------------------------------------
 class BodyRefused(Exception):
-    """The body could not be taken: the HTTP status, its ErrorBody and headers."""
+    """A request not taken: the HTTP status, its ErrorBody (None: the client went away, nobody to answer) and
+    headers; param and code: what an OpenAI error names (the field at fault, a machine-readable code)."""
 
-    def __init__(self, status: int, body: dict, headers: dict | None = None):
-        super().__init__(body["error"])
-        self.status, self.body, self.headers = status, body, headers
+    def __init__(self, status: int, body: dict | None, headers: dict | None = None, *, param: str | None = None,
+                 code: str | None = None):
+        super().__init__(body["error"] if body else "the client went away")
+        self.status, self.body, self.headers, self.param, self.code = status, body, headers, param, code
+
+    def response(self, openai: bool = False) -> Response:
+        """The answer: the ErrorBody, in OpenAI's shape when openai is true; a bare 499 when the client left."""
+        if self.body is None:
+            return Response(status_code=self.status)
+        body = openai_body(self.status, self.body, self.param, self.code) if openai else self.body
+        return JSONResponse(body, self.status, self.headers)
 
 
 class Disconnected(Exception):
@@ -307,6 +335,24 @@ def _request_error(e: ValidationError) -> EncDecError:
 
 
 # -- errors ------------------------------------------------------------------------------------------
+OPENAI_ROUTES = ("/v1/completions", "/v1/models")  # and /v1/models/{model}
+
+
+def is_openai(path: str) -> bool:
+    """Whether path is an OpenAI route, whose errors take OpenAI's shape."""
+    return path in OPENAI_ROUTES or path.startswith("/v1/models/")
+
+
+def openai_body(status: int, body: dict, param: str | None = None, code: str | None = None) -> dict:
+    """An ErrorBody in OpenAI's shape: the message as it is; the type by status, as OpenAI types its errors
+    (server_error for 5xx, requests for 429, invalid_request_error otherwise); code as given, else
+    invalid_api_key for a 401 (OpenAI's), else the error's name in snake case (QueueFull: queue_full)."""
+    kind = "server_error" if status >= 500 else "requests" if status == 429 else "invalid_request_error"
+    if code is None:
+        code = "invalid_api_key" if status == 401 else re.sub(r"(?<!^)(?=[A-Z])", "_", body["type"]).lower()
+    return {"error": {"message": body["error"], "type": kind, "param": param, "code": code}}
+
+
 def status_of(exc: BaseException, refused: bool = False) -> int:
     """refused: raised when the request was submitted (its input or arguments), not while it ran."""
     if isinstance(exc, RequestCancelledError):
@@ -342,27 +388,32 @@ async def http_error(request, exc: HTTPException):
     """404, 405 (and any other HTTPException) as an ErrorBody."""
     code = exc.status_code
     if code == 404:
-        why = (f"there is no route {request.url.path}; the routes are POST /v1/generate, GET /health, GET /metrics and "
-               "GET /openapi.json.")
+        why = (f"there is no route {request.url.path}; the routes are POST /v1/generate, POST /v1/completions, GET "
+               "/v1/models, GET /health, GET /metrics and GET /openapi.json.")
     elif code == 405:
         allowed = (exc.headers or {}).get("Allow", "another method")
         why = f"{request.url.path} does not take {request.method}; use {allowed}."
     else:
         why = str(exc.detail)
     kind = {404: "NotFound", 405: "MethodNotAllowed"}.get(code) or HTTPStatus(code).phrase.replace(" ", "")
-    return JSONResponse({"error": why, "type": kind}, code, exc.headers)
+    return _shaped(request.url.path, {"error": why, "type": kind}, code, exc.headers)
 
 
 async def internal_error(request, exc: Exception):
     """A bug: answered as an ErrorBody (Starlette still logs the traceback), and the connection closed."""
-    return JSONResponse({"error": f"internal server error ({type(exc).__name__}: {exc}); this is a bug in encdec_fast: "
-                                  "please report it with the request that caused it.", "type": "InternalServerError"},
-                        500, {"Connection": "close"})
+    return _shaped(request.url.path, {"error": f"internal server error ({type(exc).__name__}: {exc}); this is a bug in "
+                                               "encdec_fast: please report it with the request that caused it.",
+                                      "type": "InternalServerError"}, 500, {"Connection": "close"})
+
+
+def _shaped(path: str, body: dict, status: int, headers=None) -> JSONResponse:
+    """An ErrorBody answer, in OpenAI's shape on the OpenAI routes."""
+    return JSONResponse(openai_body(status, body) if is_openai(path) else body, status, headers)
 
 
 class APIKey:
-    """ASGI middleware: every HTTP route but /health needs the key (Authorization: Bearer KEY, or
-    X-API-Key: KEY), compared in constant time."""
+    """ASGI middleware: every HTTP route but /health needs the key (Authorization: Bearer KEY, as OpenAI's
+    clients send it, or X-API-Key: KEY), compared in constant time."""
 
     def __init__(self, app, key: str | None):
         self.app, self.key = app, key.encode() if key else None
@@ -379,7 +430,8 @@ class APIKey:
             why = "the API key is wrong; send the key the server was started with (--api-key or ENCDEC_FAST_API_KEY)."
         else:
             return await self.app(scope, receive, send)
-        body = json.dumps({"error": why, "type": "Unauthorized"}).encode()
+        error = {"error": why, "type": "Unauthorized"}
+        body = json.dumps(openai_body(401, error) if is_openai(scope["path"]) else error).encode()
         await send({"type": "http.response.start", "status": 401,
                     "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
                                 (b"www-authenticate", b"Bearer")]})

@@ -17,12 +17,13 @@ import uvicorn
 VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"w{i}" for i in range(92)]  # 97 = the model's vocab
 
 
-def checkpoint_with_tokenizer(make_ckpt, folder, **kw):
-    """A tiny bert2gpt2 (make_ckpt(**kw)) copied to folder with a BERT tokenizer beside it (for text inputs)."""
+def checkpoint_with_tokenizer(make_ckpt, folder, vocab=VOCAB, **kw):
+    """A tiny bert2gpt2 (make_ckpt(**kw)) copied to folder with a BERT tokenizer of vocab beside it (for text
+    inputs)."""
     import transformers as T
 
     shutil.copytree(make_ckpt("bert", "gpt2", **kw), folder)
-    T.BertTokenizer(vocab={w: i for i, w in enumerate(VOCAB)}).save_pretrained(folder)
+    T.BertTokenizer(vocab={w: i for i, w in enumerate(vocab)}).save_pretrained(folder)
     return folder
 
 
@@ -101,6 +102,16 @@ def metric(base, name, headers=None):
         if line.startswith(name + " "):
             return float(line.split()[1])
     return None
+
+
+def requests_total(base, code, route=None, headers=None) -> float:
+    """encdec_fast_requests_total{code} summed over the routes, or of one route."""
+    total = 0.0
+    for line in httpx.get(base + "/metrics", timeout=60, headers=headers).text.splitlines():
+        if line.startswith("encdec_fast_requests_total{") and f'code="{code}"' in line and \
+                (route is None or f'route="{route}"' in line):
+            total += float(line.split()[-1])
+    return total
 
 
 def wait_for(cond, timeout=60):

@@ -202,8 +202,9 @@ def test_health_waits_for_the_engine_and_metrics_count(engine):
              for i in range(3)]
         client.post("/v1/generate", content=b"{")
         text = client.get("/metrics").text
-    assert 'encdec_fast_requests_total{code="200"} 3.0' in text
-    assert 'encdec_fast_requests_total{code="400"} 1.0' in text and 'code="503"} 1.0' in text
+    assert 'encdec_fast_requests_total{code="200",route="/v1/generate"} 3.0' in text
+    assert 'encdec_fast_requests_total{code="400",route="/v1/generate"} 1.0' in text
+    assert 'encdec_fast_requests_total{code="503",route="/v1/generate"} 1.0' in text
     assert f"encdec_fast_generated_tokens_total {float(sum(n))}" in text
     assert "encdec_fast_request_seconds_count 3.0" in text and "encdec_fast_queue_depth 0.0" in text
     assert 'encdec_fast_engine_requests{state="waiting"} 0.0' in text

@@ -17,7 +17,16 @@ from encdec_fast import InvalidInputError, UnsupportedArgumentError
 
 httpx = pytest.importorskip("httpx", reason="the test extra installs httpx")
 pytest.importorskip("uvicorn", reason="the test extra installs uvicorn")
-from serving import VOCAB, checkpoint_with_tokenizer, metric, running, server_errors, solo, sse, wait_for  # noqa: E402
+from serving import (  # noqa: E402
+    VOCAB,
+    checkpoint_with_tokenizer,
+    requests_total,
+    running,
+    server_errors,
+    solo,
+    sse,
+    wait_for,
+)
 
 from encdec_fast import validate  # noqa: E402
 from encdec_fast.engine.requests import REFUSED  # noqa: E402
@@ -51,7 +60,7 @@ def url(engine):
 
 
 def count(base, code) -> float:
-    return metric(base, f'encdec_fast_requests_total{{code="{code}"}}') or 0.0
+    return requests_total(base, code)
 
 
 def is_error_body(r) -> bool:
@@ -231,9 +240,8 @@ def test_404_405_and_401_answer_the_error_body_and_are_counted(engine):
             assert r.status_code == status and is_error_body(r) and r.json()["type"] == kind, (method, path, r.text)
         assert client.get("/v1/generate", headers=auth).headers["allow"] == "POST"
         assert client.get("/health").status_code == 200
-        counted = {code: metric(base, f'encdec_fast_requests_total{{code="{code}"}}', auth)
-                   for code in (200, 401, 404, 405)}
-    assert counted == {200: None, 401: 1.0, 404: 1.0, 405: 4.0}
+        counted = {code: requests_total(base, code, headers=auth) for code in (200, 401, 404, 405)}
+    assert counted == {200: 0.0, 401: 1.0, 404: 1.0, 405: 4.0}
 
 
 def test_openapi_describes_the_bodies_and_metrics_is_text(url):
@@ -325,15 +333,23 @@ def test_the_served_schema_holds_under_schemathesis(engine):
 
         check()
     assert {("/v1/generate", 200), ("/v1/generate", 400), ("/health", 200), ("/metrics", 200)} <= set(seen)
+    assert {("/v1/completions", 200), ("/v1/completions", 400), ("/v1/models", 200)} <= set(seen)
+
+
+def junk_values():
+    """Values of every JSON type, edges included (a hypothesis strategy)."""
+    from hypothesis import strategies as st
+
+    return st.one_of(st.none(), st.booleans(), st.integers(-3, 3), st.floats(), st.text(max_size=6),
+                     st.sampled_from([2**31, 2**63, 2**64, -2**63 - 1, 10**30, 1e308, [], {}, [[]]]),
+                     st.lists(st.integers(-2, 120), max_size=3))
 
 
 def test_a_fuzzed_generate_never_answers_5xx_and_errors_keep_their_shape(url):
     from hypothesis import HealthCheck, given, settings
     from hypothesis import strategies as st
 
-    junk = st.one_of(st.none(), st.booleans(), st.integers(-3, 3), st.floats(), st.text(max_size=6),
-                     st.sampled_from([2**31, 2**63, 2**64, -2**63 - 1, 10**30, 1e308, [], {}, [[]]]),
-                     st.lists(st.integers(-2, 120), max_size=3))
+    junk = junk_values()
 
     def plausible(field):
         """Values inside the field's range (still refused at times: rules across fields, the model's limits)."""
@@ -416,3 +432,69 @@ def test_a_request_beyond_the_engines_rows_or_token_budget_gets_400_and_others_g
         r = client.post("/v1/generate", json={"input": [5], "num_beams": 2, "do_sample": True, "seed": 1,
                                               "max_new_tokens": 4})
         assert r.status_code == 200 and len(r.json()["output_ids"]) >= 2
+
+
+def is_openai_error(body) -> bool:
+    return (isinstance(body, dict) and set(body) == {"error"} and isinstance(body["error"], dict)
+            and set(body["error"]) == {"message", "type", "param", "code"} and isinstance(body["error"]["message"], str))
+
+
+def test_a_fuzzed_completions_never_answers_5xx_and_errors_keep_openais_shape(url, model):
+    """Plausible OpenAI requests (the served model, often valid) and hostile ones (junk in every field, unknown
+    keys, raw bytes, deep JSON): never a 5xx or a hang; a 200 is a Completion, or a stream of chunks ending
+    with [DONE]; every error is OpenAI's shape, an unknown key an unknown_parameter."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    from encdec_fast.server_openai_api import Completion, CompletionRequest
+
+    junk, name = junk_values(), str(model.path)
+    text = st.lists(st.sampled_from(VOCAB[4:]), max_size=6).map(" ".join)
+    ids = st.lists(st.integers(4, 96), min_size=1, max_size=10)
+    fair = {
+        "model": st.just(name), "prompt": st.one_of(text, ids, st.lists(text, min_size=1, max_size=3),
+                                                    st.lists(ids, min_size=1, max_size=3)),
+        "max_tokens": st.integers(1, 10), "temperature": st.floats(0, 2), "top_p": st.floats(0, 1),
+        "n": st.integers(1, 3), "stream": st.booleans(), "stream_options": st.fixed_dictionaries(
+            {}, optional={"include_usage": st.booleans()}), "seed": st.integers(0, 2**32),
+        "stop": st.one_of(text.filter(bool), st.lists(text.filter(bool), max_size=4)),
+        "echo": st.booleans(), "logprobs": st.one_of(st.none(), st.integers(0, 5)), "best_of": st.integers(1, 3),
+        "suffix": st.sampled_from(["", "x"]), "presence_penalty": st.sampled_from([0, 0.5]),
+        "frequency_penalty": st.sampled_from([0.0, -1.0]), "logit_bias": st.sampled_from([{}, {"5": 3}]),
+        "user": st.text(max_size=5)}
+    hostile = {key: st.one_of(values, junk) for key, values in fair.items()}
+    fixed = ("model", "prompt", "stream")  # with a few others: often valid
+    fair_request = st.tuples(st.fixed_dictionaries({k: fair[k] for k in fixed}),
+                             st.lists(st.sampled_from(sorted(set(fair) - set(fixed))), max_size=4,
+                                      unique=True).flatmap(lambda keys: st.fixed_dictionaries(
+                                          {k: fair[k] for k in keys}))).map(lambda t: {**t[0], **t[1]})
+    hostile_request = st.tuples(st.fixed_dictionaries({}, optional=hostile),
+                                st.dictionaries(st.text(max_size=12), junk, max_size=2)).map(lambda t: {**t[1], **t[0]})
+    bodies = st.one_of(fair_request.map(lambda b: json.dumps(b).encode()),
+                       hostile_request.map(lambda b: json.dumps(b).encode()), st.binary(max_size=64),
+                       st.sampled_from([40, 1000, 100_000]).map(lambda n: b"[" * n + b"]" * n))
+    accepted = set(CompletionRequest.model_fields)
+    with httpx.Client(base_url=url, timeout=60) as client:  # a hang is a ReadTimeout
+        @given(body=bodies)
+        @settings(max_examples=300, derandomize=True, deadline=None, database=None,
+                  suppress_health_check=list(HealthCheck))
+        def check(body):
+            r = client.post("/v1/completions", content=body, headers={"content-type": "application/json"})
+            assert r.status_code < 500, (body, r.text)
+            try:
+                keys = set(json.loads(body))
+            except (ValueError, TypeError, RecursionError):
+                keys = set()
+            if keys - accepted:
+                assert r.status_code == 400 and r.json()["error"]["code"] == "unknown_parameter", (body, r.text)
+            if r.headers["content-type"].startswith("text/event-stream"):
+                data = [line[6:] for line in r.text.splitlines() if line.startswith("data: ")]
+                assert data[-1] == "[DONE]", r.text
+                for d in map(json.loads, data[:-1]):
+                    assert is_openai_error(d) or Completion.model_validate(d), d
+            elif r.status_code == 200:
+                Completion.model_validate(r.json())
+            else:
+                assert is_openai_error(r.json()), (body, r.text)
+
+        check()
