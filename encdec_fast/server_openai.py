@@ -14,8 +14,7 @@ work as they do for /v1/generate. Its errors, at every step, take OpenAI's shape
 The text of a choice: its sequence's tokens up to the first eos, decoded whole with the Engine's decoder
 tokenizer (special tokens skipped), cut before the first stop string it holds (_Text). The Engine stops
 the sequence at the token that completes a stop string (stop=, as model.generate(stop_strings=...));
-the cut also catches a stop string the token-level check cannot see (one inside a token), and serves
-the tokenizers the Engine cannot take stop strings with (_Starter). A stream sends each choice's new
+the cut also catches a stop string the token-level check cannot see (one inside a token). A stream sends each choice's new
 text as it comes, holding back text that could begin a stop string (or ends in an incomplete
 character) until the next tokens decide it; the last chunk of a choice carries its finish_reason; once
 a stop string in the text has ended a prompt's last running choice, its Engine request is cancelled
@@ -29,14 +28,13 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
 import time
 import uuid
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
-from .errors import EncDecError, InvalidInputError
+from .errors import InvalidInputError
 from .server import _UNCOUNTED, Disconnected, EventStream, Timeout, admit, wait_all
 from .server_api import BodyRefused, error_body, openai_body, refused_body, status_of, timeout_body
 from .server_openai_api import (
@@ -53,14 +51,12 @@ from .server_openai_api import (
 
 __all__ = ["EXTRA_SCHEMAS", "add_routes", "name_the_model"]
 ROUTE = "/v1/completions"
-log = logging.getLogger("encdec_fast.server")
 _END = object()
 
 
 def add_routes(app, state, name: str):
     """The OpenAI routes of the app over state (server.ServerState), serving the model as `name`."""
     card = {"id": name, "object": "model", "created": int(time.time()), "owned_by": "encdec_fast"}
-    starter = _Starter()
 
     @app.get("/v1/models", response_model=ModelList, responses=openai_errors(401, 500))
     async def models():
@@ -86,8 +82,8 @@ def add_routes(app, state, name: str):
         streaming = False
         try:
             if not plan.stream:
-                return await _complete(request, state, starter, plan)
-            response = _open_stream(request, state, starter, plan)
+                return await _complete(request, state, plan)
+            response = _open_stream(request, state, plan)
             streaming = isinstance(response, EventStream)  # it answers, counts and releases its place from here on
             return response
         finally:
@@ -235,40 +231,15 @@ def _refusal(exc: BaseException) -> JSONResponse:
 
 
 # -- answering ----------------------------------------------------------------------------------------
-class _Starter:
-    """Starts a plan's Engine requests. The stop strings go to the Engine (stop=), which ends a sequence at
-    the token that completes one. When the Engine cannot take them with its tokenizer (transformers'
-    StopStringCriteria raises ValueError for some vocabularies: with transformers 5.25, a WordPiece one
-    without the token "abcdef"), requests run without them from then on, and choices stop on their text
-    alone: the same answers, but each sequence runs to eos or max_tokens (a stream cancels a prompt's
-    request once all its choices have stopped). The server logs it once."""
-
-    def __init__(self):
-        self.engine_stops = True
-
-    def start(self, engine, plan: CompletionPlan, stream: bool) -> list:
-        """Every prompt's request, in order: TokenStreams (stream) or futures. A refusal cancels the ones
-        started and is raised (InvalidInputError when the engine has no tokenizer to answer text with)."""
-        try:
-            engine.detokenize([])
-        except InvalidInputError as e:
-            raise InvalidInputError(f"the completions API answers text, which needs the checkpoint's tokenizer: {e}"
-                                    ) from None
-        kwargs = plan.kwargs if self.engine_stops else _without_stop(plan.kwargs)
-        try:
-            return _start_all(engine, plan.prompts, kwargs, stream)
-        except ValueError as e:
-            if "stop" not in kwargs or isinstance(e, EncDecError):
-                raise
-            started = _start_all(engine, plan.prompts, _without_stop(kwargs), stream)  # fails on its own faults
-            self.engine_stops = False
-            log.warning("the engine cannot take stop strings with this tokenizer (%s: %s); /v1/completions stops "
-                        "choices on their text alone from now on", type(e).__name__, e)
-            return started
-
-
-def _without_stop(kwargs: dict) -> dict:
-    return {k: v for k, v in kwargs.items() if k != "stop"}
+def _start(engine, plan: CompletionPlan, stream: bool) -> list:
+    """Every prompt's request, in order: TokenStreams (stream) or futures. A refusal cancels the ones started
+    and is raised (InvalidInputError when the engine has no tokenizer to answer text with)."""
+    try:
+        engine.detokenize([])
+    except InvalidInputError as e:
+        raise InvalidInputError(f"the completions API answers text, which needs the checkpoint's tokenizer: {e}"
+                                ) from None
+    return _start_all(engine, plan.prompts, plan.kwargs, stream)
 
 
 def _start_all(engine, prompts: list, kwargs: dict, stream: bool) -> list:
@@ -288,12 +259,12 @@ def _start_all(engine, prompts: list, kwargs: dict, stream: bool) -> list:
     return started
 
 
-async def _complete(request, state, starter: _Starter, plan: CompletionPlan):
+async def _complete(request, state, plan: CompletionPlan):
     """A completion answered whole: every prompt submitted, waited for (request_timeout_s, a client that
     leaves), and its choices made."""
     engine, limits, t0 = state.engine, state.limits, time.perf_counter()
     try:
-        futures = starter.start(engine, plan, stream=False)
+        futures = _start(engine, plan, stream=False)
     except Exception as e:  # noqa: BLE001  a bad prompt or argument, or a closed engine
         return _refusal(e)
     try:
@@ -311,10 +282,10 @@ async def _complete(request, state, starter: _Starter, plan: CompletionPlan):
     return JSONResponse({**_head(plan), "choices": choices, "usage": _usage(prompts)})
 
 
-def _open_stream(request, state, starter: _Starter, plan: CompletionPlan) -> Response:
+def _open_stream(request, state, plan: CompletionPlan) -> Response:
     """The streamed answer: every prompt's TokenStream opened (or the refusal of the first bad one)."""
     try:
-        streams = starter.start(state.engine, plan, stream=True)
+        streams = _start(state.engine, plan, stream=True)
     except Exception as e:  # noqa: BLE001  a bad prompt or argument, or a closed engine
         return _refusal(e)
     streamed = _CompletionStream(state, plan, streams, state.engine.detokenize)

@@ -180,6 +180,18 @@ def test_stop_strings_stop_early_and_end_at_the_stop(hf, ours, tok):
     assert not torch.equal(got, full[:, :got.shape[1]]), "no row stopped at its stop string"
 
 
+def test_stop_strings_with_a_vocabulary_transformers_cannot_build_its_criteria_for(hf, ours, tok):
+    """Without the token "abcdef", transformers' StopStringCriteria cannot be built for a WordPiece vocabulary
+    (its generate() raises ValueError): ours then matches the decoded text (decode/host.py's TextStopCriteria),
+    stopping where the criteria that transformers builds for the same words with "abcdef" stop."""
+    plain = T.BertTokenizer(vocab={w: i for i, w in enumerate(VOCAB[:-1])})
+    with pytest.raises(ValueError):
+        hf.generate(ONE, max_new_tokens=12, stop_strings=["w79"], tokenizer=plain)
+    for stop in (["w79"], ["w21"]):
+        want = ours.generate(BATCH, max_new_tokens=12, stop_strings=stop, tokenizer=tok)  # StopStringCriteria
+        assert torch.equal(ours.generate(BATCH, max_new_tokens=12, stop_strings=stop, tokenizer=plain), want), stop
+
+
 def test_stop_strings_need_the_tokenizer(ours):
     with pytest.raises(InvalidInputError, match="tokenizer="):
         ours.generate(ONE, max_new_tokens=3, stop_strings=["w1"])

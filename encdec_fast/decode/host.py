@@ -13,7 +13,9 @@ transformers' generate() takes objects that run in Python during its loop (5.x, 
                       so before the sampling warpers (temperature, top-k, top-p)
 
 plus the criteria a GenerationConfig asks for: max_time (MaxTimeCriteria, timed from the first step) and
-stop_strings with tokenizer= (StopStringCriteria). resolve() merges them once, as _get_stopping_criteria
+stop_strings with tokenizer= (StopStringCriteria; for a vocabulary transformers' StopStringCriteria cannot
+be built for, such as a WordPiece one without the token "abcdef", TextStopCriteria, which stops a row at the
+token whose decoded text completes a stop string). resolve() merges them once, as _get_stopping_criteria
 and _get_logits_processor merge them, into a frozen Host; eos and max_length stay on the device. A custom
 object of a type generate() also builds from its settings replaces the built-in one in transformers;
 here that is refused (pass the setting instead), except for criteria that only run on the host.
@@ -156,12 +158,32 @@ def merge_criteria(gc, eos, pad, custom, tokenizer) -> tuple[tuple, bool]:
         if tokenizer is None:
             raise InvalidInputError("stop_strings needs the tokenizer that decodes the outputs: pass tokenizer= to "
                                     "generate() (as transformers requires).")
-        out.append(StopStringCriteria(tokenizer=tokenizer, stop_strings=list(strings)))
+        try:
+            out.append(StopStringCriteria(tokenizer=tokenizer, stop_strings=list(strings)))
+        except ValueError:  # transformers cannot map this vocabulary's tokens to text: match on the text itself
+            out.append(TextStopCriteria(tokenizer, strings))
     pad_stopped = eos is not None or any(hasattr(c, "eos_token_id") for c in out)
     if pad_stopped and pad is None:
         raise InvalidInputError("stopping_criteria holds an eos criterion, and finished rows are then padded, but "
                                 "pad_token_id is not set; pass pad_token_id=...")
     return tuple(out), pad_stopped
+
+
+class TextStopCriteria:
+    """stop_strings on decoded text: a row stops at the token whose text ends a stop string's occurrence (the
+    stop string ends inside that token's text), as StopStringCriteria stops it. For the vocabularies that
+    StopStringCriteria cannot be built for; special tokens are not text here."""
+
+    def __init__(self, tokenizer, strings):
+        self.tokenizer, self.strings = tokenizer, tuple(strings)
+
+    def _hit(self, row: list[int]) -> bool:
+        decode = self.tokenizer.decode
+        before, text = decode(row[:-1], skip_special_tokens=True), decode(row, skip_special_tokens=True)
+        return any(text.find(s, max(0, len(before) - len(s) + 1)) >= 0 for s in self.strings)
+
+    def __call__(self, input_ids: torch.Tensor, scores=None, **kwargs) -> torch.Tensor:
+        return torch.tensor([self._hit(row) for row in input_ids.tolist()], dtype=torch.bool, device=input_ids.device)
 
 
 def first_hits(criteria, ids: torch.Tensor, start: int, scores=None) -> tuple[list[int], list[int]]:
