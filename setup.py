@@ -1,13 +1,9 @@
+"""The package layout, which pyproject.toml's metadata cannot express: kernels/ and csrc/ are installed inside
+encdec_fast (pyproject.toml holds the metadata, dependencies and extras)."""
+
 from setuptools import setup
 
-SERVE = ["fastapi>=0.100", "uvicorn>=0.29", "prometheus-client>=0.17"]  # encdec-fast serve
-RAY = ["ray[data,serve]>=2.40"]  # encdec_fast.ray: Ray Data batch generation, Ray Serve replicas
-
 setup(
-    name="encdec_fast",
-    version="0.1.0",
-    description="Fast inference runtime for Hugging Face EncoderDecoderModel checkpoints (BERT-family encoders -> GPT-2, BERT-family or BART decoders)",
-    python_requires=">=3.10",
     # csrc/ ships as package data (encdec_fast._csrc) so that an installed copy can build its CUDA kernels
     # with nvcc on first use (encdec_fast/csrc.py); a libencdec_cuda.so placed there is used as is
     # kernels/ has no __init__.py on purpose: run from the repository root, a regular package named `kernels`
@@ -15,22 +11,8 @@ setup(
     # symbolic link to it, so that encdec_fast.kernels (the only name the project imports it by) resolves in a
     # checkout, an editable install and a wheel alike (setuptools' editable finder cannot map a namespace
     # subpackage of a regular package onto another folder).
-    packages=["encdec_fast", "encdec_fast.checkpoint", "encdec_fast.decode", "encdec_fast.engine", "encdec_fast.kernels", "encdec_fast._csrc"],
+    packages=["encdec_fast", "encdec_fast.checkpoint", "encdec_fast.decode", "encdec_fast.engine", "encdec_fast.kernels",
+              "encdec_fast._csrc"],
     package_dir={"encdec_fast": "encdec_fast", "encdec_fast._csrc": "csrc"},
     package_data={"encdec_fast._csrc": ["*.cu", "*.h", "libencdec_cuda.so"]},
-    # sentencepiece: transformers needs it to load BertGenerationTokenizer (spiece.model), the tokenizer of the
-    # bert-generation checkpoints of Rothe et al.; it has no tokenizers-library counterpart
-    # huggingface_hub: load() resolves Hub ids itself (encdec_fast/checkpoint/hub.py imports it directly), so it is
-    # a dependency of ours, not only of transformers
-    install_requires=["torch>=2.4", "triton>=3.0", "transformers>=5.0", "safetensors>=0.4", "sentencepiece>=0.2",
-                      "huggingface_hub>=1.0"],
-    extras_require={
-        "serve": SERVE,
-        "ray": RAY,
-        # hypothesis and schemathesis: tests/test_server_hostile.py fuzzes the server and checks it against its schema;
-        # openai: tests/test_openai.py speaks to /v1/completions with the openai package, as OpenAI clients do
-        "test": ["pytest>=8", "pytest-benchmark>=4", "httpx>=0.25", "hypothesis>=6.100", "schemathesis>=4.0",
-                 "openai>=1.40"] + SERVE + RAY,
-    },
-    entry_points={"console_scripts": ["encdec-fast=encdec_fast.cli:main"]},
 )
