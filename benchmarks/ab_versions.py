@@ -83,8 +83,9 @@ def main(argv=None) -> int:
     import warnings
 
     warnings.filterwarnings("ignore")
-    import encdec_fast
     from conftest import _BASE, GenBenchSize, build_bert2gpt2, gen_inputs
+
+    import encdec_fast
 
     size = (GenBenchSize(12, 768, 12, 30522, 50257, 1024, 128, 32) if a.size == "base"
             else GenBenchSize(4, 256, 4, 8000, 8000, 512, 48, 24))

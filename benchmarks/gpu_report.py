@@ -89,23 +89,23 @@ def part_tests(tmp: Path) -> str:
     else:
         args = ["tests/", "-q"]
     rc, out = sh([sys.executable, "-m", "pytest", *args, "-p", "no:cacheprovider", "-rfs", "-s"], tmp / "tests.log")
-    summary = [l for l in out.splitlines() if re.search(r"\d+ (passed|failed)", l)]
-    fails = [l for l in out.splitlines() if l.startswith("FAILED")]
+    summary = [ln for ln in out.splitlines() if re.search(r"\d+ (passed|failed)", ln)]
+    fails = [ln for ln in out.splitlines() if ln.startswith("FAILED")]
     if QUICK and not fails:  # cut short before the summary: the streamed results
-        fails = sorted({"FAILED " + l.split(" FAILED")[0] for l in out.splitlines() if " FAILED" in l and "::" in l})
+        fails = sorted({"FAILED " + ln.split(" FAILED")[0] for ln in out.splitlines() if " FAILED" in ln and "::" in ln})
     what = "`pytest tests/`" + (f" (GPU paths first, without {', '.join(CPU_ONLY_TESTS)})" if QUICK else "")
     if not summary and QUICK:
-        counts = {k: sum(1 for l in out.splitlines() if "::" in l and f" {k.upper()}" in l) for k in ("passed", "failed", "skipped")}
+        counts = {k: sum(1 for ln in out.splitlines() if "::" in ln and f" {k.upper()}" in ln) for k in ("passed", "failed", "skipped")}
         summary = [", ".join(f"{v} {k}" for k, v in counts.items()) + " (streamed results)"]
     body = f"{what} on the GPU: **{summary[-1].strip('= ') if summary else 'no summary (rc %d)' % rc}**\n"
     if rc == 124:
         body += "\n(cut short: the run's budget ended before the tests did)\n"
     if fails:
-        body += "\n" + "\n".join(f"- {l}" for l in fails[:30]) + "\n"
-    lp = [l for l in out.splitlines() if re.match(r"torch\.(float16|bfloat16): triton", l.strip())]
+        body += "\n" + "\n".join(f"- {ln}" for ln in fails[:30]) + "\n"
+    lp = [ln for ln in out.splitlines() if re.match(r"torch\.(float16|bfloat16): triton", ln.strip())]
     if lp:
         body += "\nWhole-model low-precision error vs fp32 (triton vs plain PyTorch at that precision):\n\n" + \
-                "\n".join(f"- {l.strip()}" for l in lp) + "\n"
+                "\n".join(f"- {ln.strip()}" for ln in lp) + "\n"
     return body
 
 
@@ -129,9 +129,9 @@ def part_workloads(tmp: Path, name="workloads", files=("benchmarks/test_bench_wo
     only = ["-k", QUICK_WORKLOADS] if QUICK and name == "workloads" else []
     rc, out = sh([sys.executable, "-m", "pytest", *files, "-q", "-s", "-p", "no:cacheprovider",
                   "--benchmark-disable-gc", *only], tmp / f"{name}.log", env={"ENCDEC_BENCH_JSON": str(js)})
-    table = [l for l in out.splitlines() if l.startswith("|")]
-    extra = [l for l in out.splitlines() if l.startswith("ceilings:")]
-    notes = [l[len("note: "):] for l in out.splitlines() if l.startswith("note: ")]
+    table = [ln for ln in out.splitlines() if ln.startswith("|")]
+    extra = [ln for ln in out.splitlines() if ln.startswith("ceilings:")]
+    notes = [ln[len("note: "):] for ln in out.splitlines() if ln.startswith("note: ")]
     body = "\n".join(table) + "\n"
     if only:
         body = f"--quick: `-k \"{QUICK_WORKLOADS}\"`\n\n" + body
@@ -142,18 +142,18 @@ def part_workloads(tmp: Path, name="workloads", files=("benchmarks/test_bench_wo
     if rc == 124:
         body += "\n(cut short: the run's budget ended; the rows above are those that finished)\n"
     elif rc != 0:
-        body += f"\n(pytest exit code {rc}: " + "; ".join(l for l in out.splitlines() if l.startswith("FAILED"))[:2000] + ")\n"
+        body += f"\n(pytest exit code {rc}: " + "; ".join(ln for ln in out.splitlines() if ln.startswith("FAILED"))[:2000] + ")\n"
     return body
 
 
 def part_profile(tmp: Path) -> str:
     """benchmarks/profile_step.py: W1's time per token, the captured step's replay alone, the kernels per step."""
     rc, out = sh([sys.executable, "benchmarks/profile_step.py"], tmp / "profile.log", timeout=600)
-    keep = [l.strip() for l in out.splitlines() if l.startswith(("generate:", "kernels per step:", "without CUDA graphs:"))]
+    keep = [ln.strip() for ln in out.splitlines() if ln.startswith(("generate:", "kernels per step:", "without CUDA graphs:"))]
     body = ("`python benchmarks/profile_step.py` (random bert-base + gpt2, bf16, batch 1, 512 source tokens, 128 new, "
-            "greedy):\n\n" + "\n".join(f"- {l}" for l in keep) + "\n")
+            "greedy):\n\n" + "\n".join(f"- {ln}" for ln in keep) + "\n")
     lines = out.splitlines()
-    head = next((i for i, l in enumerate(lines) if "Name" in l and "CUDA" in l), None)
+    head = next((i for i, ln in enumerate(lines) if "Name" in ln and "CUDA" in ln), None)
     if head is not None:  # the profiler's kernel table, top rows
         body += "\nOne eager step's kernels by CUDA time:\n\n```\n" + "\n".join(lines[head - 1:head + 20]) + "\n```\n"
     if rc != 0:
@@ -178,7 +178,7 @@ def part_csrc(tmp: Path) -> str:
                      tmp / f"csrc_{flag}.log", env={"ENCDEC_BENCH_JSON": str(js), "ENCDEC_CUDA": flag})
         if rc != 0:
             notes.append(f"ENCDEC_CUDA={flag}: pytest exit code {rc}: "
-                         + "; ".join(l for l in out.splitlines() if l.startswith(("FAILED", "E ")))[:1500])
+                         + "; ".join(ln for ln in out.splitlines() if ln.startswith(("FAILED", "E ")))[:1500])
         rows = json.loads(js.read_text()) if js.exists() else []
         got[flag] = next((r for r in rows if r.get("provider") == "encdec_fast-triton"), None)
     body = "| W1 (b1 src512 new128 greedy) | tok/s | vs ENCDEC_CUDA=0 | vs transformers-sdpa | tokens = sdpa |\n"

@@ -72,8 +72,8 @@ def measure(path: str, prepack: bool = True) -> dict:
     import torch
     import transformers  # noqa: F401
     from transformers import AutoConfig, EncoderDecoderConfig, GenerationConfig  # noqa: F401  (module imports are
-    # not the loader's memory: on some images these lazy imports pull in hundreds of MB of optional integrations)
 
+    # not the loader's memory: on some images these lazy imports pull in hundreds of MB of optional integrations)
     import encdec_fast
     import encdec_fast.model  # noqa: F401
 

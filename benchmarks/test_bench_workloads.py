@@ -13,7 +13,6 @@ import time
 
 import pytest
 import torch
-
 import workloads as W
 
 # transformers-eager only where it finishes in reasonable time
@@ -78,8 +77,9 @@ W4_ENCODER = [w for w in W.WORKLOADS if w.name == "W4" and w.encoder_only]
 def test_w4_encoder_alternating_with_transformers(bench_env, w):
     """encdec_fast (default backend) and transformers-sdpa resident together, timed in alternating
     rounds on W4's encoder; also the decode-step cross-attention bytes at W4's real vs padded lengths."""
-    import encdec_fast
     import transformers as T
+
+    import encdec_fast
 
     bench_env["models"].clear()
     _model(bench_env, "transformers-sdpa", w.model)  # builds the checkpoint once

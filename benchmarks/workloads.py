@@ -216,15 +216,18 @@ def measure_bandwidth_and_flops() -> dict:
         return {}
     import triton.testing as tt
 
-    x = torch.empty(2 * 1024**3 // 2, dtype=torch.bfloat16, device="cuda").normal_()
-    y = torch.empty_like(x)
-    ms = tt.do_bench(lambda: y.copy_(x), return_mode="median")
-    bw = 2 * x.numel() * 2 / (ms * 1e-3)
-    a = torch.randn(8192, 8192, dtype=torch.bfloat16, device="cuda")
-    b = torch.randn(8192, 8192, dtype=torch.bfloat16, device="cuda")
-    ms = tt.do_bench(lambda: a @ b, return_mode="median")
-    fl = 2 * 8192**3 / (ms * 1e-3)
-    del x, y, a, b
+    def copy_ms(n: int) -> float:
+        x = torch.empty(n, dtype=torch.bfloat16, device="cuda").normal_()
+        y = torch.empty_like(x)
+        return tt.do_bench(lambda: y.copy_(x), return_mode="median")
+
+    def matmul_ms(n: int) -> float:
+        a, b = (torch.randn(n, n, dtype=torch.bfloat16, device="cuda") for _ in range(2))
+        return tt.do_bench(lambda: a @ b, return_mode="median")
+
+    elems = 2 * 1024**3 // 2
+    bw = 2 * elems * 2 / (copy_ms(elems) * 1e-3)
+    fl = 2 * 8192**3 / (matmul_ms(8192) * 1e-3)
     torch.cuda.empty_cache()
     return {"bandwidth_GBps": bw / 1e9, "bf16_TFLOPs": fl / 1e12}
 

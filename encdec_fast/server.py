@@ -28,7 +28,8 @@ engine requests admitted at once (running or waiting in the engine; a completion
 prompt; admitted once the body is read and valid; one more gets 429 with Retry-After, so the queue is
 never unbounded), request_timeout_s (a request still unfinished is cancelled: 504, or an error event in
 a stream), max_input_tokens and max_request_tokens
-(400, checked by the Engine serve() builds, with its max_batch_size on a request's decode rows), and api_key (401 without `Authorization: Bearer KEY` or `X-API-Key: KEY` on every route but
+(400, checked by the Engine serve() builds, with its max_batch_size on a request's decode rows), and api_key (401
+without `Authorization: Bearer KEY` or `X-API-Key: KEY` on every route but
 /health). A client that disconnects cancels its request, which frees its decode slots at the engine's
 next step.
 

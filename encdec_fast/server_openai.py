@@ -14,7 +14,8 @@ work as they do for /v1/generate. Its errors, at every step, take OpenAI's shape
 The text of a choice: its sequence's tokens up to the first eos, decoded whole with the Engine's decoder
 tokenizer (special tokens skipped), cut before the first stop string it holds (_Text). The Engine stops
 the sequence at the token that completes a stop string (stop=, as model.generate(stop_strings=...));
-the cut also catches a stop string the token-level check cannot see (one inside a token). A stream sends each choice's new
+the cut also catches a stop string the token-level check cannot see (one inside a token). A stream sends each choice's
+new
 text as it comes, holding back text that could begin a stop string (or ends in an incomplete
 character) until the next tokens decide it; the last chunk of a choice carries its finish_reason; once
 a stop string in the text has ended a prompt's last running choice, its Engine request is cancelled

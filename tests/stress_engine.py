@@ -6,7 +6,8 @@ N requests (default 2000) from N_THREADS threads (default 16) on one Engine, 5% 
 way a request can be bad: arguments that would break a whole batch if they reached it (out-of-vocabulary or negative
 special ids, float lengths, num_beams=0, a string length penalty), bad token ids, an unsupported option,
 and failures inside a batch (tests/poison.py: an encoder micro-batch that raises, NaN logits in greedy
-and beam-search rows of the pool and in a beam-sampling run). Checks that every good request equals model.generate on it alone, that
+and beam-search rows of the pool and in a beam-sampling run). Checks that every good request equals model.generate on it
+alone, that
 every bad one fails alone with its expected error, and that nothing hangs; then ends WITHOUT
 engine.close(): the caller checks the exit code is 0. Prints "STRESS OK ..." on success.
 """

@@ -6,10 +6,10 @@ import sys
 
 import pytest
 import torch
-from encdec_fast.kernels import activation as kact
 from kernel_checks import DEVICE
 
 import encdec_fast
+from encdec_fast.kernels import activation as kact
 
 
 @pytest.fixture(scope="module")

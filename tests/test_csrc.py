@@ -13,7 +13,6 @@ import subprocess
 
 import pytest
 import torch
-import torch.nn.functional as F
 from csrc_checks import KINDS, library_or_skip, nvcc_or_skip, scores, selection_case
 
 from encdec_fast import csrc, csrc_ops

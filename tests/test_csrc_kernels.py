@@ -19,7 +19,7 @@ import pytest
 import torch
 from csrc_checks import KINDS, library_or_skip, row_configs, scores, selection_case
 
-from encdec_fast import csrc, csrc_ops, ops
+from encdec_fast import csrc, csrc_ops
 from encdec_fast.decode import ops as dops
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="the csrc kernels run on a GPU; owed there")

@@ -9,10 +9,10 @@ import functools
 
 import pytest
 import torch
-from encdec_fast.kernels import activation as kact
 from kernel_checks import DEVICE, ON_CUDA, bf16_needs_cuda, check
 
 from encdec_fast import ops
+from encdec_fast.kernels import activation as kact
 
 # (dtype, atol, rtol) against the fp32 reference
 DTYPES = [

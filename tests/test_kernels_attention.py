@@ -12,7 +12,6 @@ import functools
 
 import pytest
 import torch
-from encdec_fast.kernels import attention as katt
 from kernel_checks import (
     ATTN_DTYPES,
     ATTN_FLASH_ATOL,
@@ -23,6 +22,7 @@ from kernel_checks import (
 )
 
 from encdec_fast import ops
+from encdec_fast.kernels import attention as katt
 
 H = 2
 

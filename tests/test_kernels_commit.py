@@ -4,10 +4,10 @@ idle, running, finished by eos, at their limit, beam rows with and without their
 
 import pytest
 import torch
-from encdec_fast.kernels import commit as kcommit
-from encdec_fast.decode import ops as dops
 from kernel_checks import DEVICE
 
+from encdec_fast.decode import ops as dops
+from encdec_fast.kernels import commit as kcommit
 
 
 def _state(N, Lc, E, seed):

@@ -12,7 +12,6 @@ import functools
 
 import pytest
 import torch
-from encdec_fast.kernels import decode_attention as kdec
 from kernel_checks import (
     ATTN_DTYPES,
     ATTN_FLASH_ATOL,
@@ -24,6 +23,7 @@ from kernel_checks import (
 )
 
 from encdec_fast import ops
+from encdec_fast.kernels import decode_attention as kdec
 
 H = 2
 

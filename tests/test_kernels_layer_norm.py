@@ -9,10 +9,10 @@ import functools
 
 import pytest
 import torch
-from encdec_fast.kernels import layer_norm as kln
 from kernel_checks import DEVICE, ON_CUDA, bf16_needs_cuda, check
 
 from encdec_fast import ops
+from encdec_fast.kernels import layer_norm as kln
 
 # (dtype, atol, rtol) against the fp32 reference
 DTYPES = [

@@ -12,10 +12,10 @@ import functools
 import pytest
 import torch
 import torch.nn.functional as F
-from encdec_fast.kernels import linear as klin
 from kernel_checks import DEVICE, ON_CUDA, bf16_needs_cuda, check
 
 from encdec_fast import ops
+from encdec_fast.kernels import linear as klin
 
 _check = functools.partial(check, flash_atol={torch.float16: 1e-3, torch.bfloat16: 8e-3})
 

@@ -5,12 +5,12 @@ ties across and within blocks, NaN/inf rows, running and stopped rows)."""
 
 import pytest
 import torch
-from encdec_fast.kernels import embed as kembed
-from encdec_fast.decode import ops as dops
-from encdec_fast.kernels import scan as kscan
 from kernel_checks import DEVICE, bf16_needs_cuda
 
 from encdec_fast import ops
+from encdec_fast.decode import ops as dops
+from encdec_fast.kernels import embed as kembed
+from encdec_fast.kernels import scan as kscan
 
 DTYPES = [torch.float32, torch.float16, pytest.param(torch.bfloat16, marks=bf16_needs_cuda)]
 

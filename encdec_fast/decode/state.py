@@ -17,7 +17,8 @@ the rows of a request (beams, returned sequences) read the same span of the cros
                                  fails with NumericalError instead of emitting junk
 
 The host keeps what it knows without reading the device: which rows are busy, and how many tokens each
-holds at most (`held`: a row that stopped early holds fewer; `filled`, the largest). A step never syncs; a caller looks at the flags every few steps, and a
+holds at most (`held`: a row that stopped early holds fewer; `filled`, the largest). A step never syncs; a caller looks
+at the flags every few steps, and a
 late look loses nothing because `stop_t` records where each row stopped.
 
 Every buffer keeps its address between steps (a captured step replays on the addresses it was captured

@@ -39,8 +39,8 @@ from collections import deque
 
 import torch
 
-from ..errors import EngineUsageError
 from ..decode import search
+from ..errors import EngineUsageError
 from .pool import DecodePool
 
 _RUNNING: set = set()  # schedulers whose thread runs; stopped and joined at interpreter exit
