@@ -201,6 +201,17 @@ STOP_CASES = [  # (input, arguments): ids 26 = w21, 84 = w79, 21 = w16
 ]
 
 
+def _generated(row: list[int], stop, tok, kw) -> int:
+    """Tokens generated in one of model.generate's rows: up to its eos (2 unless eos_token_id=None), else up to
+    the token that completes a stop string (the padding after it left out), else all of them."""
+    eos = () if "eos_token_id" in kw else (2,)
+    for j in range(1, len(row)):
+        if row[j] in eos or (stop and any(s in tok.decode(row[1:j + 1]) for s in ([stop] if isinstance(stop, str)
+                                                                                  else stop))):
+            return j
+    return len(row) - 1
+
+
 @pytest.mark.parametrize("check_every", [1, 4])
 def test_stop_strings_end_requests_where_model_generate_ends(model, check_every):
     tok = T.BertTokenizer(vocab={w: i for i, w in enumerate(STOP_VOCAB)})
@@ -220,6 +231,7 @@ def test_stop_strings_end_requests_where_model_generate_ends(model, check_every)
         want = solo(model, x, **kw, **(dict(stop_strings=stop, tokenizer=tok) if stop else {}))
         assert res.output_ids == (want if several else want[0]) == fut.result().output_ids, kw
         assert joined(start, ch, several) == res.output_ids, "a chunk ran past the stop"
+        assert res.num_generated == sum(_generated(row, stop, tok, kw) for row in want), kw
         if check_every == 1:  # served by the pool's steps, one chunk each (not by a fallback generate())
             assert len(ch) == len(want[0]) - 1, kw
         stopped += stop is not None and len(want[0]) < 13

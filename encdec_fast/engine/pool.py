@@ -171,9 +171,9 @@ class DecodePool:
         return toks
 
     def advance(self) -> list:
-        """Up to check_every steps, then one look at the stop marks. Returns [(request, rows as lists of
-        ids)] for the requests that finished (beam search: its returned hypotheses), and [(request,
-        NumericalError)] for those whose logits turned NaN or inf."""
+        """Up to check_every steps, then one look at the stop marks. Returns [(request, (rows as lists of
+        ids, each row's length when it stopped or None))] for the requests that finished (beam search: its
+        returned hypotheses), and [(request, NumericalError)] for those whose logits turned NaN or inf."""
         st = self.state
         plan = self._plan()
         draws = [(lv.group, [lv.slot], lv.generator) for lv in self.lives
@@ -209,10 +209,9 @@ class DecodePool:
             if lv.group is not None:
                 p = lv.req.params
                 seqs, _, _ = beam_results(lv.group, [lv.slot], p.num_return_sequences, 1, p.max_length)
-                rows = seqs.tolist()
-            else:
-                rows = self.state.seq[lv.rows_t, :max(marks)].tolist()
-            out.append((lv.req, rows))
+                out.append((lv.req, (seqs.tolist(), None)))
+            else:  # each row's stop mark: the tokens it held when it stopped
+                out.append((lv.req, (self.state.seq[lv.rows_t, :max(marks)].tolist(), marks)))
             self._release(lv)
         return out
 

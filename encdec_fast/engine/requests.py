@@ -103,11 +103,14 @@ def too_many_rows(params, slots: int) -> UnsupportedArgumentError:
                                     "lower it, or raise the engine's max_batch_size.")
 
 
-def count_generated(row: list[int], eos: set) -> int:
-    for j in range(1, len(row)):
+def count_generated(row: list[int], eos: set, length: int | None = None) -> int:
+    """Tokens generated in a row (decoder start excluded): up to its first eos, included, or its length (the
+    tokens it held when it stopped: a row stopped by a stop string is padded after it), else all of it."""
+    end = len(row) if length is None else min(length, len(row))
+    for j in range(1, end):
         if row[j] in eos:
             return j
-    return len(row) - 1
+    return end - 1
 
 
 class Outcomes:
@@ -164,13 +167,15 @@ class Outcomes:
             req.streamed += len(new_rows[0])
             req.stream.put(new_rows)
 
-    def finish(self, req: Request, rows: list[list[int]]):
+    def finish(self, req: Request, rows: list[list[int]], lengths: list[int] | None = None):
+        """Settles req with its rows (as model.generate returns them); lengths: the tokens each row held
+        when it stopped, where the pool knows them (num_generated then leaves out a stopped row's padding)."""
         if req.future.done():  # cancelled while it ran
             return
         if req.stream is not None:
             self.stream(req, [row[1 + req.streamed:] for row in rows])
         try:
-            n = sum(count_generated(row, req.eos) for row in rows)
+            n = sum(count_generated(row, req.eos, ln) for row, ln in zip(rows, lengths or [None] * len(rows)))
             text = self.decode_text(rows) if req.is_text else None
             one = req.params.num_return_sequences == 1
             res = Result(rows[0] if one else rows, (text[0] if one else text) if text is not None else None, n, req.ids)

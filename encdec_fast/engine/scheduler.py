@@ -61,7 +61,7 @@ def _stop_all_at_exit():
 class Scheduler:
     def __init__(self, model, max_batch_size: int, max_batch_tokens: int, finish, fail, closed_error,
                  check_every: int | None = None, on_tokens=None):
-        """finish(req, rows) and fail(req, exc) settle a request's future (called by the driving
+        """finish(req, rows, lengths=None) and fail(req, exc) settle a request's future (called by the driving
         thread); closed_error() builds the exception pending requests get when the engine closes;
         on_tokens(req, new_rows) takes a streamed request's new tokens (the pool calls it)."""
         self.model, self.max_rows, self.max_tokens = model, max_batch_size, max_batch_tokens
@@ -176,8 +176,8 @@ class Scheduler:
             with torch.inference_mode():
                 self._refill()
                 if self.pool.lives:
-                    for req, out in self.pool.advance():  # rows, or the request's own NumericalError
-                        self.fail(req, out) if isinstance(out, Exception) else self.finish(req, out)
+                    for req, out in self.pool.advance():  # (rows, lengths), or the request's own NumericalError
+                        self.fail(req, out) if isinstance(out, Exception) else self.finish(req, *out)
         except Exception:  # noqa: BLE001  failed steps: each request again alone
             with torch.inference_mode():
                 self._run_alone(self.pool.clear())
