@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from . import checkpoint as ckpt
 from . import ops as ops_mod
 from . import prepack as prepack_mod
+from . import quantize as quantize_mod
 from . import validate
 from .config import ModelConfig
 from .errors import InvalidInputError, UnsupportedArgumentError
@@ -64,17 +65,51 @@ def _pick_dtype(dtype, stored: torch.dtype, device):
 
 
 def _op_table(net, backend: str):
-    """The backend's op table; prepack.py's where the projection weights are packed for oneDNN."""
+    """The backend's op table; prepack.py's where the projection weights are packed for oneDNN, quantize.py's
+    where they are int8."""
+    if quantize_mod.is_quantized(net):
+        return quantize_mod.TABLE
     return prepack_mod.TABLE if prepack_mod.is_packed(net) else ops_mod.table(backend)
+
+
+def _check_quantize(quantize, device, dtype, backend, prepack: bool):
+    """load()'s quantize= against the other choices (device, dtype, backend resolved); raises what is wrong."""
+    if quantize is None:
+        return
+    if not isinstance(quantize, str):
+        raise InvalidInputError(f"quantize={quantize!r} is not a mode; pass quantize='int8' (or None for the "
+                                "checkpoint's floating-point weights).")
+    if quantize not in quantize_mod.MODES:
+        raise UnsupportedArgumentError(f"quantize={quantize!r} is not supported; the modes are "
+                                       f"{', '.join(map(repr, quantize_mod.MODES))} (or None).")
+    if device.type != "cpu":
+        raise UnsupportedArgumentError(
+            f"quantize={quantize!r} runs on the CPU only for now (int8 weights through the Triton linear kernel "
+            "are not built yet); load on device='cpu', or without quantize= on CUDA (fp16/bf16 there).")
+    if backend != "torch":
+        raise UnsupportedArgumentError(f"quantize={quantize!r} runs on the torch backend (the CPU's); "
+                                       f"backend={backend!r} reads plain weights. Leave backend out.")
+    if dtype != torch.float32:
+        raise UnsupportedArgumentError(
+            f"quantize={quantize!r} keeps the activations in float32 (fbgemm's int8 product takes and gives "
+            f"float32), so dtype={dtype} cannot go with it; leave dtype out (or pass torch.float32), or load in "
+            "bfloat16 without quantize=.")
+    if not prepack:
+        raise InvalidInputError(f"quantize={quantize!r} packs its int8 weights for fbgemm, so prepack=False cannot "
+                                "go with it; leave prepack out.")
+    if not quantize_mod.available():
+        raise UnsupportedArgumentError(f"quantize={quantize!r} needs torch's fbgemm int8 kernels, which this torch "
+                                       "build lacks (x86-64 builds have them); load without quantize=.")
 
 
 class EncDecModel:
     """Drop-in for transformers' EncoderDecoderModel at inference: forward(), generate(), config."""
 
     def __init__(self, net: EncoderDecoderNet, hf_config, generation_config, backend: str, path=None,
-                 prepack: bool = True):
+                 prepack: bool = True, quantize: str | None = None):
         self.net = net
         self.prepack = prepack  # oneDNN-packed projection weights wherever they apply (prepack.py)
+        self.quantize = quantize  # "int8": int8 projection weights (quantize.py), or None
         self.cfg: ModelConfig = net.cfg
         self.config = hf_config
         self.generation_config = generation_config
@@ -109,6 +144,13 @@ class EncDecModel:
             dtype = _pick_dtype(dtype, self.dtype, dev)
         # a new device type gets its default backend unless one is named
         new_backend = _pick_backend(backend, dev) if (backend or dev.type != self.device.type) else self.backend
+        if self.quantize is not None:
+            if (dev, dtype or self.dtype, new_backend) == (self.device, self.dtype, self.backend):
+                return self
+            raise UnsupportedArgumentError(
+                f"this model was loaded with quantize={self.quantize!r}: its weights are int8 and the floating-point "
+                f"ones are gone, so it cannot move to {dev} / {dtype or self.dtype} / backend {new_backend!r}. Load the "
+                "checkpoint again with the device and dtype you want (and without quantize= off the CPU).")
         prepack_mod.unpack(self.net)  # packed tensors only move as plain ones
         self.net.to(device=dev, dtype=dtype)
         self._graph_cache = None  # captured graphs point at the old tensors
@@ -220,18 +262,32 @@ class EncDecModel:
 
 
 # ------------------------------------------------------------------------------------------------
-def _build(src, device, dtype, backend, seed: int, check_finite: bool, prepack: bool) -> EncDecModel:
+def _build(src, device, dtype, backend, seed: int, check_finite: bool, prepack: bool, quantize=None) -> EncDecModel:
     """The model for a resolved checkpoint source (checkpoint/sources.py): what load() and from_transformers() share."""
     dev = _pick_device(device)
     be = _pick_backend(backend, dev)
     dt = _pick_dtype(dtype, src.stored_dtype, dev)
-    transform = prepack_mod.TRANSFORM if prepack and prepack_mod.applies(dev, dt, be) else None
+    _check_quantize(quantize, dev, dt, be, prepack)
+    if quantize is not None:
+        transform = quantize_mod.TRANSFORM
+    else:
+        transform = prepack_mod.TRANSFORM if prepack and prepack_mod.applies(dev, dt, be) else None
     net = ckpt.build_net(src, device=dev, dtype=dt, seed=seed, check_finite=check_finite, transform=transform)
-    return EncDecModel(net, src.hf_config, ckpt.generation_config(src), be, path=src.folder, prepack=prepack)
+    return EncDecModel(net, src.hf_config, ckpt.generation_config(src), be, path=src.folder, prepack=prepack,
+                       quantize=quantize)
+
+
+def _check_quantize_early(quantize, device, dtype, backend, prepack):
+    """quantize='...' errors that need no checkpoint, before any file is read (the dtype default is known
+    only once the checkpoint is: checked again in _build)."""
+    dev = _pick_device(device)
+    be = _pick_backend(backend, dev)
+    dt = _pick_dtype(dtype, torch.float32, dev)  # off the CPU the device is refused first
+    _check_quantize(quantize, dev, dt, be, prepack)
 
 
 def load(path=None, *, encoder=None, decoder=None, device=None, dtype=None, backend=None, seed: int = 0,
-         check_finite: bool = True, prepack: bool = True) -> EncDecModel:
+         check_finite: bool = True, prepack: bool = True, quantize: str | None = None) -> EncDecModel:
     """Load an EncoderDecoderModel folder, or glue an encoder and a decoder checkpoint.
 
     device: default cuda when available, else cpu. dtype: default float32 on CPU, the stored dtype on
@@ -240,7 +296,11 @@ def load(path=None, *, encoder=None, decoder=None, device=None, dtype=None, back
     holding NaN or inf (or overflowing dtype) with an error naming the tensor; False skips the check.
     prepack: on the CPU in fp32 (torch backend), reorder the projection weights once for oneDNN
     (prepack.py: 1.5-4x faster projections at decode sizes, at the cost of a second copy of an LM head
-    tied to the word embeddings); False keeps plain tensors. Ignored elsewhere."""
+    tied to the word embeddings); in bf16 too, where oneDNN runs bf16 on this CPU. False keeps plain
+    tensors. Ignored elsewhere. quantize: None, or "int8" (CPU, float32): every projection weight and
+    the LM head stored int8 with per-output-channel scales, quantised as each weight is read, the
+    activations quantised per call inside the int8 product (quantize.py); such a model cannot be moved
+    to another device or dtype."""
     for name, value in (("path", path), ("encoder", encoder), ("decoder", decoder)):
         validate.path(value, name)
     validate.number(seed, "seed", validate.SEED)
@@ -250,17 +310,19 @@ def load(path=None, *, encoder=None, decoder=None, device=None, dtype=None, back
         raise InvalidInputError("pass either path (an EncoderDecoderModel folder) or encoder= and decoder= (two "
                                 "checkpoints to glue), not both.")
     _pick_backend(backend, _pick_device(device))  # argument errors before any file is read
+    _check_quantize_early(quantize, device, dtype, backend, prepack)
     glued = path is None and (encoder is not None or decoder is not None)
     src = ckpt.open_pair(encoder, decoder) if glued else ckpt.open_folder(path)
-    return _build(src, device, dtype, backend, seed, check_finite, prepack)
+    return _build(src, device, dtype, backend, seed, check_finite, prepack, quantize)
 
 
 def from_transformers(hf_model, *, device=None, dtype=None, backend=None, check_finite: bool = True,
-                      prepack: bool = True) -> EncDecModel:
+                      prepack: bool = True, quantize: str | None = None) -> EncDecModel:
     """The encdec_fast model of a transformers EncoderDecoderModel in memory (for example right after
     fine-tuning): the same model load() gives for its save_pretrained() folder, without the round trip.
     Every tensor, the config and the generation config are copied: nothing is shared with hf_model.
-    device, dtype, backend, check_finite and prepack as for load()."""
+    device, dtype, backend, check_finite, prepack and quantize as for load()."""
     validate.number(prepack, "prepack", validate.Field("bool"))
     _pick_backend(backend, _pick_device(device))
-    return _build(ckpt.open_module(hf_model), device, dtype, backend, 0, check_finite, prepack)
+    _check_quantize_early(quantize, device, dtype, backend, prepack)
+    return _build(ckpt.open_module(hf_model), device, dtype, backend, 0, check_finite, prepack, quantize)

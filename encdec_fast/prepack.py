@@ -1,4 +1,4 @@
-"""Projection weights prepacked for oneDNN: the CPU torch backend's fast fp32 linear.
+"""Projection weights prepacked for oneDNN: the CPU torch backend's fast fp32 and bf16 linear.
 
 On the CPU, PyTorch's F.linear goes to MKL's sgemm, which is slow at decode sizes: measured on this
 project's 2-core AVX-512 CI machine, a 768 -> 50257 LM head at 1 row takes 11.3 ms through F.linear and
@@ -11,9 +11,12 @@ runs on this file's op table (``TABLE``: the torch reference's, whose products c
 GELU or residual add fused into the same call). ``unpack(net)`` restores the plain tensors (before a move
 to another device or dtype, or to the triton backend, whose kernels read plain memory).
 
-Only fp32 on the CPU is packed, and only where this torch build has oneDNN. The results are the
-same products summed in another order: logits within ~1e-6 relative of F.linear's, and tokens equal
-to transformers' in the parity tests, which run on packed weights by default.
+fp32 and bf16 weights on the CPU are packed, where this torch build has oneDNN (bf16: where oneDNN runs
+bf16 on this CPU: AVX512-BF16 or AMX tiles, which oneDNN picks itself; AVX-512 without them emulates).
+fp32 results are the same products summed in another order: logits within ~1e-6 relative of F.linear's,
+and tokens equal to transformers' in the parity tests, which run on packed weights by default. bf16
+products accumulate in fp32 inside oneDNN and round once, with the bias, GELU or residual add fused
+before that rounding (transformers' bf16 rounds after the product, then again after each add).
 
 Memory: a packed weight replaces its plain tensor, except an LM head tied to the word embeddings,
 which the embedding lookup still reads plain; that head gets its own packed copy (vocabulary x width
@@ -38,16 +41,21 @@ from .modules import Linear, LMHead
 _ROWS_HINT = 8
 
 
-def available() -> bool:
-    """True when this torch build can run packed linears (built with oneDNN)."""
+def available(dtype: torch.dtype = torch.float32) -> bool:
+    """True when this torch build can run packed linears in dtype (built with oneDNN; bf16: and oneDNN runs
+    bf16 on this CPU)."""
     ops = torch.ops.mkldnn  # oneDNN's entry points for inductor's frozen CPU graphs (private: checked, not assumed)
-    return torch.backends.mkldnn.is_available() and all(hasattr(ops, n) for n in ("_reorder_linear_weight",
-                                                                                   "_linear_pointwise"))
+    if not (torch.backends.mkldnn.is_available() and all(hasattr(ops, n) for n in ("_reorder_linear_weight",
+                                                                                  "_linear_pointwise"))):
+        return False
+    if dtype == torch.float32:
+        return True
+    return dtype == torch.bfloat16 and hasattr(ops, "_is_mkldnn_bf16_supported") and ops._is_mkldnn_bf16_supported()
 
 
 def applies(device: torch.device, dtype: torch.dtype, backend: str) -> bool:
-    """Whether a model on (device, dtype, backend) gets packed weights: fp32 on the CPU, torch backend."""
-    return device.type == "cpu" and dtype == torch.float32 and backend == "torch" and available()
+    """Whether a model on (device, dtype, backend) gets packed weights: fp32 or bf16 on the CPU, torch backend."""
+    return device.type == "cpu" and dtype in (torch.float32, torch.bfloat16) and backend == "torch" and available(dtype)
 
 
 def _slots(net: nn.Module):

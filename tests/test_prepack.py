@@ -80,12 +80,14 @@ def test_pack_unpack_round_trip_keeps_sharing(make_ckpt):
         assert torch.equal(after[n], b), n
 
 
-def test_load_packs_on_cpu_fp32_only(make_ckpt):
+def test_load_packs_on_cpu_fp32_and_bf16(make_ckpt):
     path = make_ckpt()
     packed, plain = encdec_fast.load(path), encdec_fast.load(path, prepack=False)
     assert prepack.is_packed(packed.net) and packed.ops is prepack.TABLE  # packed weights run on their own table
     assert not prepack.is_packed(plain.net) and plain.ops is ops.TORCH
-    assert not prepack.is_packed(encdec_fast.load(path, dtype=torch.bfloat16).net)
+    bf16 = encdec_fast.load(path, dtype=torch.bfloat16)
+    assert prepack.is_packed(bf16.net) == prepack.available(torch.bfloat16)
+    assert not prepack.is_packed(encdec_fast.load(path, dtype=torch.float16).net)  # oneDNN's fp16 is not packed
     assert not prepack.is_packed(encdec_fast.load(path, backend="triton").net)  # the kernels read plain memory
     with pytest.raises(InvalidInputError, match="prepack"):
         encdec_fast.load(path, prepack="yes")
@@ -114,9 +116,11 @@ def test_to_unpacks_and_repacks(make_ckpt, quiet):
     m = encdec_fast.load(path)
     ids = torch.tensor([[5, 9, 14, 22, 7]])
     want = m.generate(ids, max_new_tokens=6)
+    m.to(dtype=torch.float16)
+    assert not prepack.is_packed(m.net) and m.dtype == torch.float16
     m.to(dtype=torch.bfloat16)
-    assert not prepack.is_packed(m.net) and m.dtype == torch.bfloat16
-    m.to(dtype=torch.float32)  # bf16 round trip: not the same weights, but packed again
+    assert prepack.is_packed(m.net) == prepack.available(torch.bfloat16) and m.dtype == torch.bfloat16
+    m.to(dtype=torch.float32)  # a round trip through fp16: not the same weights, but packed again
     assert prepack.is_packed(m.net)
     m2 = encdec_fast.load(path)
     m2.to("cpu")
