@@ -8,8 +8,8 @@ import torch.nn.functional as F
 from . import checkpoint as ckpt
 from . import ops as ops_mod
 from . import prepack as prepack_mod
-from . import quantize as quantize_mod
 from . import validate
+from .cpu import weights as lowp
 from .config import ModelConfig
 from .errors import InvalidInputError, UnsupportedArgumentError
 from .modules import EncoderDecoderNet
@@ -65,11 +65,20 @@ def _pick_dtype(dtype, stored: torch.dtype, device):
 
 
 def _op_table(net, backend: str):
-    """The backend's op table; prepack.py's where the projection weights are packed for oneDNN, quantize.py's
-    where they are int8."""
-    if quantize_mod.is_quantized(net):
-        return quantize_mod.TABLE
+    """The backend's op table; prepack.py's where the projection weights are packed for oneDNN, cpu/weights.py's
+    where they are int8 or bf16 for the CPU kernels."""
+    if lowp.is_packed(net):
+        return lowp.TABLE
     return prepack_mod.TABLE if prepack_mod.is_packed(net) else ops_mod.table(backend)
+
+
+def _transform(device, dtype, backend: str, prepack: bool, quantize):
+    """The load-time conversion of the projection weights (checkpoint.WeightTransform), or None (plain tensors)."""
+    if quantize is not None:
+        return lowp.INT8
+    if prepack and lowp.bf16_applies(device, dtype, backend):
+        return lowp.BF16
+    return prepack_mod.TRANSFORM if prepack and prepack_mod.applies(device, dtype, backend) else None
 
 
 def _check_quantize(quantize, device, dtype, backend, prepack: bool):
@@ -79,9 +88,9 @@ def _check_quantize(quantize, device, dtype, backend, prepack: bool):
     if not isinstance(quantize, str):
         raise InvalidInputError(f"quantize={quantize!r} is not a mode; pass quantize='int8' (or None for the "
                                 "checkpoint's floating-point weights).")
-    if quantize not in quantize_mod.MODES:
+    if quantize not in lowp.MODES:
         raise UnsupportedArgumentError(f"quantize={quantize!r} is not supported; the modes are "
-                                       f"{', '.join(map(repr, quantize_mod.MODES))} (or None).")
+                                       f"{', '.join(map(repr, lowp.MODES))} (or None).")
     if device.type != "cpu":
         raise UnsupportedArgumentError(
             f"quantize={quantize!r} runs on the CPU only for now (int8 weights through the Triton linear kernel "
@@ -89,17 +98,14 @@ def _check_quantize(quantize, device, dtype, backend, prepack: bool):
     if backend != "torch":
         raise UnsupportedArgumentError(f"quantize={quantize!r} runs on the torch backend (the CPU's); "
                                        f"backend={backend!r} reads plain weights. Leave backend out.")
-    if dtype != torch.float32:
+    if dtype not in (torch.float32, torch.bfloat16):
         raise UnsupportedArgumentError(
-            f"quantize={quantize!r} keeps the activations in float32 (fbgemm's int8 product takes and gives "
-            f"float32), so dtype={dtype} cannot go with it; leave dtype out (or pass torch.float32), or load in "
-            "bfloat16 without quantize=.")
+            f"quantize={quantize!r} computes in float32 and stores what it does not quantise (embeddings, the K/V "
+            f"cache) in float32 or bfloat16; dtype={dtype} cannot go with it. Leave dtype out, or pass torch.float32 "
+            "or torch.bfloat16.")
     if not prepack:
-        raise InvalidInputError(f"quantize={quantize!r} packs its int8 weights for fbgemm, so prepack=False cannot "
-                                "go with it; leave prepack out.")
-    if not quantize_mod.available():
-        raise UnsupportedArgumentError(f"quantize={quantize!r} needs torch's fbgemm int8 kernels, which this torch "
-                                       "build lacks (x86-64 builds have them); load without quantize=.")
+        raise InvalidInputError(f"quantize={quantize!r} packs its int8 weights for the CPU kernels, so prepack=False "
+                                "cannot go with it; leave prepack out.")
 
 
 class EncDecModel:
@@ -151,12 +157,15 @@ class EncDecModel:
                 f"this model was loaded with quantize={self.quantize!r}: its weights are int8 and the floating-point "
                 f"ones are gone, so it cannot move to {dev} / {dtype or self.dtype} / backend {new_backend!r}. Load the "
                 "checkpoint again with the device and dtype you want (and without quantize= off the CPU).")
-        prepack_mod.unpack(self.net)  # packed tensors only move as plain ones
+        if lowp.is_packed(self.net):  # packed tensors only move as plain ones
+            lowp.unpack_net(self.net, self.dtype)
+        prepack_mod.unpack(self.net)
         self.net.to(device=dev, dtype=dtype)
         self._graph_cache = None  # captured graphs point at the old tensors
         self.backend = new_backend
-        if self.prepack and prepack_mod.applies(self.device, self.dtype, self.backend):
-            prepack_mod.pack(self.net)
+        transform = _transform(self.device, self.dtype, self.backend, self.prepack, None)
+        if transform is not None:
+            transform.net(self.net)
         self.ops = _op_table(self.net, self.backend)
         return self
 
@@ -268,10 +277,7 @@ def _build(src, device, dtype, backend, seed: int, check_finite: bool, prepack: 
     be = _pick_backend(backend, dev)
     dt = _pick_dtype(dtype, src.stored_dtype, dev)
     _check_quantize(quantize, dev, dt, be, prepack)
-    if quantize is not None:
-        transform = quantize_mod.TRANSFORM
-    else:
-        transform = prepack_mod.TRANSFORM if prepack and prepack_mod.applies(dev, dt, be) else None
+    transform = _transform(dev, dt, be, prepack, quantize)
     net = ckpt.build_net(src, device=dev, dtype=dt, seed=seed, check_finite=check_finite, transform=transform)
     return EncDecModel(net, src.hf_config, ckpt.generation_config(src), be, path=src.folder, prepack=prepack,
                        quantize=quantize)
@@ -296,11 +302,12 @@ def load(path=None, *, encoder=None, decoder=None, device=None, dtype=None, back
     holding NaN or inf (or overflowing dtype) with an error naming the tensor; False skips the check.
     prepack: on the CPU in fp32 (torch backend), reorder the projection weights once for oneDNN
     (prepack.py: 1.5-4x faster projections at decode sizes, at the cost of a second copy of an LM head
-    tied to the word embeddings); in bf16 too, where oneDNN runs bf16 on this CPU. False keeps plain
-    tensors. Ignored elsewhere. quantize: None, or "int8" (CPU, float32): every projection weight and
-    the LM head stored int8 with per-output-channel scales, quantised as each weight is read, the
-    activations quantised per call inside the int8 product (quantize.py); such a model cannot be moved
-    to another device or dtype."""
+    tied to the word embeddings); in bf16, pack them for the CPU's bf16 kernels (cpu/weights.py: bf16
+    products with fp32 activations and outputs), or for oneDNN's bf16 where those cannot run. False keeps plain
+    tensors. Ignored elsewhere. quantize: None, or "int8" (CPU): every projection weight and the LM head
+    stored int8 with per-output-channel scales, quantised as each weight is read, multiplied with fp32
+    activations (cpu/weights.py); dtype (float32 or bfloat16) is then what the rest is stored in (the
+    embeddings, the K/V cache). Such a model cannot be moved to another device or dtype."""
     for name, value in (("path", path), ("encoder", encoder), ("decoder", decoder)):
         validate.path(value, name)
     validate.number(seed, "seed", validate.SEED)

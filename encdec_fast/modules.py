@@ -338,8 +338,10 @@ class Decoder(nn.Module):
 
     def cross_kv(self, enc, ops):
         """Per-layer cross-attention (K, V), each (B, S, H, D) from padded enc (B, S, E), or each
-        (T, H, D) from packed enc (T, E) (EncDecModel.encode_packed): K/V of real tokens only."""
-        return [layer.cross.project_kv(enc, ops) for layer in self.layers]
+        (T, H, D) from packed enc (T, E) (EncDecModel.encode_packed): K/V of real tokens only, in the
+        embeddings' dtype (the decode state's; a table computing in fp32 over bf16 storage returns fp32)."""
+        dtype = self.embed.word.dtype
+        return [tuple(t.to(dtype) for t in layer.cross.project_kv(enc, ops)) for layer in self.layers]
 
     def full(self, ids, key_mask, cross_kv, enc_mask, ops):
         """ids (B, L) -> logits (B, L, V); causal self-attention, key_mask bool (B, L) or None."""

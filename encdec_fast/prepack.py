@@ -83,7 +83,7 @@ def pack(net: nn.Module) -> None:
     done: dict[int, torch.Tensor] = {}
     for m, name in _slots(net):
         w = m._buffers[name]
-        if w.is_mkldnn:
+        if w.is_mkldnn or type(w) is not torch.Tensor:  # packed already, or another storage (quantize.py's int8)
             continue
         if id(w) not in done:
             done[id(w)] = pack_tensor(w)

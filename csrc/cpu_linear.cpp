@@ -1,0 +1,292 @@
+// CPU projections with fp32 activations and low-precision weights, fp32 accumulation and fp32 outputs:
+//
+//   y[m, n] = sum_k x[m, k] * w[n, k]  (+ bias[n]) (+ residual[m, n])
+//
+//   int8 weights  w[n, k] = scale[n] * q[n, k], q int8. Each row of x is quantised to int16 with its own scale
+//                 (xq = round(x / sx[m]), |xq| <= qmax, qmax = (2^31 - 1) / (127 * K) so that no int32 sum
+//                 overflows, at most 32767: an error ~1e-4 of the row's largest value, far below the weights'),
+//                 then AVX512-VNNI vpdpwssd (int16 pairs, int32 sums; AVX512BW vpmaddwd + vpaddd without
+//                 VNNI), y = float(acc) * sx[m] * scale[n].
+//   bf16 weights  x rounded to bf16 (round to nearest even), AVX512-BF16 vdpbf16ps (bf16 pairs, fp32 sums).
+//
+// Why not torch's kernels: oneDNN's bf16 linear returns bf16 (the products rounded to 8 bits before the
+// residual add: measured to flip 1-2% of near-tied next tokens on real weights), and torch's int8 products
+// either quantise the activations to int8 (fbgemm, oneDNN qlinear: 5-10x the KL divergence of int8 weights
+// alone) or are slow beyond one row (aten._weight_int8pack_mm).
+//
+// Weight layout ("pair-packed"): [N / 16][K / 2][16][2], N padded to a multiple of 32 and K to a multiple of 2
+// with zeros: one 16-output block of a k pair is 32 consecutive values (32 bytes int8, 64 bytes bf16), which a
+// vpdpwssd / vdpbf16ps multiplies with the pair (x[m, 2p], x[m, 2p + 1]) broadcast to all lanes. Every lane
+// of an accumulator is one output: no horizontal sums.
+//
+// Blocking: threads (OpenMP: torch's own runtime, libgomp.so.1, already loaded by torch, so torch's thread
+// count applies) split the output blocks of 32; each thread runs its blocks over rows 8 at a time, so a block's
+// weights (32 x K values, <= 200 KB) are read from memory once per call and from cache for the next 8 rows.
+//
+// C ABI (encdec_fast/cpu_kernels.py binds it with ctypes): raw pointers, int64 strides in elements; every
+// function returns 0, or a negative code (see encdec_cpu_error_string).
+
+#include <immintrin.h>
+#include <omp.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <math.h>
+
+#define ENCDEC_CPU_ABI_VERSION 1
+#define EXPORT extern "C" __attribute__((visibility("default")))
+
+namespace {
+
+constexpr int LANES = 16;        // outputs per accumulator
+constexpr int NB = 2;            // accumulators per row: a thread's block is NB * 16 = 32 outputs
+constexpr int BLOCK = NB * LANES;
+constexpr int MB = 8;            // rows per pass over a block's weights
+
+inline int64_t round_up(int64_t a, int64_t b) { return (a + b - 1) / b * b; }
+
+struct Epilogue {
+    const float* bias;      // [N] or null
+    const float* residual;  // [M, N] (row stride rs) or null
+    int64_t rs;
+    float* y;               // [M, N] (row stride ys)
+    int64_t ys;
+    int64_t N;
+};
+
+// y[m, n0 .. n0 + 16) = acc * scale (+ bias) (+ residual), masked at the end of N
+inline void store(const Epilogue& e, int64_t m, int64_t n0, __m512 v) {
+    int64_t left = e.N - n0;
+    if (left <= 0) return;
+    __mmask16 k = left >= LANES ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1);
+    if (e.bias) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(k, e.bias + n0));
+    if (e.residual) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(k, e.residual + m * e.rs + n0));
+    _mm512_mask_storeu_ps(e.y + m * e.ys + n0, k, v);
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// int8 weights x int16 activations
+// ---------------------------------------------------------------------------------------------------------
+inline __m512i dot_pairs(__m512i acc, __m512i a, __m512i b) {
+#if defined(__AVX512VNNI__)
+    return _mm512_dpwssd_epi32(acc, a, b);
+#else
+    return _mm512_add_epi32(acc, _mm512_madd_epi16(a, b));
+#endif
+}
+
+// rows m0 .. m0 + R of one 32-output block; xq: int16 rows of Kp values (Kp / 2 int32 pairs), row stride Kp
+template <int R>
+void block_i8(const int8_t* wb, int64_t pairs, const int16_t* xq, int64_t Kp, int64_t m0, const float* sx,
+              const float* scale, int64_t n0, const Epilogue& e) {
+    __m512i acc[R][NB];
+    for (int r = 0; r < R; ++r)
+        for (int j = 0; j < NB; ++j) acc[r][j] = _mm512_setzero_si512();
+    const int32_t* xp[R];
+    for (int r = 0; r < R; ++r) xp[r] = (const int32_t*)(xq + (m0 + r) * Kp);
+    const int8_t* w0 = wb;                    // block n0 / 16:      [pairs][16][2]
+    const int8_t* w1 = wb + pairs * 32;       // block n0 / 16 + 1
+    for (int64_t p = 0; p < pairs; ++p) {
+        __m512i a0 = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i*)(w0 + p * 32)));
+        __m512i a1 = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i*)(w1 + p * 32)));
+        for (int r = 0; r < R; ++r) {
+            __m512i b = _mm512_set1_epi32(xp[r][p]);
+            acc[r][0] = dot_pairs(acc[r][0], a0, b);
+            acc[r][1] = dot_pairs(acc[r][1], a1, b);
+        }
+    }
+    for (int j = 0; j < NB; ++j) {
+        int64_t n = n0 + j * LANES;
+        if (n >= e.N) break;
+        __m512 s = _mm512_loadu_ps(scale + n);  // scale is padded to the block size
+        for (int r = 0; r < R; ++r) {
+            __m512 v = _mm512_mul_ps(_mm512_cvtepi32_ps(acc[r][j]), _mm512_mul_ps(s, _mm512_set1_ps(sx[m0 + r])));
+            store(e, m0 + r, n, v);
+        }
+    }
+}
+
+typedef void (*block_i8_fn)(const int8_t*, int64_t, const int16_t*, int64_t, int64_t, const float*, const float*,
+                            int64_t, const Epilogue&);
+const block_i8_fn BLOCK_I8[MB + 1] = {nullptr, block_i8<1>, block_i8<2>, block_i8<3>, block_i8<4>,
+                                      block_i8<5>, block_i8<6>, block_i8<7>, block_i8<8>};
+
+// ---------------------------------------------------------------------------------------------------------
+// bf16 weights x bf16 activations
+// ---------------------------------------------------------------------------------------------------------
+#if defined(__AVX512BF16__)
+template <int R>
+void block_bf16(const uint16_t* wb, int64_t pairs, const uint16_t* xb, int64_t Kp, int64_t m0, int64_t n0,
+                const Epilogue& e) {
+    __m512 acc[R][NB];
+    for (int r = 0; r < R; ++r)
+        for (int j = 0; j < NB; ++j) acc[r][j] = _mm512_setzero_ps();
+    const int32_t* xp[R];
+    for (int r = 0; r < R; ++r) xp[r] = (const int32_t*)(xb + (m0 + r) * Kp);
+    const uint16_t* w0 = wb;
+    const uint16_t* w1 = wb + pairs * 32;
+    for (int64_t p = 0; p < pairs; ++p) {
+        __m512bh a0 = (__m512bh)_mm512_loadu_si512((const void*)(w0 + p * 32));
+        __m512bh a1 = (__m512bh)_mm512_loadu_si512((const void*)(w1 + p * 32));
+        for (int r = 0; r < R; ++r) {
+            __m512bh b = (__m512bh)_mm512_set1_epi32(xp[r][p]);
+            acc[r][0] = _mm512_dpbf16_ps(acc[r][0], a0, b);
+            acc[r][1] = _mm512_dpbf16_ps(acc[r][1], a1, b);
+        }
+    }
+    for (int j = 0; j < NB; ++j) {
+        int64_t n = n0 + j * LANES;
+        if (n >= e.N) break;
+        for (int r = 0; r < R; ++r) store(e, m0 + r, n, acc[r][j]);
+    }
+}
+
+typedef void (*block_bf16_fn)(const uint16_t*, int64_t, const uint16_t*, int64_t, int64_t, int64_t, const Epilogue&);
+const block_bf16_fn BLOCK_BF16[MB + 1] = {nullptr, block_bf16<1>, block_bf16<2>, block_bf16<3>, block_bf16<4>,
+                                          block_bf16<5>, block_bf16<6>, block_bf16<7>, block_bf16<8>};
+#endif
+
+inline uint16_t to_bf16(float f) {  // round to nearest even (NaN stays NaN)
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (uint16_t)(u >> 16);
+}
+
+int16_t qmax_for(int64_t K) {
+    int64_t q = (int64_t)2147483647 / (127 * (K > 0 ? K : 1));
+    return (int16_t)(q > 32767 ? 32767 : (q < 1 ? 1 : q));
+}
+
+}  // namespace
+
+EXPORT int encdec_cpu_abi_version() { return ENCDEC_CPU_ABI_VERSION; }
+
+// bit 0: int8 kernel built with VNNI; bit 1: bf16 kernel built (AVX512-BF16)
+EXPORT int encdec_cpu_features() {
+    int f = 0;
+#if defined(__AVX512VNNI__)
+    f |= 1;
+#endif
+#if defined(__AVX512BF16__)
+    f |= 2;
+#endif
+    return f;
+}
+
+EXPORT const char* encdec_cpu_error_string(int code) {
+    switch (code) {
+        case 0: return "ok";
+        case -1: return "bad sizes";
+        case -2: return "out of memory";
+        case -3: return "this library was built without AVX512-BF16";
+        default: return "unknown error";
+    }
+}
+
+EXPORT int64_t encdec_cpu_packed_rows(int64_t N) { return round_up(N, BLOCK); }
+
+// w [N, K] int8 (row stride ws) -> out [Np / 16][Kp / 2][16][2] int8, Np = packed_rows(N), Kp = K rounded to even
+EXPORT int encdec_cpu_pack_i8(const int8_t* w, int64_t ws, int64_t N, int64_t K, int8_t* out) {
+    if (N < 0 || K < 0) return -1;
+    int64_t Np = round_up(N, BLOCK), pairs = (K + 1) / 2;
+    memset(out, 0, (size_t)(Np * pairs * 2));
+    for (int64_t n = 0; n < N; ++n)
+        for (int64_t k = 0; k < K; ++k)
+            out[((n / LANES) * pairs + k / 2) * 32 + (n % LANES) * 2 + (k % 2)] = w[n * ws + k];
+    return 0;
+}
+
+// the same layout for bf16 (uint16 bit patterns)
+EXPORT int encdec_cpu_pack_bf16(const uint16_t* w, int64_t ws, int64_t N, int64_t K, uint16_t* out) {
+    if (N < 0 || K < 0) return -1;
+    int64_t Np = round_up(N, BLOCK), pairs = (K + 1) / 2;
+    memset(out, 0, (size_t)(Np * pairs * 2 * 2));
+    for (int64_t n = 0; n < N; ++n)
+        for (int64_t k = 0; k < K; ++k)
+            out[((n / LANES) * pairs + k / 2) * 32 + (n % LANES) * 2 + (k % 2)] = w[n * ws + k];
+    return 0;
+}
+
+// y [M, N] = dequant(x) @ dequant(w).T (+ bias) (+ residual). x [M, K] fp32 (row stride xs); w pair-packed
+// int8 with scale [Np] fp32 (zeros past N); bias [N] or null; residual [M, N] (row stride rs) or null;
+// y (row stride ys) may be residual itself.
+EXPORT int encdec_cpu_linear_i8(const float* x, int64_t xs, int64_t M, int64_t K, const int8_t* w, const float* scale,
+                                int64_t N, const float* bias, const float* residual, int64_t rs, float* y, int64_t ys) {
+    if (M < 0 || K < 0 || N < 0) return -1;
+    if (M == 0 || N == 0) return 0;
+    int64_t pairs = (K + 1) / 2, Kp = pairs * 2;
+    int16_t* xq = (int16_t*)aligned_alloc(64, (size_t)round_up(M * Kp * 2 + 64, 64));
+    float* sx = (float*)aligned_alloc(64, (size_t)round_up(M * 4 + 64, 64));
+    if (!xq || !sx) { free(xq); free(sx); return -2; }
+    const float qmax = (float)qmax_for(K);
+#pragma omp parallel for schedule(static) if (M * K > 65536)
+    for (int64_t m = 0; m < M; ++m) {  // per-row int16 quantisation
+        const float* xr = x + m * xs;
+        __m512 mx = _mm512_setzero_ps();
+        int64_t k = 0;
+        for (; k + LANES <= K; k += LANES) mx = _mm512_max_ps(mx, _mm512_abs_ps(_mm512_loadu_ps(xr + k)));
+        float amax = _mm512_reduce_max_ps(mx);
+        for (; k < K; ++k) amax = fmaxf(amax, fabsf(xr[k]));
+        float s = amax > 0 ? amax / qmax : 1.0f;
+        sx[m] = s;
+        const __m512 inv = _mm512_set1_ps(1.0f / s), hi = _mm512_set1_ps(qmax), lo = _mm512_set1_ps(-qmax);
+        int16_t* qr = xq + m * Kp;
+        for (k = 0; k + LANES <= K; k += LANES) {  // round to nearest even (the default MXCSR mode)
+            __m512 v = _mm512_min_ps(_mm512_max_ps(_mm512_mul_ps(_mm512_loadu_ps(xr + k), inv), lo), hi);
+            _mm256_storeu_si256((__m256i*)(qr + k), _mm512_cvtsepi32_epi16(_mm512_cvtps_epi32(v)));
+        }
+        for (; k < K; ++k) qr[k] = (int16_t)lrintf(fminf(fmaxf(xr[k] / s, -qmax), qmax));
+        if (Kp > K) qr[K] = 0;
+    }
+    Epilogue e{bias, residual, rs, y, ys, N};
+    int64_t blocks = round_up(N, BLOCK) / BLOCK;
+#pragma omp parallel for schedule(static)
+    for (int64_t b = 0; b < blocks; ++b) {
+        const int8_t* wb = w + b * NB * pairs * 32;
+        for (int64_t m0 = 0; m0 < M; m0 += MB) {
+            int R = (int)(M - m0 < MB ? M - m0 : MB);
+            BLOCK_I8[R](wb, pairs, xq, Kp, m0, sx, scale, b * BLOCK, e);
+        }
+    }
+    free(xq);
+    free(sx);
+    return 0;
+}
+
+// y [M, N] = bf16(x) @ w.T (+ bias) (+ residual), fp32 sums and outputs; w pair-packed bf16
+EXPORT int encdec_cpu_linear_bf16(const float* x, int64_t xs, int64_t M, int64_t K, const uint16_t* w, int64_t N,
+                                  const float* bias, const float* residual, int64_t rs, float* y, int64_t ys) {
+#if !defined(__AVX512BF16__)
+    return -3;
+#else
+    if (M < 0 || K < 0 || N < 0) return -1;
+    if (M == 0 || N == 0) return 0;
+    int64_t pairs = (K + 1) / 2, Kp = pairs * 2;
+    uint16_t* xb = (uint16_t*)aligned_alloc(64, (size_t)round_up(M * Kp * 2 + 64, 64));
+    if (!xb) return -2;
+#pragma omp parallel for schedule(static) if (M * K > 65536)
+    for (int64_t m = 0; m < M; ++m) {
+        const float* xr = x + m * xs;
+        uint16_t* br = xb + m * Kp;
+        int64_t k = 0;
+        for (; k + LANES <= K; k += LANES)
+            _mm256_storeu_si256((__m256i*)(br + k), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(xr + k)));
+        for (; k < K; ++k) br[k] = to_bf16(xr[k]);
+        if (Kp > K) br[K] = 0;
+    }
+    Epilogue e{bias, residual, rs, y, ys, N};
+    int64_t blocks = round_up(N, BLOCK) / BLOCK;
+#pragma omp parallel for schedule(static)
+    for (int64_t b = 0; b < blocks; ++b) {
+        const uint16_t* wb = w + b * NB * pairs * 32;
+        for (int64_t m0 = 0; m0 < M; m0 += MB) {
+            int R = (int)(M - m0 < MB ? M - m0 : MB);
+            BLOCK_BF16[R](wb, pairs, xb, Kp, m0, b * BLOCK, e);
+        }
+    }
+    free(xb);
+    return 0;
+#endif
+}

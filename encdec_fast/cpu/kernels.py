@@ -1,0 +1,225 @@
+"""The CPU projection kernels of csrc/cpu_linear.cpp: built by the C++ compiler on first use, loaded with ctypes.
+
+Two products with fp32 activations, fp32 sums and fp32 outputs, over weights packed once at load
+(quantize.py): int8 weights with per-output-channel scales (each activation row quantised to int16 inside
+the call: AVX512-VNNI), and bf16 weights (activations rounded to bf16: AVX512-BF16). See the C++ file for
+the arithmetic, the layout and why torch's own kernels do not do this.
+
+  build   g++ (or $CXX) -O3 -march=native -fopenmp: the library is built on the machine that runs it, for
+          its CPU. OpenMP resolves to the libgomp.so.1 torch has already loaded, so torch.set_num_threads
+          sets this library's threads too.
+  cache   <ENCDEC_CPU_CACHE or ~/.cache/encdec_fast/cpu>/<key>/libencdec_cpu.so, key = a hash of the
+          source, the flags, the compiler's version and this CPU's flags. Built in a temporary folder and
+          renamed into place, so concurrent processes never load a half-written file.
+  needs   x86-64 with AVX-512 (F, BW, VL; VNNI and BF16 used where present), a C++ compiler. Where any is
+          missing, available() says why and quantize.py runs its torch reference ops instead (same numbers
+          up to the int16 rounding of the activations, much slower); ENCDEC_CPU_KERNELS=0 forces that.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+import torch
+
+ABI_VERSION = 1  # csrc/cpu_linear.cpp ENCDEC_CPU_ABI_VERSION
+LIB_NAME = "libencdec_cpu.so"
+SOURCE_NAME = "cpu_linear.cpp"  # in csrc/
+FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-fvisibility=hidden", "-std=c++17")
+BLOCK = 32  # outputs per packed block (N is padded to a multiple of it)
+VNNI, BF16 = 1, 2  # encdec_cpu_features bits
+
+log = logging.getLogger("encdec_fast.cpu")
+
+_p, _i32, _i64 = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64
+SIGNATURES = {
+    "encdec_cpu_abi_version": (_i32, []),
+    "encdec_cpu_features": (_i32, []),
+    "encdec_cpu_error_string": (ctypes.c_char_p, [_i32]),
+    "encdec_cpu_packed_rows": (_i64, [_i64]),
+    "encdec_cpu_pack_i8": (_i32, [_p, _i64, _i64, _i64, _p]),
+    "encdec_cpu_pack_bf16": (_i32, [_p, _i64, _i64, _i64, _p]),
+    "encdec_cpu_linear_i8": (_i32, [_p, _i64, _i64, _i64, _p, _p, _i64, _p, _p, _i64, _p, _i64]),
+    "encdec_cpu_linear_bf16": (_i32, [_p, _i64, _i64, _i64, _p, _i64, _p, _p, _i64, _p, _i64]),
+}
+
+_lock = threading.Lock()
+_lib = None  # the loaded library, or the reason (str) it is not available
+_REQUIRED_FLAGS = ("avx512f", "avx512bw", "avx512vl")
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def _compiler() -> str | None:
+    return os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("ENCDEC_CPU_CACHE") or Path.home() / ".cache" / "encdec_fast" / "cpu")
+
+
+def source() -> Path | None:
+    """csrc/cpu_linear.cpp of a checkout or editable install, else the copy installed as package data."""
+    repo = Path(__file__).resolve().parent.parent.parent / "csrc" / SOURCE_NAME
+    if repo.is_file():
+        return repo
+    import importlib.util
+
+    spec = importlib.util.find_spec("encdec_fast._csrc")
+    for loc in (spec.submodule_search_locations or []) if spec else []:
+        if (Path(loc) / SOURCE_NAME).is_file():
+            return Path(loc) / SOURCE_NAME
+    return None
+
+
+def _build(cxx: str, src: Path) -> Path:
+    version = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=60).stdout
+    flags = sorted(_cpu_flags())
+    key = hashlib.sha256("\n".join([src.read_text(), " ".join(FLAGS), version, " ".join(flags),
+                                     str(ABI_VERSION)]).encode()).hexdigest()[:16]
+    target = _cache_dir() / key / LIB_NAME
+    if target.is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        out = Path(tmp) / LIB_NAME
+        r = subprocess.run([cxx, *FLAGS, "-o", str(out), str(src)], capture_output=True, text=True, timeout=600)
+        if r.returncode != 0:
+            raise RuntimeError(f"{cxx} failed to build {src.name}:\n{r.stderr.strip()}")
+        os.replace(out, target)
+    return target
+
+
+def _load():
+    if os.environ.get("ENCDEC_CPU_KERNELS", "1") == "0":
+        return "ENCDEC_CPU_KERNELS=0"
+    src = source()
+    if src is None:
+        return f"the kernel source {SOURCE_NAME} is not installed with encdec_fast"
+    missing = [f for f in _REQUIRED_FLAGS if f not in _cpu_flags()]
+    if missing:
+        return f"this CPU lacks {', '.join(missing)}"
+    cxx = _compiler()
+    if cxx is None:
+        return "no C++ compiler (g++) found; install one or set CXX"
+    try:
+        path = _build(cxx, src)
+        lib = ctypes.CDLL(str(path))
+    except (OSError, RuntimeError, subprocess.SubprocessError) as e:
+        return f"the kernels could not be built or loaded: {e}"
+    for name, (res, args) in SIGNATURES.items():
+        fn = getattr(lib, name)
+        fn.restype, fn.argtypes = res, args
+    if lib.encdec_cpu_abi_version() != ABI_VERSION:
+        return f"{path} has ABI version {lib.encdec_cpu_abi_version()}, this module {ABI_VERSION}"
+    return lib
+
+
+def library():
+    """The loaded library, or None (reason() says why)."""
+    global _lib
+    if _lib is None:
+        with _lock:
+            if _lib is None:
+                _lib = _load()
+                if isinstance(_lib, str):
+                    log.warning("encdec_fast's CPU int8/bf16 kernels are not available (%s); the torch reference "
+                                "ops run instead (same numbers, slower).", _lib)
+    return None if isinstance(_lib, str) else _lib
+
+
+def reason() -> str | None:
+    """Why the kernels are not available (None when they are)."""
+    library()
+    return _lib if isinstance(_lib, str) else None
+
+
+def features() -> int:
+    lib = library()
+    return lib.encdec_cpu_features() if lib is not None else 0
+
+
+def has_int8() -> bool:
+    return library() is not None
+
+
+def has_bf16() -> bool:
+    return bool(features() & BF16)
+
+
+def _check(code: int, what: str):
+    if code != 0:
+        raise RuntimeError(f"encdec_cpu {what}: {library().encdec_cpu_error_string(code).decode()}")
+
+
+def packed_rows(n: int) -> int:
+    return -(-n // BLOCK) * BLOCK
+
+
+def pack(w: torch.Tensor) -> torch.Tensor:
+    """w [N, K] int8 or bf16 -> the pair-packed layout, flat (packed_rows(N) * ceil(K / 2) * 2 values)."""
+    N, K = w.shape
+    w = w.contiguous()
+    out = torch.empty(packed_rows(N) * ((K + 1) // 2) * 2, dtype=w.dtype)
+    lib = library()
+    if w.dtype == torch.int8:
+        _check(lib.encdec_cpu_pack_i8(w.data_ptr(), K, N, K, out.data_ptr()), "pack_i8")
+    else:
+        _check(lib.encdec_cpu_pack_bf16(w.data_ptr(), K, N, K, out.data_ptr()), "pack_bf16")
+    return out
+
+
+def unpack(packed: torch.Tensor, N: int, K: int) -> torch.Tensor:
+    """The [N, K] matrix of a pair-packed one (the inverse of pack; torch ops, for the reference path and tests)."""
+    pairs = (K + 1) // 2
+    w = packed.view(packed_rows(N) // 16, pairs, 16, 2).permute(0, 2, 1, 3).reshape(packed_rows(N), 2 * pairs)
+    return w[:N, :K]
+
+
+def _rows(x: torch.Tensor):
+    """x [..., K] -> (a 2-D [M, K] view with unit inner stride, or a contiguous copy; M)."""
+    x2 = x.reshape(-1, x.shape[-1])
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    return x2, x2.shape[0]
+
+
+def linear(x: torch.Tensor, packed: torch.Tensor, N: int, scale: torch.Tensor | None, bias: torch.Tensor | None,
+           residual: torch.Tensor | None) -> torch.Tensor:
+    """x [..., K] fp32 -> [..., N] fp32: x @ w.T (+ bias) (+ residual) on a packed int8 (scale: fp32 [packed_rows(N)])
+    or bf16 (scale None) weight."""
+    K = x.shape[-1]
+    x2, M = _rows(x)
+    y = torch.empty(M, N, dtype=torch.float32)
+    r_ptr, r_stride = 0, 0
+    if residual is not None:
+        r2 = residual.reshape(M, N)
+        if r2.stride(-1) != 1:
+            r2 = r2.contiguous()
+        r_ptr, r_stride = r2.data_ptr(), r2.stride(0)
+    b_ptr = bias.data_ptr() if bias is not None else 0
+    lib = library()
+    if scale is not None:
+        code = lib.encdec_cpu_linear_i8(x2.data_ptr(), x2.stride(0), M, K, packed.data_ptr(), scale.data_ptr(), N,
+                                        b_ptr, r_ptr, r_stride, y.data_ptr(), N)
+    else:
+        code = lib.encdec_cpu_linear_bf16(x2.data_ptr(), x2.stride(0), M, K, packed.data_ptr(), N, b_ptr, r_ptr,
+                                          r_stride, y.data_ptr(), N)
+    _check(code, "linear")
+    return y.view(*x.shape[:-1], N)

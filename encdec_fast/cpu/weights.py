@@ -1,0 +1,269 @@
+"""Low-precision projection weights on the CPU, with fp32 activations: int8 (``load(quantize="int8")``) and bf16
+(``load(dtype=torch.bfloat16)``).
+
+Every projection weight (each Linear's [out, in] matrix: self- and cross-attention, MLP, enc_to_dec_proj, the
+BERT head's dense) and the LM head are converted as each weight is read at load (checkpoint/assign.py's
+WeightTransform: one plain copy alive at a time) into a PackedWeight:
+
+  int8  symmetric, one fp32 scale per output channel: w[n, k] ~ scale[n] * q[n, k], |q| <= 127,
+        scale[n] = max_k |w[n, k]| / 127.
+  bf16  the weight rounded to bf16.
+
+and run through kernels.py's products: fp32 activations in, fp32 sums, fp32 out, with the bias and the residual
+add fused (the int8 product quantises each activation row to int16 inside the call, the bf16 one rounds it to
+bf16). Everything else computes in fp32: LayerNorm (their parameters and the projection biases are kept fp32,
+0.1% of the weights), attention, the residual stream and the logits that token selection reads. The
+embeddings and the decode state's K/V cache keep the model's dtype (bf16 halves them).
+
+Why fp32 activations, measured on real weights (tests/test_quality.py's MiniLM; KL(fp32 || candidate) of the
+next-token distributions, teacher-forced): bf16 products whose outputs are rounded to bf16 (oneDNN's bf16
+linear, transformers' bf16) give 1.3e-4 (1.7% of next tokens differ from fp32's), the same products with fp32
+outputs 2.1e-5 (0.3%). int8 weights with the activations quantised to int8 (fbgemm's and oneDNN's int8
+products: per call or per token) give 5-7e-3 (3-4%); with int16 activations 6.2e-4, as with fp32 ones.
+
+Where kernels.py is not available (no AVX-512, no C++ compiler): int8 weights run the torch reference below
+(dequantised per call: the same numbers, slowly), and bf16 models load oneDNN's bf16 layout instead
+(prepack.py: bf16 activations).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import ops
+from ..checkpoint import WeightTransform
+from ..errors import UnsupportedArgumentError
+from ..modules import LayerNorm, Linear, LMHead
+from . import kernels
+
+MODES = ("int8",)  # load(quantize=...)
+_ROWS_PER_CHUNK = 4096  # rows quantised at a time: a weight's fp32 temporaries stay a few MB (load memory)
+
+
+class PackedWeight(torch.Tensor):
+    """A projection weight [out, in] stored int8 (with per-output-channel scales) or bf16, in kernels.py's
+    pair-packed layout (or plain [out, in] where the kernels are not available). It has the shape, dtype and
+    size of the matrix it stands for but no storage of its own: only this file's op table reads it, and any
+    other torch op on it raises."""
+
+    values: torch.Tensor  # pair-packed (flat) or plain [N, K]: int8 or bf16
+    scale: torch.Tensor | None  # int8: fp32 [kernels.packed_rows(N)] (zeros past N); bf16: None
+    packed: bool  # data in kernels.py's layout (else plain)
+
+    @staticmethod
+    def __new__(cls, data, scale, out_features: int, in_features: int, packed: bool):
+        return torch.Tensor._make_wrapper_subclass(cls, (out_features, in_features), dtype=data.dtype,
+                                                   device=torch.device("cpu"), requires_grad=False)
+
+    def __init__(self, data, scale, out_features: int, in_features: int, packed: bool):
+        self.values, self.scale, self.packed = data, scale, packed
+
+    def __repr__(self):
+        kind = "int8, per-output-channel scales" if self.scale is not None else "bf16"
+        return f"PackedWeight({tuple(self.shape)}, {kind})"
+
+    __torch_function__ = torch._C._disabled_torch_function_impl
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten.detach.default:  # nn.Module bookkeeping
+            return args[0]
+        raise UnsupportedArgumentError(
+            f"{func} on a packed low-precision weight: only encdec_fast's CPU ops read it. A quantize='int8' model "
+            "cannot move or change dtype (its floating-point weights are gone): load the checkpoint again.")
+
+    @property
+    def is_int8(self) -> bool:
+        return self.scale is not None
+
+    def matrix(self) -> torch.Tensor:
+        """The [N, K] matrix (int8 or bf16), unpacked."""
+        N, K = self.shape
+        return kernels.unpack(self.values, N, K) if self.packed else self.values
+
+    def dequantize(self) -> torch.Tensor:
+        """The fp32 matrix it stands for (scale[n] * q[n, k] for int8)."""
+        w = self.matrix().float()
+        return w * self.scale[:w.shape[0], None] if self.is_int8 else w
+
+
+# ------------------------------------------------------------------------------------------------
+# conversion
+# ------------------------------------------------------------------------------------------------
+def quantize_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """w [N, K] float -> (q int8 [N, K], scale fp32 [N]): symmetric per row, scale = max |w[n]| / 127 (a
+    zero row gets scale 1). Quantised _ROWS_PER_CHUNK rows at a time, so the fp32 temporaries stay small."""
+    N, K = w.shape
+    q = torch.empty(N, K, dtype=torch.int8)
+    scale = torch.empty(N, dtype=torch.float32)
+    for a in range(0, N, _ROWS_PER_CHUNK):
+        part = w[a:a + _ROWS_PER_CHUNK].float()
+        s = part.abs().amax(dim=1) / 127
+        s = torch.where(s > 0, s, torch.ones_like(s))
+        q[a:a + _ROWS_PER_CHUNK] = torch.round(part / s[:, None]).clamp_(-127, 127).to(torch.int8)
+        scale[a:a + _ROWS_PER_CHUNK] = s
+    return q, scale
+
+
+def _packed(matrix: torch.Tensor, scale: torch.Tensor | None) -> PackedWeight:
+    N, K = matrix.shape
+    if not kernels.has_int8() or (scale is None and not kernels.has_bf16()):
+        return PackedWeight(matrix.contiguous(), scale, N, K, False)
+    if scale is not None:
+        scale = torch.cat([scale, scale.new_zeros(kernels.packed_rows(N) - N)])
+    return PackedWeight(kernels.pack(matrix), scale, N, K, True)
+
+
+@torch.inference_mode()
+def to_int8(w: torch.Tensor) -> PackedWeight:
+    """One weight [out, in] -> its int8 PackedWeight (a new tensor; w is not changed)."""
+    return _packed(*quantize_rows(w))
+
+
+@torch.inference_mode()
+def to_bf16(w: torch.Tensor) -> PackedWeight:
+    """One weight [out, in] -> its bf16 PackedWeight (a new tensor; w is not changed)."""
+    return _packed(w.to(torch.bfloat16), None)
+
+
+def _slots(net: nn.Module):
+    for m in net.modules():
+        if isinstance(m, (Linear, LMHead)) and m._buffers.get("weight") is not None:
+            yield m
+
+
+def slot_names(net: nn.Module) -> frozenset[str]:
+    """The buffer names (from the net's root) of every projection weight (prepack.py's)."""
+    return frozenset(f"{n}.weight" if n else "weight" for n, m in net.named_modules() if isinstance(m, (Linear, LMHead)))
+
+
+@torch.inference_mode()
+def pack_net(net: nn.Module, convert) -> None:
+    """Convert (to_int8 or to_bf16) every projection weight of net that is still plain (idempotent; shared weights
+    stay shared), and keep the LayerNorm parameters and projection biases in fp32, as the op table reads them."""
+    done: dict[int, torch.Tensor] = {}
+    for m in _slots(net):
+        w = m._buffers["weight"]
+        if type(w) is torch.Tensor and not w.is_mkldnn:
+            if id(w) not in done:
+                done[id(w)] = convert(w)
+            m._buffers["weight"] = done[id(w)]
+    for m in net.modules():
+        names = ("weight", "bias") if isinstance(m, LayerNorm) else ("bias",) if isinstance(m, (Linear, LMHead)) else ()
+        for name in names:
+            t = m._buffers.get(name)
+            if t is not None and t.dtype != torch.float32:
+                m._buffers[name] = t.float()
+
+
+@torch.inference_mode()
+def unpack_net(net: nn.Module, dtype: torch.dtype) -> None:
+    """Plain bf16 tensors back in place of bf16 PackedWeights (exactly the weights packed), the LayerNorm parameters
+    and biases in dtype again (before a move to another device or dtype). int8 weights cannot be unpacked."""
+    done: dict[int, torch.Tensor] = {}
+    for m in _slots(net):
+        w = m._buffers["weight"]
+        if isinstance(w, PackedWeight):
+            if w.is_int8:
+                raise UnsupportedArgumentError("int8 weights cannot be turned back into floating-point ones: load the "
+                                               "checkpoint again.")
+            if id(w) not in done:
+                done[id(w)] = w.matrix().clone()
+            m._buffers["weight"] = done[id(w)]
+    for m in net.modules():
+        for name in ("weight", "bias") if isinstance(m, LayerNorm) else ("bias",) if isinstance(m, (Linear, LMHead)) else ():
+            t = m._buffers.get(name)
+            if t is not None:
+                m._buffers[name] = t.to(dtype)
+    if hasattr(net, "tie_head"):
+        net.tie_head()
+
+
+def is_packed(net: nn.Module) -> bool:
+    return any(isinstance(m._buffers["weight"], PackedWeight) for m in _slots(net))
+
+
+def is_int8(net: nn.Module) -> bool:
+    return any(isinstance(m._buffers["weight"], PackedWeight) and m._buffers["weight"].is_int8 for m in _slots(net))
+
+
+def bf16_applies(device: torch.device, dtype: torch.dtype, backend: str) -> bool:
+    """Whether a model on (device, dtype, backend) gets bf16 PackedWeights: bf16 on the CPU (torch backend), where
+    kernels.py runs bf16 products (AVX512-BF16)."""
+    return device.type == "cpu" and dtype == torch.bfloat16 and backend == "torch" and kernels.has_bf16()
+
+
+def _no_dense(t):
+    raise RuntimeError("internal: a packed low-precision weight cannot give back its plain tensor; the plain consumer of "
+                       "a shared tensor must be read before the packed one (checkpoint/weight_map.py's order)")
+
+
+# ------------------------------------------------------------------------------------------------
+# the op table of a net with PackedWeights: fp32 activations; the reference ops where no weight is packed
+# ------------------------------------------------------------------------------------------------
+def _f32(t):
+    return t if t is None or t.dtype == torch.float32 else t.float()
+
+
+def product(x, weight: PackedWeight, bias=None, residual=None) -> torch.Tensor:
+    """x [..., K] -> x @ weight.T + bias + residual [..., N], fp32 (kernels.py, or the torch reference)."""
+    x, bias, residual = _f32(x), _f32(bias), _f32(residual)
+    if weight.packed:
+        return kernels.linear(x, weight.values, weight.shape[0], weight.scale, bias, residual)
+    if not weight.is_int8:  # the kernel's rounding of the activations
+        x = x.to(torch.bfloat16).float()
+    y = F.linear(x, weight.dequantize(), bias)
+    return y.add_(residual) if residual is not None else y
+
+
+def linear(x, weight, bias):
+    return product(x, weight, bias) if type(weight) is PackedWeight else ops.linear(x, weight, bias)
+
+
+def linear_gelu(x, weight, bias, approximate: str):
+    if type(weight) is not PackedWeight:
+        return ops.linear_gelu(x, weight, bias, approximate)
+    return torch.ops.aten.gelu_(product(x, weight, bias), approximate=approximate)
+
+
+def fused_linear(x, weight, bias=None, *, x_ln=None, gelu=None, residual=None, residual_ln=None):
+    if type(weight) is not PackedWeight:
+        return ops.fused_linear(x, weight, bias, x_ln=x_ln, gelu=gelu, residual=residual, residual_ln=residual_ln)
+    if gelu not in (None, "none", "tanh"):
+        raise ValueError(f"fused_linear: gelu must be None, 'none' or 'tanh', got {gelu!r}")
+    x, residual = ops.fused_linear_inputs(_f32(x), _f32(residual), x_ln, residual_ln)
+    if gelu is not None:
+        y = torch.ops.aten.gelu_(product(x, weight, bias), approximate=gelu)
+        return y.add_(residual) if residual is not None else y
+    return product(x, weight, bias, residual)
+
+
+def layer_norm(x, weight, bias, eps):
+    return F.layer_norm(_f32(x), (x.shape[-1],), _f32(weight), _f32(bias), eps)
+
+
+def add_layer_norm(x, residual, weight, bias, eps):
+    s = _f32(x) + _f32(residual)
+    return F.layer_norm(s, (s.shape[-1],), _f32(weight), _f32(bias), eps), s
+
+
+def attention(q, k, v, **kw):
+    return ops.attention(_f32(q), _f32(k), _f32(v), **kw)
+
+
+def varlen_attention(q, k, v, **kw):
+    return ops.varlen_attention(_f32(q), _f32(k), _f32(v), **kw)
+
+
+TABLE = dataclasses.replace(ops.TORCH, name="torch+cpu-lowp", linear=linear, linear_gelu=linear_gelu,
+                            fused_linear=fused_linear, layer_norm=layer_norm, add_layer_norm=add_layer_norm,
+                            attention=attention, varlen_attention=varlen_attention)
+
+# what checkpoint.build_net applies as each weight is read
+INT8 = WeightTransform(names=slot_names, tensor=to_int8, net=lambda net: pack_net(net, to_int8), dense=_no_dense)
+BF16 = WeightTransform(names=slot_names, tensor=to_bf16, net=lambda net: pack_net(net, to_bf16),
+                       dense=lambda t: t.matrix().clone())
