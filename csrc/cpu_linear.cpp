@@ -23,7 +23,12 @@
 // count applies) split the output blocks of 32; each thread runs its blocks over rows 8 at a time, so a block's
 // weights (32 x K values, <= 200 KB) are read from memory once per call and from cache for the next 8 rows.
 //
-// C ABI (encdec_fast/cpu_kernels.py binds it with ctypes): raw pointers, int64 strides in elements; every
+// Decode attention (encdec_cpu_decode_attention): one query per row over a window of key rows, fp32 or bf16
+// keys and values, fp32 scores, softmax and output; threads split the (row, head) pairs. It replaces one SDPA call
+// per request and layer (the cross-attention windows of a batch are not evenly spaced): at batch 8 those calls
+// were most of a decode step's time outside the projections.
+//
+// C ABI (encdec_fast/cpu/kernels.py binds it with ctypes): raw pointers, int64 strides in elements; every
 // function returns 0, or a negative code (see encdec_cpu_error_string).
 
 #include <immintrin.h>
@@ -33,7 +38,7 @@
 #include <string.h>
 #include <math.h>
 
-#define ENCDEC_CPU_ABI_VERSION 1
+#define ENCDEC_CPU_ABI_VERSION 2
 #define EXPORT extern "C" __attribute__((visibility("default")))
 
 namespace {
@@ -289,4 +294,124 @@ EXPORT int encdec_cpu_linear_bf16(const float* x, int64_t xs, int64_t M, int64_t
     free(xb);
     return 0;
 #endif
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// decode attention
+// ---------------------------------------------------------------------------------------------------------
+namespace {
+
+// e^x, 16 lanes: x = n ln2 + r, |r| <= ln2 / 2, e^r by its degree-6 Taylor polynomial (relative error < 2e-7),
+// times 2^n by vscalefps; x below -87.3 gives 0 (a masked-out score), above 88.7 inf
+inline __m512 exp512(__m512 x) {
+    const __m512 log2e = _mm512_set1_ps(1.44269504088896341f), ln2_hi = _mm512_set1_ps(0.693359375f),
+                 ln2_lo = _mm512_set1_ps(-2.12194440e-4f);
+    x = _mm512_max_ps(x, _mm512_set1_ps(-87.3365f));
+    x = _mm512_min_ps(x, _mm512_set1_ps(88.7228f));
+    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, log2e), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, ln2_hi, x);
+    r = _mm512_fnmadd_ps(n, ln2_lo, r);
+    __m512 p = _mm512_set1_ps(1.0f / 720);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    return _mm512_scalef_ps(p, n);
+}
+
+// 16 values of a key or value row from element d on, as fp32 (bf16: the upper half of an fp32)
+inline __m512 load16(const void* base, int64_t off, bool bf16, __mmask16 m) {
+    if (bf16) {
+        __m256i h = _mm256_maskz_loadu_epi16(m, (const uint16_t*)base + off);
+        return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+    }
+    return _mm512_maskz_loadu_ps(m, (const float*)base + off);
+}
+
+// one (row, head): CC > 0 compiles D = 16 * CC (every chunk full: registers); CC = 0 takes D at run time
+template <int CC>
+void attend_one(const float* qr, const void* k, const void* v, int64_t kt, int64_t kh, bool bf, int64_t s, int64_t len,
+                int64_t h, int64_t D, float scale, float* scores, float* o) {
+    constexpr int MAXC = 64;
+    const int64_t chunks = CC > 0 ? CC : (D + LANES - 1) / LANES;
+    auto mask = [&](int64_t c) -> __mmask16 {
+        if (CC > 0) return (__mmask16)0xFFFF;
+        int64_t left = D - c * LANES;
+        return left >= LANES ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1);
+    };
+    __m512 qv[CC > 0 ? CC : MAXC];
+    for (int64_t c = 0; c < chunks; ++c) qv[c] = _mm512_mul_ps(_mm512_maskz_loadu_ps(mask(c), qr + c * LANES), _mm512_set1_ps(scale));
+    float mx = -INFINITY;
+    for (int64_t j = 0; j < len; ++j) {  // scores
+        const int64_t off = (s + j) * kt + h * kh;
+        __m512 acc = _mm512_setzero_ps();
+        for (int64_t c = 0; c < chunks; ++c) acc = _mm512_fmadd_ps(qv[c], load16(k, off + c * LANES, bf, mask(c)), acc);
+        float sc = _mm512_reduce_add_ps(acc);
+        scores[j] = sc;
+        mx = sc > mx ? sc : mx;
+    }
+    __m512 sum = _mm512_setzero_ps(), mxv = _mm512_set1_ps(mx);  // probabilities (unnormalised)
+    int64_t j = 0;
+    for (; j + LANES <= len; j += LANES) {
+        __m512 e = exp512(_mm512_sub_ps(_mm512_loadu_ps(scores + j), mxv));
+        _mm512_storeu_ps(scores + j, e);
+        sum = _mm512_add_ps(sum, e);
+    }
+    if (j < len) {
+        __mmask16 m = (__mmask16)((1u << (len - j)) - 1);
+        __m512 e = _mm512_maskz_mov_ps(m, exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, scores + j), mxv)));
+        _mm512_mask_storeu_ps(scores + j, m, e);
+        sum = _mm512_add_ps(sum, e);
+    }
+    const __m512 inv = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(sum));
+    __m512 acc[CC > 0 ? CC : MAXC];
+    for (int64_t c = 0; c < chunks; ++c) acc[c] = _mm512_setzero_ps();
+    for (j = 0; j < len; ++j) {  // weighted values
+        const int64_t off = (s + j) * kt + h * kh;
+        const __m512 p = _mm512_set1_ps(scores[j]);
+        for (int64_t c = 0; c < chunks; ++c) acc[c] = _mm512_fmadd_ps(p, load16(v, off + c * LANES, bf, mask(c)), acc[c]);
+    }
+    for (int64_t c = 0; c < chunks; ++c) _mm512_mask_storeu_ps(o + c * LANES, mask(c), _mm512_mul_ps(acc[c], inv));
+}
+
+typedef void (*attend_fn)(const float*, const void*, const void*, int64_t, int64_t, bool, int64_t, int64_t, int64_t,
+                          int64_t, float, float*, float*);
+
+}  // namespace
+
+// out[n, h, :] = softmax(scale * q[n, h] . k[t, h] for t in [starts[n], starts[n] + lens[n])) @ v[t, h]
+// q [N, H, D] fp32 (strides qn, qh; unit stride on D); k, v [T, H, D] fp32 or bf16 (kv_bf16), strides kt, kh (the
+// same for v); starts, lens int64 [N]; out [N, H, D] fp32 (strides on, oh). A row with lens <= 0 gets zeros.
+EXPORT int encdec_cpu_decode_attention(const float* q, int64_t qn, int64_t qh, const void* k, const void* v, int64_t kt,
+                                       int64_t kh, int kv_bf16, const int64_t* starts, const int64_t* lens, int64_t N,
+                                       int64_t H, int64_t D, float scale, float* out, int64_t on, int64_t oh) {
+    if (N < 0 || H < 0 || D <= 0 || D > 1024) return -1;
+    static const attend_fn BY_CHUNKS[9] = {attend_one<0>, attend_one<1>, attend_one<2>, attend_one<3>, attend_one<4>,
+                                           attend_one<5>, attend_one<6>, attend_one<7>, attend_one<8>};
+    const attend_fn attend = (D % LANES == 0 && D / LANES <= 8) ? BY_CHUNKS[D / LANES] : attend_one<0>;
+    const bool bf = kv_bf16 != 0;
+#pragma omp parallel
+    {
+        float* scores = nullptr;
+        int64_t cap = 0;
+#pragma omp for schedule(static)
+        for (int64_t nh = 0; nh < N * H; ++nh) {
+            const int64_t n = nh / H, h = nh % H, len = lens[n];
+            float* o = out + n * on + h * oh;
+            if (len <= 0) {
+                for (int64_t d = 0; d < D; ++d) o[d] = 0.0f;
+                continue;
+            }
+            if (len > cap) {
+                free(scores);
+                cap = round_up(len, 256);
+                scores = (float*)aligned_alloc(64, (size_t)(cap * 4));
+            }
+            attend(q + n * qn + h * qh, k, v, kt, kh, bf, starts[n], len, h, D, scale, scores, o);
+        }
+        free(scores);
+    }
+    return 0;
 }

@@ -144,6 +144,7 @@ class WindowPlan:
     groups: tuple  # step None: ((start, length, rows), ...), rows a slice or an index tensor of the rows
     # that share the window (the beams of a request); () otherwise
     slots: torch.Tensor  # long (N,): starts + lens - 1, where a call's k_new / v_new go
+    windows: tuple  # (starts, lens) as contiguous long tensors, lens cut to the key rows (a kernel's arguments)
 
 
 def window_plan(starts: torch.Tensor, lens: torch.Tensor, keys: int) -> WindowPlan | None:
@@ -151,18 +152,20 @@ def window_plan(starts: torch.Tensor, lens: torch.Tensor, keys: int) -> WindowPl
     if starts.device.type != "cpu":
         return None
     s, ln = starts.tolist(), lens.tolist()
-    slots = starts.long() + lens.long() - 1
+    starts64 = starts.long().contiguous()
+    slots = starts64 + lens.long() - 1
+    windows = (starts64, torch.minimum(lens.long(), keys - starts64).clamp_(min=0))
     W = max(0, min(max(ln, default=0), keys))
     full = bool(ln) and min(ln) == W
     step = s[1] - s[0] if len(s) > 1 else 0
     if s and step >= 0 and s[0] >= 0 and s[-1] + W <= keys and all(b - a == step for a, b in zip(s, s[1:])):
-        return WindowPlan(W, full, step, s[0], (), slots)
+        return WindowPlan(W, full, step, s[0], (), slots, windows)
     groups: dict[tuple[int, int], list[int]] = {}
     for n, (a, b) in enumerate(zip(s, ln)):
         groups.setdefault((a, b), []).append(n)
     rows = tuple((a, b, slice(r[0], r[-1] + 1) if r[-1] - r[0] + 1 == len(r) else torch.tensor(r))
                  for (a, b), r in groups.items())
-    return WindowPlan(W, full, None, 0, rows, slots)
+    return WindowPlan(W, full, None, 0, rows, slots, windows)
 
 
 def decode_attention(q, k, v, *, scale: float, starts: torch.Tensor, lens: torch.Tensor, key_mask=None,

@@ -1,9 +1,10 @@
 """The CPU projection kernels of csrc/cpu_linear.cpp: built by the C++ compiler on first use, loaded with ctypes.
 
 Two products with fp32 activations, fp32 sums and fp32 outputs, over weights packed once at load
-(quantize.py): int8 weights with per-output-channel scales (each activation row quantised to int16 inside
-the call: AVX512-VNNI), and bf16 weights (activations rounded to bf16: AVX512-BF16). See the C++ file for
-the arithmetic, the layout and why torch's own kernels do not do this.
+(weights.py): int8 weights with per-output-channel scales (each activation row quantised to int16 inside
+the call: AVX512-VNNI), and bf16 weights (activations rounded to bf16: AVX512-BF16); and a decode attention
+over fp32 or bf16 keys (one call per layer for every row's window). See the C++ file for the arithmetic, the
+layout and why torch's own kernels do not do this.
 
   build   g++ (or $CXX) -O3 -march=native -fopenmp: the library is built on the machine that runs it, for
           its CPU. OpenMP resolves to the libgomp.so.1 torch has already loaded, so torch.set_num_threads
@@ -30,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-ABI_VERSION = 1  # csrc/cpu_linear.cpp ENCDEC_CPU_ABI_VERSION
+ABI_VERSION = 2  # csrc/cpu_linear.cpp ENCDEC_CPU_ABI_VERSION
 LIB_NAME = "libencdec_cpu.so"
 SOURCE_NAME = "cpu_linear.cpp"  # in csrc/
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-fvisibility=hidden", "-std=c++17")
@@ -49,6 +50,8 @@ SIGNATURES = {
     "encdec_cpu_pack_bf16": (_i32, [_p, _i64, _i64, _i64, _p]),
     "encdec_cpu_linear_i8": (_i32, [_p, _i64, _i64, _i64, _p, _p, _i64, _p, _p, _i64, _p, _i64]),
     "encdec_cpu_linear_bf16": (_i32, [_p, _i64, _i64, _i64, _p, _i64, _p, _p, _i64, _p, _i64]),
+    "encdec_cpu_decode_attention": (_i32, [_p, _i64, _i64, _p, _p, _i64, _i64, _i32, _p, _p, _i64, _i64, _i64,
+                                           ctypes.c_float, _p, _i64, _i64]),
 }
 
 _lock = threading.Lock()
@@ -223,3 +226,18 @@ def linear(x: torch.Tensor, packed: torch.Tensor, N: int, scale: torch.Tensor | 
                                           r_stride, y.data_ptr(), N)
     _check(code, "linear")
     return y.view(*x.shape[:-1], N)
+
+
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, starts: torch.Tensor, lens: torch.Tensor,
+                     scale: float) -> torch.Tensor:
+    """q [N, H, D] fp32, k/v [T, H, D] fp32 or bf16 (unit stride on D, the same strides), starts/lens int64 [N]
+    (windows within the T key rows) -> out [N, H, D] fp32 (zeros for a row with lens 0)."""
+    N, H, D = q.shape
+    out = torch.empty(N, H, D, dtype=torch.float32)
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    bf = k.dtype == torch.bfloat16
+    _check(library().encdec_cpu_decode_attention(q.data_ptr(), q.stride(0), q.stride(1), k.data_ptr(), v.data_ptr(),
+                                                 k.stride(0), k.stride(1), int(bf), starts.data_ptr(), lens.data_ptr(),
+                                                 N, H, D, scale, out.data_ptr(), H * D, D), "decode_attention")
+    return out

@@ -259,9 +259,24 @@ def varlen_attention(q, k, v, **kw):
     return ops.varlen_attention(_f32(q), _f32(k), _f32(v), **kw)
 
 
+def decode_attention(q, k, v, *, scale: float, starts, lens, key_mask=None, k_new=None, v_new=None, max_len=None,
+                     plan=None):
+    """ops.decode_attention through kernels.py's (fp32 or bf16 keys read in place, one call for every row's window);
+    the reference where the kernels are not available or a key mask is given."""
+    if key_mask is not None or not kernels.has_int8() or k.dtype not in (torch.float32, torch.bfloat16):
+        return ops.decode_attention(q, k, v, scale=scale, starts=starts, lens=lens, key_mask=key_mask, k_new=k_new,
+                                    v_new=v_new, max_len=max_len, plan=plan)
+    if plan is None:
+        plan = ops.window_plan(starts, lens, k.shape[0])
+    if k_new is not None:
+        k.index_copy_(0, plan.slots, k_new.to(k.dtype))
+        v.index_copy_(0, plan.slots, v_new.to(v.dtype))
+    return kernels.decode_attention(_f32(q), k, v, *plan.windows, scale).to(q.dtype)
+
+
 TABLE = dataclasses.replace(ops.TORCH, name="torch+cpu-lowp", linear=linear, linear_gelu=linear_gelu,
                             fused_linear=fused_linear, layer_norm=layer_norm, add_layer_norm=add_layer_norm,
-                            attention=attention, varlen_attention=varlen_attention)
+                            attention=attention, varlen_attention=varlen_attention, decode_attention=decode_attention)
 
 # what checkpoint.build_net applies as each weight is read
 INT8 = WeightTransform(names=slot_names, tensor=to_int8, net=lambda net: pack_net(net, to_int8), dense=_no_dense)
