@@ -84,6 +84,12 @@ class GenBench:
 
 
 _RESULTS: list[GenBench] = []
+_PRECISION: dict = {}  # test_bench_cpu_precision.py's rows: (mode, batch) -> measurements
+
+
+@pytest.fixture(scope="session")
+def cpu_precision_rows():
+    return _PRECISION
 
 
 @pytest.fixture(scope="session")
@@ -101,6 +107,12 @@ def gen_bench(tmp_path_factory):
 
 
 def pytest_terminal_summary(terminalreporter):
+    if _PRECISION:
+        from test_bench_cpu_precision import format_table
+
+        terminalreporter.write_sep("-", "CPU precision table")
+        for line in format_table(_PRECISION, GEN_SIZE):
+            terminalreporter.write_line(line)
     for bench in _RESULTS:
         rows = bench.rows
         if not rows:

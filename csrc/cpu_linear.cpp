@@ -14,8 +14,8 @@
 // either quantise the activations to int8 (fbgemm, oneDNN qlinear: 5-10x the KL divergence of int8 weights
 // alone) or are slow beyond one row (aten._weight_int8pack_mm).
 //
-// Weight layout ("pair-packed"): [N / 16][K / 2][16][2], N padded to a multiple of 32 and K to a multiple of 2
-// with zeros: one 16-output block of a k pair is 32 consecutive values (32 bytes int8, 64 bytes bf16), which a
+// Weight layout ("pair-packed", written by encdec_fast/cpu/kernels.py's pack_rows): [N / 16][K / 2][16][2], N padded
+// to a multiple of 32 and K to a multiple of 2 with zeros: one 16-output block of a k pair is 32 consecutive values (32 bytes int8, 64 bytes bf16), which a
 // vpdpwssd / vdpbf16ps multiplies with the pair (x[m, 2p], x[m, 2p + 1]) broadcast to all lanes. Every lane
 // of an accumulator is one output: no horizontal sums.
 //
@@ -38,7 +38,7 @@
 #include <string.h>
 #include <math.h>
 
-#define ENCDEC_CPU_ABI_VERSION 2
+#define ENCDEC_CPU_ABI_VERSION 3
 #define EXPORT extern "C" __attribute__((visibility("default")))
 
 namespace {
@@ -191,28 +191,6 @@ EXPORT const char* encdec_cpu_error_string(int code) {
 }
 
 EXPORT int64_t encdec_cpu_packed_rows(int64_t N) { return round_up(N, BLOCK); }
-
-// w [N, K] int8 (row stride ws) -> out [Np / 16][Kp / 2][16][2] int8, Np = packed_rows(N), Kp = K rounded to even
-EXPORT int encdec_cpu_pack_i8(const int8_t* w, int64_t ws, int64_t N, int64_t K, int8_t* out) {
-    if (N < 0 || K < 0) return -1;
-    int64_t Np = round_up(N, BLOCK), pairs = (K + 1) / 2;
-    memset(out, 0, (size_t)(Np * pairs * 2));
-    for (int64_t n = 0; n < N; ++n)
-        for (int64_t k = 0; k < K; ++k)
-            out[((n / LANES) * pairs + k / 2) * 32 + (n % LANES) * 2 + (k % 2)] = w[n * ws + k];
-    return 0;
-}
-
-// the same layout for bf16 (uint16 bit patterns)
-EXPORT int encdec_cpu_pack_bf16(const uint16_t* w, int64_t ws, int64_t N, int64_t K, uint16_t* out) {
-    if (N < 0 || K < 0) return -1;
-    int64_t Np = round_up(N, BLOCK), pairs = (K + 1) / 2;
-    memset(out, 0, (size_t)(Np * pairs * 2 * 2));
-    for (int64_t n = 0; n < N; ++n)
-        for (int64_t k = 0; k < K; ++k)
-            out[((n / LANES) * pairs + k / 2) * 32 + (n % LANES) * 2 + (k % 2)] = w[n * ws + k];
-    return 0;
-}
 
 // y [M, N] = dequant(x) @ dequant(w).T (+ bias) (+ residual). x [M, K] fp32 (row stride xs); w pair-packed
 // int8 with scale [Np] fp32 (zeros past N); bias [N] or null; residual [M, N] (row stride rs) or null;

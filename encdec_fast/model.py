@@ -275,7 +275,8 @@ def _build(src, device, dtype, backend, seed: int, check_finite: bool, prepack: 
     """The model for a resolved checkpoint source (checkpoint/sources.py): what load() and from_transformers() share."""
     dev = _pick_device(device)
     be = _pick_backend(backend, dev)
-    dt = _pick_dtype(dtype, src.stored_dtype, dev)
+    # int8 weights keep the rest (embeddings, the K/V cache) in bf16 unless a dtype is named: computed in fp32 either way
+    dt = _pick_dtype(dtype, src.stored_dtype, dev) if dtype is not None or quantize is None else torch.bfloat16
     _check_quantize(quantize, dev, dt, be, prepack)
     transform = _transform(dev, dt, be, prepack, quantize)
     net = ckpt.build_net(src, device=dev, dtype=dt, seed=seed, check_finite=check_finite, transform=transform)
@@ -306,8 +307,8 @@ def load(path=None, *, encoder=None, decoder=None, device=None, dtype=None, back
     products with fp32 activations and outputs), or for oneDNN's bf16 where those cannot run. False keeps plain
     tensors. Ignored elsewhere. quantize: None, or "int8" (CPU): every projection weight and the LM head
     stored int8 with per-output-channel scales, quantised as each weight is read, multiplied with fp32
-    activations (cpu/weights.py); dtype (float32 or bfloat16) is then what the rest is stored in (the
-    embeddings, the K/V cache). Such a model cannot be moved to another device or dtype."""
+    activations (cpu/weights.py); dtype (bfloat16 by default, or float32) is then what the rest is stored
+    in (the embeddings, the K/V cache). Such a model cannot be moved to another device or dtype."""
     for name, value in (("path", path), ("encoder", encoder), ("decoder", decoder)):
         validate.path(value, name)
     validate.number(seed, "seed", validate.SEED)

@@ -30,17 +30,18 @@ def _logits(m):
 
 def test_int8_converts_every_projection_and_the_head(path):
     m = encdec_fast.load(path, quantize="int8")
-    assert m.quantize == "int8" and m.ops is lowp.TABLE and m.dtype == torch.float32
+    assert m.quantize == "int8" and m.ops is lowp.TABLE and m.dtype == torch.bfloat16  # the rest stored in bf16
     slots = list(lowp._slots(m.net))
     assert slots and all(isinstance(s.weight, lowp.PackedWeight) and s.weight.is_int8 for s in slots)
     assert m.net.decoder.head.weight.shape == m.net.decoder.embed.word.shape  # the tied head: its own int8 copy
-    assert type(m.net.decoder.embed.word) is torch.Tensor and m.net.decoder.embed.word.dtype == torch.float32
+    assert type(m.net.decoder.embed.word) is torch.Tensor and m.net.decoder.embed.word.dtype == torch.bfloat16
+    assert encdec_fast.load(path, quantize="int8", dtype="float32").dtype == torch.float32
     assert all(b.dtype == torch.float32 for n, b in m.net.named_buffers() if n.endswith("bias"))
     assert lowp.is_int8(m.net) and not prepack.is_packed(m.net)
 
 
 @pytest.mark.parametrize("kw", [dict(quantize="int8"), dict(dtype=torch.bfloat16),
-                                dict(quantize="int8", dtype=torch.bfloat16)], ids=["int8", "bf16", "int8+bf16"])
+                                dict(quantize="int8", dtype=torch.float32)], ids=["int8", "bf16", "int8+fp32"])
 def test_low_precision_logits_are_fp32_and_close_to_fp32(path, kw):
     ref = _logits(encdec_fast.load(path))
     m = encdec_fast.load(path, **kw)
@@ -101,8 +102,8 @@ def test_bf16_model_moves_and_repacks(path):
 
 def test_int8_model_refuses_to_move(path):
     m = encdec_fast.load(path, quantize="int8")
-    assert m.to("cpu") is m and m.to(dtype=torch.float32) is m  # nothing to do
-    for kw in (dict(dtype=torch.bfloat16), dict(dtype="float16")):
+    assert m.to("cpu") is m and m.to(dtype=torch.bfloat16) is m  # nothing to do
+    for kw in (dict(dtype=torch.float32), dict(dtype="float16")):
         with pytest.raises(UnsupportedArgumentError, match="quantize='int8'.*load the\\s+checkpoint again|Load the"):
             m.to(**kw)
     with pytest.raises(UnsupportedArgumentError, match="packed low-precision weight"):

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-ABI_VERSION = 2  # csrc/cpu_linear.cpp ENCDEC_CPU_ABI_VERSION
+ABI_VERSION = 3  # csrc/cpu_linear.cpp ENCDEC_CPU_ABI_VERSION
 LIB_NAME = "libencdec_cpu.so"
 SOURCE_NAME = "cpu_linear.cpp"  # in csrc/
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-fvisibility=hidden", "-std=c++17")
@@ -46,8 +46,6 @@ SIGNATURES = {
     "encdec_cpu_features": (_i32, []),
     "encdec_cpu_error_string": (ctypes.c_char_p, [_i32]),
     "encdec_cpu_packed_rows": (_i64, [_i64]),
-    "encdec_cpu_pack_i8": (_i32, [_p, _i64, _i64, _i64, _p]),
-    "encdec_cpu_pack_bf16": (_i32, [_p, _i64, _i64, _i64, _p]),
     "encdec_cpu_linear_i8": (_i32, [_p, _i64, _i64, _i64, _p, _p, _i64, _p, _p, _i64, _p, _i64]),
     "encdec_cpu_linear_bf16": (_i32, [_p, _i64, _i64, _i64, _p, _i64, _p, _p, _i64, _p, _i64]),
     "encdec_cpu_decode_attention": (_i32, [_p, _i64, _i64, _p, _p, _i64, _i64, _i32, _p, _p, _i64, _i64, _i64,
@@ -175,16 +173,29 @@ def packed_rows(n: int) -> int:
     return -(-n // BLOCK) * BLOCK
 
 
+def packed_empty(N: int, K: int, dtype: torch.dtype) -> torch.Tensor:
+    """An empty pair-packed weight for [N, K] (flat: packed_rows(N) * ceil(K / 2) * 2 values); fill it with pack_rows."""
+    return torch.empty(packed_rows(N) * ((K + 1) // 2) * 2, dtype=dtype)
+
+
+def pack_rows(out: torch.Tensor, N: int, K: int, first: int, rows: torch.Tensor) -> None:
+    """Write rows [first, first + len(rows)) of an [N, K] weight (int8 or bf16) into the pair-packed `out`; first
+    is a multiple of 16, and the last call writes the padding (rows past N and the odd K column are zeros)."""
+    R = rows.shape[0]
+    pairs = (K + 1) // 2
+    end = packed_rows(N) if first + R >= N else first + R
+    if end % 16:
+        raise ValueError("pack_rows: pass whole blocks of 16 rows (but for the last call)")
+    padded = torch.nn.functional.pad(rows, (0, 2 * pairs - K, 0, end - first - R))  # (end - first, 2 * pairs)
+    blocks = out.view(packed_rows(N) // 16, pairs, 16, 2)[first // 16:end // 16]
+    blocks.copy_(padded.view(-1, 16, pairs, 2).permute(0, 2, 1, 3))
+
+
 def pack(w: torch.Tensor) -> torch.Tensor:
-    """w [N, K] int8 or bf16 -> the pair-packed layout, flat (packed_rows(N) * ceil(K / 2) * 2 values)."""
+    """w [N, K] int8 or bf16 -> the pair-packed layout (flat)."""
     N, K = w.shape
-    w = w.contiguous()
-    out = torch.empty(packed_rows(N) * ((K + 1) // 2) * 2, dtype=w.dtype)
-    lib = library()
-    if w.dtype == torch.int8:
-        _check(lib.encdec_cpu_pack_i8(w.data_ptr(), K, N, K, out.data_ptr()), "pack_i8")
-    else:
-        _check(lib.encdec_cpu_pack_bf16(w.data_ptr(), K, N, K, out.data_ptr()), "pack_bf16")
+    out = packed_empty(N, K, w.dtype)
+    pack_rows(out, N, K, 0, w)
     return out
 
 

@@ -41,7 +41,7 @@ from ..modules import LayerNorm, Linear, LMHead
 from . import kernels
 
 MODES = ("int8",)  # load(quantize=...)
-_ROWS_PER_CHUNK = 4096  # rows quantised at a time: a weight's fp32 temporaries stay a few MB (load memory)
+_ROWS_PER_CHUNK = 1024  # rows converted at a time (a multiple of 32): temporaries of a few MB (load memory)
 
 
 class PackedWeight(torch.Tensor):
@@ -95,39 +95,45 @@ class PackedWeight(torch.Tensor):
 # conversion
 # ------------------------------------------------------------------------------------------------
 def quantize_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """w [N, K] float -> (q int8 [N, K], scale fp32 [N]): symmetric per row, scale = max |w[n]| / 127 (a
-    zero row gets scale 1). Quantised _ROWS_PER_CHUNK rows at a time, so the fp32 temporaries stay small."""
+    """w [N, K] float -> (q int8 [N, K], scale fp32 [N]): symmetric per row, scale = max |w[n]| / 127 (a zero row
+    gets scale 1)."""
+    w = w.float()
+    s = w.abs().amax(dim=1) / 127
+    s = torch.where(s > 0, s, torch.ones_like(s))
+    return torch.round(w / s[:, None]).clamp_(-127, 127).to(torch.int8), s
+
+
+def _convert(w: torch.Tensor, int8: bool) -> PackedWeight:
+    """w [N, K] -> its int8 or bf16 PackedWeight, _ROWS_PER_CHUNK rows at a time: what is alive besides w and the
+    result is one chunk's temporaries (load memory)."""
     N, K = w.shape
-    q = torch.empty(N, K, dtype=torch.int8)
-    scale = torch.empty(N, dtype=torch.float32)
+    packed = kernels.has_int8() and (int8 or kernels.has_bf16())
+    dtype = torch.int8 if int8 else torch.bfloat16
+    values = kernels.packed_empty(N, K, dtype) if packed else torch.empty(N, K, dtype=dtype)
+    scale = torch.zeros(kernels.packed_rows(N) if packed else N) if int8 else None
     for a in range(0, N, _ROWS_PER_CHUNK):
-        part = w[a:a + _ROWS_PER_CHUNK].float()
-        s = part.abs().amax(dim=1) / 127
-        s = torch.where(s > 0, s, torch.ones_like(s))
-        q[a:a + _ROWS_PER_CHUNK] = torch.round(part / s[:, None]).clamp_(-127, 127).to(torch.int8)
-        scale[a:a + _ROWS_PER_CHUNK] = s
-    return q, scale
-
-
-def _packed(matrix: torch.Tensor, scale: torch.Tensor | None) -> PackedWeight:
-    N, K = matrix.shape
-    if not kernels.has_int8() or (scale is None and not kernels.has_bf16()):
-        return PackedWeight(matrix.contiguous(), scale, N, K, False)
-    if scale is not None:
-        scale = torch.cat([scale, scale.new_zeros(kernels.packed_rows(N) - N)])
-    return PackedWeight(kernels.pack(matrix), scale, N, K, True)
+        part = w[a:a + _ROWS_PER_CHUNK]
+        if int8:
+            part, scale[a:a + part.shape[0]] = quantize_rows(part)
+        else:
+            part = part.to(torch.bfloat16)
+        if packed:
+            kernels.pack_rows(values, N, K, a, part)
+        else:
+            values[a:a + part.shape[0]] = part
+    return PackedWeight(values, scale, N, K, packed)
 
 
 @torch.inference_mode()
 def to_int8(w: torch.Tensor) -> PackedWeight:
     """One weight [out, in] -> its int8 PackedWeight (a new tensor; w is not changed)."""
-    return _packed(*quantize_rows(w))
+    return _convert(w, True)
 
 
 @torch.inference_mode()
 def to_bf16(w: torch.Tensor) -> PackedWeight:
     """One weight [out, in] -> its bf16 PackedWeight (a new tensor; w is not changed)."""
-    return _packed(w.to(torch.bfloat16), None)
+    return _convert(w, False)
 
 
 def _slots(net: nn.Module):
