@@ -1,6 +1,9 @@
 // CPU projections with fp32 activations and low-precision weights, fp32 accumulation and fp32 outputs:
 //
-//   y[m, n] = sum_k x[m, k] * w[n, k]  (+ bias[n]) (+ residual[m, n])
+//   y[m, n] = act(sum_k LN?(x)[m, k] * w[n, k]  (+ bias[n])) (+ residual[m, n])
+//
+// with the LayerNorm of the input rows (fp32) and the GELU (tanh or erf form) fused, as a decode step's projections
+// need them (ops.fused_linear):
 //
 //   int8 weights  w[n, k] = scale[n] * q[n, k], q int8. Each row of x is quantised to int16 with its own scale
 //                 (xq = round(x / sx[m]), |xq| <= qmax, qmax = (2^31 - 1) / (127 * K) so that no int32 sum
@@ -38,7 +41,7 @@
 #include <string.h>
 #include <math.h>
 
-#define ENCDEC_CPU_ABI_VERSION 3
+#define ENCDEC_CPU_ABI_VERSION 4
 #define EXPORT extern "C" __attribute__((visibility("default")))
 
 namespace {
@@ -50,7 +53,56 @@ constexpr int MB = 8;            // rows per pass over a block's weights
 
 inline int64_t round_up(int64_t a, int64_t b) { return (a + b - 1) / b * b; }
 
+// e^x, 16 lanes: x = n ln2 + r, |r| <= ln2 / 2, e^r by its degree-6 Taylor polynomial (relative error < 2e-7),
+// times 2^n by vscalefps; x below -87.3 gives 0 (a masked-out score), above 88.7 inf
+inline __m512 exp512(__m512 x) {
+    const __m512 log2e = _mm512_set1_ps(1.44269504088896341f), ln2_hi = _mm512_set1_ps(0.693359375f),
+                 ln2_lo = _mm512_set1_ps(-2.12194440e-4f);
+    x = _mm512_max_ps(x, _mm512_set1_ps(-87.3365f));
+    x = _mm512_min_ps(x, _mm512_set1_ps(88.7228f));
+    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, log2e), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, ln2_hi, x);
+    r = _mm512_fnmadd_ps(n, ln2_lo, r);
+    __m512 p = _mm512_set1_ps(1.0f / 720);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    return _mm512_scalef_ps(p, n);
+}
+
+// GELU, tanh form (GPT-2's gelu_new): 0.5 x (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3))), tanh z = 1 - 2 / (1 + e^2z)
+inline __m512 gelu_tanh512(__m512 x) {
+    const __m512 c = _mm512_set1_ps(0.7978845608028654f), a = _mm512_set1_ps(0.044715f), one = _mm512_set1_ps(1.0f),
+                 two = _mm512_set1_ps(2.0f), half = _mm512_set1_ps(0.5f);
+    __m512 z = _mm512_mul_ps(c, _mm512_fmadd_ps(_mm512_mul_ps(a, x), _mm512_mul_ps(x, x), x));
+    __m512 t = _mm512_sub_ps(one, _mm512_div_ps(two, _mm512_add_ps(one, exp512(_mm512_add_ps(z, z)))));
+    return _mm512_mul_ps(_mm512_mul_ps(half, x), _mm512_add_ps(one, t));
+}
+
+// GELU, erf form (BERT's): 0.5 x (1 + erf(x / sqrt 2)); erf by Abramowitz & Stegun 7.1.26 (|error| < 1.5e-7)
+inline __m512 gelu_erf512(__m512 x) {
+    const __m512 one = _mm512_set1_ps(1.0f), half = _mm512_set1_ps(0.5f);
+    __m512 u = _mm512_mul_ps(x, _mm512_set1_ps(0.7071067811865476f));
+    __m512 au = _mm512_abs_ps(u);
+    __m512 t = _mm512_div_ps(one, _mm512_fmadd_ps(_mm512_set1_ps(0.3275911f), au, one));
+    __m512 p = _mm512_set1_ps(1.061405429f);
+    p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(-1.453152027f));
+    p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(1.421413741f));
+    p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(-0.284496736f));
+    p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(0.254829592f));
+    p = _mm512_mul_ps(p, t);
+    __m512 e = _mm512_sub_ps(one, _mm512_mul_ps(p, exp512(_mm512_sub_ps(_mm512_setzero_ps(), _mm512_mul_ps(au, au)))));
+    e = _mm512_mask_sub_ps(e, _mm512_cmp_ps_mask(u, _mm512_setzero_ps(), _CMP_LT_OQ), _mm512_setzero_ps(), e);  // erf(-u) = -erf(u)
+    return _mm512_mul_ps(_mm512_mul_ps(half, x), _mm512_add_ps(one, e));
+}
+
+enum Act { ACT_NONE = 0, ACT_GELU_TANH = 1, ACT_GELU_ERF = 2 };
+
 struct Epilogue {
+    int act;                // Act: applied after the bias, before the residual
     const float* bias;      // [N] or null
     const float* residual;  // [M, N] (row stride rs) or null
     int64_t rs;
@@ -59,12 +111,14 @@ struct Epilogue {
     int64_t N;
 };
 
-// y[m, n0 .. n0 + 16) = acc * scale (+ bias) (+ residual), masked at the end of N
+// y[m, n0 .. n0 + 16) = act(acc * scale (+ bias)) (+ residual), masked at the end of N
 inline void store(const Epilogue& e, int64_t m, int64_t n0, __m512 v) {
     int64_t left = e.N - n0;
     if (left <= 0) return;
     __mmask16 k = left >= LANES ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1);
     if (e.bias) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(k, e.bias + n0));
+    if (e.act == ACT_GELU_TANH) v = gelu_tanh512(v);
+    else if (e.act == ACT_GELU_ERF) v = gelu_erf512(v);
     if (e.residual) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(k, e.residual + m * e.rs + n0));
     _mm512_mask_storeu_ps(e.y + m * e.ys + n0, k, v);
 }
@@ -159,6 +213,36 @@ inline uint16_t to_bf16(float f) {  // round to nearest even (NaN stays NaN)
     return (uint16_t)(u >> 16);
 }
 
+// Row m of the product's input: x's row, or LayerNorm(x's row) with gamma, beta, eps (fp32, two passes: mean, then
+// the mean of squared deviations, as torch's layer_norm) written to tmp [K]. Returns the row to read.
+const float* input_row(const float* xr, int64_t K, const float* ln_w, const float* ln_b, float eps, float* tmp) {
+    if (!ln_w) return xr;
+    __m512 acc = _mm512_setzero_ps();
+    int64_t k = 0;
+    for (; k + LANES <= K; k += LANES) acc = _mm512_add_ps(acc, _mm512_loadu_ps(xr + k));
+    float sum = _mm512_reduce_add_ps(acc);
+    for (; k < K; ++k) sum += xr[k];
+    const float mean = sum / (float)K;
+    const __m512 mv = _mm512_set1_ps(mean);
+    acc = _mm512_setzero_ps();
+    for (k = 0; k + LANES <= K; k += LANES) {
+        __m512 d = _mm512_sub_ps(_mm512_loadu_ps(xr + k), mv);
+        acc = _mm512_fmadd_ps(d, d, acc);
+    }
+    float var = _mm512_reduce_add_ps(acc);
+    for (; k < K; ++k) var += (xr[k] - mean) * (xr[k] - mean);
+    const float rstd = 1.0f / sqrtf(var / (float)K + eps);
+    const __m512 rv = _mm512_set1_ps(rstd);
+    for (k = 0; k + LANES <= K; k += LANES) {
+        __m512 d = _mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(xr + k), mv), rv);
+        __m512 g = ln_w ? _mm512_loadu_ps(ln_w + k) : _mm512_set1_ps(1.0f);
+        __m512 b = ln_b ? _mm512_loadu_ps(ln_b + k) : _mm512_setzero_ps();
+        _mm512_storeu_ps(tmp + k, _mm512_fmadd_ps(d, g, b));
+    }
+    for (; k < K; ++k) tmp[k] = (xr[k] - mean) * rstd * ln_w[k] + (ln_b ? ln_b[k] : 0.0f);
+    return tmp;
+}
+
 int16_t qmax_for(int64_t K) {
     int64_t q = (int64_t)2147483647 / (127 * (K > 0 ? K : 1));
     return (int16_t)(q > 32767 ? 32767 : (q < 1 ? 1 : q));
@@ -192,21 +276,23 @@ EXPORT const char* encdec_cpu_error_string(int code) {
 
 EXPORT int64_t encdec_cpu_packed_rows(int64_t N) { return round_up(N, BLOCK); }
 
-// y [M, N] = dequant(x) @ dequant(w).T (+ bias) (+ residual). x [M, K] fp32 (row stride xs); w pair-packed
-// int8 with scale [Np] fp32 (zeros past N); bias [N] or null; residual [M, N] (row stride rs) or null;
-// y (row stride ys) may be residual itself.
+// y [M, N] = act(LN?(x) @ dequant(w).T (+ bias)) (+ residual). x [M, K] fp32 (row stride xs); w pair-packed int8
+// with scale [Np] fp32 (zeros past N); bias [N] or null; residual [M, N] (row stride rs) or null; y (row stride
+// ys) may be residual itself; ln_w, ln_b [K] or null: a LayerNorm of each row of x first (ln_b null: no shift).
 EXPORT int encdec_cpu_linear_i8(const float* x, int64_t xs, int64_t M, int64_t K, const int8_t* w, const float* scale,
-                                int64_t N, const float* bias, const float* residual, int64_t rs, float* y, int64_t ys) {
+                                int64_t N, const float* bias, const float* residual, int64_t rs, float* y, int64_t ys,
+                                const float* ln_w, const float* ln_b, float ln_eps, int act) {
     if (M < 0 || K < 0 || N < 0) return -1;
     if (M == 0 || N == 0) return 0;
     int64_t pairs = (K + 1) / 2, Kp = pairs * 2;
     int16_t* xq = (int16_t*)aligned_alloc(64, (size_t)round_up(M * Kp * 2 + 64, 64));
     float* sx = (float*)aligned_alloc(64, (size_t)round_up(M * 4 + 64, 64));
-    if (!xq || !sx) { free(xq); free(sx); return -2; }
+    float* tmp = ln_w ? (float*)aligned_alloc(64, (size_t)round_up(M * K * 4 + 64, 64)) : nullptr;
+    if (!xq || !sx || (ln_w && !tmp)) { free(xq); free(sx); free(tmp); return -2; }
     const float qmax = (float)qmax_for(K);
 #pragma omp parallel for schedule(static) if (M * K > 65536)
     for (int64_t m = 0; m < M; ++m) {  // per-row int16 quantisation
-        const float* xr = x + m * xs;
+        const float* xr = input_row(x + m * xs, K, ln_w, ln_b, ln_eps, tmp + (ln_w ? m * K : 0));
         __m512 mx = _mm512_setzero_ps();
         int64_t k = 0;
         for (; k + LANES <= K; k += LANES) mx = _mm512_max_ps(mx, _mm512_abs_ps(_mm512_loadu_ps(xr + k)));
@@ -223,7 +309,7 @@ EXPORT int encdec_cpu_linear_i8(const float* x, int64_t xs, int64_t M, int64_t K
         for (; k < K; ++k) qr[k] = (int16_t)lrintf(fminf(fmaxf(xr[k] / s, -qmax), qmax));
         if (Kp > K) qr[K] = 0;
     }
-    Epilogue e{bias, residual, rs, y, ys, N};
+    Epilogue e{act, bias, residual, rs, y, ys, N};
     int64_t blocks = round_up(N, BLOCK) / BLOCK;
 #pragma omp parallel for schedule(static)
     for (int64_t b = 0; b < blocks; ++b) {
@@ -235,12 +321,15 @@ EXPORT int encdec_cpu_linear_i8(const float* x, int64_t xs, int64_t M, int64_t K
     }
     free(xq);
     free(sx);
+    free(tmp);
     return 0;
 }
 
-// y [M, N] = bf16(x) @ w.T (+ bias) (+ residual), fp32 sums and outputs; w pair-packed bf16
+// y [M, N] = act(bf16(LN?(x)) @ w.T (+ bias)) (+ residual), fp32 sums and outputs; w pair-packed bf16; the other
+// arguments as encdec_cpu_linear_i8's
 EXPORT int encdec_cpu_linear_bf16(const float* x, int64_t xs, int64_t M, int64_t K, const uint16_t* w, int64_t N,
-                                  const float* bias, const float* residual, int64_t rs, float* y, int64_t ys) {
+                                  const float* bias, const float* residual, int64_t rs, float* y, int64_t ys,
+                                  const float* ln_w, const float* ln_b, float ln_eps, int act) {
 #if !defined(__AVX512BF16__)
     return -3;
 #else
@@ -248,10 +337,11 @@ EXPORT int encdec_cpu_linear_bf16(const float* x, int64_t xs, int64_t M, int64_t
     if (M == 0 || N == 0) return 0;
     int64_t pairs = (K + 1) / 2, Kp = pairs * 2;
     uint16_t* xb = (uint16_t*)aligned_alloc(64, (size_t)round_up(M * Kp * 2 + 64, 64));
-    if (!xb) return -2;
+    float* tmp = ln_w ? (float*)aligned_alloc(64, (size_t)round_up(M * K * 4 + 64, 64)) : nullptr;
+    if (!xb || (ln_w && !tmp)) { free(xb); free(tmp); return -2; }
 #pragma omp parallel for schedule(static) if (M * K > 65536)
     for (int64_t m = 0; m < M; ++m) {
-        const float* xr = x + m * xs;
+        const float* xr = input_row(x + m * xs, K, ln_w, ln_b, ln_eps, tmp + (ln_w ? m * K : 0));
         uint16_t* br = xb + m * Kp;
         int64_t k = 0;
         for (; k + LANES <= K; k += LANES)
@@ -259,7 +349,7 @@ EXPORT int encdec_cpu_linear_bf16(const float* x, int64_t xs, int64_t M, int64_t
         for (; k < K; ++k) br[k] = to_bf16(xr[k]);
         if (Kp > K) br[K] = 0;
     }
-    Epilogue e{bias, residual, rs, y, ys, N};
+    Epilogue e{act, bias, residual, rs, y, ys, N};
     int64_t blocks = round_up(N, BLOCK) / BLOCK;
 #pragma omp parallel for schedule(static)
     for (int64_t b = 0; b < blocks; ++b) {
@@ -270,6 +360,7 @@ EXPORT int encdec_cpu_linear_bf16(const float* x, int64_t xs, int64_t M, int64_t
         }
     }
     free(xb);
+    free(tmp);
     return 0;
 #endif
 }
@@ -278,26 +369,6 @@ EXPORT int encdec_cpu_linear_bf16(const float* x, int64_t xs, int64_t M, int64_t
 // decode attention
 // ---------------------------------------------------------------------------------------------------------
 namespace {
-
-// e^x, 16 lanes: x = n ln2 + r, |r| <= ln2 / 2, e^r by its degree-6 Taylor polynomial (relative error < 2e-7),
-// times 2^n by vscalefps; x below -87.3 gives 0 (a masked-out score), above 88.7 inf
-inline __m512 exp512(__m512 x) {
-    const __m512 log2e = _mm512_set1_ps(1.44269504088896341f), ln2_hi = _mm512_set1_ps(0.693359375f),
-                 ln2_lo = _mm512_set1_ps(-2.12194440e-4f);
-    x = _mm512_max_ps(x, _mm512_set1_ps(-87.3365f));
-    x = _mm512_min_ps(x, _mm512_set1_ps(88.7228f));
-    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, log2e), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_fnmadd_ps(n, ln2_hi, x);
-    r = _mm512_fnmadd_ps(n, ln2_lo, r);
-    __m512 p = _mm512_set1_ps(1.0f / 720);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-    return _mm512_scalef_ps(p, n);
-}
 
 // 16 values of a key or value row from element d on, as fp32 (bf16: the upper half of an fp32)
 inline __m512 load16(const void* base, int64_t off, bool bf16, __mmask16 m) {

@@ -145,3 +145,44 @@ def test_decode_attention_writes_new_keys_like_the_reference():
     got = lowp.decode_attention(q, cache, vb, scale=0.25, starts=st, lens=ln, k_new=kn, v_new=kn)
     assert torch.equal(cache.float(), cache_ref) and torch.equal(vb.float(), vr)
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=2e-6)
+
+
+@pytest.mark.parametrize("int8", [True, False], ids=["int8", "bf16"])
+@pytest.mark.parametrize("M,K,N", [(1, 64, 40), (9, 33, 70), (3, 768, 130)])
+def test_fused_layer_norm_and_gelu_match_the_reference(int8, M, K, N):
+    """fused_linear's prologue (LayerNorm of the input rows) and epilogue (GELU, tanh and erf forms) in the kernel
+    against F.layer_norm / F.gelu around the same product."""
+    if not int8 and not ck.has_bf16():
+        pytest.skip("no AVX512-BF16 here")
+    import torch.nn.functional as F
+
+    x, w, b, r = _case(M, K, N, 5 * M + K)
+    x = x * 3 + 1  # a mean and a scale for the LayerNorm to remove
+    g = torch.Generator().manual_seed(1)
+    ln = (torch.rand(K, generator=g) + 0.5, torch.randn(K, generator=g), 1e-5)
+    pw = lowp.to_int8(w) if int8 else lowp.to_bf16(w)
+    for gelu in (None, "tanh", "none"):
+        for res in (None, r):
+            got = lowp.fused_linear(x, pw, b, x_ln=ln, gelu=gelu, residual=res)
+            h = F.layer_norm(x, (K,), ln[0], ln[1], ln[2])
+            if not int8:
+                h = h.bfloat16().float()
+            y = h @ pw.dequantize().T + b
+            y = F.gelu(y, approximate=gelu) if gelu else y
+            ref = y + res if res is not None else y
+            tol = 2e-3 * ref.abs().max().item() if int8 else 2e-5 * ref.abs().max().item() + 1e-5
+            torch.testing.assert_close(got, ref, rtol=0, atol=tol, msg=f"gelu={gelu} residual={res is not None}")
+
+
+def test_gelu_epilogue_accuracy():
+    """The kernel's GELUs against torch's on a wide range: |error| < 1e-6 (relative to max(1, |x|))."""
+    x = torch.linspace(-12, 12, 4001)[:, None]  # rows of one input channel: y = x * 1 (an identity weight)
+    pw = lowp.to_bf16(torch.ones(1, 1)) if ck.has_bf16() else None
+    if pw is None:
+        pytest.skip("no AVX512-BF16 here")
+    xb = x.bfloat16().float()  # exact inputs for a bf16 product
+    for gelu in ("tanh", "none"):
+        got = lowp.product(xb, pw, gelu=gelu)
+        ref = torch.nn.functional.gelu(xb.double(), approximate=gelu).float()
+        err = ((got - ref).abs() / xb.abs().clamp(min=1)).max().item()
+        assert err < 1e-6, (gelu, err)

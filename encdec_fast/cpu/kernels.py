@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-ABI_VERSION = 3  # csrc/cpu_linear.cpp ENCDEC_CPU_ABI_VERSION
+ABI_VERSION = 4  # csrc/cpu_linear.cpp ENCDEC_CPU_ABI_VERSION
 LIB_NAME = "libencdec_cpu.so"
 SOURCE_NAME = "cpu_linear.cpp"  # in csrc/
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-fvisibility=hidden", "-std=c++17")
@@ -46,8 +46,10 @@ SIGNATURES = {
     "encdec_cpu_features": (_i32, []),
     "encdec_cpu_error_string": (ctypes.c_char_p, [_i32]),
     "encdec_cpu_packed_rows": (_i64, [_i64]),
-    "encdec_cpu_linear_i8": (_i32, [_p, _i64, _i64, _i64, _p, _p, _i64, _p, _p, _i64, _p, _i64]),
-    "encdec_cpu_linear_bf16": (_i32, [_p, _i64, _i64, _i64, _p, _i64, _p, _p, _i64, _p, _i64]),
+    "encdec_cpu_linear_i8": (_i32, [_p, _i64, _i64, _i64, _p, _p, _i64, _p, _p, _i64, _p, _i64, _p, _p, ctypes.c_float,
+                                    _i32]),
+    "encdec_cpu_linear_bf16": (_i32, [_p, _i64, _i64, _i64, _p, _i64, _p, _p, _i64, _p, _i64, _p, _p, ctypes.c_float,
+                                      _i32]),
     "encdec_cpu_decode_attention": (_i32, [_p, _i64, _i64, _p, _p, _i64, _i64, _i32, _p, _p, _i64, _i64, _i64,
                                            ctypes.c_float, _p, _i64, _i64]),
 }
@@ -132,13 +134,18 @@ def _load():
     return lib
 
 
+_I8 = _BF16 = None  # the loaded products (ctypes functions), set by library()
+
+
 def library():
     """The loaded library, or None (reason() says why)."""
-    global _lib
+    global _lib, _I8, _BF16
     if _lib is None:
         with _lock:
             if _lib is None:
                 _lib = _load()
+                if not isinstance(_lib, str):
+                    _I8, _BF16 = _lib.encdec_cpu_linear_i8, _lib.encdec_cpu_linear_bf16
                 if isinstance(_lib, str):
                     log.warning("encdec_fast's CPU int8/bf16 kernels are not available (%s); the torch reference "
                                 "ops run instead (same numbers, slower).", _lib)
@@ -206,37 +213,41 @@ def unpack(packed: torch.Tensor, N: int, K: int) -> torch.Tensor:
     return w[:N, :K]
 
 
-def _rows(x: torch.Tensor):
-    """x [..., K] -> (a 2-D [M, K] view with unit inner stride, or a contiguous copy; M)."""
-    x2 = x.reshape(-1, x.shape[-1])
+ACT = {None: 0, "tanh": 1, "none": 2}  # fused_linear's gelu= -> the kernel's epilogue (erf form: "none")
+
+
+def linear(x: torch.Tensor, packed: torch.Tensor, N: int, scale: torch.Tensor | None, bias: torch.Tensor | None = None,
+           residual: torch.Tensor | None = None, ln=None, gelu: str | None = None) -> torch.Tensor:
+    """x [..., K] fp32 -> [..., N] fp32: gelu?(LN?(x) @ w.T + bias) + residual, on a packed int8 (scale: fp32
+    [packed_rows(N)]) or bf16 (scale None) weight. ln: (weight, bias, eps) of a LayerNorm over K, fp32, or None;
+    gelu: None, "tanh" or "none" (the erf form); bias fp32 [N]; residual fp32 [..., N]."""
+    K = x.shape[-1]
+    x2 = x if x.dim() == 2 else x.reshape(-1, K)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
-    return x2, x2.shape[0]
-
-
-def linear(x: torch.Tensor, packed: torch.Tensor, N: int, scale: torch.Tensor | None, bias: torch.Tensor | None,
-           residual: torch.Tensor | None) -> torch.Tensor:
-    """x [..., K] fp32 -> [..., N] fp32: x @ w.T (+ bias) (+ residual) on a packed int8 (scale: fp32 [packed_rows(N)])
-    or bf16 (scale None) weight."""
-    K = x.shape[-1]
-    x2, M = _rows(x)
+    M = x2.shape[0]
     y = torch.empty(M, N, dtype=torch.float32)
-    r_ptr, r_stride = 0, 0
+    r_ptr = r_stride = 0
     if residual is not None:
-        r2 = residual.reshape(M, N)
+        r2 = residual if residual.dim() == 2 else residual.reshape(M, N)
         if r2.stride(-1) != 1:
             r2 = r2.contiguous()
         r_ptr, r_stride = r2.data_ptr(), r2.stride(0)
+    ln_w = ln_b = 0
+    eps = 0.0
+    if ln is not None:
+        ln_w, eps = ln[0].data_ptr(), ln[2]
+        ln_b = ln[1].data_ptr() if ln[1] is not None else 0
     b_ptr = bias.data_ptr() if bias is not None else 0
-    lib = library()
     if scale is not None:
-        code = lib.encdec_cpu_linear_i8(x2.data_ptr(), x2.stride(0), M, K, packed.data_ptr(), scale.data_ptr(), N,
-                                        b_ptr, r_ptr, r_stride, y.data_ptr(), N)
+        code = _I8(x2.data_ptr(), x2.stride(0), M, K, packed.data_ptr(), scale.data_ptr(), N, b_ptr, r_ptr, r_stride,
+                   y.data_ptr(), N, ln_w, ln_b, eps, ACT[gelu])
     else:
-        code = lib.encdec_cpu_linear_bf16(x2.data_ptr(), x2.stride(0), M, K, packed.data_ptr(), N, b_ptr, r_ptr,
-                                          r_stride, y.data_ptr(), N)
-    _check(code, "linear")
-    return y.view(*x.shape[:-1], N)
+        code = _BF16(x2.data_ptr(), x2.stride(0), M, K, packed.data_ptr(), N, b_ptr, r_ptr, r_stride, y.data_ptr(), N,
+                     ln_w, ln_b, eps, ACT[gelu])
+    if code:
+        _check(code, "linear")
+    return y if x.dim() == 2 else y.view(*x.shape[:-1], N)
 
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, starts: torch.Tensor, lens: torch.Tensor,

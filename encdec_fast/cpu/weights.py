@@ -215,14 +215,21 @@ def _f32(t):
     return t if t is None or t.dtype == torch.float32 else t.float()
 
 
-def product(x, weight: PackedWeight, bias=None, residual=None) -> torch.Tensor:
-    """x [..., K] -> x @ weight.T + bias + residual [..., N], fp32 (kernels.py, or the torch reference)."""
+def product(x, weight: PackedWeight, bias=None, residual=None, *, ln=None, gelu=None) -> torch.Tensor:
+    """x [..., K] -> gelu?(LN?(x) @ weight.T + bias) + residual [..., N], fp32 (kernels.py, or the torch reference).
+    ln: (weight, bias, eps) of a LayerNorm over K or None; gelu: None, "none" (erf form) or "tanh"."""
     x, bias, residual = _f32(x), _f32(bias), _f32(residual)
     if weight.packed:
-        return kernels.linear(x, weight.values, weight.shape[0], weight.scale, bias, residual)
+        if ln is not None and (ln[0].dtype != torch.float32 or (ln[1] is not None and ln[1].dtype != torch.float32)):
+            ln = (_f32(ln[0]), _f32(ln[1]), ln[2])
+        return kernels.linear(x, weight.values, weight.shape[0], weight.scale, bias, residual, ln, gelu)
+    if ln is not None:
+        x = F.layer_norm(x, (x.shape[-1],), _f32(ln[0]), _f32(ln[1]), ln[2])
     if not weight.is_int8:  # the kernel's rounding of the activations
         x = x.to(torch.bfloat16).float()
     y = F.linear(x, weight.dequantize(), bias)
+    if gelu is not None:
+        y = F.gelu(y, approximate=gelu)
     return y.add_(residual) if residual is not None else y
 
 
@@ -233,7 +240,7 @@ def linear(x, weight, bias):
 def linear_gelu(x, weight, bias, approximate: str):
     if type(weight) is not PackedWeight:
         return ops.linear_gelu(x, weight, bias, approximate)
-    return torch.ops.aten.gelu_(product(x, weight, bias), approximate=approximate)
+    return product(x, weight, bias, gelu=approximate)
 
 
 def fused_linear(x, weight, bias=None, *, x_ln=None, gelu=None, residual=None, residual_ln=None):
@@ -241,11 +248,10 @@ def fused_linear(x, weight, bias=None, *, x_ln=None, gelu=None, residual=None, r
         return ops.fused_linear(x, weight, bias, x_ln=x_ln, gelu=gelu, residual=residual, residual_ln=residual_ln)
     if gelu not in (None, "none", "tanh"):
         raise ValueError(f"fused_linear: gelu must be None, 'none' or 'tanh', got {gelu!r}")
-    x, residual = ops.fused_linear_inputs(_f32(x), _f32(residual), x_ln, residual_ln)
-    if gelu is not None:
-        y = torch.ops.aten.gelu_(product(x, weight, bias), approximate=gelu)
-        return y.add_(residual) if residual is not None else y
-    return product(x, weight, bias, residual)
+    if residual is not None and residual_ln is not None:
+        residual = F.layer_norm(_f32(residual), (residual.shape[-1],), _f32(residual_ln[0]), _f32(residual_ln[1]),
+                                residual_ln[2])
+    return product(x, weight, bias, residual, ln=x_ln, gelu=gelu)
 
 
 def layer_norm(x, weight, bias, eps):
