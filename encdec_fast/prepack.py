@@ -32,6 +32,7 @@ from torch import nn
 
 from . import ops
 from .checkpoint import WeightTransform
+from .cpu import weights as lowp
 from .modules import Linear, LMHead
 
 # the batch size oneDNN's reorder is told to expect. Measured on a decode step's projections (bert-base +
@@ -143,8 +144,10 @@ def fused_linear(x, weight, bias=None, *, x_ln=None, gelu=None, residual=None, r
     return _pointwise(x, weight, bias, gelu=gelu, residual=residual)
 
 
+# decode attention: the CPU kernel (cpu/kernels.py: one call per layer for every row's window, where the
+# reference makes one SDPA call per request), or the reference where it cannot run
 TABLE = dataclasses.replace(ops.TORCH, name="torch+onednn", linear=linear, linear_gelu=linear_gelu,
-                            fused_linear=fused_linear)
+                            fused_linear=fused_linear, decode_attention=lowp.decode_attention)
 
 # what checkpoint.build_net applies as each weight is read
 TRANSFORM = WeightTransform(names=slot_names, tensor=pack_tensor, net=pack, dense=lambda t: t.to_dense())

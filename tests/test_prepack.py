@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 import encdec_fast
 from encdec_fast import ops, prepack
+from encdec_fast.cpu import weights as lowp
 from encdec_fast.errors import InvalidInputError
 
 from conftest import hf_model
@@ -85,8 +86,8 @@ def test_load_packs_on_cpu_fp32_and_bf16(make_ckpt):
     packed, plain = encdec_fast.load(path), encdec_fast.load(path, prepack=False)
     assert prepack.is_packed(packed.net) and packed.ops is prepack.TABLE  # packed weights run on their own table
     assert not prepack.is_packed(plain.net) and plain.ops is ops.TORCH
-    bf16 = encdec_fast.load(path, dtype=torch.bfloat16)
-    assert prepack.is_packed(bf16.net) == prepack.available(torch.bfloat16)
+    bf16 = encdec_fast.load(path, dtype=torch.bfloat16)  # the CPU's bf16 kernels, else oneDNN's bf16 layout
+    assert lowp.is_packed(bf16.net) or prepack.is_packed(bf16.net) == prepack.available(torch.bfloat16)
     assert not prepack.is_packed(encdec_fast.load(path, dtype=torch.float16).net)  # oneDNN's fp16 is not packed
     assert not prepack.is_packed(encdec_fast.load(path, backend="triton").net)  # the kernels read plain memory
     with pytest.raises(InvalidInputError, match="prepack"):
@@ -119,7 +120,7 @@ def test_to_unpacks_and_repacks(make_ckpt, quiet):
     m.to(dtype=torch.float16)
     assert not prepack.is_packed(m.net) and m.dtype == torch.float16
     m.to(dtype=torch.bfloat16)
-    assert prepack.is_packed(m.net) == prepack.available(torch.bfloat16) and m.dtype == torch.bfloat16
+    assert (lowp.is_packed(m.net) or prepack.is_packed(m.net) == prepack.available(torch.bfloat16)) and m.dtype == torch.bfloat16
     m.to(dtype=torch.float32)  # a round trip through fp16: not the same weights, but packed again
     assert prepack.is_packed(m.net)
     m2 = encdec_fast.load(path)
