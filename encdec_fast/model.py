@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from . import checkpoint as ckpt
 from . import ops as ops_mod
 from . import prepack as prepack_mod
+from . import quantize as quantize_mod
 from . import validate
 from .cpu import weights as lowp
 from .config import ModelConfig
@@ -65,47 +66,8 @@ def _pick_dtype(dtype, stored: torch.dtype, device):
 
 
 def _op_table(net, backend: str):
-    """The backend's op table; prepack.py's where the projection weights are packed for oneDNN, cpu/weights.py's
-    where they are int8 or bf16 for the CPU kernels."""
-    if lowp.is_packed(net):
-        return lowp.TABLE
-    return prepack_mod.TABLE if prepack_mod.is_packed(net) else ops_mod.table(backend)
-
-
-def _transform(device, dtype, backend: str, prepack: bool, quantize):
-    """The load-time conversion of the projection weights (checkpoint.WeightTransform), or None (plain tensors)."""
-    if quantize is not None:
-        return lowp.INT8
-    if prepack and lowp.bf16_applies(device, dtype, backend):
-        return lowp.BF16
-    return prepack_mod.TRANSFORM if prepack and prepack_mod.applies(device, dtype, backend) else None
-
-
-def _check_quantize(quantize, device, dtype, backend, prepack: bool):
-    """load()'s quantize= against the other choices (device, dtype, backend resolved); raises what is wrong."""
-    if quantize is None:
-        return
-    if not isinstance(quantize, str):
-        raise InvalidInputError(f"quantize={quantize!r} is not a mode; pass quantize='int8' (or None for the "
-                                "checkpoint's floating-point weights).")
-    if quantize not in lowp.MODES:
-        raise UnsupportedArgumentError(f"quantize={quantize!r} is not supported; the modes are "
-                                       f"{', '.join(map(repr, lowp.MODES))} (or None).")
-    if device.type != "cpu":
-        raise UnsupportedArgumentError(
-            f"quantize={quantize!r} runs on the CPU only for now (int8 weights through the Triton linear kernel "
-            "are not built yet); load on device='cpu', or without quantize= on CUDA (fp16/bf16 there).")
-    if backend != "torch":
-        raise UnsupportedArgumentError(f"quantize={quantize!r} runs on the torch backend (the CPU's); "
-                                       f"backend={backend!r} reads plain weights. Leave backend out.")
-    if dtype not in (torch.float32, torch.bfloat16):
-        raise UnsupportedArgumentError(
-            f"quantize={quantize!r} computes in float32 and stores what it does not quantise (embeddings, the K/V "
-            f"cache) in float32 or bfloat16; dtype={dtype} cannot go with it. Leave dtype out, or pass torch.float32 "
-            "or torch.bfloat16.")
-    if not prepack:
-        raise InvalidInputError(f"quantize={quantize!r} packs its int8 weights for the CPU kernels, so prepack=False "
-                                "cannot go with it; leave prepack out.")
+    """The op table that reads the net's projection weights as they are stored (quantize.py)."""
+    return quantize_mod.table(net, backend)
 
 
 class EncDecModel:
@@ -156,14 +118,14 @@ class EncDecModel:
             raise UnsupportedArgumentError(
                 f"this model was loaded with quantize={self.quantize!r}: its weights are int8 and the floating-point "
                 f"ones are gone, so it cannot move to {dev} / {dtype or self.dtype} / backend {new_backend!r}. Load the "
-                "checkpoint again with the device and dtype you want (and without quantize= off the CPU).")
+                "checkpoint again with the device and dtype you want.")
         if lowp.is_packed(self.net):  # packed tensors only move as plain ones
             lowp.unpack_net(self.net, self.dtype)
         prepack_mod.unpack(self.net)
         self.net.to(device=dev, dtype=dtype)
         self._graph_cache = None  # captured graphs point at the old tensors
         self.backend = new_backend
-        transform = _transform(self.device, self.dtype, self.backend, self.prepack, None)
+        transform = quantize_mod.transform(self.device, self.dtype, self.backend, self.prepack, None)
         if transform is not None:
             transform.net(self.net)
         self.ops = _op_table(self.net, self.backend)
@@ -275,10 +237,11 @@ def _build(src, device, dtype, backend, seed: int, check_finite: bool, prepack: 
     """The model for a resolved checkpoint source (checkpoint/sources.py): what load() and from_transformers() share."""
     dev = _pick_device(device)
     be = _pick_backend(backend, dev)
-    # int8 weights keep the rest (embeddings, the K/V cache) in bf16 unless a dtype is named: computed in fp32 either way
-    dt = _pick_dtype(dtype, src.stored_dtype, dev) if dtype is not None or quantize is None else torch.bfloat16
-    _check_quantize(quantize, dev, dt, be, prepack)
-    transform = _transform(dev, dt, be, prepack, quantize)
+    dt = _pick_dtype(dtype, src.stored_dtype, dev)
+    if dtype is None and quantize_mod.default_dtype(quantize, dev, be) is not None:  # int8 on the CPU: the rest in bf16
+        dt = quantize_mod.default_dtype(quantize, dev, be)
+    quantize_mod.check(quantize, dev, dt, be, prepack)
+    transform = quantize_mod.transform(dev, dt, be, prepack, quantize)
     net = ckpt.build_net(src, device=dev, dtype=dt, seed=seed, check_finite=check_finite, transform=transform)
     return EncDecModel(net, src.hf_config, ckpt.generation_config(src), be, path=src.folder, prepack=prepack,
                        quantize=quantize)
@@ -289,8 +252,7 @@ def _check_quantize_early(quantize, device, dtype, backend, prepack):
     only once the checkpoint is: checked again in _build)."""
     dev = _pick_device(device)
     be = _pick_backend(backend, dev)
-    dt = _pick_dtype(dtype, torch.float32, dev)  # off the CPU the device is refused first
-    _check_quantize(quantize, dev, dt, be, prepack)
+    quantize_mod.check(quantize, dev, _pick_dtype(dtype, torch.float32, dev), be, prepack)
 
 
 def load(path=None, *, encoder=None, decoder=None, device=None, dtype=None, backend=None, seed: int = 0,
@@ -305,10 +267,11 @@ def load(path=None, *, encoder=None, decoder=None, device=None, dtype=None, back
     (prepack.py: 1.5-4x faster projections at decode sizes, at the cost of a second copy of an LM head
     tied to the word embeddings); in bf16, pack them for the CPU's bf16 kernels (cpu/weights.py: bf16
     products with fp32 activations and outputs), or for oneDNN's bf16 where those cannot run. False keeps plain
-    tensors. Ignored elsewhere. quantize: None, or "int8" (CPU): every projection weight and the LM head
-    stored int8 with per-output-channel scales, quantised as each weight is read, multiplied with fp32
-    activations (cpu/weights.py); dtype (bfloat16 by default, or float32) is then what the rest is stored
-    in (the embeddings, the K/V cache). Such a model cannot be moved to another device or dtype."""
+    tensors. Ignored elsewhere. quantize: None, or "int8": every projection weight and the LM head stored
+    int8 with per-output-channel scales, quantised as each weight is read (quantize.py). On the CPU they
+    are multiplied with fp32 activations (cpu/weights.py) and dtype (bfloat16 by default, or float32) is
+    what the rest is stored in (the embeddings, the K/V cache); on CUDA the Triton fused linear reads them
+    (w8a16) in the activations' dtype. Such a model cannot be moved to another device or dtype."""
     for name, value in (("path", path), ("encoder", encoder), ("decoder", decoder)):
         validate.path(value, name)
     validate.number(seed, "seed", validate.SEED)

@@ -116,7 +116,6 @@ def test_int8_model_refuses_to_move(path):
     (dict(quantize=8), InvalidInputError, "quantize=8 is not a mode"),
     (dict(quantize=True), InvalidInputError, "not a mode"),
     (dict(quantize="int8", dtype=torch.float16), UnsupportedArgumentError, "dtype=torch.float16 cannot go with it"),
-    (dict(quantize="int8", backend="triton"), UnsupportedArgumentError, "torch backend"),
     (dict(quantize="int8", prepack=False), InvalidInputError, "prepack=False"),
 ])
 def test_bad_quantize_arguments_raise_one_clear_error(path, kw, cls, match):
@@ -135,3 +134,19 @@ def test_quantize_errors_come_before_reading_the_checkpoint(tmp_path):
 def test_prepack_false_keeps_bf16_plain(path):
     m = encdec_fast.load(path, dtype=torch.bfloat16, prepack=False)
     assert not lowp.is_packed(m.net) and not prepack.is_packed(m.net) and m.ops is ops.TORCH
+
+
+def test_int8_on_the_triton_backend_reads_int8_weights_in_the_fused_linear(path):
+    """load(quantize="int8") on the triton backend (CUDA's; here Triton's interpreter): plain int8 weights with
+    their scales, every projection through kernels/linear.py's w8a16 path, logits close to the CPU int8 model's."""
+    from encdec_fast import quantize
+
+    m = encdec_fast.load(path, quantize="int8", backend="triton")
+    assert m.ops is quantize.triton_int8_table() and m.dtype == torch.float32  # the stored dtype (fp32 here)
+    w = m.net.decoder.layers[0].attn.qkv.weight
+    assert isinstance(w, lowp.PackedWeight) and not w.packed and w.values.dtype == torch.int8
+    ref = _logits(encdec_fast.load(path, quantize="int8", dtype=torch.float32))
+    got = _logits(m)
+    assert (got - ref).abs().max() / ref.abs().max() < 2e-3  # the CPU's int16 activations vs fp32 ones
+    out = m.generate(IDS, attention_mask=MASK, max_new_tokens=5)
+    assert out.shape[0] == 2

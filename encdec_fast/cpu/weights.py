@@ -51,13 +51,13 @@ class PackedWeight(torch.Tensor):
     other torch op on it raises."""
 
     values: torch.Tensor  # pair-packed (flat) or plain [N, K]: int8 or bf16
-    scale: torch.Tensor | None  # int8: fp32 [kernels.packed_rows(N)] (zeros past N); bf16: None
+    scale: torch.Tensor | None  # int8: fp32 [kernels.packed_rows(N)] (zeros past N) or [N] (plain); bf16: None
     packed: bool  # data in kernels.py's layout (else plain)
 
     @staticmethod
     def __new__(cls, data, scale, out_features: int, in_features: int, packed: bool):
         return torch.Tensor._make_wrapper_subclass(cls, (out_features, in_features), dtype=data.dtype,
-                                                   device=torch.device("cpu"), requires_grad=False)
+                                                   device=data.device, requires_grad=False)
 
     def __init__(self, data, scale, out_features: int, in_features: int, packed: bool):
         self.values, self.scale, self.packed = data, scale, packed
@@ -73,7 +73,7 @@ class PackedWeight(torch.Tensor):
         if func is torch.ops.aten.detach.default:  # nn.Module bookkeeping
             return args[0]
         raise UnsupportedArgumentError(
-            f"{func} on a packed low-precision weight: only encdec_fast's CPU ops read it. A quantize='int8' model "
+            f"{func} on a packed low-precision weight: only encdec_fast's own ops read it. A quantize='int8' model "
             "cannot move or change dtype (its floating-point weights are gone): load the checkpoint again.")
 
     @property
@@ -103,14 +103,15 @@ def quantize_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.round(w / s[:, None]).clamp_(-127, 127).to(torch.int8), s
 
 
-def _convert(w: torch.Tensor, int8: bool) -> PackedWeight:
+def _convert(w: torch.Tensor, int8: bool, plain: bool = False) -> PackedWeight:
     """w [N, K] -> its int8 or bf16 PackedWeight, _ROWS_PER_CHUNK rows at a time: what is alive besides w and the
-    result is one chunk's temporaries (load memory)."""
+    result is one chunk's temporaries (load memory). Pair-packed for kernels.py where it runs (a CPU weight),
+    else plain [N, K] on w's device (plain: always; the triton backend's fused linear reads it)."""
     N, K = w.shape
-    packed = kernels.has_int8() and (int8 or kernels.has_bf16())
+    packed = not plain and w.device.type == "cpu" and kernels.has_int8() and (int8 or kernels.has_bf16())
     dtype = torch.int8 if int8 else torch.bfloat16
-    values = kernels.packed_empty(N, K, dtype) if packed else torch.empty(N, K, dtype=dtype)
-    scale = torch.zeros(kernels.packed_rows(N) if packed else N) if int8 else None
+    values = kernels.packed_empty(N, K, dtype) if packed else torch.empty(N, K, dtype=dtype, device=w.device)
+    scale = torch.zeros(kernels.packed_rows(N) if packed else N, device=w.device) if int8 else None
     for a in range(0, N, _ROWS_PER_CHUNK):
         part = w[a:a + _ROWS_PER_CHUNK]
         if int8:
@@ -148,9 +149,16 @@ def slot_names(net: nn.Module) -> frozenset[str]:
 
 
 @torch.inference_mode()
-def pack_net(net: nn.Module, convert) -> None:
+def to_int8_plain(w: torch.Tensor) -> PackedWeight:
+    """One weight [out, in] -> its int8 PackedWeight, plain [N, K] on w's device (the triton backend's)."""
+    return _convert(w, True, plain=True)
+
+
+@torch.inference_mode()
+def pack_net(net: nn.Module, convert, fp32_rest: bool = True) -> None:
     """Convert (to_int8 or to_bf16) every projection weight of net that is still plain (idempotent; shared weights
-    stay shared), and keep the LayerNorm parameters and projection biases in fp32, as the op table reads them."""
+    stay shared), and (fp32_rest) keep the LayerNorm parameters and projection biases in fp32, as this file's op
+    table reads them."""
     done: dict[int, torch.Tensor] = {}
     for m in _slots(net):
         w = m._buffers["weight"]
@@ -158,7 +166,7 @@ def pack_net(net: nn.Module, convert) -> None:
             if id(w) not in done:
                 done[id(w)] = convert(w)
             m._buffers["weight"] = done[id(w)]
-    for m in net.modules():
+    for m in net.modules() if fp32_rest else ():
         names = ("weight", "bias") if isinstance(m, LayerNorm) else ("bias",) if isinstance(m, (Linear, LMHead)) else ()
         for name in names:
             t = m._buffers.get(name)
@@ -294,3 +302,5 @@ TABLE = dataclasses.replace(ops.TORCH, name="torch+cpu-lowp", linear=linear, lin
 INT8 = WeightTransform(names=slot_names, tensor=to_int8, net=lambda net: pack_net(net, to_int8), dense=_no_dense)
 BF16 = WeightTransform(names=slot_names, tensor=to_bf16, net=lambda net: pack_net(net, to_bf16),
                        dense=lambda t: t.matrix().clone())
+INT8_PLAIN = WeightTransform(names=slot_names, tensor=to_int8_plain,
+                             net=lambda net: pack_net(net, to_int8_plain, fp32_rest=False), dense=_no_dense)
