@@ -4,6 +4,11 @@ them alike), medians reported as speed-ups over transformers fp32 (bf16 also ove
 
 Tokens are compared too: encdec_fast fp32 must equal transformers fp32 (asserted); bf16 and int8 report their
 agreement with transformers fp32 (rows identical, and the mean share of new tokens before the first difference).
+The checkpoint is test_bench_generate.py's random bert2gpt2 (weights std 0.05) with its word embeddings' std (and
+so the tied LM head's) raised to 0.2, so that next-token distributions are peaked as a trained model's (top
+probability 0.60 at base size, where 0.05 gives 0.002 and near-ties everywhere; raising every weight's std makes the
+random net chaotic instead: at 0.2 even bf16 agrees on a third of the tokens); and every run generates all new
+tokens (eos_token_id=None: the same work for every implementation, whatever tokens it picks).
 
     ENCDEC_BENCH_SIZE=base pytest benchmarks/test_bench_cpu_precision.py -s   # bert-base + gpt2, 128 source
                                                                                # tokens, 32 new (issue 19's case)
@@ -26,7 +31,8 @@ pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU preci
 
 IMPLS = ("transformers fp32", "transformers bf16", "encdec_fast fp32", "encdec_fast bf16", "encdec_fast int8")
 CASES = [("greedy", 1), ("greedy", 8), ("beam4", 1), ("beam4", 8)]
-MODES = {"greedy": dict(), "beam4": dict(num_beams=4)}
+MODES = {"greedy": dict(eos_token_id=None), "beam4": dict(num_beams=4, eos_token_id=None)}
+STD, EMBED_STD = 0.05, 0.2  # the weights' std, the word embeddings': peaked next-token distributions
 ROUNDS = int(os.environ.get("ENCDEC_BENCH_ROUNDS", "3"))
 THREADS = 2
 
@@ -42,7 +48,7 @@ def precision_models(tmp_path_factory):
     hf_logging.set_verbosity_error()
     warnings.filterwarnings("ignore")
     torch.set_num_threads(THREADS)
-    path = build_bert2gpt2(str(tmp_path_factory.mktemp("cpu_precision")), GEN_SIZE)
+    path = build_bert2gpt2(str(tmp_path_factory.mktemp("cpu_precision")), GEN_SIZE, std=STD, embed_std=EMBED_STD)
     models = {
         "transformers fp32": T.EncoderDecoderModel.from_pretrained(path).eval(),
         "transformers bf16": T.EncoderDecoderModel.from_pretrained(path, dtype=torch.bfloat16).eval(),
@@ -91,7 +97,9 @@ def test_cpu_precision(precision_models, cpu_precision_rows, mode, batch):
 
 def format_table(rows: dict, size) -> list[str]:
     """The markdown table of the recorded rows (conftest prints it at the end of the session)."""
-    lines = [f"CPU precision: bert2gpt2 {size.layers}x{size.hidden}, vocab {size.dec_vocab}, source <= {size.src_len}, "
+    lines = [f"CPU precision: bert2gpt2 {size.layers}x{size.hidden} (weights std {STD}, word embeddings {EMBED_STD}), "
+             f"vocab {size.dec_vocab}, "
+             f"source <= {size.src_len}, "
              f"{size.new_tokens} new tokens, {THREADS} threads, median of {ROUNDS} alternating runs; speed-up over "
              "transformers fp32 (bf16: also over transformers bf16); agreement with transformers fp32 tokens: rows "
              "identical / mean share of new tokens before the first difference",
