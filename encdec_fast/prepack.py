@@ -11,12 +11,15 @@ runs on this file's op table (``TABLE``: the torch reference's, whose products c
 GELU or residual add fused into the same call). ``unpack(net)`` restores the plain tensors (before a move
 to another device or dtype, or to the triton backend, whose kernels read plain memory).
 
-fp32 and bf16 weights on the CPU are packed, where this torch build has oneDNN (bf16: where oneDNN runs
-bf16 on this CPU: AVX512-BF16 or AMX tiles, which oneDNN picks itself; AVX-512 without them emulates).
-fp32 results are the same products summed in another order: logits within ~1e-6 relative of F.linear's,
-and tokens equal to transformers' in the parity tests, which run on packed weights by default. bf16
-products accumulate in fp32 inside oneDNN and round once, with the bias, GELU or residual add fused
-before that rounding (transformers' bf16 rounds after the product, then again after each add).
+fp32 weights on the CPU are packed where this torch build has oneDNN; bf16 weights too, but only where the
+CPU's own bf16 kernels cannot run (cpu/weights.py packs them otherwise: fp32 activations, fp32 outputs), and
+where oneDNN runs bf16 on this CPU (AVX512-BF16 or AMX tiles, which oneDNN picks itself). fp32 results are the
+same products summed in another order: logits within ~1e-6 relative of F.linear's, and tokens equal to
+transformers' in the parity tests, which run on packed weights by default. oneDNN's bf16 products accumulate in
+fp32 and round once to bf16, with the bias, GELU or residual add fused before that rounding.
+
+Decode attention on this table is the CPU kernel's (cpu/kernels.py: every row's window in one call per layer),
+the reference where it cannot run.
 
 Memory: a packed weight replaces its plain tensor, except an LM head tied to the word embeddings,
 which the embedding lookup still reads plain; that head gets its own packed copy (vocabulary x width
