@@ -11,7 +11,8 @@ int8 138 MB (the floor at this machine's ~30 GB/s: 18, 9 and 4.6 ms).
   onednn_a8w8       oneDNN's qlinear_pointwise: activations quantised to uint8 per call in torch ops around it
   fbgemm            quantized.linear_dynamic: activations quantised per call inside it, fp32 out
   woq_int8pack      aten._weight_int8pack_mm (bf16 activations, int8 weights)
-  cpu_int8 / cpu_bf16  encdec_fast/cpu/kernels.py: int8 (int16 activations) / bf16 weights, fp32 in and out
+  cpu_int8 / cpu_bf16 / cpu_f32  encdec_fast/cpu/kernels.py: int8 (int16 activations) / bf16 / fp32 weights, fp32
+                    activations in and out
 """
 
 import argparse
@@ -45,7 +46,7 @@ def build():
                  wq=wq)
         if ck.library() is not None:
             d.update(ci8=ck.pack(wq), csc=torch.cat([scale, torch.zeros(ck.packed_rows(N) - N)]),
-                     cbf=ck.pack(w.bfloat16()) if ck.has_bf16() else None)
+                     cbf=ck.pack(w.bfloat16()) if ck.has_bf16() else None, cf32=ck.pack(w))
         layers.append(d)
     return layers
 
@@ -117,13 +118,14 @@ IMPLS = {
     "woq_int8pack": run_woq,
     "cpu_int8": lambda L, M: run_cpu(L, M, "ci8"),
     "cpu_bf16": lambda L, M: run_cpu(L, M, "cbf"),
+    "cpu_f32": lambda L, M: run_cpu(L, M, "cf32"),
 }
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--rows", default="1,8,32")
-    ap.add_argument("--impls", default="f32,bf16,onednn_a8w8,fbgemm,cpu_int8,cpu_bf16")
+    ap.add_argument("--impls", default="f32,bf16,onednn_a8w8,fbgemm,cpu_int8,cpu_bf16,cpu_f32")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=7)
     a = ap.parse_args()

@@ -41,7 +41,7 @@
 #include <string.h>
 #include <math.h>
 
-#define ENCDEC_CPU_ABI_VERSION 4
+#define ENCDEC_CPU_ABI_VERSION 5
 #define EXPORT extern "C" __attribute__((visibility("default")))
 
 namespace {
@@ -173,6 +173,37 @@ const block_i8_fn BLOCK_I8[MB + 1] = {nullptr, block_i8<1>, block_i8<2>, block_i
 // ---------------------------------------------------------------------------------------------------------
 // bf16 weights x bf16 activations
 // ---------------------------------------------------------------------------------------------------------
+// ---------------------------------------------------------------------------------------------------------
+// fp32 weights x fp32 activations (layout [N / 16][K][16]: one 16-output block of one k is 16 consecutive floats)
+// ---------------------------------------------------------------------------------------------------------
+template <int R>
+void block_f32(const float* wb, int64_t K, const float* x, int64_t xs, int64_t m0, int64_t n0, const Epilogue& e) {
+    __m512 acc[R][NB];
+    for (int r = 0; r < R; ++r)
+        for (int j = 0; j < NB; ++j) acc[r][j] = _mm512_setzero_ps();
+    const float* xr[R];
+    for (int r = 0; r < R; ++r) xr[r] = x + (m0 + r) * xs;
+    const float* w0 = wb;
+    const float* w1 = wb + K * LANES;
+    for (int64_t k = 0; k < K; ++k) {
+        __m512 a0 = _mm512_loadu_ps(w0 + k * LANES), a1 = _mm512_loadu_ps(w1 + k * LANES);
+        for (int r = 0; r < R; ++r) {
+            __m512 b = _mm512_set1_ps(xr[r][k]);
+            acc[r][0] = _mm512_fmadd_ps(a0, b, acc[r][0]);
+            acc[r][1] = _mm512_fmadd_ps(a1, b, acc[r][1]);
+        }
+    }
+    for (int j = 0; j < NB; ++j) {
+        int64_t n = n0 + j * LANES;
+        if (n >= e.N) break;
+        for (int r = 0; r < R; ++r) store(e, m0 + r, n, acc[r][j]);
+    }
+}
+
+typedef void (*block_f32_fn)(const float*, int64_t, const float*, int64_t, int64_t, int64_t, const Epilogue&);
+const block_f32_fn BLOCK_F32[MB + 1] = {nullptr, block_f32<1>, block_f32<2>, block_f32<3>, block_f32<4>,
+                                        block_f32<5>, block_f32<6>, block_f32<7>, block_f32<8>};
+
 #if defined(__AVX512BF16__)
 template <int R>
 void block_bf16(const uint16_t* wb, int64_t pairs, const uint16_t* xb, int64_t Kp, int64_t m0, int64_t n0,
@@ -363,6 +394,40 @@ EXPORT int encdec_cpu_linear_bf16(const float* x, int64_t xs, int64_t M, int64_t
     free(tmp);
     return 0;
 #endif
+}
+
+// y [M, N] = act(LN?(x) @ w.T (+ bias)) (+ residual), fp32 throughout; w in the [N / 16][K][16] layout; the other
+// arguments as encdec_cpu_linear_i8's. Each output is one fp32 sum over k in order (a row's result does not depend
+// on the rows beside it).
+EXPORT int encdec_cpu_linear_f32(const float* x, int64_t xs, int64_t M, int64_t K, const float* w, int64_t N,
+                                 const float* bias, const float* residual, int64_t rs, float* y, int64_t ys,
+                                 const float* ln_w, const float* ln_b, float ln_eps, int act) {
+    if (M < 0 || K < 0 || N < 0) return -1;
+    if (M == 0 || N == 0) return 0;
+    float* tmp = nullptr;
+    if (ln_w) {  // the LayerNorm-ed rows, contiguous
+        tmp = (float*)aligned_alloc(64, (size_t)round_up(M * K * 4 + 64, 64));
+        if (!tmp) return -2;
+#pragma omp parallel for schedule(static) if (M * K > 65536)
+        for (int64_t m = 0; m < M; ++m) {
+            const float* r = input_row(x + m * xs, K, ln_w, ln_b, ln_eps, tmp + m * K);
+            if (r != tmp + m * K) memcpy(tmp + m * K, r, (size_t)K * 4);
+        }
+        x = tmp;
+        xs = K;
+    }
+    Epilogue e{act, bias, residual, rs, y, ys, N};
+    int64_t blocks = round_up(N, BLOCK) / BLOCK;
+#pragma omp parallel for schedule(static)
+    for (int64_t b = 0; b < blocks; ++b) {
+        const float* wb = w + b * NB * K * LANES;
+        for (int64_t m0 = 0; m0 < M; m0 += MB) {
+            int R = (int)(M - m0 < MB ? M - m0 : MB);
+            BLOCK_F32[R](wb, K, x, xs, m0, b * BLOCK, e);
+        }
+    }
+    free(tmp);
+    return 0;
 }
 
 // ---------------------------------------------------------------------------------------------------------

@@ -2,7 +2,8 @@
 quantize= and prepack= resolved in one place (model.py calls check, transform and table).
 
   device  backend  dtype      quantize  projection weights                          op table
-  cpu     torch    float32    None      oneDNN's fp32 layout (prepack.py)           prepack.TABLE
+  cpu     torch    float32    None      fp32, packed (cpu/weights.py)               cpu/weights.TABLE
+                                        (oneDNN's fp32 layout without the kernels)  (prepack.TABLE)
   cpu     torch    bfloat16   None      bf16, pair-packed (cpu/weights.py)          cpu/weights.TABLE (fp32 compute)
                                         (oneDNN's bf16 layout without the kernels)  (prepack.TABLE)
   cpu     torch    fp32/bf16  "int8"    int8 + per-channel scales, pair-packed      cpu/weights.TABLE (fp32 compute)
@@ -65,6 +66,8 @@ def transform(device: torch.device, dtype: torch.dtype, backend: str, prepack: b
         return lowp.INT8 if backend == "torch" else lowp.INT8_PLAIN
     if prepack and lowp.bf16_applies(device, dtype, backend):
         return lowp.BF16
+    if prepack and lowp.f32_applies(device, dtype, backend):
+        return lowp.F32
     return prepack_mod.TRANSFORM if prepack and prepack_mod.applies(device, dtype, backend) else None
 
 

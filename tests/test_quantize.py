@@ -93,8 +93,8 @@ def test_engine_requests_equal_generate_alone(path):
 def test_bf16_model_moves_and_repacks(path):
     m = encdec_fast.load(path, dtype=torch.bfloat16)
     want = m.generate(IDS, attention_mask=MASK, max_new_tokens=6)
-    m.to(dtype=torch.float32)
-    assert not lowp.is_packed(m.net) and m.ops is prepack.TABLE and m.dtype == torch.float32
+    m.to(dtype=torch.float32)  # the fp32 default: the CPU kernels' fp32 layout (oneDNN's without them)
+    assert m.dtype == torch.float32 and m.ops is (lowp.TABLE if ck.has_int8() else prepack.TABLE)
     m.to(dtype=torch.bfloat16)
     assert m.dtype == torch.bfloat16 and m.ops is (lowp.TABLE if ck.has_bf16() else prepack.TABLE)
     assert torch.equal(m.generate(IDS, attention_mask=MASK, max_new_tokens=6), want)  # bf16 -> fp32 -> bf16 is exact
@@ -106,7 +106,7 @@ def test_int8_model_refuses_to_move(path):
     for kw in (dict(dtype=torch.float32), dict(dtype="float16")):
         with pytest.raises(UnsupportedArgumentError, match="quantize='int8'.*load the\\s+checkpoint again|Load the"):
             m.to(**kw)
-    with pytest.raises(UnsupportedArgumentError, match="packed low-precision weight"):
+    with pytest.raises(UnsupportedArgumentError, match="packed int8 weight"):
         m.net.decoder.head.weight.float()
 
 

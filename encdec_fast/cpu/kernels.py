@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-ABI_VERSION = 4  # csrc/cpu_linear.cpp ENCDEC_CPU_ABI_VERSION
+ABI_VERSION = 5  # csrc/cpu_linear.cpp ENCDEC_CPU_ABI_VERSION
 LIB_NAME = "libencdec_cpu.so"
 SOURCE_NAME = "cpu_linear.cpp"  # in csrc/
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-fvisibility=hidden", "-std=c++17")
@@ -50,6 +50,8 @@ SIGNATURES = {
                                     _i32]),
     "encdec_cpu_linear_bf16": (_i32, [_p, _i64, _i64, _i64, _p, _i64, _p, _p, _i64, _p, _i64, _p, _p, ctypes.c_float,
                                       _i32]),
+    "encdec_cpu_linear_f32": (_i32, [_p, _i64, _i64, _i64, _p, _i64, _p, _p, _i64, _p, _i64, _p, _p, ctypes.c_float,
+                                     _i32]),
     "encdec_cpu_decode_attention": (_i32, [_p, _i64, _i64, _p, _p, _i64, _i64, _i32, _p, _p, _i64, _i64, _i64,
                                            ctypes.c_float, _p, _i64, _i64]),
 }
@@ -134,18 +136,18 @@ def _load():
     return lib
 
 
-_I8 = _BF16 = None  # the loaded products (ctypes functions), set by library()
+_I8 = _BF16 = _F32 = None  # the loaded products (ctypes functions), set by library()
 
 
 def library():
     """The loaded library, or None (reason() says why)."""
-    global _lib, _I8, _BF16
+    global _lib, _I8, _BF16, _F32
     if _lib is None:
         with _lock:
             if _lib is None:
                 _lib = _load()
                 if not isinstance(_lib, str):
-                    _I8, _BF16 = _lib.encdec_cpu_linear_i8, _lib.encdec_cpu_linear_bf16
+                    _I8, _BF16, _F32 = _lib.encdec_cpu_linear_i8, _lib.encdec_cpu_linear_bf16, _lib.encdec_cpu_linear_f32
                 if isinstance(_lib, str):
                     log.warning("encdec_fast's CPU int8/bf16 kernels are not available (%s); the torch reference "
                                 "ops run instead (same numbers, slower).", _lib)
@@ -180,26 +182,33 @@ def packed_rows(n: int) -> int:
     return -(-n // BLOCK) * BLOCK
 
 
+def _group(dtype: torch.dtype) -> int:
+    """k values a lane holds together: 2 (int8, bf16: the pairs vpdpwssd / vdpbf16ps multiply), 1 (fp32)."""
+    return 1 if dtype == torch.float32 else 2
+
+
 def packed_empty(N: int, K: int, dtype: torch.dtype) -> torch.Tensor:
-    """An empty pair-packed weight for [N, K] (flat: packed_rows(N) * ceil(K / 2) * 2 values); fill it with pack_rows."""
-    return torch.empty(packed_rows(N) * ((K + 1) // 2) * 2, dtype=dtype)
+    """An empty packed weight for [N, K] (flat: packed_rows(N) x K rounded up to the group); fill it with pack_rows."""
+    g = _group(dtype)
+    return torch.empty(packed_rows(N) * (-(-K // g) * g), dtype=dtype)
 
 
 def pack_rows(out: torch.Tensor, N: int, K: int, first: int, rows: torch.Tensor) -> None:
-    """Write rows [first, first + len(rows)) of an [N, K] weight (int8 or bf16) into the pair-packed `out`; first
-    is a multiple of 16, and the last call writes the padding (rows past N and the odd K column are zeros)."""
+    """Write rows [first, first + len(rows)) of an [N, K] weight into the packed `out` ([N / 16][K / g][16][g], g =
+    _group(dtype)); first is a multiple of 16, and the last call writes the padding (rows past N, a column past K)."""
     R = rows.shape[0]
-    pairs = (K + 1) // 2
+    g = _group(rows.dtype)
+    groups = -(-K // g)
     end = packed_rows(N) if first + R >= N else first + R
     if end % 16:
         raise ValueError("pack_rows: pass whole blocks of 16 rows (but for the last call)")
-    padded = torch.nn.functional.pad(rows, (0, 2 * pairs - K, 0, end - first - R))  # (end - first, 2 * pairs)
-    blocks = out.view(packed_rows(N) // 16, pairs, 16, 2)[first // 16:end // 16]
-    blocks.copy_(padded.view(-1, 16, pairs, 2).permute(0, 2, 1, 3))
+    padded = torch.nn.functional.pad(rows, (0, g * groups - K, 0, end - first - R))  # (end - first, g * groups)
+    blocks = out.view(packed_rows(N) // 16, groups, 16, g)[first // 16:end // 16]
+    blocks.copy_(padded.view(-1, 16, groups, g).permute(0, 2, 1, 3))
 
 
 def pack(w: torch.Tensor) -> torch.Tensor:
-    """w [N, K] int8 or bf16 -> the pair-packed layout (flat)."""
+    """w [N, K] int8, bf16 or fp32 -> the packed layout (flat)."""
     N, K = w.shape
     out = packed_empty(N, K, w.dtype)
     pack_rows(out, N, K, 0, w)
@@ -207,9 +216,10 @@ def pack(w: torch.Tensor) -> torch.Tensor:
 
 
 def unpack(packed: torch.Tensor, N: int, K: int) -> torch.Tensor:
-    """The [N, K] matrix of a pair-packed one (the inverse of pack; torch ops, for the reference path and tests)."""
-    pairs = (K + 1) // 2
-    w = packed.view(packed_rows(N) // 16, pairs, 16, 2).permute(0, 2, 1, 3).reshape(packed_rows(N), 2 * pairs)
+    """The [N, K] matrix of a packed one (the inverse of pack; torch ops, for the reference path and tests)."""
+    g = _group(packed.dtype)
+    groups = -(-K // g)
+    w = packed.view(packed_rows(N) // 16, groups, 16, g).permute(0, 2, 1, 3).reshape(packed_rows(N), g * groups)
     return w[:N, :K]
 
 
@@ -219,8 +229,10 @@ ACT = {None: 0, "tanh": 1, "none": 2}  # fused_linear's gelu= -> the kernel's ep
 def linear(x: torch.Tensor, packed: torch.Tensor, N: int, scale: torch.Tensor | None, bias: torch.Tensor | None = None,
            residual: torch.Tensor | None = None, ln=None, gelu: str | None = None) -> torch.Tensor:
     """x [..., K] fp32 -> [..., N] fp32: gelu?(LN?(x) @ w.T + bias) + residual, on a packed int8 (scale: fp32
-    [packed_rows(N)]) or bf16 (scale None) weight. ln: (weight, bias, eps) of a LayerNorm over K, fp32, or None;
+    [packed_rows(N)]), bf16 or fp32 (scale None) weight. ln: (weight, bias, eps) of a LayerNorm over K, fp32, or None;
     gelu: None, "tanh" or "none" (the erf form); bias fp32 [N]; residual fp32 [..., N]."""
+    if _I8 is None:
+        library()
     K = x.shape[-1]
     x2 = x if x.dim() == 2 else x.reshape(-1, K)
     if x2.stride(-1) != 1:
@@ -242,6 +254,9 @@ def linear(x: torch.Tensor, packed: torch.Tensor, N: int, scale: torch.Tensor | 
     if scale is not None:
         code = _I8(x2.data_ptr(), x2.stride(0), M, K, packed.data_ptr(), scale.data_ptr(), N, b_ptr, r_ptr, r_stride,
                    y.data_ptr(), N, ln_w, ln_b, eps, ACT[gelu])
+    elif packed.dtype == torch.float32:
+        code = _F32(x2.data_ptr(), x2.stride(0), M, K, packed.data_ptr(), N, b_ptr, r_ptr, r_stride, y.data_ptr(), N,
+                    ln_w, ln_b, eps, ACT[gelu])
     else:
         code = _BF16(x2.data_ptr(), x2.stride(0), M, K, packed.data_ptr(), N, b_ptr, r_ptr, r_stride, y.data_ptr(), N,
                      ln_w, ln_b, eps, ACT[gelu])

@@ -1,5 +1,5 @@
-"""Low-precision projection weights on the CPU, with fp32 activations: int8 (``load(quantize="int8")``) and bf16
-(``load(dtype=torch.bfloat16)``).
+"""Packed projection weights on the CPU, with fp32 activations: int8 (``load(quantize="int8")``), bf16
+(``load(dtype=torch.bfloat16)``) and fp32 (the default).
 
 Every projection weight (each Linear's [out, in] matrix: self- and cross-attention, MLP, enc_to_dec_proj, the
 BERT head's dense) and the LM head are converted as each weight is read at load (checkpoint/assign.py's
@@ -8,6 +8,9 @@ WeightTransform: one plain copy alive at a time) into a PackedWeight:
   int8  symmetric, one fp32 scale per output channel: w[n, k] ~ scale[n] * q[n, k], |q| <= 127,
         scale[n] = max_k |w[n, k]| / 127.
   bf16  the weight rounded to bf16.
+  fp32  the weight as it is (each output one fp32 sum over k in order: tokens equal transformers' in the parity
+        tests, as with oneDNN's layout, which it replaces where the kernels run: 17.4 ms a bert-base + gpt2 step's
+        projections at 1 row against oneDNN's 25.5, the machine's ~31 GB/s).
 
 and run through kernels.py's products: fp32 activations in, fp32 sums, fp32 out, with the input rows' LayerNorm,
 the bias, the GELU and the residual add fused (the int8 product quantises each activation row to int16 inside the
@@ -28,8 +31,8 @@ of cache): int8 5.9 ms at 1 row (fbgemm's int8 x int8 7.3, oneDNN bf16 13.7, one
 bf16 9.8 ms at 1 row, 10.9 at 8 (oneDNN bf16 14.3 / 14.5), within 10% of oneDNN bf16 at the encoder's 128-512 rows.
 
 Where kernels.py is not available (no AVX-512, no C++ compiler): int8 weights run the torch reference below
-(dequantised per call: the same numbers, slowly), and bf16 models load oneDNN's bf16 layout instead
-(prepack.py: bf16 activations).
+(dequantised per call: the same numbers, slowly), and fp32 and bf16 models load oneDNN's layouts instead
+(prepack.py; bf16 activations for bf16).
 """
 
 from __future__ import annotations
@@ -51,10 +54,10 @@ _ROWS_PER_CHUNK = 1024  # rows converted at a time (a multiple of 32): temporari
 
 
 class PackedWeight(torch.Tensor):
-    """A projection weight [out, in] stored int8 (with per-output-channel scales) or bf16, in kernels.py's
-    pair-packed layout (or plain [out, in] where the kernels are not available). It has the shape, dtype and
-    size of the matrix it stands for but no storage of its own: only this file's op table reads it, and any
-    other torch op on it raises."""
+    """A projection weight [out, in] stored int8 (with per-output-channel scales), bf16 or fp32, in kernels.py's
+    packed layout (or plain [out, in] where the kernels are not available, or for the triton backend). It has the
+    shape, dtype and size of the matrix it stands for but no storage of its own: this file's op table reads it;
+    other torch ops read a bf16 or fp32 one as its plain matrix and refuse an int8 one."""
 
     values: torch.Tensor  # pair-packed (flat) or plain [N, K]: int8 or bf16
     scale: torch.Tensor | None  # int8: fp32 [kernels.packed_rows(N)] (zeros past N) or [N] (plain); bf16: None
@@ -69,18 +72,25 @@ class PackedWeight(torch.Tensor):
         self.values, self.scale, self.packed = data, scale, packed
 
     def __repr__(self):
-        kind = "int8, per-output-channel scales" if self.scale is not None else "bf16"
+        kind = "int8, per-output-channel scales" if self.scale is not None else str(self.dtype).replace("torch.", "")
         return f"PackedWeight({tuple(self.shape)}, {kind})"
 
     __torch_function__ = torch._C._disabled_torch_function_impl
 
     @classmethod
     def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        """A bf16 or fp32 weight reads as its plain matrix in any op that does not write to it (torch.equal, .float(),
+        indexing: what scripts and tests inspect weights with); an int8 one, and any write, raise."""
         if func is torch.ops.aten.detach.default:  # nn.Module bookkeeping
             return args[0]
-        raise UnsupportedArgumentError(
-            f"{func} on a packed low-precision weight: only encdec_fast's own ops read it. A quantize='int8' model "
-            "cannot move or change dtype (its floating-point weights are gone): load the checkpoint again.")
+        packed = [a for a in (*args, *(kwargs or {}).values()) if isinstance(a, PackedWeight)]
+        if func._schema.is_mutable or any(p.is_int8 for p in packed):
+            raise UnsupportedArgumentError(
+                f"{func} on a packed {'int8' if any(p.is_int8 for p in packed) else 'low-precision'} weight: only "
+                "encdec_fast's own ops read it (and nothing writes to it). A quantize='int8' model cannot move or "
+                "change dtype (its floating-point weights are gone): load the checkpoint again.")
+        plain = lambda a: a.matrix() if isinstance(a, PackedWeight) else a  # noqa: E731
+        return func(*[plain(a) for a in args], **{k: plain(v) for k, v in (kwargs or {}).items()})
 
     @property
     def is_int8(self) -> bool:
@@ -109,13 +119,15 @@ def quantize_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.round(w / s[:, None]).clamp_(-127, 127).to(torch.int8), s
 
 
-def _convert(w: torch.Tensor, int8: bool, plain: bool = False) -> PackedWeight:
+def _convert(w: torch.Tensor, int8: bool, plain: bool = False, dtype: torch.dtype = torch.bfloat16) -> PackedWeight:
     """w [N, K] -> its int8 or bf16 PackedWeight, _ROWS_PER_CHUNK rows at a time: what is alive besides w and the
     result is one chunk's temporaries (load memory). Pair-packed for kernels.py where it runs (a CPU weight),
-    else plain [N, K] on w's device (plain: always; the triton backend's fused linear reads it)."""
+    else plain [N, K] on w's device (plain: always; the triton backend's fused linear reads it). dtype: a float
+    weight's (bf16, or fp32)."""
     N, K = w.shape
-    packed = not plain and w.device.type == "cpu" and kernels.has_int8() and (int8 or kernels.has_bf16())
-    dtype = torch.int8 if int8 else torch.bfloat16
+    packed = not plain and w.device.type == "cpu" and kernels.has_int8() and (
+        int8 or dtype == torch.float32 or kernels.has_bf16())
+    dtype = torch.int8 if int8 else dtype
     values = kernels.packed_empty(N, K, dtype) if packed else torch.empty(N, K, dtype=dtype, device=w.device)
     scale = torch.zeros(kernels.packed_rows(N) if packed else N, device=w.device) if int8 else None
     for a in range(0, N, _ROWS_PER_CHUNK):
@@ -123,7 +135,7 @@ def _convert(w: torch.Tensor, int8: bool, plain: bool = False) -> PackedWeight:
         if int8:
             part, scale[a:a + part.shape[0]] = quantize_rows(part)
         else:
-            part = part.to(torch.bfloat16)
+            part = part.to(dtype)
         if packed:
             kernels.pack_rows(values, N, K, a, part)
         else:
@@ -152,6 +164,12 @@ def _slots(net: nn.Module):
 def slot_names(net: nn.Module) -> frozenset[str]:
     """The buffer names (from the net's root) of every projection weight (prepack.py's)."""
     return frozenset(f"{n}.weight" if n else "weight" for n, m in net.named_modules() if isinstance(m, (Linear, LMHead)))
+
+
+@torch.inference_mode()
+def to_f32(w: torch.Tensor) -> PackedWeight:
+    """One weight [out, in] -> its fp32 PackedWeight (a new tensor; w is not changed)."""
+    return _convert(w.float(), False, dtype=torch.float32)
 
 
 @torch.inference_mode()
@@ -190,7 +208,7 @@ def unpack_net(net: nn.Module, dtype: torch.dtype) -> None:
         if isinstance(w, PackedWeight):
             if w.is_int8:
                 raise UnsupportedArgumentError("int8 weights cannot be turned back into floating-point ones: load the "
-                                               "checkpoint again.")
+                                               "checkpoint again.")  # bf16 and fp32 ones come back exactly
             if id(w) not in done:
                 done[id(w)] = w.matrix().clone()
             m._buffers["weight"] = done[id(w)]
@@ -215,6 +233,12 @@ def bf16_applies(device: torch.device, dtype: torch.dtype, backend: str) -> bool
     """Whether a model on (device, dtype, backend) gets bf16 PackedWeights: bf16 on the CPU (torch backend), where
     kernels.py runs bf16 products (AVX512-BF16)."""
     return device.type == "cpu" and dtype == torch.bfloat16 and backend == "torch" and kernels.has_bf16()
+
+
+def f32_applies(device: torch.device, dtype: torch.dtype, backend: str) -> bool:
+    """Whether a model on (device, dtype, backend) gets fp32 PackedWeights: fp32 on the CPU (torch backend), where
+    kernels.py runs (one fp32 sum per output, k in order; 1.45x oneDNN's packed fp32 at 1 row)."""
+    return device.type == "cpu" and dtype == torch.float32 and backend == "torch" and kernels.has_int8()
 
 
 def _no_dense(t):
@@ -308,5 +332,7 @@ TABLE = dataclasses.replace(ops.TORCH, name="torch+cpu-lowp", linear=linear, lin
 INT8 = WeightTransform(names=slot_names, tensor=to_int8, net=lambda net: pack_net(net, to_int8), dense=_no_dense)
 BF16 = WeightTransform(names=slot_names, tensor=to_bf16, net=lambda net: pack_net(net, to_bf16),
                        dense=lambda t: t.matrix().clone())
+F32 = WeightTransform(names=slot_names, tensor=to_f32, net=lambda net: pack_net(net, to_f32),
+                      dense=lambda t: t.matrix().clone())
 INT8_PLAIN = WeightTransform(names=slot_names, tensor=to_int8_plain,
                              net=lambda net: pack_net(net, to_int8_plain, fp32_rest=False), dense=_no_dense)
