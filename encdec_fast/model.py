@@ -263,10 +263,10 @@ def load(path=None, *, encoder=None, decoder=None, device=None, dtype=None, back
     CUDA. backend: "triton" (default on CUDA) or "torch" (default on CPU). seed: initialises the weights
     a glued decoder checkpoint lacks (its cross-attention), reproducibly. check_finite: refuse weights
     holding NaN or inf (or overflowing dtype) with an error naming the tensor; False skips the check.
-    prepack: on the CPU in fp32 (torch backend), reorder the projection weights once for oneDNN
-    (prepack.py: 1.5-4x faster projections at decode sizes, at the cost of a second copy of an LM head
-    tied to the word embeddings); in bf16, pack them for the CPU's bf16 kernels (cpu/weights.py: bf16
-    products with fp32 activations and outputs), or for oneDNN's bf16 where those cannot run. False keeps plain
+    prepack: on the CPU (torch backend), pack the projection weights once at load for the CPU kernels
+    (cpu/weights.py: fp32, and bf16 with fp32 activations; 1.4-2x faster projections at decode sizes than
+    oneDNN's) or, where those cannot run, for oneDNN (prepack.py), at the cost of a second copy of an LM
+    head tied to the word embeddings; False keeps plain
     tensors. Ignored elsewhere. quantize: None, or "int8": every projection weight and the LM head stored
     int8 with per-output-channel scales, quantised as each weight is read (quantize.py). On the CPU they
     are multiplied with fp32 activations (cpu/weights.py) and dtype (bfloat16 by default, or float32) is

@@ -12,8 +12,8 @@ GELU or residual add fused into the same call). ``unpack(net)`` restores the pla
 to another device or dtype, or to the triton backend, whose kernels read plain memory).
 
 fp32 and bf16 weights on the CPU get this layout where the CPU's own kernels cannot run (cpu/weights.py packs
-them otherwise, for faster fp32 products and bf16 ones with fp32 outputs) and this torch build has oneDNN (bf16:
-where oneDNN runs bf16 on this CPU (AVX512-BF16 or AMX tiles, which oneDNN picks itself). fp32 results are the
+them otherwise, for faster fp32 products and bf16 ones with fp32 outputs) and this torch build has oneDNN; bf16
+only where oneDNN runs bf16 on this CPU: AVX512-BF16 or AMX tiles, which oneDNN picks itself. fp32 results are the
 same products summed in another order: logits within ~1e-6 relative of F.linear's, and tokens equal to
 transformers' in the parity tests, which run on packed weights by default. oneDNN's bf16 products accumulate in
 fp32 and round once to bf16, with the bias, GELU or residual add fused before that rounding.
