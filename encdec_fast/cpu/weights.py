@@ -49,7 +49,6 @@ from ..errors import UnsupportedArgumentError
 from ..modules import LayerNorm, Linear, LMHead
 from . import kernels
 
-MODES = ("int8",)  # load(quantize=...)
 _ROWS_PER_CHUNK = 1024  # rows converted at a time (a multiple of 32): temporaries of a few MB (load memory)
 
 
