@@ -40,12 +40,14 @@ GEN_DTYPE = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat1
 GEN_DEVICE = torch.device("cuda" if CUDA else "cpu")
 
 
-def build_bert2gpt2(path: str, size: GenBenchSize, seed: int = 0) -> str:
-    """Save a random bert2gpt2 of this size (workloads.build_bert2gpt2)."""
+def build_bert2gpt2(path: str, size: GenBenchSize, seed: int = 0, std: float = 0.05, embed_std=None) -> str:
+    """Save a random bert2gpt2 of this size (workloads.build_bert2gpt2; std: its weights', embed_std: its word
+    embeddings')."""
     from workloads import build_bert2gpt2 as build
 
     return build(path, layers=size.layers, hidden=size.hidden, heads=size.heads, enc_vocab=size.enc_vocab,
-                 dec_vocab=size.dec_vocab, positions=size.positions, enc_positions=max(512, size.src_len), seed=seed)
+                 dec_vocab=size.dec_vocab, positions=size.positions, enc_positions=max(512, size.src_len), seed=seed,
+                 std=std, embed_std=embed_std)
 
 
 def gen_inputs(batch: int, size: GenBenchSize, seed: int = 0):
@@ -84,6 +86,12 @@ class GenBench:
 
 
 _RESULTS: list[GenBench] = []
+_PRECISION: dict = {}  # test_bench_cpu_precision.py's rows: (mode, batch) -> measurements
+
+
+@pytest.fixture(scope="session")
+def cpu_precision_rows():
+    return _PRECISION
 
 
 @pytest.fixture(scope="session")
@@ -101,6 +109,12 @@ def gen_bench(tmp_path_factory):
 
 
 def pytest_terminal_summary(terminalreporter):
+    if _PRECISION:
+        from test_bench_cpu_precision import format_table
+
+        terminalreporter.write_sep("-", "CPU precision table")
+        for line in format_table(_PRECISION, GEN_SIZE):
+            terminalreporter.write_line(line)
     for bench in _RESULTS:
         rows = bench.rows
         if not rows:

@@ -7,6 +7,11 @@
 --format: safetensors (default), bin (torch.save's zip format, memory-mapped) or legacy_bin (the pre-zip
 format, which torch.load must read whole). --no-prepack loads with prepack=False (plain projection
 weights; the default packs them for oneDNN on the CPU, a tied LM head getting its own packed copy).
+--quantize int8 loads int8 projection weights (quantised as each is read); --dtype bfloat16 stores the rest
+(or, without --quantize, everything) in bf16.
+
+    python benchmarks/load_memory.py --size base --quantize int8                     # target: <= 0.5x
+    python benchmarks/load_memory.py --size base --quantize int8 --dtype bfloat16
 
 Builds the checkpoint with transformers in one process, then loads it in a fresh one and reports
 (peak RSS during load - RSS before load) / weight bytes.
@@ -68,7 +73,16 @@ def _status_kib(field: str) -> int:
     raise KeyError(field)
 
 
-def measure(path: str, prepack: bool = True) -> dict:
+def _nbytes(b) -> int:
+    """A buffer's bytes: a packed low-precision weight's own values and scales (cpu/weights.py)."""
+    values = getattr(b, "values", None)
+    if values is not None and not callable(values):
+        scale = getattr(b, "scale", None)
+        return values.numel() * values.element_size() + (scale.numel() * 4 if scale is not None else 0)
+    return b.numel() * b.element_size()
+
+
+def measure(path: str, prepack: bool = True, quantize=None, dtype=None) -> dict:
     import torch
     import transformers  # noqa: F401
     from transformers import AutoConfig, EncoderDecoderConfig, GenerationConfig  # noqa: F401  (module imports are
@@ -86,25 +100,26 @@ def measure(path: str, prepack: bool = True) -> dict:
         torch.empty(1, device="cuda")
     before = rss()
     t0 = time.perf_counter()
-    model = encdec_fast.load(path, device="cpu", prepack=prepack)
+    model = encdec_fast.load(path, device="cpu", prepack=prepack, quantize=quantize, dtype=dtype)
     seconds = time.perf_counter() - t0
     # VmHWM: this process image's own peak. Not getrusage's ru_maxrss: Linux carries the forked parent's
     # high-water mark across exec into it (exec_mmap), so a measurement started from a big process (a
     # test run holding models, a GPU process with CUDA's libraries) read the parent's size, not load()'s
     peak = _status_kib("VmHWM") * 1024
     weights = sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path) if f.endswith((".safetensors", ".bin")))
-    params = sum(b.numel() * b.element_size() for b in {id(b): b for b in model.net.buffers()}.values())
+    params = sum(_nbytes(b) for b in {id(b): b for b in model.net.buffers()}.values())
     status = dict(line.split(":", 1) for line in open("/proc/self/status").read().splitlines() if ":" in line)
     return dict(weight_bytes=weights, model_bytes=params, rss_before=before, peak_rss=peak, load_s=seconds,
                 peak_increase=peak - before, ratio=(peak - before) / weights,
                 rss_anon=status["RssAnon"].strip(), rss_file=status["RssFile"].strip())
 
 
-def run(size: str, fmt: str = "safetensors", prepack: bool = True) -> dict:
+def run(size: str, fmt: str = "safetensors", prepack: bool = True, quantize=None, dtype=None) -> dict:
     with tempfile.TemporaryDirectory() as d:
         subprocess.run([sys.executable, __file__, "--build", d, "--size", size, "--format", fmt], check=True,
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        flag = [] if prepack else ["--no-prepack"]
+        flag = ([] if prepack else ["--no-prepack"]) + (["--quantize", quantize] if quantize else []) + (
+            ["--dtype", dtype] if dtype else [])
         out = subprocess.run([sys.executable, __file__, "--measure", d, *flag], check=True, capture_output=True,
                              text=True)
         return json.loads(out.stdout.strip().splitlines()[-1])
@@ -117,12 +132,17 @@ if __name__ == "__main__":
     ap.add_argument("--build")
     ap.add_argument("--measure")
     ap.add_argument("--no-prepack", dest="prepack", action="store_false")
+    ap.add_argument("--quantize", default=None, choices=["int8"])
+    ap.add_argument("--dtype", default=None, choices=["float32", "bfloat16"])
     a = ap.parse_args()
     if a.build:
         build(a.build, a.size, a.format)
     elif a.measure:
-        print(json.dumps(measure(a.measure, a.prepack)))
+        print(json.dumps(measure(a.measure, a.prepack, a.quantize, a.dtype)))
     else:
-        r = run(a.size, a.format, a.prepack)
-        print(f"{a.size} {a.format}{'' if a.prepack else ' (prepack=False)'}: load {r['load_s']:.1f} s, weights {r['weight_bytes'] / 2**20:.0f} MiB, peak RSS increase during load "
-              f"{r['peak_increase'] / 2**20:.0f} MiB = {r['ratio']:.2f}x the weights")
+        r = run(a.size, a.format, a.prepack, a.quantize, a.dtype)
+        opts = ("" if a.prepack else " prepack=False") + (f" quantize={a.quantize}" if a.quantize else "") + (
+            f" dtype={a.dtype}" if a.dtype else "")
+        print(f"{a.size} {a.format}{opts}: load {r['load_s']:.1f} s, weights {r['weight_bytes'] / 2**20:.0f} MiB, model "
+              f"{r['model_bytes'] / 2**20:.0f} MiB, peak RSS increase during load {r['peak_increase'] / 2**20:.0f} MiB "
+              f"= {r['ratio']:.2f}x the weights")

@@ -92,7 +92,8 @@ if not CUDA:
 
 
 def build_bert2gpt2(path: str, *, layers: int, hidden: int, heads: int, enc_vocab: int, dec_vocab: int,
-                    positions: int = 1024, enc_positions: int = 512, seed: int = 0) -> str:
+                    positions: int = 1024, enc_positions: int = 512, seed: int = 0, std: float = 0.05,
+                    embed_std: float | None = None) -> str:
     """Save a random bert2gpt2 EncoderDecoderModel with transformers (weights std 0.05, which keeps greedy
     outputs varied; biases 0, LayerNorms 1). Built on the CPU, not the meta device: to_empty() would
     untie lm_head from wte."""
@@ -105,7 +106,7 @@ def build_bert2gpt2(path: str, *, layers: int, hidden: int, heads: int, enc_voca
                        is_decoder=True, add_cross_attention=True, bos_token_id=1, eos_token_id=2)
     cfg = T.EncoderDecoderConfig.from_encoder_decoder_configs(enc, dec)
     cfg.decoder_start_token_id, cfg.pad_token_id, cfg.eos_token_id = 1, 0, 2
-    return _save_random(cfg, path, seed)
+    return _save_random(cfg, path, seed, std, embed_std)
 
 
 def build_bertgen2bertgen(path: str, *, layers: int, hidden: int, heads: int, vocab: int, positions: int = 512,
@@ -124,18 +125,19 @@ def build_bertgen2bertgen(path: str, *, layers: int, hidden: int, heads: int, vo
     return _save_random(cfg, path, seed)
 
 
-def _save_random(cfg, path: str, seed: int) -> str:
+def _save_random(cfg, path: str, seed: int, std: float = 0.05, embed_std: float | None = None) -> str:
     """An EncoderDecoderModel of this config with _randomise()d weights, saved to path."""
     import transformers as T
 
     model = T.EncoderDecoderModel(cfg)
-    _randomise(model, seed)
+    _randomise(model, seed, std, embed_std)
     model.save_pretrained(path)
     return path
 
 
-def _randomise(model, seed: int):
-    """Weights std 0.05 (keeps greedy outputs varied), biases 0, LayerNorms 1."""
+def _randomise(model, seed: int, std: float = 0.05, embed_std: float | None = None):
+    """Weights std 0.05 (keeps greedy outputs varied), biases 0, LayerNorms 1; the word embeddings (and so a tied LM
+    head) std embed_std when given (larger: peaked next-token distributions, the body's dynamics unchanged)."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -144,7 +146,8 @@ def _randomise(model, seed: int):
             elif "LayerNorm" in name or ".ln_" in name:
                 p.fill_(1.0)
             else:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+                scale = embed_std if embed_std is not None and ("word_embeddings" in name or ".wte." in name) else std
+                p.copy_(torch.randn(p.shape, generator=g) * scale)
 
 
 def build_checkpoint(path: str, model: str = "bert2gpt2", seed: int = 0) -> str:

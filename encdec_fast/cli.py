@@ -2,8 +2,9 @@
 
     encdec-fast generate PATH|ID --input in.txt|in.jsonl --output out.jsonl [--max-new-tokens N --num-beams K ...]
     encdec-fast generate PATH|ID --input a.txt b.jsonl ... --output OUT_DIR --ray [ADDRESS] [--num-actors N]
-    encdec-fast serve PATH|ID [--host 127.0.0.1 --port 8000 --api-key KEY --max-queued 256 --body-timeout 10 ...]
-    encdec-fast demo [--size small|base] [--batch 8] [--new-tokens 32]
+    encdec-fast serve PATH|ID [--host 127.0.0.1 --port 8000 --api-key KEY --max-queued 256 --body-timeout 10
+                              --quantize int8 ...]
+    encdec-fast demo [--size small|base] [--batch 8] [--new-tokens 32] [--dtype bfloat16] [--quantize int8]
 
 PATH is a checkpoint folder; ID a Hugging Face Hub id ("org/name"), read from the local cache (downloaded
 first when online; HF_HUB_OFFLINE=1 reads the cache alone).
@@ -176,7 +177,7 @@ def cmd_generate(a) -> int:
     interrupted = False
     t0 = time.perf_counter()
     try:
-        model = encdec_fast.load(a.path, device=a.device, dtype=a.dtype)
+        model = encdec_fast.load(a.path, device=a.device, dtype=a.dtype, quantize=a.quantize)
         kwargs = _generate_kwargs(a)
         if a.seed is not None:
             import torch
@@ -259,7 +260,7 @@ def cmd_generate_ray(a) -> int:
         path = os.path.abspath(a.path) if os.path.exists(a.path) else a.path  # a Hub id stays an id
         out = edr.generate_dataset(rows, path, num_actors=a.num_actors, num_gpus=a.gpus_per_actor,
                                    batch_size=a.batch_size, max_batch_size=a.batch_size, device=a.device,
-                                   dtype=a.dtype, **_generate_kwargs(a)).map(_merge_errors).materialize()
+                                   dtype=a.dtype, quantize=a.quantize, **_generate_kwargs(a)).map(_merge_errors).materialize()
         out.write_json(a.output)
         wall = time.perf_counter() - t0
         n, n_tok = out.count(), out.sum("num_generated") or 0
@@ -279,15 +280,15 @@ def cmd_serve(a) -> int:
                           max_body_bytes=a.max_body_bytes, max_input_tokens=a.max_input_tokens,
                           max_request_tokens=a.max_request_tokens, api_key=a.api_key, stalled_after_s=a.stalled_after)
     return serve(a.path, host=a.host, port=a.port, limits=limits, max_batch_size=a.max_batch_size,
-                 max_batch_tokens=a.max_batch_tokens, device=a.device, dtype=a.dtype, log_level=a.log_level,
-                 model_name=a.served_model_name)
+                 max_batch_tokens=a.max_batch_tokens, device=a.device, dtype=a.dtype, quantize=a.quantize,
+                 log_level=a.log_level, model_name=a.served_model_name)
 
 
 def cmd_demo(a) -> int:
     from .demo import run_demo
 
     return run_demo(size=a.size, batch=a.batch, new_tokens=a.new_tokens, src_len=a.src_len, device=a.device,
-                    num_beams=a.num_beams)
+                    num_beams=a.num_beams, dtype=a.dtype, quantize=a.quantize)
 
 
 def main(argv=None) -> int:
@@ -301,6 +302,8 @@ def main(argv=None) -> int:
                    "output_ids, text, or error (and line, for a malformed input line); with --ray: a folder")
     g.add_argument("--device", default=None)
     g.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"])
+    g.add_argument("--quantize", default=None, choices=["int8"],
+                   help="int8 projection weights with per-channel scales, fp32 activations (CPU)")
     g.add_argument("--batch-size", type=int, default=64)
     g.add_argument("--do-sample", action="store_true")
     g.add_argument("--seed", type=int)
@@ -320,6 +323,8 @@ def main(argv=None) -> int:
     v.add_argument("--port", type=int, default=8000)
     v.add_argument("--device", default=None)
     v.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"])
+    v.add_argument("--quantize", default=None, choices=["int8"],
+                   help="int8 projection weights with per-channel scales, fp32 activations (CPU)")
     v.add_argument("--max-batch-size", type=int, default=32, help="decode rows stepped together")
     v.add_argument("--max-batch-tokens", type=int, default=16384, help="padded source tokens per encoder batch")
     v.add_argument("--max-queued", type=int, default=256, help="requests admitted at once; more get 429")
@@ -344,6 +349,10 @@ def main(argv=None) -> int:
     d.add_argument("--new-tokens", type=int, default=32)
     d.add_argument("--num-beams", type=int, default=1)
     d.add_argument("--device", default=None)
+    d.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
+                   help="encdec_fast's and transformers' dtype (default: float32 on the CPU)")
+    d.add_argument("--quantize", default=None, choices=["int8"],
+                   help="int8 projection weights with per-channel scales, fp32 activations (CPU)")
     d.set_defaults(fn=cmd_demo)
     a = p.parse_args(argv)
     try:

@@ -11,9 +11,11 @@ from torch import nn
 from . import checkpoint as ckpt
 from . import ops as ops_mod
 from . import prepack as prepack_mod
+from . import quantize as quantize_mod
 from . import validate
 from .checkpoint import hub
 from .checkpoint import weight_map as wm
+from .cpu import weights as lowp
 from .config import ModelConfig
 from .errors import InvalidInputError, UnsupportedArgumentError
 from .modules import EncoderDecoderNet
@@ -74,8 +76,8 @@ def _pick_dtype(dtype, stored: torch.dtype, device):
 
 
 def _op_table(net, backend: str):
-    """The backend's op table; prepack.py's where the projection weights are packed for oneDNN."""
-    return prepack_mod.TABLE if prepack_mod.is_packed(net) else ops_mod.table(backend)
+    """The op table that reads the net's projection weights as they are stored (quantize.py)."""
+    return quantize_mod.table(net, backend)
 
 
 _EMBEDDINGS = (".embed.word", ".embed.position", ".embed.token_type")  # transformers' nn.Embedding weights
@@ -109,10 +111,11 @@ class EncDecModel(nn.Module):
     main_input_name = "input_ids"
 
     def __init__(self, net: EncoderDecoderNet, hf_config, generation_config, backend: str, path=None,
-                 prepack: bool = True):
+                 prepack: bool = True, quantize: str | None = None):
         super().__init__()
         self.net = net
         self.prepack = prepack  # oneDNN-packed projection weights wherever they apply (prepack.py)
+        self.quantize = quantize  # "int8": int8 projection weights (quantize.py), or None
         self.cfg: ModelConfig = net.cfg
         self.config = hf_config
         self.generation_config = generation_config
@@ -164,12 +167,22 @@ class EncDecModel(nn.Module):
             dtype = _pick_dtype(dtype, self.dtype, dev)
         # a new device type gets its default backend unless one is named
         new_backend = _pick_backend(backend, dev) if (backend or dev.type != self.device.type) else self.backend
-        prepack_mod.unpack(self.net)  # packed tensors only move as plain ones
+        if self.quantize is not None:
+            if (dev, dtype or self.dtype, new_backend) == (self.device, self.dtype, self.backend):
+                return self
+            raise UnsupportedArgumentError(
+                f"this model was loaded with quantize={self.quantize!r}: its weights are int8 and the floating-point "
+                f"ones are gone, so it cannot move to {dev} / {dtype or self.dtype} / backend {new_backend!r}. Load the "
+                "checkpoint again with the device and dtype you want.")
+        if lowp.is_packed(self.net):  # packed tensors only move as plain ones
+            lowp.unpack_net(self.net, self.dtype)
+        prepack_mod.unpack(self.net)
         _move_buffers(self.net, dev, dtype)
         self._state_cache = None  # its states and captured steps point at the old tensors
         self.backend = new_backend
-        if self.prepack and prepack_mod.applies(self.device, self.dtype, self.backend):
-            prepack_mod.pack(self.net)
+        transform = quantize_mod.transform(self.device, self.dtype, self.backend, self.prepack, None)
+        if transform is not None:
+            transform.net(self.net)
         self.ops = _op_table(self.net, self.backend)
         return self
 
@@ -410,18 +423,30 @@ class EncDecModel(nn.Module):
 
 
 # ------------------------------------------------------------------------------------------------
-def _build(src, device, dtype, backend, seed: int, check_finite: bool, prepack: bool) -> EncDecModel:
+def _build(src, device, dtype, backend, seed: int, check_finite: bool, prepack: bool, quantize=None) -> EncDecModel:
     """The model for a resolved checkpoint source (checkpoint/sources.py): what load() and from_transformers() share."""
     dev = _pick_device(device)
     be = _pick_backend(backend, dev)
     dt = _pick_dtype(dtype, src.stored_dtype, dev)
-    transform = prepack_mod.TRANSFORM if prepack and prepack_mod.applies(dev, dt, be) else None
+    if dtype is None and quantize_mod.default_dtype(quantize, dev, be) is not None:  # int8 on the CPU: the rest in bf16
+        dt = quantize_mod.default_dtype(quantize, dev, be)
+    quantize_mod.check(quantize, dev, dt, be, prepack)
+    transform = quantize_mod.transform(dev, dt, be, prepack, quantize)
     net = ckpt.build_net(src, device=dev, dtype=dt, seed=seed, check_finite=check_finite, transform=transform)
-    return EncDecModel(net, src.hf_config, ckpt.generation_config(src), be, path=src.folder, prepack=prepack)
+    return EncDecModel(net, src.hf_config, ckpt.generation_config(src), be, path=src.folder, prepack=prepack,
+                       quantize=quantize)
+
+
+def _check_quantize_early(quantize, device, dtype, backend, prepack):
+    """quantize='...' errors that need no checkpoint, before any file is read (the dtype default is known
+    only once the checkpoint is: checked again in _build)."""
+    dev = _pick_device(device)
+    be = _pick_backend(backend, dev)
+    quantize_mod.check(quantize, dev, _pick_dtype(dtype, torch.float32, dev), be, prepack)
 
 
 def load(path=None, *, encoder=None, decoder=None, device=None, dtype=None, backend=None, seed: int = 0,
-         check_finite: bool = True, prepack: bool = True,
+         check_finite: bool = True, prepack: bool = True, quantize: str | None = None,
          revision: str | None = None, token=None, cache_dir=None, local_files_only: bool | None = None,
          torch_dtype=None, **kwargs) -> EncDecModel:
     """Load an EncoderDecoderModel folder or Hub id, or glue an encoder and a decoder checkpoint.
@@ -436,13 +461,20 @@ def load(path=None, *, encoder=None, decoder=None, device=None, dtype=None, back
     "torch" (default on CPU). seed: initialises the weights a glued decoder checkpoint lacks (its
     cross-attention), reproducibly. check_finite: refuse weights holding NaN or inf (or overflowing dtype)
     with an error naming the tensor; False skips the check.
-    prepack: on the CPU in fp32 (torch backend), reorder the projection weights once for oneDNN
-    (prepack.py: 1.5-4x faster projections at decode sizes, at the cost of a second copy of an LM head
-    tied to the word embeddings); False keeps plain tensors. Ignored elsewhere."""
+    prepack: on the CPU (torch backend), pack the projection weights once at load for the CPU kernels
+    (cpu/weights.py: fp32, and bf16 with fp32 activations; 1.4-2x faster projections at decode sizes than
+    oneDNN's) or, where those cannot run, for oneDNN (prepack.py), at the cost of a second copy of an LM
+    head tied to the word embeddings; False keeps plain
+    tensors. Ignored elsewhere. quantize: None, or "int8": every projection weight and the LM head stored
+    int8 with per-output-channel scales, quantised as each weight is read (quantize.py). On the CPU they
+    are multiplied with fp32 activations (cpu/weights.py) and dtype (bfloat16 by default, or float32) is
+    what the rest is stored in (the embeddings, the K/V cache); on CUDA the Triton fused linear reads them
+    (w8a16) in the activations' dtype. Such a model cannot be moved to another device or dtype."""
     if kwargs:
         raise UnsupportedArgumentError(
             f"load() does not take {sorted(kwargs)}; it takes path (or encoder= and decoder=), device, dtype (or "
-            "torch_dtype), backend, seed, check_finite, prepack, revision, token, cache_dir and local_files_only.")
+            "torch_dtype), backend, seed, check_finite, prepack, quantize, revision, token, cache_dir and "
+            "local_files_only.")
     for name, value in (("path", path), ("encoder", encoder), ("decoder", decoder)):
         validate.path(value, name)
     validate.number(seed, "seed", validate.SEED)
@@ -454,6 +486,7 @@ def load(path=None, *, encoder=None, decoder=None, device=None, dtype=None, back
         raise InvalidInputError("pass either path (an EncoderDecoderModel folder or Hub id) or encoder= and decoder= "
                                 "(two checkpoints to glue), not both.")
     _pick_backend(backend, _pick_device(device))  # argument errors before any file is read
+    _check_quantize_early(quantize, device, dtype, backend, prepack)
     glued = path is None and (encoder is not None or decoder is not None)
     where = dict(revision=revision, token=token, cache_dir=cache_dir, local_files_only=local_files_only)
     if glued:
@@ -462,7 +495,7 @@ def load(path=None, *, encoder=None, decoder=None, device=None, dtype=None, back
         src = ckpt.open_pair(hub.resolve(encoder, **where), hub.resolve(decoder, **where))
     else:
         src = ckpt.open_folder(hub.resolve(path, **where))
-    return _build(src, device, dtype, backend, seed, check_finite, prepack)
+    return _build(src, device, dtype, backend, seed, check_finite, prepack, quantize)
 
 
 def _dtype_argument(dtype, torch_dtype):
@@ -479,11 +512,12 @@ def _dtype_argument(dtype, torch_dtype):
 
 
 def from_transformers(hf_model, *, device=None, dtype=None, backend=None, check_finite: bool = True,
-                      prepack: bool = True) -> EncDecModel:
+                      prepack: bool = True, quantize: str | None = None) -> EncDecModel:
     """The encdec_fast model of a transformers EncoderDecoderModel in memory (for example right after
     fine-tuning): the same model load() gives for its save_pretrained() folder, without the round trip.
     Every tensor, the config and the generation config are copied: nothing is shared with hf_model.
-    device, dtype, backend, check_finite and prepack as for load()."""
+    device, dtype, backend, check_finite, prepack and quantize as for load()."""
     validate.number(prepack, "prepack", validate.Field("bool"))
     _pick_backend(backend, _pick_device(device))
-    return _build(ckpt.open_module(hf_model), device, dtype, backend, 0, check_finite, prepack)
+    _check_quantize_early(quantize, device, dtype, backend, prepack)
+    return _build(ckpt.open_module(hf_model), device, dtype, backend, 0, check_finite, prepack, quantize)

@@ -154,6 +154,8 @@ class StepContext:
     cross_starts: torch.Tensor  # (N,) first encoder key of row n in the packed cross K/V
     enc_lens: torch.Tensor  # (N,) encoder keys row n attends
     enc_bound: int  # a bound on enc_lens known to the host
+    self_plan: object = None  # ops.window_plan of the self-attention windows (CPU: read once a step), or None
+    cross_plan: object = None  # the same for the cross-attention windows
 
 
 class SelfAttention(nn.Module):
@@ -180,7 +182,8 @@ class SelfAttention(nn.Module):
         attention kernel itself."""
         q, k, v = _heads(ops.fused_linear(x, self.qkv.weight, self.qkv.bias, x_ln=x_ln), 3, self.H)  # (N, H, D)
         a = ops.decode_attention(q, _key_rows(k_cache)[0], _key_rows(v_cache)[0], scale=self.scale,
-                                 starts=ctx.self_starts, lens=ctx.seq_lens, k_new=k, v_new=v, max_len=ctx.max_len)
+                                 starts=ctx.self_starts, lens=ctx.seq_lens, k_new=k, v_new=v, max_len=ctx.max_len,
+                                 plan=ctx.self_plan)
         return a.flatten(-2)
 
 
@@ -208,7 +211,7 @@ class CrossAttention(nn.Module):
         over each row's span of encoder keys, before the output projection."""
         q = ops.fused_linear(x, self.q.weight, self.q.bias, x_ln=x_ln).unflatten(-1, (self.H, -1))  # (N, H, D)
         a = ops.decode_attention(q, kv[0], kv[1], scale=self.scale, starts=ctx.cross_starts, lens=ctx.enc_lens,
-                                 max_len=ctx.enc_bound)
+                                 max_len=ctx.enc_bound, plan=ctx.cross_plan)
         return a.flatten(-2)
 
 
@@ -335,8 +338,10 @@ class Decoder(nn.Module):
 
     def cross_kv(self, enc, ops):
         """Per-layer cross-attention (K, V), each (B, S, H, D) from padded enc (B, S, E), or each
-        (T, H, D) from packed enc (T, E) (EncDecModel.encode_packed): K/V of real tokens only."""
-        return [layer.cross.project_kv(enc, ops) for layer in self.layers]
+        (T, H, D) from packed enc (T, E) (EncDecModel.encode_packed): K/V of real tokens only, in the
+        embeddings' dtype (the decode state's; a table computing in fp32 over bf16 storage returns fp32)."""
+        dtype = self.embed.word.dtype
+        return [tuple(t.to(dtype) for t in layer.cross.project_kv(enc, ops)) for layer in self.layers]
 
     def full(self, ids, key_mask, cross_kv, enc_mask, ops):
         """ids (B, L) -> logits (B, L, V); causal self-attention, key_mask bool (B, L) or None."""
@@ -351,9 +356,11 @@ class Decoder(nn.Module):
         (T, H, D), row n attending keys cross_starts[n] .. + enc_lens[n] (<= enc_bound).
         Returns logits (N, V)."""
         ks, vs = cache
-        r = _key_rows(ks[0])[1]  # every layer's cache has layer 0's layout
+        keys, r = _key_rows(ks[0])  # every layer's cache has layer 0's layout
         x, seq_lens, self_starts = self.embed.step(seq, t, ops, r)  # (N, E)
-        ctx = StepContext(self_starts, seq_lens, ks[0].shape[1], cross_starts, enc_lens, enc_bound)
+        ctx = StepContext(self_starts, seq_lens, ks[0].shape[1], cross_starts, enc_lens, enc_bound,
+                          ops.window_plan(self_starts, seq_lens, keys.shape[0]),
+                          ops.window_plan(cross_starts, enc_lens, cross_kv[0][0].shape[0]) if cross_kv else None)
         if self.cfg.pre_ln:
             for i, layer in enumerate(self.layers):
                 x = layer.step(x, ops, ctx, ks[i], vs[i], cross_kv[i])
@@ -392,8 +399,8 @@ class EncoderDecoderNet(nn.Module):
 
     def tie_head(self):
         """One tensor for the decoder's word embeddings and an LM head stored equal to them (memory, not
-        numbers); a head in another layout (prepack.py) stays apart."""
+        numbers); a head in another layout (prepack.py) or storage (quantize.py's int8) stays apart."""
         dec = self.decoder
         w, h = dec.embed.word, dec.head.weight
-        if w is not h and h.layout == torch.strided and w.shape == h.shape and torch.equal(w, h):
+        if w is not h and type(h) is torch.Tensor and h.layout == torch.strided and w.shape == h.shape and torch.equal(w, h):
             dec.head._buffers["weight"] = w

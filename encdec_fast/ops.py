@@ -9,6 +9,7 @@ Shape conventions (B batch, L length, H heads, D head dim, N decode rows, V voca
   attention        q [B, Lq, H, D], k/v [B, Lk, H, D] (any strides, unit stride on D) -> [B, Lq, H, D]
   varlen_attention q/k/v [T, H, D] packed, cu_seqlens int32 [B+1] (row b = tokens cu[b]:cu[b+1]) -> [T, H, D]
   decode_attention q [N, H, D], k/v [T, H, D] key rows, starts/lens int [N] (row n's window) -> [N, H, D]
+  window_plan      starts/lens int [N], key rows T -> WindowPlan (the windows read once a step, CPU) or None
   fused_linear     x [M, K], weight [N, K] (nn.Linear layout) -> [M, N], LayerNorm/GELU/residual fused
   embed_step       seq [N, Lc], t [N] (row n feeds seq[n, t[n] - 1] at position t[n] - 1), the tables
                    -> (x [N, E], seq_lens int32 [N] = t, self_starts long [N] = n * row_stride)
@@ -130,8 +131,45 @@ def varlen_attention(q, k, v, *, cu_seqlens: torch.Tensor, max_seqlen: int, scal
     return out
 
 
+@dataclasses.dataclass(frozen=True)
+class WindowPlan:
+    """decode_attention's key windows as the host knows them: read once per decode step (window_plan) and
+    shared by every layer's call, instead of each call reading lens and starts again. CPU only (on CUDA
+    reading them would sync, and is impossible during CUDA-graph capture)."""
+
+    width: int  # W: keys in the longest window, within the key rows
+    full: bool  # every row sees W keys (no mask needed)
+    step: int | None  # the windows lie `step` key rows apart from `first` (a strided view of k), else None
+    first: int
+    groups: tuple  # step None: ((start, length, rows), ...), rows a slice or an index tensor of the rows
+    # that share the window (the beams of a request); () otherwise
+    slots: torch.Tensor  # long (N,): starts + lens - 1, where a call's k_new / v_new go
+    windows: tuple  # (starts, lens) as contiguous long tensors, lens cut to the key rows (a kernel's arguments)
+
+
+def window_plan(starts: torch.Tensor, lens: torch.Tensor, keys: int) -> WindowPlan | None:
+    """The WindowPlan of windows k[starts[n] : starts[n] + lens[n]] over `keys` key rows, or None off the CPU."""
+    if starts.device.type != "cpu":
+        return None
+    s, ln = starts.tolist(), lens.tolist()
+    starts64 = starts.long().contiguous()
+    slots = starts64 + lens.long() - 1
+    windows = (starts64, torch.minimum(lens.long(), keys - starts64).clamp_(min=0))
+    W = max(0, min(max(ln, default=0), keys))
+    full = bool(ln) and min(ln) == W
+    step = s[1] - s[0] if len(s) > 1 else 0
+    if s and step >= 0 and s[0] >= 0 and s[-1] + W <= keys and all(b - a == step for a, b in zip(s, s[1:])):
+        return WindowPlan(W, full, step, s[0], (), slots, windows)
+    groups: dict[tuple[int, int], list[int]] = {}
+    for n, (a, b) in enumerate(zip(s, ln)):
+        groups.setdefault((a, b), []).append(n)
+    rows = tuple((a, b, slice(r[0], r[-1] + 1) if r[-1] - r[0] + 1 == len(r) else torch.tensor(r))
+                 for (a, b), r in groups.items())
+    return WindowPlan(W, full, None, 0, rows, slots, windows)
+
+
 def decode_attention(q, k, v, *, scale: float, starts: torch.Tensor, lens: torch.Tensor, key_mask=None,
-                     k_new=None, v_new=None, max_len: int | None = None):
+                     k_new=None, v_new=None, max_len: int | None = None, plan: WindowPlan | None = None):
     """Attention of one query token per row over a window of key rows (packed layout).
 
     q [N, H, D]; k, v [T, H, D]; starts, lens int [N]: row n attends k[starts[n] : starts[n] + lens[n]];
@@ -139,21 +177,27 @@ def decode_attention(q, k, v, *, scale: float, starts: torch.Tensor, lens: torch
     k_new, v_new [N, H, D] or None: first written in place at k/v[starts + lens - 1] (every lens >= 1,
     slots distinct), so the new key takes part. max_len: an upper bound on lens known from shapes (the
     cache length, the encoder length); the key window is sized with it on CUDA, where reading lens on
-    the host would sync (and is impossible during CUDA-graph capture). Without it, lens.max() is read."""
+    the host would sync (and is impossible during CUDA-graph capture). plan: window_plan(starts, lens, T),
+    computed once for the layers that share the windows (CPU); without it, it is computed here (CPU), or
+    on CUDA the windows are sized by max_len (lens.max() is read without it)."""
     N, H, D = q.shape
     T = k.shape[0]
+    if plan is None:
+        plan = window_plan(starts, lens, T)
     if k_new is not None:
-        slot = starts.long() + lens.long() - 1  # (N,)
+        slot = plan.slots if plan is not None else starts.long() + lens.long() - 1  # (N,)
         k.index_copy_(0, slot, k_new.to(k.dtype))
         v.index_copy_(0, slot, v_new.to(v.dtype))
-    W = _window_len(lens, max_len, T)
+    W = plan.width if plan is not None else _window_len(lens, max_len, T)
     if N == 0 or W == 0:
         return torch.zeros_like(q)
-    kw, vw = _window_view(k, starts, W), _window_view(v, starts, W)  # each (N, W, H, D), or None
-    if key_mask is None and starts.device.type == "cpu":
+    kw = vw = None
+    if plan is not None and plan.step is not None:  # each (N, W, H, D), a strided view: no copy
+        kw, vw = _window_view(k, plan, N), _window_view(v, plan, N)
+    if key_mask is None and plan is not None:
         if kw is None:
-            return _decode_attention_by_window(q, k, v, starts, lens, scale)
-        if int(lens.min()) == W:  # every row sees its whole window (rows of one length, or one row): no mask
+            return _decode_attention_by_window(q, k, v, plan, scale)
+        if plan.full:  # every row sees its whole window (rows of one length, or one row): no mask
             return F.scaled_dot_product_attention(q.float().unsqueeze(2), kw.float().transpose(1, 2),
                                                   vw.float().transpose(1, 2), scale=scale).squeeze(2).to(q.dtype)
     j = torch.arange(W, device=q.device)
@@ -171,31 +215,27 @@ def decode_attention(q, k, v, *, scale: float, starts: torch.Tensor, lens: torch
     return out.squeeze(2).nan_to_num(0.0).to(q.dtype)  # a row with no visible key -> zeros
 
 
-def _decode_attention_by_window(q, k, v, starts, lens, scale: float):
+def _decode_attention_by_window(q, k, v, plan: WindowPlan, scale: float):
     """decode_attention over windows that are not evenly spaced (a packed cross-attention arena: each request
-    its own span), on the CPU where starts and lens are host values: the rows sharing one window (the beams
-    of a request) are one SDPA over a view of its keys, so no key is copied (gathering every row's window
-    copied N x W x H x D keys per layer, most of a beam-search step's time at batch 8)."""
+    its own span), on the CPU where the plan holds them: the rows sharing one window (the beams of a request)
+    are one SDPA over a view of its keys, so no key is copied (gathering every row's window copied
+    N x W x H x D keys per layer, most of a beam-search step's time at batch 8)."""
     T = k.shape[0]
     out = torch.zeros_like(q)
-    groups: dict[tuple[int, int], list[int]] = {}
-    for n, (s, ln) in enumerate(zip(starts.tolist(), lens.tolist())):
-        groups.setdefault((s, ln), []).append(n)
-    for (s, ln), rows in groups.items():
+    for s, ln, rows in plan.groups:
         ln = min(ln, T - s)
         if ln <= 0:  # no visible key: zeros
             continue
-        group_rows = slice(rows[0], rows[-1] + 1) if rows[-1] - rows[0] + 1 == len(rows) else torch.tensor(rows)
-        qg, kg, vg = (x.float().transpose(0, 1).unsqueeze(0) for x in (q[group_rows], k[s:s + ln], v[s:s + ln]))  # (1, H, *, D)
-        out[group_rows] = F.scaled_dot_product_attention(qg, kg, vg, scale=scale)[0].transpose(0, 1).to(q.dtype)
+        qg, kg, vg = (x.float().transpose(0, 1).unsqueeze(0) for x in (q[rows], k[s:s + ln], v[s:s + ln]))  # (1, H, *, D)
+        out[rows] = F.scaled_dot_product_attention(qg, kg, vg, scale=scale)[0].transpose(0, 1).to(q.dtype)
     return out
 
 
 def _window_len(lens: torch.Tensor, max_len: int | None, T: int) -> int:
-    """Keys per window: lens.max() where reading it is free (CPU), else the bound max_len known from shapes."""
+    """Keys per window off the CPU: the bound max_len known from shapes (lens.max() without it, outside capture)."""
     if lens.numel() == 0:
         return 0
-    if lens.device.type == "cpu" or max_len is None:
+    if max_len is None:
         if lens.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
             raise ValueError("decode_attention: pass max_len (a bound on lens from shapes) when capturing "
                              "a CUDA graph with the torch backend; lens cannot be read on the host then")
@@ -203,18 +243,10 @@ def _window_len(lens: torch.Tensor, max_len: int | None, T: int) -> int:
     return min(int(max_len), T)
 
 
-def _window_view(k: torch.Tensor, starts: torch.Tensor, W: int) -> torch.Tensor | None:
-    """The windows k[starts[n] : starts[n] + W] as a strided (N, W, H, D) view (no copy) when they are
-    evenly spaced and in range (a self-attention cache; rows sharing one window), else None. Checked
-    on the host, so only when starts is on the CPU."""
-    if starts.device.type != "cpu" or not starts.numel():
-        return None
-    s = starts.tolist()
-    step = s[1] - s[0] if len(s) > 1 else 0
-    if step < 0 or s[0] < 0 or s[-1] + W > k.shape[0] or any(b - a != step for a, b in zip(s, s[1:])):
-        return None
+def _window_view(k: torch.Tensor, plan: WindowPlan, N: int) -> torch.Tensor:
+    """The windows k[first + n * step : + W] as a strided (N, W, H, D) view (no copy)."""
     st = k.stride()
-    return k.as_strided((len(s), W, *k.shape[1:]), (step * st[0], *st), k.storage_offset() + s[0] * st[0])
+    return k.as_strided((N, plan.width, *k.shape[1:]), (plan.step * st[0], *st), k.storage_offset() + plan.first * st[0])
 
 
 # --------------------------------------------------------------------------------------------
@@ -259,6 +291,7 @@ class OpTable:
     attention: Callable
     varlen_attention: Callable
     decode_attention: Callable
+    window_plan: Callable
     embed_step: Callable
 
 
@@ -272,8 +305,16 @@ TORCH = OpTable(
     attention=attention,
     varlen_attention=varlen_attention,
     decode_attention=decode_attention,
+    window_plan=window_plan,
     embed_step=embed_step,
 )
+
+
+def _without_plan(decode_attention: Callable) -> Callable:
+    """A decode_attention that sizes its windows on the device: the plan argument (None there) is dropped."""
+    def call(q, k, v, *, plan=None, **kw):
+        return decode_attention(q, k, v, **kw)
+    return call
 
 
 def table(backend: str) -> OpTable:
@@ -308,7 +349,8 @@ def table(backend: str) -> OpTable:
             fused_linear=triton_fused_linear,
             attention=katt.attention,
             varlen_attention=katt.varlen_attention,
-            decode_attention=kdec.decode_attention,
+            decode_attention=_without_plan(kdec.decode_attention),
+            window_plan=lambda starts, lens, keys: None,  # the kernel reads lens on the device
             embed_step=kembed.embed_step,
         )
     raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")

@@ -1,4 +1,4 @@
-"""Projection weights prepacked for oneDNN: the CPU torch backend's fast fp32 linear.
+"""Projection weights prepacked for oneDNN: the CPU torch backend's fast fp32 and bf16 linear.
 
 On the CPU, PyTorch's F.linear goes to MKL's sgemm, which is slow at decode sizes: measured on this
 project's 2-core AVX-512 CI machine, a 768 -> 50257 LM head at 1 row takes 11.3 ms through F.linear and
@@ -11,9 +11,15 @@ runs on this file's op table (``TABLE``: the torch reference's, whose products c
 GELU or residual add fused into the same call). ``unpack(net)`` restores the plain tensors (before a move
 to another device or dtype, or to the triton backend, whose kernels read plain memory).
 
-Only fp32 on the CPU is packed, and only where this torch build has oneDNN. The results are the
-same products summed in another order: logits within ~1e-6 relative of F.linear's, and tokens equal
-to transformers' in the parity tests, which run on packed weights by default.
+fp32 and bf16 weights on the CPU get this layout where the CPU's own kernels cannot run (cpu/weights.py packs
+them otherwise, for faster fp32 products and bf16 ones with fp32 outputs) and this torch build has oneDNN; bf16
+only where oneDNN runs bf16 on this CPU: AVX512-BF16 or AMX tiles, which oneDNN picks itself. fp32 results are the
+same products summed in another order: logits within ~1e-6 relative of F.linear's, and tokens equal to
+transformers' in the parity tests, which run on packed weights by default. oneDNN's bf16 products accumulate in
+fp32 and round once to bf16, with the bias, GELU or residual add fused before that rounding.
+
+Decode attention on this table is the CPU kernel's (cpu/kernels.py: every row's window in one call per layer),
+the reference where it cannot run.
 
 Memory: a packed weight replaces its plain tensor, except an LM head tied to the word embeddings,
 which the embedding lookup still reads plain; that head gets its own packed copy (vocabulary x width
@@ -29,6 +35,7 @@ from torch import nn
 
 from . import ops
 from .checkpoint import WeightTransform
+from .cpu import weights as lowp
 from .modules import Linear, LMHead
 
 # the batch size oneDNN's reorder is told to expect. Measured on a decode step's projections (bert-base +
@@ -38,16 +45,21 @@ from .modules import Linear, LMHead
 _ROWS_HINT = 8
 
 
-def available() -> bool:
-    """True when this torch build can run packed linears (built with oneDNN)."""
+def available(dtype: torch.dtype = torch.float32) -> bool:
+    """True when this torch build can run packed linears in dtype (built with oneDNN; bf16: and oneDNN runs
+    bf16 on this CPU)."""
     ops = torch.ops.mkldnn  # oneDNN's entry points for inductor's frozen CPU graphs (private: checked, not assumed)
-    return torch.backends.mkldnn.is_available() and all(hasattr(ops, n) for n in ("_reorder_linear_weight",
-                                                                                   "_linear_pointwise"))
+    if not (torch.backends.mkldnn.is_available() and all(hasattr(ops, n) for n in ("_reorder_linear_weight",
+                                                                                  "_linear_pointwise"))):
+        return False
+    if dtype == torch.float32:
+        return True
+    return dtype == torch.bfloat16 and hasattr(ops, "_is_mkldnn_bf16_supported") and ops._is_mkldnn_bf16_supported()
 
 
 def applies(device: torch.device, dtype: torch.dtype, backend: str) -> bool:
-    """Whether a model on (device, dtype, backend) gets packed weights: fp32 on the CPU, torch backend."""
-    return device.type == "cpu" and dtype == torch.float32 and backend == "torch" and available()
+    """Whether a model on (device, dtype, backend) gets packed weights: fp32 or bf16 on the CPU, torch backend."""
+    return device.type == "cpu" and dtype in (torch.float32, torch.bfloat16) and backend == "torch" and available(dtype)
 
 
 def _slots(net: nn.Module):
@@ -75,7 +87,7 @@ def pack(net: nn.Module) -> None:
     done: dict[int, torch.Tensor] = {}
     for m, name in _slots(net):
         w = m._buffers[name]
-        if w.is_mkldnn:
+        if w.is_mkldnn or type(w) is not torch.Tensor:  # packed already, or another storage (quantize.py's int8)
             continue
         if id(w) not in done:
             done[id(w)] = pack_tensor(w)
@@ -135,8 +147,10 @@ def fused_linear(x, weight, bias=None, *, x_ln=None, gelu=None, residual=None, r
     return _pointwise(x, weight, bias, gelu=gelu, residual=residual)
 
 
+# decode attention: the CPU kernel (cpu/kernels.py: one call per layer for every row's window, where the
+# reference makes one SDPA call per request), or the reference where it cannot run
 TABLE = dataclasses.replace(ops.TORCH, name="torch+onednn", linear=linear, linear_gelu=linear_gelu,
-                            fused_linear=fused_linear)
+                            fused_linear=fused_linear, decode_attention=lowp.decode_attention)
 
 # what checkpoint.build_net applies as each weight is read
 TRANSFORM = WeightTransform(names=slot_names, tensor=pack_tensor, net=pack, dense=lambda t: t.to_dense())

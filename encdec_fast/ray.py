@@ -82,7 +82,7 @@ def _plain(x):
 def generate_dataset(ds, path, *, column: str = "input", num_actors: int = 1, num_gpus: float = 0,
                      num_cpus: float | None = None, batch_size: int = 64, batches_in_flight: int = 4,
                      max_batch_size: int = 64, max_batch_tokens: int = 16384, max_input_tokens: int | None = None,
-                     device=None, dtype=None, **generate_kwargs):
+                     device=None, dtype=None, quantize=None, **generate_kwargs):
     """Generates for every row of a ray.data.Dataset; returns the dataset with the columns output_ids,
     text (for string inputs, else null), num_generated and error (null, or the row's error) added.
 
@@ -90,7 +90,7 @@ def generate_dataset(ds, path, *, column: str = "input", num_actors: int = 1, nu
     token ids. num_actors: Engines (actors), each loading the model from path (a folder every node can
     read). num_gpus/num_cpus: each actor's resources (num_cpus defaults to 1, or GPU_ACTOR_CPUS when it
     has a GPU). batch_size: rows per map_batches call; batches_in_flight: calls one actor serves at once.
-    max_batch_size, max_batch_tokens, max_input_tokens: the Engine's. device, dtype: load()'s.
+    max_batch_size, max_batch_tokens, max_input_tokens: the Engine's. device, dtype, quantize: load()'s.
     generate_kwargs: model.generate's arguments (plus seed=), the same for every row. Lazy, like every
     Ray Data transformation: the work runs when the result is consumed or written."""
     for name, v in (("num_actors", num_actors), ("batch_size", batch_size), ("batches_in_flight", batches_in_flight)):
@@ -108,7 +108,7 @@ def generate_dataset(ds, path, *, column: str = "input", num_actors: int = 1, nu
                                     "(ds.rename_columns) so that no input is overwritten.")
     if num_cpus is None:
         num_cpus = GPU_ACTOR_CPUS if num_gpus else 1
-    load_kwargs = {"device": device, "dtype": dtype}
+    load_kwargs = {"device": device, "dtype": dtype, "quantize": quantize}
     engine_kwargs = {"max_batch_size": max_batch_size, "max_batch_tokens": max_batch_tokens,
                      "max_input_tokens": max_input_tokens}
     return ds.map_batches(

@@ -500,7 +500,7 @@ def warm_up(engine):
 
 def serve(path, *, host: str = "127.0.0.1", port: int = 8000, limits: ServerLimits | None = None,
           max_batch_size: int = 32, max_batch_tokens: int = 16384, device=None, dtype=None,
-          log_level: str = "info", model_name: str | None = None) -> int:
+          log_level: str = "info", model_name: str | None = None, quantize=None) -> int:
     """Serves the checkpoint at path over HTTP until SIGTERM/SIGINT (see the module docstring). The socket
     is open while the model loads (/health answers 503 then). model_name: what OpenAI clients pass as
     `model` (default: path as given). Returns 0 after a clean shutdown."""
@@ -524,7 +524,7 @@ def serve(path, *, host: str = "127.0.0.1", port: int = 8000, limits: ServerLimi
         if not server.started:
             raise EncDecError(f"the HTTP server could not start on {host}:{port} (see the log above: a port in use?); "
                               "pick another --port.")
-        model = encdec_fast.load(path, device=device, dtype=dtype)
+        model = encdec_fast.load(path, device=device, dtype=dtype, quantize=quantize)
         engine = encdec_fast.Engine(model, max_batch_size=max_batch_size, max_batch_tokens=max_batch_tokens,
                                     max_input_tokens=limits.max_input_tokens,
                                     max_request_tokens=limits.max_request_tokens)

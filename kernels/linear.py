@@ -19,10 +19,16 @@ with fp32 accumulation; BLOCK_N is the widest of 64/32/16 that still gives a pro
                all N columns when residual_ln: each program computes the row statistics over N),
                all in fp32, one rounding to the output dtype at the end.
 
-Reference: ``encdec_fast.ops.fused_linear`` (F.layer_norm, F.linear, F.gelu, +).
+Int8 weights (w8a16, ``load(quantize="int8")`` on CUDA): weight int8 [N, K] with one fp32 scale per
+output channel (w_scale [N]: w = scale[n] * q[n, k]); each tile is converted to x's dtype before the
+dot (exact: |q| <= 127) and the fp32 sums are scaled per column before the bias. Half the weight bytes
+of fp16/bf16, for the step whose time is its weight reads.
 
-Limits: x, weight, bias, LayerNorm parameters and residual share one dtype (fp16, bf16, fp32) and
-device; LayerNorm weight and bias are both given. Any M works (a second grid axis), but the op table
+Reference: ``encdec_fast.ops.fused_linear`` (F.layer_norm, F.linear, F.gelu, +); with int8 weights,
+the same on the dequantised weight (scale[n] * q[n, k]).
+
+Limits: x, weight (but for int8 weights), bias, LayerNorm parameters and residual share one dtype
+(fp16, bf16, fp32) and device; LayerNorm weight and bias are both given. Any M works (a second grid axis), but the op table
 uses this kernel for M <= MAX_ROWS only and cuBLAS beyond.
 """
 
@@ -67,7 +73,8 @@ def _row_stats(rows_ptr, row_ok, n, eps, BLOCK_M: tl.constexpr, BLOCK: tl.conste
 @triton.jit
 def _fused_linear_kernel(
     x_ptr,  # [M, K] (row stride stride_xm, unit column stride)
-    w_ptr,  # [N, K] weight, nn.Linear layout (row stride stride_wn)
+    w_ptr,  # [N, K] weight, nn.Linear layout (row stride stride_wn); int8 when W_INT8
+    ws_ptr,  # [N] fp32 per-output-channel scales of an int8 weight (W_INT8)
     b_ptr,  # [N] bias (HAS_BIAS)
     xw_ptr, xb_ptr,  # [K] LayerNorm of x (X_LN)
     r_ptr,  # [M, N] residual (HAS_RESIDUAL; row stride stride_rm)
@@ -77,7 +84,7 @@ def _fused_linear_kernel(
     M, N, K, x_eps, r_eps,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STATS_BLOCK: tl.constexpr,
     X_LN: tl.constexpr, HAS_BIAS: tl.constexpr, GELU: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
-    RES_LN: tl.constexpr, DOT_IEEE: tl.constexpr,
+    RES_LN: tl.constexpr, DOT_IEEE: tl.constexpr, W_INT8: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -103,14 +110,18 @@ def _fused_linear_kernel(
             g = tl.load(xw_ptr + kk, mask=k_ok, other=0.0).to(tl.float32)
             b = tl.load(xb_ptr + kk, mask=k_ok, other=0.0).to(tl.float32)
             xn = (x.to(tl.float32) - mean[:, None]) * rstd[:, None] * g[None, :] + b[None, :]
-            x = xn.to(w_ptr.dtype.element_ty)  # padding columns: g = b = 0 -> 0
-        w = tl.load(w_rows + kk[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)  # [BLOCK_N, BLOCK_K]
+            x = xn.to(x_ptr.dtype.element_ty)  # padding columns: g = b = 0 -> 0
+        w = tl.load(w_rows + kk[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0)  # [BLOCK_N, BLOCK_K]
+        if W_INT8:
+            w = w.to(x_ptr.dtype.element_ty)  # exact: |q| <= 127
         if DOT_IEEE:
             acc += tl.dot(x, tl.trans(w), input_precision="ieee")
         else:
             acc += tl.dot(x, tl.trans(w))
 
-    # -- epilogue: bias, GELU, residual (LayerNorm-ed over all N columns when RES_LN)
+    # -- epilogue: int8 scales, bias, GELU, residual (LayerNorm-ed over all N columns when RES_LN)
+    if W_INT8:
+        acc *= tl.load(ws_ptr + cols, mask=col_ok, other=0.0)[None, :]
     if HAS_BIAS:
         acc += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     if GELU != 0:
@@ -150,7 +161,7 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
     return t if t.shape[-1] <= 1 or t.stride(-1) == 1 else t.contiguous()
 
 
-def _check(x, weight, bias, x_ln, gelu, residual, residual_ln) -> None:
+def _check(x, weight, bias, x_ln, gelu, residual, residual_ln, w_scale=None) -> None:
     def fail(msg):
         raise ValueError(f"fused_linear: {msg}")
 
@@ -168,6 +179,11 @@ def _check(x, weight, bias, x_ln, gelu, residual, residual_ln) -> None:
         fail(f"gelu must be None, 'none' (erf form) or 'tanh', got {gelu!r}")
     if residual_ln is not None and residual is None:
         fail("residual_ln needs a residual")
+    if (weight.dtype == torch.int8) != (w_scale is not None):
+        fail("an int8 weight needs w_scale (fp32 [N], one scale per output channel), and only an int8 weight takes one")
+    if w_scale is not None and (not isinstance(w_scale, torch.Tensor) or tuple(w_scale.shape) != (N,)
+                                or w_scale.dtype != torch.float32 or w_scale.device != x.device):
+        fail(f"w_scale must be a float32 tensor of shape ({N},) on {x.device}")
     named = [("weight", weight), ("bias", bias), ("residual", residual)]
     shapes = {"bias": (N,), "residual": (M, N)}
     for ln, nm, n in ((x_ln, "x_ln", K), (residual_ln, "residual_ln", N)):
@@ -186,18 +202,20 @@ def _check(x, weight, bias, x_ln, gelu, residual, residual_ln) -> None:
             fail(f"{nm} must be a tensor, got {type(t).__name__}")
         if nm in shapes and tuple(t.shape) != shapes[nm]:
             fail(f"{nm} must have shape {shapes[nm]}, got {tuple(t.shape)}")
-        if t.dtype != x.dtype or t.device != x.device:
+        if (t.dtype != x.dtype and not (nm == "weight" and t.dtype == torch.int8)) or t.device != x.device:
             fail(f"{nm} is {t.dtype} on {t.device} but x is {x.dtype} on {x.device}; use one dtype and device")
 
 
 def fused_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *, x_ln=None,
-                 gelu: str | None = None, residual: torch.Tensor | None = None, residual_ln=None) -> torch.Tensor:
+                 gelu: str | None = None, residual: torch.Tensor | None = None, residual_ln=None,
+                 w_scale: torch.Tensor | None = None) -> torch.Tensor:
     """gelu?(LN_x?(x) @ weight.T + bias) + LN_r?(residual) (see the module docstring).
 
-    x [M, K]; weight [N, K]; bias [N] or None; x_ln / residual_ln: (weight, bias, eps) of a LayerNorm
-    over K / over N, or None; gelu: None, "none" (erf form) or "tanh"; residual [M, N] or None.
+    x [M, K]; weight [N, K] (x's dtype, or int8 with w_scale fp32 [N]: w = w_scale[n] * weight[n, k]);
+    bias [N] or None; x_ln / residual_ln: (weight, bias, eps) of a LayerNorm over K / over N, or None;
+    gelu: None, "none" (erf form) or "tanh"; residual [M, N] or None.
     Returns a new contiguous [M, N] tensor in x's dtype."""
-    _check(x, weight, bias, x_ln, gelu, residual, residual_ln)
+    _check(x, weight, bias, x_ln, gelu, residual, residual_ln, w_scale)
     M, K = x.shape
     N = weight.shape[0]
     y = torch.empty((M, N), dtype=x.dtype, device=x.device)
@@ -210,13 +228,13 @@ def fused_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     BLOCK_M, BLOCK_N, BLOCK_K, STATS_BLOCK = _config(M, N, x.device)
     grid = (triton.cdiv(N, BLOCK_N), triton.cdiv(M, BLOCK_M))
     _fused_linear_kernel[grid](
-        x, weight, bias if bias is not None else x, xw, xb, r, rw, rb, y,
+        x, weight, w_scale if w_scale is not None else x, bias if bias is not None else x, xw, xb, r, rw, rb, y,
         x.stride(0), weight.stride(0), r.stride(0), y.stride(0),
         M, N, K, float(x_eps), float(r_eps),
         BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, STATS_BLOCK=STATS_BLOCK,
         X_LN=x_ln is not None, HAS_BIAS=bias is not None, GELU=_GELU[gelu],
         HAS_RESIDUAL=residual is not None, RES_LN=residual_ln is not None,
-        DOT_IEEE=x.dtype == torch.float32,
+        DOT_IEEE=x.dtype == torch.float32, W_INT8=w_scale is not None,
         num_warps=4, num_stages=3,
     )
     return y

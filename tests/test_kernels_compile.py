@@ -8,7 +8,8 @@ recorded, with the argument types, constexprs, warps and stages they really get:
   - from the launchers called at real model sizes (bert-base / gpt2 / Rothe widths, 1-256 decode rows,
     512-token prefill), recorded without running (the interpreter would take minutes there),
 every fp16 launch again in bf16, and each distinct one compiled by Triton's own compiler down to a cubin
-(ptxas) by tests/kernel_compile.py in a process without the interpreter. A GPU session then starts from
+(ptxas) by tests/kernel_compile.py in a process without the interpreter. The fused linear is compiled with int8
+weights too (w8a16: load(quantize="int8") on CUDA). A GPU session then starts from
 kernels known to compile, within sm_90's shared memory, and (fp16/bf16) without register spills."""
 
 import inspect
@@ -86,10 +87,11 @@ def _models(make_ckpt):
     for enc, name, hidden, heads in (("bert", "gpt2", 32, 2), ("roberta", "bert", 64, 1), ("bert", "bart", 32, 2)):
         path = make_ckpt(enc, name, enc_hidden=hidden, heads=heads)
         for dtype in (torch.float32, torch.float16):
-            m = encdec_fast.load(path, backend="triton", dtype=dtype)
-            m(ids, attention_mask=mask, decoder_input_ids=dec)
-            m.generate(ids, attention_mask=mask, max_new_tokens=3)
-            m.generate(ids, attention_mask=mask, max_new_tokens=3, num_beams=2)
+            for quantize in (None, "int8") if name == "gpt2" else (None,):  # int8 weights: the w8a16 launches
+                m = encdec_fast.load(path, backend="triton", dtype=dtype, quantize=quantize)
+                m(ids, attention_mask=mask, decoder_input_ids=dec)
+                m.generate(ids, attention_mask=mask, max_new_tokens=3)
+                m.generate(ids, attention_mask=mask, max_new_tokens=3, num_beams=2)
 
 
 def _real_sizes():
@@ -118,6 +120,13 @@ def _real_sizes():
             klin.fused_linear(x, z(4 * E, E), z(4 * E), x_ln=ln, gelu="tanh")
             klin.fused_linear(z(rows, 4 * E), z(E, 4 * E), z(E), residual=r)
             klin.fused_linear(x, z(50257, E), None, x_ln=ln)
+            # int8 weights (load(quantize="int8"): w8a16) for the same projections and the LM head
+            i8, sc = torch.int8, torch.float32
+            klin.fused_linear(x, z(3 * E, E, dtype=i8), z(3 * E), x_ln=ln, w_scale=z(3 * E, dtype=sc))
+            klin.fused_linear(x, z(E, E, dtype=i8), z(E), residual=r, residual_ln=ln, w_scale=z(E, dtype=sc))
+            klin.fused_linear(x, z(4 * E, E, dtype=i8), z(4 * E), x_ln=ln, gelu="tanh", w_scale=z(4 * E, dtype=sc))
+            klin.fused_linear(z(rows, 4 * E), z(E, 4 * E, dtype=i8), z(E), residual=r, w_scale=z(E, dtype=sc))
+            klin.fused_linear(x, z(50257, E, dtype=i8), None, x_ln=ln, w_scale=z(50257, dtype=sc))
             q = z(rows, H, D)
             cache = z(rows * 640, H, D)
             starts = torch.arange(rows) * 640

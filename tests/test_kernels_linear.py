@@ -136,3 +136,48 @@ def test_linear_gelu_reference_rounds_the_product_before_the_bias(approximate):
     first), so the torch and triton tables (whose bias_gelu is a kernel) round alike."""
     x, w, b = torch.randn(5, 32).half(), torch.randn(48, 32).half(), torch.randn(48).half()
     assert torch.equal(ops.linear_gelu(x, w, b, approximate), ops.bias_gelu(F.linear(x, w), b, approximate))
+
+
+# --------------------------------------------------------------------------------------------
+# int8 weights (w8a16: load(quantize="int8") on CUDA)
+# --------------------------------------------------------------------------------------------
+def _int8(w):
+    """w [N, K] -> (q int8 [N, K], scale fp32 [N]) as load(quantize="int8") quantises (cpu/weights.py)."""
+    from encdec_fast.cpu.weights import quantize_rows
+
+    q, s = quantize_rows(w.float().cpu())
+    return q.to(w.device), s.to(w.device)
+
+
+@pytest.mark.parametrize("dtype, atol, rtol", [
+    pytest.param(torch.float32, 2e-5, 1e-5, id="fp32"),
+    pytest.param(torch.float16, 4e-3, 4e-3, id="fp16"),
+    pytest.param(torch.bfloat16, 3e-2, 3e-2, id="bf16", marks=bf16_needs_cuda),
+])
+@pytest.mark.parametrize("combo", list(COMBOS))
+def test_fused_linear_int8_weights_match_the_dequantised_reference(combo, dtype, atol, rtol):
+    """The int8 tile converted to x's dtype (exact), fp32 sums scaled per output column: the reference is
+    ops.fused_linear on the dequantised weight (scale[n] * q[n, k]) in fp32."""
+    i = list(COMBOS).index(combo)
+    M, (K, N) = (1, 17, 3)[i % 3], SHAPES[i % len(SHAPES)]
+    (x, w, b), kw = _inputs(M, K, N, combo, dtype)
+    q, scale = _int8(w)
+    out = klin.fused_linear(x, q, b, w_scale=scale, **kw)
+    deq = q.float() * scale[:, None]
+    ref32 = ops.fused_linear(x.float(), deq, _fp32(b), **{n: _fp32(v) for n, v in kw.items()})
+    ref_lowp = ops.fused_linear(x, deq.to(dtype), b, **kw) if ON_CUDA else None
+    assert out.shape == (M, N) and out.dtype == dtype
+    _check(out, ref32, atol, rtol, f"int8 fused_linear {combo} M={M} {dtype}", ref_lowp)
+
+
+def test_fused_linear_int8_rejects_bad_scales():
+    (x, w, b), _ = _inputs(3, 37, 64, "plain", torch.float32)
+    q, scale = _int8(w)
+    with pytest.raises(ValueError, match="w_scale"):
+        klin.fused_linear(x, q, b)  # no scales
+    with pytest.raises(ValueError, match="w_scale"):
+        klin.fused_linear(x, w, b, w_scale=scale)  # scales for a float weight
+    with pytest.raises(ValueError, match="w_scale"):
+        klin.fused_linear(x, q, b, w_scale=scale[:10])
+    with pytest.raises(ValueError, match="w_scale"):
+        klin.fused_linear(x, q, b, w_scale=scale.half())

@@ -1,6 +1,7 @@
-"""oneDNN-packed projection weights on the CPU (encdec_fast/prepack.py): the packed linear ops against
-F.linear on awkward shapes, pack/unpack round trips (sharing kept), and whole models: packed (the CPU
-default) and plain give transformers' tokens, and moving a model unpacks and repacks it."""
+"""Packed projection weights on the CPU: oneDNN's layout (encdec_fast/prepack.py; the fp32 default where the CPU
+kernels cannot run) and the CPU kernels' (cpu/weights.py; the fp32 default where they can): the packed linear ops
+against F.linear on awkward shapes, pack/unpack round trips (sharing kept), and whole models: packed either way and
+plain give transformers' tokens, and moving a model unpacks and repacks it."""
 
 import pytest
 import torch
@@ -8,9 +9,16 @@ import torch.nn.functional as F
 
 import encdec_fast
 from encdec_fast import ops, prepack
+from encdec_fast.cpu import weights as lowp
 from encdec_fast.errors import InvalidInputError
 
 from conftest import hf_model
+
+
+@pytest.fixture
+def onednn(monkeypatch):
+    """fp32 models load oneDNN's layout (as where the CPU kernels cannot run)."""
+    monkeypatch.setattr(lowp, "f32_applies", lambda *a: False)
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="CPU-only path (the GPU runs the triton table)")
 
@@ -80,22 +88,37 @@ def test_pack_unpack_round_trip_keeps_sharing(make_ckpt):
         assert torch.equal(after[n], b), n
 
 
-def test_load_packs_on_cpu_fp32_only(make_ckpt):
+def test_fp32_default_is_the_cpu_kernels_layout(make_ckpt):
+    m = encdec_fast.load(make_ckpt())
+    if not lowp.f32_applies(m.device, m.dtype, m.backend):
+        pytest.skip("the CPU kernels cannot run here: oneDNN's layout is the default (the next test)")
+    w = m.net.decoder.layers[0].mlp.fc1.weight
+    assert isinstance(w, lowp.PackedWeight) and w.packed and w.dtype == torch.float32 and m.ops is lowp.TABLE
+    assert not prepack.is_packed(m.net)
+
+
+def test_load_packs_on_cpu_fp32_and_bf16(make_ckpt, onednn):
     path = make_ckpt()
     packed, plain = encdec_fast.load(path), encdec_fast.load(path, prepack=False)
     assert prepack.is_packed(packed.net) and packed.ops is prepack.TABLE  # packed weights run on their own table
     assert not prepack.is_packed(plain.net) and plain.ops is ops.TORCH
-    assert not prepack.is_packed(encdec_fast.load(path, dtype=torch.bfloat16).net)
+    bf16 = encdec_fast.load(path, dtype=torch.bfloat16)  # the CPU's bf16 kernels, else oneDNN's bf16 layout
+    assert lowp.is_packed(bf16.net) or prepack.is_packed(bf16.net) == prepack.available(torch.bfloat16)
+    assert not prepack.is_packed(encdec_fast.load(path, dtype=torch.float16).net)  # oneDNN's fp16 is not packed
     assert not prepack.is_packed(encdec_fast.load(path, backend="triton").net)  # the kernels read plain memory
     with pytest.raises(InvalidInputError, match="prepack"):
         encdec_fast.load(path, prepack="yes")
 
 
 @pytest.mark.parametrize("pair", [("bert", "gpt2"), ("roberta", "bert"), ("bert-generation", "bert-generation")])
-def test_packed_and_plain_give_transformers_tokens(make_ckpt, quiet, pair):
+def test_packed_and_plain_give_transformers_tokens(make_ckpt, quiet, pair, monkeypatch):
     path = make_ckpt(*pair)
     hf = hf_model(path)
-    packed, plain = encdec_fast.load(path), encdec_fast.load(path, prepack=False)
+    kernels = encdec_fast.load(path)  # the CPU kernels' fp32 layout where they run
+    with monkeypatch.context() as mp:
+        mp.setattr(lowp, "f32_applies", lambda *a: False)
+        packed = encdec_fast.load(path)
+    plain = encdec_fast.load(path, prepack=False)
     assert prepack.is_packed(packed.net)
     ids = torch.tensor([[5, 9, 14, 22, 7, 31, 12], [6, 18, 4, 11, 0, 0, 0]])
     mask = (torch.arange(7) < torch.tensor([[7], [4]])).long()
@@ -103,20 +126,24 @@ def test_packed_and_plain_give_transformers_tokens(make_ckpt, quiet, pair):
         ref = hf.generate(ids, attention_mask=mask, **kw)
         assert torch.equal(packed.generate(ids, attention_mask=mask, **kw), ref), kw
         assert torch.equal(plain.generate(ids, attention_mask=mask, **kw), ref), kw
+        assert torch.equal(kernels.generate(ids, attention_mask=mask, **kw), ref), kw
     dec = torch.tensor([[3, 8, 15, 9], [3, 1, 2, 4]])
     want = hf(input_ids=ids, attention_mask=mask, decoder_input_ids=dec).logits
-    got = packed(input_ids=ids, attention_mask=mask, decoder_input_ids=dec).logits
-    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    for m in (packed, kernels):
+        torch.testing.assert_close(m(input_ids=ids, attention_mask=mask, decoder_input_ids=dec).logits, want,
+                                   rtol=1e-4, atol=1e-4)
 
 
-def test_to_unpacks_and_repacks(make_ckpt, quiet):
+def test_to_unpacks_and_repacks(make_ckpt, quiet, onednn):
     path = make_ckpt()
     m = encdec_fast.load(path)
     ids = torch.tensor([[5, 9, 14, 22, 7]])
     want = m.generate(ids, max_new_tokens=6)
+    m.to(dtype=torch.float16)
+    assert not prepack.is_packed(m.net) and m.dtype == torch.float16
     m.to(dtype=torch.bfloat16)
-    assert not prepack.is_packed(m.net) and m.dtype == torch.bfloat16
-    m.to(dtype=torch.float32)  # bf16 round trip: not the same weights, but packed again
+    assert (lowp.is_packed(m.net) or prepack.is_packed(m.net) == prepack.available(torch.bfloat16)) and m.dtype == torch.bfloat16
+    m.to(dtype=torch.float32)  # a round trip through fp16: not the same weights, but packed again
     assert prepack.is_packed(m.net)
     m2 = encdec_fast.load(path)
     m2.to("cpu")

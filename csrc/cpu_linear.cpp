@@ -1,0 +1,531 @@
+// CPU projections with fp32 activations and low-precision weights, fp32 accumulation and fp32 outputs:
+//
+//   y[m, n] = act(sum_k LN?(x)[m, k] * w[n, k]  (+ bias[n])) (+ residual[m, n])
+//
+// with the LayerNorm of the input rows (fp32) and the GELU (tanh or erf form) fused, as a decode step's projections
+// need them (ops.fused_linear):
+//
+//   int8 weights  w[n, k] = scale[n] * q[n, k], q int8. Each row of x is quantised to int16 with its own scale
+//                 (xq = round(x / sx[m]), |xq| <= qmax, qmax = (2^31 - 1) / (127 * K) so that no int32 sum
+//                 overflows, at most 32767: an error ~1e-4 of the row's largest value, far below the weights'),
+//                 then AVX512-VNNI vpdpwssd (int16 pairs, int32 sums; AVX512BW vpmaddwd + vpaddd without
+//                 VNNI), y = float(acc) * sx[m] * scale[n].
+//   bf16 weights  x rounded to bf16 (round to nearest even), AVX512-BF16 vdpbf16ps (bf16 pairs, fp32 sums).
+//
+// Why not torch's kernels: oneDNN's bf16 linear returns bf16 (the products rounded to 8 bits before the
+// residual add: measured to flip 1-2% of near-tied next tokens on real weights), and torch's int8 products
+// either quantise the activations to int8 (fbgemm, oneDNN qlinear: 5-10x the KL divergence of int8 weights
+// alone) or are slow beyond one row (aten._weight_int8pack_mm).
+//
+// Weight layout ("pair-packed", written by encdec_fast/cpu/kernels.py's pack_rows): [N / 16][K / 2][16][2], N padded
+// to a multiple of 32 and K to a multiple of 2 with zeros: one 16-output block of a k pair is 32 consecutive values (32 bytes int8, 64 bytes bf16), which a
+// vpdpwssd / vdpbf16ps multiplies with the pair (x[m, 2p], x[m, 2p + 1]) broadcast to all lanes. Every lane
+// of an accumulator is one output: no horizontal sums.
+//
+// Blocking: threads (OpenMP: torch's own runtime, libgomp.so.1, already loaded by torch, so torch's thread
+// count applies) split the output blocks of 32; each thread runs its blocks over rows 8 at a time, so a block's
+// weights (32 x K values, <= 200 KB) are read from memory once per call and from cache for the next 8 rows.
+//
+// Decode attention (encdec_cpu_decode_attention): one query per row over a window of key rows, fp32 or bf16
+// keys and values, fp32 scores, softmax and output; threads split the (row, head) pairs. It replaces one SDPA call
+// per request and layer (the cross-attention windows of a batch are not evenly spaced): at batch 8 those calls
+// were most of a decode step's time outside the projections.
+//
+// C ABI (encdec_fast/cpu/kernels.py binds it with ctypes): raw pointers, int64 strides in elements; every
+// function returns 0, or a negative code (see encdec_cpu_error_string).
+
+#include <immintrin.h>
+#include <omp.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <math.h>
+
+#define ENCDEC_CPU_ABI_VERSION 5
+#define EXPORT extern "C" __attribute__((visibility("default")))
+
+namespace {
+
+constexpr int LANES = 16;        // outputs per accumulator
+constexpr int NB = 2;            // accumulators per row: a thread's block is NB * 16 = 32 outputs
+constexpr int BLOCK = NB * LANES;
+constexpr int MB = 8;            // rows per pass over a block's weights
+
+inline int64_t round_up(int64_t a, int64_t b) { return (a + b - 1) / b * b; }
+
+// e^x, 16 lanes: x = n ln2 + r, |r| <= ln2 / 2, e^r by its degree-6 Taylor polynomial (relative error < 2e-7),
+// times 2^n by vscalefps; x below -87.3 gives 0 (a masked-out score), above 88.7 inf
+inline __m512 exp512(__m512 x) {
+    const __m512 log2e = _mm512_set1_ps(1.44269504088896341f), ln2_hi = _mm512_set1_ps(0.693359375f),
+                 ln2_lo = _mm512_set1_ps(-2.12194440e-4f);
+    x = _mm512_max_ps(x, _mm512_set1_ps(-87.3365f));
+    x = _mm512_min_ps(x, _mm512_set1_ps(88.7228f));
+    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, log2e), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, ln2_hi, x);
+    r = _mm512_fnmadd_ps(n, ln2_lo, r);
+    __m512 p = _mm512_set1_ps(1.0f / 720);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    return _mm512_scalef_ps(p, n);
+}
+
+// GELU, tanh form (GPT-2's gelu_new): 0.5 x (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3))), tanh z = 1 - 2 / (1 + e^2z)
+inline __m512 gelu_tanh512(__m512 x) {
+    const __m512 c = _mm512_set1_ps(0.7978845608028654f), a = _mm512_set1_ps(0.044715f), one = _mm512_set1_ps(1.0f),
+                 two = _mm512_set1_ps(2.0f), half = _mm512_set1_ps(0.5f);
+    __m512 z = _mm512_mul_ps(c, _mm512_fmadd_ps(_mm512_mul_ps(a, x), _mm512_mul_ps(x, x), x));
+    __m512 t = _mm512_sub_ps(one, _mm512_div_ps(two, _mm512_add_ps(one, exp512(_mm512_add_ps(z, z)))));
+    return _mm512_mul_ps(_mm512_mul_ps(half, x), _mm512_add_ps(one, t));
+}
+
+// GELU, erf form (BERT's): 0.5 x (1 + erf(x / sqrt 2)); erf by Abramowitz & Stegun 7.1.26 (|error| < 1.5e-7)
+inline __m512 gelu_erf512(__m512 x) {
+    const __m512 one = _mm512_set1_ps(1.0f), half = _mm512_set1_ps(0.5f);
+    __m512 u = _mm512_mul_ps(x, _mm512_set1_ps(0.7071067811865476f));
+    __m512 au = _mm512_abs_ps(u);
+    __m512 t = _mm512_div_ps(one, _mm512_fmadd_ps(_mm512_set1_ps(0.3275911f), au, one));
+    __m512 p = _mm512_set1_ps(1.061405429f);
+    p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(-1.453152027f));
+    p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(1.421413741f));
+    p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(-0.284496736f));
+    p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(0.254829592f));
+    p = _mm512_mul_ps(p, t);
+    __m512 e = _mm512_sub_ps(one, _mm512_mul_ps(p, exp512(_mm512_sub_ps(_mm512_setzero_ps(), _mm512_mul_ps(au, au)))));
+    e = _mm512_mask_sub_ps(e, _mm512_cmp_ps_mask(u, _mm512_setzero_ps(), _CMP_LT_OQ), _mm512_setzero_ps(), e);  // erf(-u) = -erf(u)
+    return _mm512_mul_ps(_mm512_mul_ps(half, x), _mm512_add_ps(one, e));
+}
+
+enum Act { ACT_NONE = 0, ACT_GELU_TANH = 1, ACT_GELU_ERF = 2 };
+
+struct Epilogue {
+    int act;                // Act: applied after the bias, before the residual
+    const float* bias;      // [N] or null
+    const float* residual;  // [M, N] (row stride rs) or null
+    int64_t rs;
+    float* y;               // [M, N] (row stride ys)
+    int64_t ys;
+    int64_t N;
+};
+
+// y[m, n0 .. n0 + 16) = act(acc * scale (+ bias)) (+ residual), masked at the end of N
+inline void store(const Epilogue& e, int64_t m, int64_t n0, __m512 v) {
+    int64_t left = e.N - n0;
+    if (left <= 0) return;
+    __mmask16 k = left >= LANES ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1);
+    if (e.bias) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(k, e.bias + n0));
+    if (e.act == ACT_GELU_TANH) v = gelu_tanh512(v);
+    else if (e.act == ACT_GELU_ERF) v = gelu_erf512(v);
+    if (e.residual) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(k, e.residual + m * e.rs + n0));
+    _mm512_mask_storeu_ps(e.y + m * e.ys + n0, k, v);
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// int8 weights x int16 activations
+// ---------------------------------------------------------------------------------------------------------
+inline __m512i dot_pairs(__m512i acc, __m512i a, __m512i b) {
+#if defined(__AVX512VNNI__)
+    return _mm512_dpwssd_epi32(acc, a, b);
+#else
+    return _mm512_add_epi32(acc, _mm512_madd_epi16(a, b));
+#endif
+}
+
+// rows m0 .. m0 + R of one 32-output block; xq: int16 rows of Kp values (Kp / 2 int32 pairs), row stride Kp
+template <int R>
+void block_i8(const int8_t* wb, int64_t pairs, const int16_t* xq, int64_t Kp, int64_t m0, const float* sx,
+              const float* scale, int64_t n0, const Epilogue& e) {
+    __m512i acc[R][NB];
+    for (int r = 0; r < R; ++r)
+        for (int j = 0; j < NB; ++j) acc[r][j] = _mm512_setzero_si512();
+    const int32_t* xp[R];
+    for (int r = 0; r < R; ++r) xp[r] = (const int32_t*)(xq + (m0 + r) * Kp);
+    const int8_t* w0 = wb;                    // block n0 / 16:      [pairs][16][2]
+    const int8_t* w1 = wb + pairs * 32;       // block n0 / 16 + 1
+    for (int64_t p = 0; p < pairs; ++p) {
+        __m512i a0 = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i*)(w0 + p * 32)));
+        __m512i a1 = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i*)(w1 + p * 32)));
+        for (int r = 0; r < R; ++r) {
+            __m512i b = _mm512_set1_epi32(xp[r][p]);
+            acc[r][0] = dot_pairs(acc[r][0], a0, b);
+            acc[r][1] = dot_pairs(acc[r][1], a1, b);
+        }
+    }
+    for (int j = 0; j < NB; ++j) {
+        int64_t n = n0 + j * LANES;
+        if (n >= e.N) break;
+        __m512 s = _mm512_loadu_ps(scale + n);  // scale is padded to the block size
+        for (int r = 0; r < R; ++r) {
+            __m512 v = _mm512_mul_ps(_mm512_cvtepi32_ps(acc[r][j]), _mm512_mul_ps(s, _mm512_set1_ps(sx[m0 + r])));
+            store(e, m0 + r, n, v);
+        }
+    }
+}
+
+typedef void (*block_i8_fn)(const int8_t*, int64_t, const int16_t*, int64_t, int64_t, const float*, const float*,
+                            int64_t, const Epilogue&);
+const block_i8_fn BLOCK_I8[MB + 1] = {nullptr, block_i8<1>, block_i8<2>, block_i8<3>, block_i8<4>,
+                                      block_i8<5>, block_i8<6>, block_i8<7>, block_i8<8>};
+
+// ---------------------------------------------------------------------------------------------------------
+// bf16 weights x bf16 activations
+// ---------------------------------------------------------------------------------------------------------
+// ---------------------------------------------------------------------------------------------------------
+// fp32 weights x fp32 activations (layout [N / 16][K][16]: one 16-output block of one k is 16 consecutive floats)
+// ---------------------------------------------------------------------------------------------------------
+template <int R>
+void block_f32(const float* wb, int64_t K, const float* x, int64_t xs, int64_t m0, int64_t n0, const Epilogue& e) {
+    __m512 acc[R][NB];
+    for (int r = 0; r < R; ++r)
+        for (int j = 0; j < NB; ++j) acc[r][j] = _mm512_setzero_ps();
+    const float* xr[R];
+    for (int r = 0; r < R; ++r) xr[r] = x + (m0 + r) * xs;
+    const float* w0 = wb;
+    const float* w1 = wb + K * LANES;
+    for (int64_t k = 0; k < K; ++k) {
+        __m512 a0 = _mm512_loadu_ps(w0 + k * LANES), a1 = _mm512_loadu_ps(w1 + k * LANES);
+        for (int r = 0; r < R; ++r) {
+            __m512 b = _mm512_set1_ps(xr[r][k]);
+            acc[r][0] = _mm512_fmadd_ps(a0, b, acc[r][0]);
+            acc[r][1] = _mm512_fmadd_ps(a1, b, acc[r][1]);
+        }
+    }
+    for (int j = 0; j < NB; ++j) {
+        int64_t n = n0 + j * LANES;
+        if (n >= e.N) break;
+        for (int r = 0; r < R; ++r) store(e, m0 + r, n, acc[r][j]);
+    }
+}
+
+typedef void (*block_f32_fn)(const float*, int64_t, const float*, int64_t, int64_t, int64_t, const Epilogue&);
+const block_f32_fn BLOCK_F32[MB + 1] = {nullptr, block_f32<1>, block_f32<2>, block_f32<3>, block_f32<4>,
+                                        block_f32<5>, block_f32<6>, block_f32<7>, block_f32<8>};
+
+#if defined(__AVX512BF16__)
+template <int R>
+void block_bf16(const uint16_t* wb, int64_t pairs, const uint16_t* xb, int64_t Kp, int64_t m0, int64_t n0,
+                const Epilogue& e) {
+    __m512 acc[R][NB];
+    for (int r = 0; r < R; ++r)
+        for (int j = 0; j < NB; ++j) acc[r][j] = _mm512_setzero_ps();
+    const int32_t* xp[R];
+    for (int r = 0; r < R; ++r) xp[r] = (const int32_t*)(xb + (m0 + r) * Kp);
+    const uint16_t* w0 = wb;
+    const uint16_t* w1 = wb + pairs * 32;
+    for (int64_t p = 0; p < pairs; ++p) {
+        __m512bh a0 = (__m512bh)_mm512_loadu_si512((const void*)(w0 + p * 32));
+        __m512bh a1 = (__m512bh)_mm512_loadu_si512((const void*)(w1 + p * 32));
+        for (int r = 0; r < R; ++r) {
+            __m512bh b = (__m512bh)_mm512_set1_epi32(xp[r][p]);
+            acc[r][0] = _mm512_dpbf16_ps(acc[r][0], a0, b);
+            acc[r][1] = _mm512_dpbf16_ps(acc[r][1], a1, b);
+        }
+    }
+    for (int j = 0; j < NB; ++j) {
+        int64_t n = n0 + j * LANES;
+        if (n >= e.N) break;
+        for (int r = 0; r < R; ++r) store(e, m0 + r, n, acc[r][j]);
+    }
+}
+
+typedef void (*block_bf16_fn)(const uint16_t*, int64_t, const uint16_t*, int64_t, int64_t, int64_t, const Epilogue&);
+const block_bf16_fn BLOCK_BF16[MB + 1] = {nullptr, block_bf16<1>, block_bf16<2>, block_bf16<3>, block_bf16<4>,
+                                          block_bf16<5>, block_bf16<6>, block_bf16<7>, block_bf16<8>};
+#endif
+
+inline uint16_t to_bf16(float f) {  // round to nearest even (NaN stays NaN)
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (uint16_t)(u >> 16);
+}
+
+// Row m of the product's input: x's row, or LayerNorm(x's row) with gamma, beta, eps (fp32, two passes: mean, then
+// the mean of squared deviations, as torch's layer_norm) written to tmp [K]. Returns the row to read.
+const float* input_row(const float* xr, int64_t K, const float* ln_w, const float* ln_b, float eps, float* tmp) {
+    if (!ln_w) return xr;
+    __m512 acc = _mm512_setzero_ps();
+    int64_t k = 0;
+    for (; k + LANES <= K; k += LANES) acc = _mm512_add_ps(acc, _mm512_loadu_ps(xr + k));
+    float sum = _mm512_reduce_add_ps(acc);
+    for (; k < K; ++k) sum += xr[k];
+    const float mean = sum / (float)K;
+    const __m512 mv = _mm512_set1_ps(mean);
+    acc = _mm512_setzero_ps();
+    for (k = 0; k + LANES <= K; k += LANES) {
+        __m512 d = _mm512_sub_ps(_mm512_loadu_ps(xr + k), mv);
+        acc = _mm512_fmadd_ps(d, d, acc);
+    }
+    float var = _mm512_reduce_add_ps(acc);
+    for (; k < K; ++k) var += (xr[k] - mean) * (xr[k] - mean);
+    const float rstd = 1.0f / sqrtf(var / (float)K + eps);
+    const __m512 rv = _mm512_set1_ps(rstd);
+    for (k = 0; k + LANES <= K; k += LANES) {
+        __m512 d = _mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(xr + k), mv), rv);
+        __m512 g = ln_w ? _mm512_loadu_ps(ln_w + k) : _mm512_set1_ps(1.0f);
+        __m512 b = ln_b ? _mm512_loadu_ps(ln_b + k) : _mm512_setzero_ps();
+        _mm512_storeu_ps(tmp + k, _mm512_fmadd_ps(d, g, b));
+    }
+    for (; k < K; ++k) tmp[k] = (xr[k] - mean) * rstd * ln_w[k] + (ln_b ? ln_b[k] : 0.0f);
+    return tmp;
+}
+
+int16_t qmax_for(int64_t K) {
+    int64_t q = (int64_t)2147483647 / (127 * (K > 0 ? K : 1));
+    return (int16_t)(q > 32767 ? 32767 : (q < 1 ? 1 : q));
+}
+
+}  // namespace
+
+EXPORT int encdec_cpu_abi_version() { return ENCDEC_CPU_ABI_VERSION; }
+
+// bit 0: int8 kernel built with VNNI; bit 1: bf16 kernel built (AVX512-BF16)
+EXPORT int encdec_cpu_features() {
+    int f = 0;
+#if defined(__AVX512VNNI__)
+    f |= 1;
+#endif
+#if defined(__AVX512BF16__)
+    f |= 2;
+#endif
+    return f;
+}
+
+EXPORT const char* encdec_cpu_error_string(int code) {
+    switch (code) {
+        case 0: return "ok";
+        case -1: return "bad sizes";
+        case -2: return "out of memory";
+        case -3: return "this library was built without AVX512-BF16";
+        default: return "unknown error";
+    }
+}
+
+EXPORT int64_t encdec_cpu_packed_rows(int64_t N) { return round_up(N, BLOCK); }
+
+// y [M, N] = act(LN?(x) @ dequant(w).T (+ bias)) (+ residual). x [M, K] fp32 (row stride xs); w pair-packed int8
+// with scale [Np] fp32 (zeros past N); bias [N] or null; residual [M, N] (row stride rs) or null; y (row stride
+// ys) may be residual itself; ln_w, ln_b [K] or null: a LayerNorm of each row of x first (ln_b null: no shift).
+EXPORT int encdec_cpu_linear_i8(const float* x, int64_t xs, int64_t M, int64_t K, const int8_t* w, const float* scale,
+                                int64_t N, const float* bias, const float* residual, int64_t rs, float* y, int64_t ys,
+                                const float* ln_w, const float* ln_b, float ln_eps, int act) {
+    if (M < 0 || K < 0 || N < 0) return -1;
+    if (M == 0 || N == 0) return 0;
+    int64_t pairs = (K + 1) / 2, Kp = pairs * 2;
+    int16_t* xq = (int16_t*)aligned_alloc(64, (size_t)round_up(M * Kp * 2 + 64, 64));
+    float* sx = (float*)aligned_alloc(64, (size_t)round_up(M * 4 + 64, 64));
+    float* tmp = ln_w ? (float*)aligned_alloc(64, (size_t)round_up(M * K * 4 + 64, 64)) : nullptr;
+    if (!xq || !sx || (ln_w && !tmp)) { free(xq); free(sx); free(tmp); return -2; }
+    const float qmax = (float)qmax_for(K);
+#pragma omp parallel for schedule(static) if (M * K > 65536)
+    for (int64_t m = 0; m < M; ++m) {  // per-row int16 quantisation
+        const float* xr = input_row(x + m * xs, K, ln_w, ln_b, ln_eps, tmp + (ln_w ? m * K : 0));
+        __m512 mx = _mm512_setzero_ps();
+        int64_t k = 0;
+        for (; k + LANES <= K; k += LANES) mx = _mm512_max_ps(mx, _mm512_abs_ps(_mm512_loadu_ps(xr + k)));
+        float amax = _mm512_reduce_max_ps(mx);
+        for (; k < K; ++k) amax = fmaxf(amax, fabsf(xr[k]));
+        float s = amax > 0 ? amax / qmax : 1.0f;
+        sx[m] = s;
+        const __m512 inv = _mm512_set1_ps(1.0f / s), hi = _mm512_set1_ps(qmax), lo = _mm512_set1_ps(-qmax);
+        int16_t* qr = xq + m * Kp;
+        for (k = 0; k + LANES <= K; k += LANES) {  // round to nearest even (the default MXCSR mode)
+            __m512 v = _mm512_min_ps(_mm512_max_ps(_mm512_mul_ps(_mm512_loadu_ps(xr + k), inv), lo), hi);
+            _mm256_storeu_si256((__m256i*)(qr + k), _mm512_cvtsepi32_epi16(_mm512_cvtps_epi32(v)));
+        }
+        for (; k < K; ++k) qr[k] = (int16_t)lrintf(fminf(fmaxf(xr[k] / s, -qmax), qmax));
+        if (Kp > K) qr[K] = 0;
+    }
+    Epilogue e{act, bias, residual, rs, y, ys, N};
+    int64_t blocks = round_up(N, BLOCK) / BLOCK;
+#pragma omp parallel for schedule(static)
+    for (int64_t b = 0; b < blocks; ++b) {
+        const int8_t* wb = w + b * NB * pairs * 32;
+        for (int64_t m0 = 0; m0 < M; m0 += MB) {
+            int R = (int)(M - m0 < MB ? M - m0 : MB);
+            BLOCK_I8[R](wb, pairs, xq, Kp, m0, sx, scale, b * BLOCK, e);
+        }
+    }
+    free(xq);
+    free(sx);
+    free(tmp);
+    return 0;
+}
+
+// y [M, N] = act(bf16(LN?(x)) @ w.T (+ bias)) (+ residual), fp32 sums and outputs; w pair-packed bf16; the other
+// arguments as encdec_cpu_linear_i8's
+EXPORT int encdec_cpu_linear_bf16(const float* x, int64_t xs, int64_t M, int64_t K, const uint16_t* w, int64_t N,
+                                  const float* bias, const float* residual, int64_t rs, float* y, int64_t ys,
+                                  const float* ln_w, const float* ln_b, float ln_eps, int act) {
+#if !defined(__AVX512BF16__)
+    return -3;
+#else
+    if (M < 0 || K < 0 || N < 0) return -1;
+    if (M == 0 || N == 0) return 0;
+    int64_t pairs = (K + 1) / 2, Kp = pairs * 2;
+    uint16_t* xb = (uint16_t*)aligned_alloc(64, (size_t)round_up(M * Kp * 2 + 64, 64));
+    float* tmp = ln_w ? (float*)aligned_alloc(64, (size_t)round_up(M * K * 4 + 64, 64)) : nullptr;
+    if (!xb || (ln_w && !tmp)) { free(xb); free(tmp); return -2; }
+#pragma omp parallel for schedule(static) if (M * K > 65536)
+    for (int64_t m = 0; m < M; ++m) {
+        const float* xr = input_row(x + m * xs, K, ln_w, ln_b, ln_eps, tmp + (ln_w ? m * K : 0));
+        uint16_t* br = xb + m * Kp;
+        int64_t k = 0;
+        for (; k + LANES <= K; k += LANES)
+            _mm256_storeu_si256((__m256i*)(br + k), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(xr + k)));
+        for (; k < K; ++k) br[k] = to_bf16(xr[k]);
+        if (Kp > K) br[K] = 0;
+    }
+    Epilogue e{act, bias, residual, rs, y, ys, N};
+    int64_t blocks = round_up(N, BLOCK) / BLOCK;
+#pragma omp parallel for schedule(static)
+    for (int64_t b = 0; b < blocks; ++b) {
+        const uint16_t* wb = w + b * NB * pairs * 32;
+        for (int64_t m0 = 0; m0 < M; m0 += MB) {
+            int R = (int)(M - m0 < MB ? M - m0 : MB);
+            BLOCK_BF16[R](wb, pairs, xb, Kp, m0, b * BLOCK, e);
+        }
+    }
+    free(xb);
+    free(tmp);
+    return 0;
+#endif
+}
+
+// y [M, N] = act(LN?(x) @ w.T (+ bias)) (+ residual), fp32 throughout; w in the [N / 16][K][16] layout; the other
+// arguments as encdec_cpu_linear_i8's. Each output is one fp32 sum over k in order (a row's result does not depend
+// on the rows beside it).
+EXPORT int encdec_cpu_linear_f32(const float* x, int64_t xs, int64_t M, int64_t K, const float* w, int64_t N,
+                                 const float* bias, const float* residual, int64_t rs, float* y, int64_t ys,
+                                 const float* ln_w, const float* ln_b, float ln_eps, int act) {
+    if (M < 0 || K < 0 || N < 0) return -1;
+    if (M == 0 || N == 0) return 0;
+    float* tmp = nullptr;
+    if (ln_w) {  // the LayerNorm-ed rows, contiguous
+        tmp = (float*)aligned_alloc(64, (size_t)round_up(M * K * 4 + 64, 64));
+        if (!tmp) return -2;
+#pragma omp parallel for schedule(static) if (M * K > 65536)
+        for (int64_t m = 0; m < M; ++m) {
+            const float* r = input_row(x + m * xs, K, ln_w, ln_b, ln_eps, tmp + m * K);
+            if (r != tmp + m * K) memcpy(tmp + m * K, r, (size_t)K * 4);
+        }
+        x = tmp;
+        xs = K;
+    }
+    Epilogue e{act, bias, residual, rs, y, ys, N};
+    int64_t blocks = round_up(N, BLOCK) / BLOCK;
+#pragma omp parallel for schedule(static)
+    for (int64_t b = 0; b < blocks; ++b) {
+        const float* wb = w + b * NB * K * LANES;
+        for (int64_t m0 = 0; m0 < M; m0 += MB) {
+            int R = (int)(M - m0 < MB ? M - m0 : MB);
+            BLOCK_F32[R](wb, K, x, xs, m0, b * BLOCK, e);
+        }
+    }
+    free(tmp);
+    return 0;
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// decode attention
+// ---------------------------------------------------------------------------------------------------------
+namespace {
+
+// 16 values of a key or value row from element d on, as fp32 (bf16: the upper half of an fp32)
+inline __m512 load16(const void* base, int64_t off, bool bf16, __mmask16 m) {
+    if (bf16) {
+        __m256i h = _mm256_maskz_loadu_epi16(m, (const uint16_t*)base + off);
+        return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+    }
+    return _mm512_maskz_loadu_ps(m, (const float*)base + off);
+}
+
+// one (row, head): CC > 0 compiles D = 16 * CC (every chunk full: registers); CC = 0 takes D at run time
+template <int CC>
+void attend_one(const float* qr, const void* k, const void* v, int64_t kt, int64_t kh, bool bf, int64_t s, int64_t len,
+                int64_t h, int64_t D, float scale, float* scores, float* o) {
+    constexpr int MAXC = 64;
+    const int64_t chunks = CC > 0 ? CC : (D + LANES - 1) / LANES;
+    auto mask = [&](int64_t c) -> __mmask16 {
+        if (CC > 0) return (__mmask16)0xFFFF;
+        int64_t left = D - c * LANES;
+        return left >= LANES ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1);
+    };
+    __m512 qv[CC > 0 ? CC : MAXC];
+    for (int64_t c = 0; c < chunks; ++c) qv[c] = _mm512_mul_ps(_mm512_maskz_loadu_ps(mask(c), qr + c * LANES), _mm512_set1_ps(scale));
+    float mx = -INFINITY;
+    for (int64_t j = 0; j < len; ++j) {  // scores
+        const int64_t off = (s + j) * kt + h * kh;
+        __m512 acc = _mm512_setzero_ps();
+        for (int64_t c = 0; c < chunks; ++c) acc = _mm512_fmadd_ps(qv[c], load16(k, off + c * LANES, bf, mask(c)), acc);
+        float sc = _mm512_reduce_add_ps(acc);
+        scores[j] = sc;
+        mx = sc > mx ? sc : mx;
+    }
+    __m512 sum = _mm512_setzero_ps(), mxv = _mm512_set1_ps(mx);  // probabilities (unnormalised)
+    int64_t j = 0;
+    for (; j + LANES <= len; j += LANES) {
+        __m512 e = exp512(_mm512_sub_ps(_mm512_loadu_ps(scores + j), mxv));
+        _mm512_storeu_ps(scores + j, e);
+        sum = _mm512_add_ps(sum, e);
+    }
+    if (j < len) {
+        __mmask16 m = (__mmask16)((1u << (len - j)) - 1);
+        __m512 e = _mm512_maskz_mov_ps(m, exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, scores + j), mxv)));
+        _mm512_mask_storeu_ps(scores + j, m, e);
+        sum = _mm512_add_ps(sum, e);
+    }
+    const __m512 inv = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(sum));
+    __m512 acc[CC > 0 ? CC : MAXC];
+    for (int64_t c = 0; c < chunks; ++c) acc[c] = _mm512_setzero_ps();
+    for (j = 0; j < len; ++j) {  // weighted values
+        const int64_t off = (s + j) * kt + h * kh;
+        const __m512 p = _mm512_set1_ps(scores[j]);
+        for (int64_t c = 0; c < chunks; ++c) acc[c] = _mm512_fmadd_ps(p, load16(v, off + c * LANES, bf, mask(c)), acc[c]);
+    }
+    for (int64_t c = 0; c < chunks; ++c) _mm512_mask_storeu_ps(o + c * LANES, mask(c), _mm512_mul_ps(acc[c], inv));
+}
+
+typedef void (*attend_fn)(const float*, const void*, const void*, int64_t, int64_t, bool, int64_t, int64_t, int64_t,
+                          int64_t, float, float*, float*);
+
+}  // namespace
+
+// out[n, h, :] = softmax(scale * q[n, h] . k[t, h] for t in [starts[n], starts[n] + lens[n])) @ v[t, h]
+// q [N, H, D] fp32 (strides qn, qh; unit stride on D); k, v [T, H, D] fp32 or bf16 (kv_bf16), strides kt, kh (the
+// same for v); starts, lens int64 [N]; out [N, H, D] fp32 (strides on, oh). A row with lens <= 0 gets zeros.
+EXPORT int encdec_cpu_decode_attention(const float* q, int64_t qn, int64_t qh, const void* k, const void* v, int64_t kt,
+                                       int64_t kh, int kv_bf16, const int64_t* starts, const int64_t* lens, int64_t N,
+                                       int64_t H, int64_t D, float scale, float* out, int64_t on, int64_t oh) {
+    if (N < 0 || H < 0 || D <= 0 || D > 1024) return -1;
+    static const attend_fn BY_CHUNKS[9] = {attend_one<0>, attend_one<1>, attend_one<2>, attend_one<3>, attend_one<4>,
+                                           attend_one<5>, attend_one<6>, attend_one<7>, attend_one<8>};
+    const attend_fn attend = (D % LANES == 0 && D / LANES <= 8) ? BY_CHUNKS[D / LANES] : attend_one<0>;
+    const bool bf = kv_bf16 != 0;
+#pragma omp parallel
+    {
+        float* scores = nullptr;
+        int64_t cap = 0;
+#pragma omp for schedule(static)
+        for (int64_t nh = 0; nh < N * H; ++nh) {
+            const int64_t n = nh / H, h = nh % H, len = lens[n];
+            float* o = out + n * on + h * oh;
+            if (len <= 0) {
+                for (int64_t d = 0; d < D; ++d) o[d] = 0.0f;
+                continue;
+            }
+            if (len > cap) {
+                free(scores);
+                cap = round_up(len, 256);
+                scores = (float*)aligned_alloc(64, (size_t)(cap * 4));
+            }
+            attend(q + n * qn + h * qh, k, v, kt, kh, bf, starts[n], len, h, D, scale, scores, o);
+        }
+        free(scores);
+    }
+    return 0;
+}

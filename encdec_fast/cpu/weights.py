@@ -1,0 +1,337 @@
+"""Packed projection weights on the CPU, with fp32 activations: int8 (``load(quantize="int8")``), bf16
+(``load(dtype=torch.bfloat16)``) and fp32 (the default).
+
+Every projection weight (each Linear's [out, in] matrix: self- and cross-attention, MLP, enc_to_dec_proj, the
+BERT head's dense) and the LM head are converted as each weight is read at load (checkpoint/assign.py's
+WeightTransform: one plain copy alive at a time) into a PackedWeight:
+
+  int8  symmetric, one fp32 scale per output channel: w[n, k] ~ scale[n] * q[n, k], |q| <= 127,
+        scale[n] = max_k |w[n, k]| / 127.
+  bf16  the weight rounded to bf16.
+  fp32  the weight as it is (each output one fp32 sum over k in order: tokens equal transformers' in the parity
+        tests, as with oneDNN's layout, which it replaces where the kernels run: 17.4 ms a bert-base + gpt2 step's
+        projections at 1 row against oneDNN's 25.5, the machine's ~31 GB/s).
+
+and run through kernels.py's products: fp32 activations in, fp32 sums, fp32 out, with the input rows' LayerNorm,
+the bias, the GELU and the residual add fused (the int8 product quantises each activation row to int16 inside the
+call, the bf16 one rounds it to bf16). Everything else computes in fp32: LayerNorm (their parameters and the
+projection biases are kept fp32, 0.1% of the weights), attention (kernels.py's decode attention reads bf16 keys in
+place), the residual stream and the logits that token selection reads. The embeddings and the decode state's K/V
+cache keep the model's dtype (bf16 halves them). Each row is computed alike whatever rows share its call (per-row
+quantisation, per-row sums in a fixed order): a request's tokens do not depend on its batch.
+
+Why fp32 activations, measured on real weights (tests/test_quality.py's MiniLM, 853 positions; KL(fp32 ||
+candidate) of the next-token distributions, teacher-forced): bf16 products whose outputs are rounded to bf16
+(oneDNN's bf16 linear, as transformers' bf16) give KL 1.3e-4 and 98.8% top-1 agreement, the same products with
+fp32 outputs 4.8e-5 and 99.8%. int8 weights with the activations quantised to int8 (fbgemm's and oneDNN's int8
+products: per call or per token) give 5-7e-3 (95-97%); with int16 activations 6.1e-4 (98.7%), as with fp32 ones.
+Speed (benchmarks/bench_cpu_linear.py: a decode step's 73 projections, bert-base + gpt2, 2 threads, weights out
+of cache): int8 5.9 ms at 1 row (fbgemm's int8 x int8 7.3, oneDNN bf16 13.7, oneDNN fp32 26), 9.3 ms at 8 rows
+(fbgemm 8.2: int16 activations halve VNNI's multiply rate, so from ~8 rows the int8 product is compute-bound);
+bf16 9.8 ms at 1 row, 10.9 at 8 (oneDNN bf16 14.3 / 14.5), within 10% of oneDNN bf16 at the encoder's 128-512 rows.
+
+Where kernels.py is not available (no AVX-512, no C++ compiler): int8 weights run the torch reference below
+(dequantised per call: the same numbers, slowly), and fp32 and bf16 models load oneDNN's layouts instead
+(prepack.py; bf16 activations for bf16).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import ops
+from ..checkpoint import WeightTransform
+from ..errors import UnsupportedArgumentError
+from ..modules import LayerNorm, Linear, LMHead
+from . import kernels
+
+_ROWS_PER_CHUNK = 1024  # rows converted at a time (a multiple of 32): temporaries of a few MB (load memory)
+
+
+class PackedWeight(torch.Tensor):
+    """A projection weight [out, in] stored int8 (with per-output-channel scales), bf16 or fp32, in kernels.py's
+    packed layout (or plain [out, in] where the kernels are not available, or for the triton backend). It has the
+    shape, dtype and size of the matrix it stands for but no storage of its own: this file's op table reads it;
+    other torch ops read a bf16 or fp32 one as its plain matrix and refuse an int8 one."""
+
+    values: torch.Tensor  # pair-packed (flat) or plain [N, K]: int8 or bf16
+    scale: torch.Tensor | None  # int8: fp32 [kernels.packed_rows(N)] (zeros past N) or [N] (plain); bf16: None
+    packed: bool  # data in kernels.py's layout (else plain)
+
+    @staticmethod
+    def __new__(cls, data, scale, out_features: int, in_features: int, packed: bool):
+        return torch.Tensor._make_wrapper_subclass(cls, (out_features, in_features), dtype=data.dtype,
+                                                   device=data.device, requires_grad=False)
+
+    def __init__(self, data, scale, out_features: int, in_features: int, packed: bool):
+        self.values, self.scale, self.packed = data, scale, packed
+
+    def __repr__(self):
+        kind = "int8, per-output-channel scales" if self.scale is not None else str(self.dtype).replace("torch.", "")
+        return f"PackedWeight({tuple(self.shape)}, {kind})"
+
+    __torch_function__ = torch._C._disabled_torch_function_impl
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        """A bf16 or fp32 weight reads as its plain matrix in any op that does not write to it (torch.equal, .float(),
+        indexing: what scripts and tests inspect weights with); an int8 one, and any write, raise."""
+        if func is torch.ops.aten.detach.default:  # nn.Module bookkeeping
+            return args[0]
+        packed = [a for a in (*args, *(kwargs or {}).values()) if isinstance(a, PackedWeight)]
+        if func._schema.is_mutable or any(p.is_int8 for p in packed):
+            raise UnsupportedArgumentError(
+                f"{func} on a packed {'int8' if any(p.is_int8 for p in packed) else 'low-precision'} weight: only "
+                "encdec_fast's own ops read it (and nothing writes to it). A quantize='int8' model cannot move or "
+                "change dtype (its floating-point weights are gone): load the checkpoint again.")
+        plain = lambda a: a.matrix() if isinstance(a, PackedWeight) else a  # noqa: E731
+        return func(*[plain(a) for a in args], **{k: plain(v) for k, v in (kwargs or {}).items()})
+
+    @property
+    def is_int8(self) -> bool:
+        return self.scale is not None
+
+    def matrix(self) -> torch.Tensor:
+        """The [N, K] matrix (int8 or bf16), unpacked."""
+        N, K = self.shape
+        return kernels.unpack(self.values, N, K) if self.packed else self.values
+
+    def dequantize(self) -> torch.Tensor:
+        """The fp32 matrix it stands for (scale[n] * q[n, k] for int8)."""
+        w = self.matrix().float()
+        return w * self.scale[:w.shape[0], None] if self.is_int8 else w
+
+
+# ------------------------------------------------------------------------------------------------
+# conversion
+# ------------------------------------------------------------------------------------------------
+def quantize_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """w [N, K] float -> (q int8 [N, K], scale fp32 [N]): symmetric per row, scale = max |w[n]| / 127 (a zero row
+    gets scale 1)."""
+    w = w.float()
+    s = w.abs().amax(dim=1) / 127
+    s = torch.where(s > 0, s, torch.ones_like(s))
+    return torch.round(w / s[:, None]).clamp_(-127, 127).to(torch.int8), s
+
+
+def _convert(w: torch.Tensor, int8: bool, plain: bool = False, dtype: torch.dtype = torch.bfloat16) -> PackedWeight:
+    """w [N, K] -> its int8 or bf16 PackedWeight, _ROWS_PER_CHUNK rows at a time: what is alive besides w and the
+    result is one chunk's temporaries (load memory). Pair-packed for kernels.py where it runs (a CPU weight),
+    else plain [N, K] on w's device (plain: always; the triton backend's fused linear reads it). dtype: a float
+    weight's (bf16, or fp32)."""
+    N, K = w.shape
+    packed = not plain and w.device.type == "cpu" and kernels.has_int8() and (
+        int8 or dtype == torch.float32 or kernels.has_bf16())
+    dtype = torch.int8 if int8 else dtype
+    values = kernels.packed_empty(N, K, dtype) if packed else torch.empty(N, K, dtype=dtype, device=w.device)
+    scale = torch.zeros(kernels.packed_rows(N) if packed else N, device=w.device) if int8 else None
+    for a in range(0, N, _ROWS_PER_CHUNK):
+        part = w[a:a + _ROWS_PER_CHUNK]
+        if int8:
+            part, scale[a:a + part.shape[0]] = quantize_rows(part)
+        else:
+            part = part.to(dtype)
+        if packed:
+            kernels.pack_rows(values, N, K, a, part)
+        else:
+            values[a:a + part.shape[0]] = part
+    return PackedWeight(values, scale, N, K, packed)
+
+
+@torch.inference_mode()
+def to_int8(w: torch.Tensor) -> PackedWeight:
+    """One weight [out, in] -> its int8 PackedWeight (a new tensor; w is not changed)."""
+    return _convert(w, True)
+
+
+@torch.inference_mode()
+def to_bf16(w: torch.Tensor) -> PackedWeight:
+    """One weight [out, in] -> its bf16 PackedWeight (a new tensor; w is not changed)."""
+    return _convert(w, False)
+
+
+def _slots(net: nn.Module):
+    for m in net.modules():
+        if isinstance(m, (Linear, LMHead)) and m._buffers.get("weight") is not None:
+            yield m
+
+
+def slot_names(net: nn.Module) -> frozenset[str]:
+    """The buffer names (from the net's root) of every projection weight (prepack.py's)."""
+    return frozenset(f"{n}.weight" if n else "weight" for n, m in net.named_modules() if isinstance(m, (Linear, LMHead)))
+
+
+@torch.inference_mode()
+def to_f32(w: torch.Tensor) -> PackedWeight:
+    """One weight [out, in] -> its fp32 PackedWeight (a new tensor; w is not changed)."""
+    return _convert(w.float(), False, dtype=torch.float32)
+
+
+@torch.inference_mode()
+def to_int8_plain(w: torch.Tensor) -> PackedWeight:
+    """One weight [out, in] -> its int8 PackedWeight, plain [N, K] on w's device (the triton backend's)."""
+    return _convert(w, True, plain=True)
+
+
+@torch.inference_mode()
+def pack_net(net: nn.Module, convert, fp32_rest: bool = True) -> None:
+    """Convert (to_int8 or to_bf16) every projection weight of net that is still plain (idempotent; shared weights
+    stay shared), and (fp32_rest) keep the LayerNorm parameters and projection biases in fp32, as this file's op
+    table reads them."""
+    done: dict[int, torch.Tensor] = {}
+    for m in _slots(net):
+        w = m._buffers["weight"]
+        if type(w) is torch.Tensor and not w.is_mkldnn:
+            if id(w) not in done:
+                done[id(w)] = convert(w)
+            m._buffers["weight"] = done[id(w)]
+    for m in net.modules() if fp32_rest else ():
+        names = ("weight", "bias") if isinstance(m, LayerNorm) else ("bias",) if isinstance(m, (Linear, LMHead)) else ()
+        for name in names:
+            t = m._buffers.get(name)
+            if t is not None and t.dtype != torch.float32:
+                m._buffers[name] = t.float()
+
+
+@torch.inference_mode()
+def unpack_net(net: nn.Module, dtype: torch.dtype) -> None:
+    """Plain bf16 tensors back in place of bf16 PackedWeights (exactly the weights packed), the LayerNorm parameters
+    and biases in dtype again (before a move to another device or dtype). int8 weights cannot be unpacked."""
+    done: dict[int, torch.Tensor] = {}
+    for m in _slots(net):
+        w = m._buffers["weight"]
+        if isinstance(w, PackedWeight):
+            if w.is_int8:
+                raise UnsupportedArgumentError("int8 weights cannot be turned back into floating-point ones: load the "
+                                               "checkpoint again.")  # bf16 and fp32 ones come back exactly
+            if id(w) not in done:
+                done[id(w)] = w.matrix().clone()
+            m._buffers["weight"] = done[id(w)]
+    for m in net.modules():
+        for name in ("weight", "bias") if isinstance(m, LayerNorm) else ("bias",) if isinstance(m, (Linear, LMHead)) else ():
+            t = m._buffers.get(name)
+            if t is not None:
+                m._buffers[name] = t.to(dtype)
+    if hasattr(net, "tie_head"):
+        net.tie_head()
+
+
+def is_packed(net: nn.Module) -> bool:
+    return any(isinstance(m._buffers["weight"], PackedWeight) for m in _slots(net))
+
+
+def is_int8(net: nn.Module) -> bool:
+    return any(isinstance(m._buffers["weight"], PackedWeight) and m._buffers["weight"].is_int8 for m in _slots(net))
+
+
+def bf16_applies(device: torch.device, dtype: torch.dtype, backend: str) -> bool:
+    """Whether a model on (device, dtype, backend) gets bf16 PackedWeights: bf16 on the CPU (torch backend), where
+    kernels.py runs bf16 products (AVX512-BF16)."""
+    return device.type == "cpu" and dtype == torch.bfloat16 and backend == "torch" and kernels.has_bf16()
+
+
+def f32_applies(device: torch.device, dtype: torch.dtype, backend: str) -> bool:
+    """Whether a model on (device, dtype, backend) gets fp32 PackedWeights: fp32 on the CPU (torch backend), where
+    kernels.py runs (one fp32 sum per output, k in order; 1.45x oneDNN's packed fp32 at 1 row)."""
+    return device.type == "cpu" and dtype == torch.float32 and backend == "torch" and kernels.has_int8()
+
+
+def _no_dense(t):
+    raise RuntimeError("internal: a packed low-precision weight cannot give back its plain tensor; the plain consumer of "
+                       "a shared tensor must be read before the packed one (checkpoint/weight_map.py's order)")
+
+
+# ------------------------------------------------------------------------------------------------
+# the op table of a net with PackedWeights: fp32 activations; the reference ops where no weight is packed
+# ------------------------------------------------------------------------------------------------
+def _f32(t):
+    return t if t is None or t.dtype == torch.float32 else t.float()
+
+
+def product(x, weight: PackedWeight, bias=None, residual=None, *, ln=None, gelu=None) -> torch.Tensor:
+    """x [..., K] -> gelu?(LN?(x) @ weight.T + bias) + residual [..., N], fp32 (kernels.py, or the torch reference).
+    ln: (weight, bias, eps) of a LayerNorm over K or None; gelu: None, "none" (erf form) or "tanh"."""
+    x, bias, residual = _f32(x), _f32(bias), _f32(residual)
+    if weight.packed:
+        if ln is not None and (ln[0].dtype != torch.float32 or (ln[1] is not None and ln[1].dtype != torch.float32)):
+            ln = (_f32(ln[0]), _f32(ln[1]), ln[2])
+        return kernels.linear(x, weight.values, weight.shape[0], weight.scale, bias, residual, ln, gelu)
+    if ln is not None:
+        x = F.layer_norm(x, (x.shape[-1],), _f32(ln[0]), _f32(ln[1]), ln[2])
+    if not weight.is_int8:  # the kernel's rounding of the activations
+        x = x.to(torch.bfloat16).float()
+    y = F.linear(x, weight.dequantize(), bias)
+    if gelu is not None:
+        y = F.gelu(y, approximate=gelu)
+    return y.add_(residual) if residual is not None else y
+
+
+def linear(x, weight, bias):
+    return product(x, weight, bias) if type(weight) is PackedWeight else ops.linear(x, weight, bias)
+
+
+def linear_gelu(x, weight, bias, approximate: str):
+    if type(weight) is not PackedWeight:
+        return ops.linear_gelu(x, weight, bias, approximate)
+    return product(x, weight, bias, gelu=approximate)
+
+
+def fused_linear(x, weight, bias=None, *, x_ln=None, gelu=None, residual=None, residual_ln=None):
+    if type(weight) is not PackedWeight:
+        return ops.fused_linear(x, weight, bias, x_ln=x_ln, gelu=gelu, residual=residual, residual_ln=residual_ln)
+    if gelu not in (None, "none", "tanh"):
+        raise ValueError(f"fused_linear: gelu must be None, 'none' or 'tanh', got {gelu!r}")
+    if residual is not None and residual_ln is not None:
+        residual = F.layer_norm(_f32(residual), (residual.shape[-1],), _f32(residual_ln[0]), _f32(residual_ln[1]),
+                                residual_ln[2])
+    return product(x, weight, bias, residual, ln=x_ln, gelu=gelu)
+
+
+def layer_norm(x, weight, bias, eps):
+    return F.layer_norm(_f32(x), (x.shape[-1],), _f32(weight), _f32(bias), eps)
+
+
+def add_layer_norm(x, residual, weight, bias, eps):
+    s = _f32(x) + _f32(residual)
+    return F.layer_norm(s, (s.shape[-1],), _f32(weight), _f32(bias), eps), s
+
+
+def attention(q, k, v, **kw):
+    return ops.attention(_f32(q), _f32(k), _f32(v), **kw)
+
+
+def varlen_attention(q, k, v, **kw):
+    return ops.varlen_attention(_f32(q), _f32(k), _f32(v), **kw)
+
+
+def decode_attention(q, k, v, *, scale: float, starts, lens, key_mask=None, k_new=None, v_new=None, max_len=None,
+                     plan=None):
+    """ops.decode_attention through kernels.py's (fp32 or bf16 keys read in place, one call for every row's window);
+    the reference where the kernels are not available or a key mask is given."""
+    if key_mask is not None or not kernels.has_int8() or k.dtype not in (torch.float32, torch.bfloat16):
+        return ops.decode_attention(q, k, v, scale=scale, starts=starts, lens=lens, key_mask=key_mask, k_new=k_new,
+                                    v_new=v_new, max_len=max_len, plan=plan)
+    if plan is None:
+        plan = ops.window_plan(starts, lens, k.shape[0])
+    if k_new is not None:
+        k.index_copy_(0, plan.slots, k_new.to(k.dtype))
+        v.index_copy_(0, plan.slots, v_new.to(v.dtype))
+    return kernels.decode_attention(_f32(q), k, v, *plan.windows, scale).to(q.dtype)
+
+
+TABLE = dataclasses.replace(ops.TORCH, name="torch+cpu-lowp", linear=linear, linear_gelu=linear_gelu,
+                            fused_linear=fused_linear, layer_norm=layer_norm, add_layer_norm=add_layer_norm,
+                            attention=attention, varlen_attention=varlen_attention, decode_attention=decode_attention)
+
+# what checkpoint.build_net applies as each weight is read
+INT8 = WeightTransform(names=slot_names, tensor=to_int8, net=lambda net: pack_net(net, to_int8), dense=_no_dense)
+BF16 = WeightTransform(names=slot_names, tensor=to_bf16, net=lambda net: pack_net(net, to_bf16),
+                       dense=lambda t: t.matrix().clone())
+F32 = WeightTransform(names=slot_names, tensor=to_f32, net=lambda net: pack_net(net, to_f32),
+                      dense=lambda t: t.matrix().clone())
+INT8_PLAIN = WeightTransform(names=slot_names, tensor=to_int8_plain,
+                             net=lambda net: pack_net(net, to_int8_plain, fp32_rest=False), dense=_no_dense)

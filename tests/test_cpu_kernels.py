@@ -1,0 +1,188 @@
+"""The CPU low-precision kernels (csrc/cpu_linear.cpp through encdec_fast/cpu/kernels.py) against the torch
+reference: the int8 product (int8 weights, per-output-channel scales, int16 activations), the bf16 product
+(activations rounded to bf16), both with fp32 outputs and the bias / residual fused; the pair-packed layout;
+the decode attention over fp32 and bf16 keys. Shapes are awkward on purpose (odd K, N not a multiple of the
+32-output block, 9 and 17 rows past the 8-row pass, 0 rows, strided inputs)."""
+
+import pytest
+import torch
+
+from encdec_fast import ops
+from encdec_fast.cpu import kernels as ck
+from encdec_fast.cpu import weights as lowp
+
+pytestmark = [
+    pytest.mark.skipif(torch.cuda.is_available(), reason="CPU-only path"),
+    pytest.mark.skipif(ck.library() is None, reason=f"CPU kernels not available here: {ck.reason()}"),
+]
+
+SHAPES = [(1, 7, 5), (3, 33, 130), (9, 96, 300), (17, 64, 33), (8, 768, 97), (0, 16, 9), (2, 3072, 64)]
+
+
+def test_kernels_build_on_this_machine():
+    # the CI machine has AVX-512 (VNNI, BF16) and g++: if this fails, the fast path silently is not tested
+    flags = ck._cpu_flags()
+    if {"avx512f", "avx512bw", "avx512vl"} <= flags and ck._compiler():
+        assert ck.library() is not None, ck.reason()
+        assert ck.has_bf16() == ("avx512_bf16" in flags)
+
+
+@pytest.mark.parametrize("dtype", [torch.int8, torch.bfloat16])
+@pytest.mark.parametrize("n,k", [(1, 1), (5, 7), (33, 64), (64, 3)])
+def test_pack_round_trip(dtype, n, k):
+    w = torch.randint(-127, 128, (n, k), dtype=torch.int8).to(dtype)
+    p = ck.pack(w)
+    assert p.numel() == ck.packed_rows(n) * ((k + 1) // 2) * 2
+    assert torch.equal(ck.unpack(p, n, k), w)
+
+
+def _case(M, K, N, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(M, K, generator=g)
+    w = torch.randn(N, K, generator=g) * 0.05
+    b = torch.randn(N, generator=g)
+    r = torch.randn(M, N, generator=g)
+    return x, w, b, r
+
+
+@pytest.mark.parametrize("M,K,N", SHAPES)
+@pytest.mark.parametrize("with_bias,with_residual", [(True, True), (True, False), (False, True), (False, False)])
+def test_int8_product_matches_reference(M, K, N, with_bias, with_residual):
+    x, w, b, r = _case(M, K, N, M * 1000 + K)
+    b, r = (b if with_bias else None), (r if with_residual else None)
+    pw = lowp.to_int8(w)
+    assert pw.packed and pw.is_int8 and tuple(pw.shape) == (N, K)
+    q, scale = lowp.quantize_rows(w)
+    assert torch.equal(pw.matrix(), q)
+    ref = x @ (q.float() * scale[:, None]).T  # fp32 activations: the kernel rounds them to int16 per row
+    if b is not None:
+        ref = ref + b
+    if r is not None:
+        ref = ref + r
+    got = lowp.product(x, pw, b, r)
+    # int16 activations: each row's error is at most ~K * |x|max / qmax * |w|max, with qmax >= 5504 for K <= 3072
+    xmax = x.abs().max().item() if x.numel() else 0.0
+    tol = 1e-4 * xmax * (q.float() * scale[:, None]).abs().sum(1).max().item() + 1e-5
+    torch.testing.assert_close(got, ref, rtol=0, atol=tol)
+
+
+@pytest.mark.parametrize("M,K,N", SHAPES)
+def test_bf16_product_matches_reference(M, K, N):
+    if not ck.has_bf16():
+        pytest.skip("no AVX512-BF16 here")
+    x, w, b, r = _case(M, K, N, M * 7 + K)
+    pw = lowp.to_bf16(w)
+    assert pw.packed and not pw.is_int8 and torch.equal(pw.matrix(), w.bfloat16())
+    ref = x.bfloat16().float() @ w.bfloat16().float().T + b + r  # bf16 products, fp32 sums
+    torch.testing.assert_close(lowp.product(x, pw, b, r), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_products_take_3d_and_strided_inputs_and_bf16_activations():
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(40, 24, generator=g)
+    pw = lowp.to_int8(w)
+    x3 = torch.randn(2, 5, 24, generator=g)
+    xs = torch.randn(5, 48, generator=g)[:, ::2]
+    ref = lambda x: x.float() @ pw.dequantize().T  # noqa: E731
+    torch.testing.assert_close(lowp.product(x3, pw), ref(x3), rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(lowp.product(xs, pw), ref(xs), rtol=1e-3, atol=1e-3)
+    xb = x3.bfloat16()
+    out = lowp.product(xb, pw)  # bf16 activations (a bf16 model's embeddings) are read as fp32
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, ref(xb), rtol=1e-3, atol=1e-3)
+
+
+def test_reference_path_equals_kernel_numbers(monkeypatch):
+    """Where the kernels cannot run, PackedWeight holds the plain matrix and the torch reference computes the
+    same products (up to the int16 rounding of the activations)."""
+    x, w, b, r = _case(6, 50, 70, 11)
+    fast = lowp.to_int8(w)
+    monkeypatch.setattr(ck, "_lib", "disabled for the test")
+    slow = lowp.to_int8(w)
+    assert not slow.packed and torch.equal(slow.matrix(), fast.matrix())
+    ref = x @ fast.dequantize().T + b + r
+    torch.testing.assert_close(lowp.product(x, slow, b, r), ref, rtol=1e-5, atol=1e-5)
+    monkeypatch.undo()
+    torch.testing.assert_close(lowp.product(x, fast, b, r), ref, rtol=0, atol=1e-3)
+
+
+def test_zero_rows_and_constant_rows():
+    w = torch.zeros(20, 9)
+    w[3] = 0.5  # a zero row gets scale 1 (q = 0), a constant row q = 127
+    q, scale = lowp.quantize_rows(w)
+    assert scale[0] == 1 and (q[0] == 0).all() and (q[3] == 127).all()
+    pw = lowp.to_int8(w)
+    x = torch.zeros(2, 9)  # all-zero activations: scale 1, no division by zero
+    assert torch.equal(lowp.product(x, pw), torch.zeros(2, 20))
+
+
+@pytest.mark.parametrize("kv_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("D", [16, 24, 64, 80, 128])
+def test_decode_attention_matches_reference(kv_dtype, D):
+    g = torch.Generator().manual_seed(D)
+    T, H = 70, 3
+    k, v = torch.randn(T, H, D, generator=g).to(kv_dtype), torch.randn(T, H, D, generator=g).to(kv_dtype)
+    q = torch.randn(4, H, D, generator=g)
+    for starts, lens in (([0, 15, 30, 45], [15, 3, 9, 1]), ([30, 0, 30, 7], [20, 15, 12, 0]), ([5] * 4, [30] * 4),
+                         ([0, 0, 0, 0], [70, 1, 33, 64])):
+        st, ln = torch.tensor(starts), torch.tensor(lens, dtype=torch.int32)
+        ref = ops.decode_attention(q, k.float(), v.float(), scale=0.3, starts=st, lens=ln)
+        got = lowp.decode_attention(q, k, v, scale=0.3, starts=st, lens=ln)
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=2e-6)
+
+
+def test_decode_attention_writes_new_keys_like_the_reference():
+    g = torch.Generator().manual_seed(0)
+    N, L, H, D = 3, 9, 2, 16
+    cache_ref = torch.randn(N * L, H, D, generator=g)
+    cache = cache_ref.clone().bfloat16()
+    cache_ref = cache.float()
+    q, kn = torch.randn(N, H, D, generator=g), torch.randn(N, H, D, generator=g)
+    st, ln = torch.arange(N) * L, torch.tensor([4, 9, 1], dtype=torch.int32)
+    vr, vb = cache_ref.clone(), cache.clone()
+    ref = ops.decode_attention(q, cache_ref, vr, scale=0.25, starts=st, lens=ln, k_new=kn.bfloat16().float(),
+                               v_new=kn.bfloat16().float())
+    got = lowp.decode_attention(q, cache, vb, scale=0.25, starts=st, lens=ln, k_new=kn, v_new=kn)
+    assert torch.equal(cache.float(), cache_ref) and torch.equal(vb.float(), vr)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=2e-6)
+
+
+@pytest.mark.parametrize("int8", [True, False], ids=["int8", "bf16"])
+@pytest.mark.parametrize("M,K,N", [(1, 64, 40), (9, 33, 70), (3, 768, 130)])
+def test_fused_layer_norm_and_gelu_match_the_reference(int8, M, K, N):
+    """fused_linear's prologue (LayerNorm of the input rows) and epilogue (GELU, tanh and erf forms) in the kernel
+    against F.layer_norm / F.gelu around the same product."""
+    if not int8 and not ck.has_bf16():
+        pytest.skip("no AVX512-BF16 here")
+    import torch.nn.functional as F
+
+    x, w, b, r = _case(M, K, N, 5 * M + K)
+    x = x * 3 + 1  # a mean and a scale for the LayerNorm to remove
+    g = torch.Generator().manual_seed(1)
+    ln = (torch.rand(K, generator=g) + 0.5, torch.randn(K, generator=g), 1e-5)
+    pw = lowp.to_int8(w) if int8 else lowp.to_bf16(w)
+    for gelu in (None, "tanh", "none"):
+        for res in (None, r):
+            got = lowp.fused_linear(x, pw, b, x_ln=ln, gelu=gelu, residual=res)
+            h = F.layer_norm(x, (K,), ln[0], ln[1], ln[2])
+            if not int8:
+                h = h.bfloat16().float()
+            y = h @ pw.dequantize().T + b
+            y = F.gelu(y, approximate=gelu) if gelu else y
+            ref = y + res if res is not None else y
+            tol = 2e-3 * ref.abs().max().item() if int8 else 2e-5 * ref.abs().max().item() + 1e-5
+            torch.testing.assert_close(got, ref, rtol=0, atol=tol, msg=f"gelu={gelu} residual={res is not None}")
+
+
+def test_gelu_epilogue_accuracy():
+    """The kernel's GELUs against torch's on a wide range: |error| < 1e-6 (relative to max(1, |x|))."""
+    x = torch.linspace(-12, 12, 4001)[:, None]  # rows of one input channel: y = x * 1 (an identity weight)
+    pw = lowp.to_bf16(torch.ones(1, 1)) if ck.has_bf16() else None
+    if pw is None:
+        pytest.skip("no AVX512-BF16 here")
+    xb = x.bfloat16().float()  # exact inputs for a bf16 product
+    for gelu in ("tanh", "none"):
+        got = lowp.product(xb, pw, gelu=gelu)
+        ref = torch.nn.functional.gelu(xb.double(), approximate=gelu).float()
+        err = ((got - ref).abs() / xb.abs().clamp(min=1)).max().item()
+        assert err < 1e-6, (gelu, err)
