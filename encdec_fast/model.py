@@ -15,8 +15,8 @@ from . import quantize as quantize_mod
 from . import validate
 from .checkpoint import hub
 from .checkpoint import weight_map as wm
-from .cpu import weights as lowp
 from .config import ModelConfig
+from .cpu import weights as lowp
 from .errors import InvalidInputError, UnsupportedArgumentError
 from .modules import EncoderDecoderNet
 from .packing import Packing

@@ -24,7 +24,6 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-
 BACKENDS = ("torch", "triton")
 
 

@@ -6,13 +6,12 @@ plain give transformers' tokens, and moving a model unpacks and repacks it."""
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import hf_model
 
 import encdec_fast
 from encdec_fast import ops, prepack
 from encdec_fast.cpu import weights as lowp
 from encdec_fast.errors import InvalidInputError
-
-from conftest import hf_model
 
 
 @pytest.fixture

@@ -7,12 +7,11 @@ and KL divergence of the next-token distributions, greedy 32-token agreement. De
 import warnings
 
 import pytest
+import quality_checks as Q
 import torch
 
 import encdec_fast
 from encdec_fast.cpu import kernels as ck
-
-import quality_checks as Q
 
 pytestmark = [
     pytest.mark.skipif(torch.cuda.is_available(), reason="CPU-only path"),

@@ -4,13 +4,12 @@ whatever batch they are in, and one clear error for every option that cannot go 
 
 import pytest
 import torch
+from conftest import hf_model, solo
 
 import encdec_fast
 from encdec_fast import InvalidInputError, UnsupportedArgumentError, ops, prepack
 from encdec_fast.cpu import kernels as ck
 from encdec_fast.cpu import weights as lowp
-
-from conftest import hf_model, solo
 
 pytestmark = [pytest.mark.skipif(torch.cuda.is_available(), reason="CPU-only path"), pytest.mark.usefixtures("quiet")]
 
