@@ -291,19 +291,22 @@ def cmd_demo(a) -> int:
                     num_beams=a.num_beams, dtype=a.dtype, quantize=a.quantize)
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="encdec-fast", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="cmd", required=True)
+def _model_flags(p):
+    """The flags every subcommand loads a model with."""
+    p.add_argument("--device", default=None)
+    p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"])
+    p.add_argument("--quantize", default=None, choices=["int8"],
+                   help="int8 projection weights with per-channel scales, fp32 activations (CPU)")
+
+
+def _generate_parser(sub):
     g = sub.add_parser("generate", help="generate for every line of a file")
     g.add_argument("path", help="EncoderDecoderModel folder or Hub id \"org/name\" (with a tokenizer for text inputs)")
     g.add_argument("--input", required=True, nargs="+",
                    help="text lines or JSONL ({\"text\": ...} or {\"input_ids\": [...]}); several files with --ray")
     g.add_argument("--output", required=True, help="JSONL out, one line per input as it finishes (then sorted): index, "
                    "output_ids, text, or error (and line, for a malformed input line); with --ray: a folder")
-    g.add_argument("--device", default=None)
-    g.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"])
-    g.add_argument("--quantize", default=None, choices=["int8"],
-                   help="int8 projection weights with per-channel scales, fp32 activations (CPU)")
+    _model_flags(g)
     g.add_argument("--batch-size", type=int, default=64)
     g.add_argument("--do-sample", action="store_true")
     g.add_argument("--seed", type=int)
@@ -317,16 +320,17 @@ def main(argv=None) -> int:
     g.add_argument("--gpus-per-actor", type=float, default=0, help="with --ray: GPUs per actor (1: one engine per GPU)")
     g.add_argument("--ray-cpus", type=int, default=None, help="with a local Ray: CPUs it may use (default: all)")
     g.set_defaults(fn=cmd_generate)
-    v = sub.add_parser("serve", help="serve a checkpoint over HTTP (POST /v1/generate, GET /health, GET /metrics)")
+
+
+def _serve_parser(sub):
+    v = sub.add_parser("serve", help="serve a checkpoint over HTTP (POST /v1/generate, /v1/completions, GET /health, "
+                       "GET /metrics)")
     v.add_argument("path", help="EncoderDecoderModel folder or Hub id \"org/name\" (with a tokenizer for text inputs)")
     v.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0: every interface)")
     v.add_argument("--port", type=int, default=8000)
-    v.add_argument("--device", default=None)
-    v.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"])
-    v.add_argument("--quantize", default=None, choices=["int8"],
-                   help="int8 projection weights with per-channel scales, fp32 activations (CPU)")
+    _model_flags(v)
     v.add_argument("--max-batch-size", type=int, default=32, help="decode rows stepped together")
-    v.add_argument("--max-batch-tokens", type=int, default=16384, help="padded source tokens per encoder batch")
+    v.add_argument("--max-batch-tokens", type=int, default=16384, help="real (packed) source tokens per encoder batch")
     v.add_argument("--max-queued", type=int, default=256, help="requests admitted at once; more get 429")
     v.add_argument("--request-timeout", type=float, default=120.0, help="seconds a request may take; then 504")
     v.add_argument("--body-timeout", type=float, default=10.0,
@@ -342,18 +346,24 @@ def main(argv=None) -> int:
                    help="the `model` OpenAI clients pass to /v1/completions (default: PATH as given)")
     v.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     v.set_defaults(fn=cmd_serve)
+
+
+def _demo_parser(sub):
     d = sub.add_parser("demo", help="build a random bert2gpt2, generate with encdec_fast and transformers, compare")
     d.add_argument("--size", default="small", choices=["tiny", "small", "base"])
     d.add_argument("--batch", type=int, default=8)
     d.add_argument("--src-len", type=int, default=64)
     d.add_argument("--new-tokens", type=int, default=32)
     d.add_argument("--num-beams", type=int, default=1)
-    d.add_argument("--device", default=None)
-    d.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
-                   help="encdec_fast's and transformers' dtype (default: float32 on the CPU)")
-    d.add_argument("--quantize", default=None, choices=["int8"],
-                   help="int8 projection weights with per-channel scales, fp32 activations (CPU)")
+    _model_flags(d)
     d.set_defaults(fn=cmd_demo)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="encdec-fast", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    for build in (_generate_parser, _serve_parser, _demo_parser):
+        build(sub)
     a = p.parse_args(argv)
     try:
         return a.fn(a)

@@ -395,6 +395,7 @@ class EncDecModel(nn.Module):
         if labels is not None:
             loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
                                    ignore_index=validate.IGNORE_INDEX)
+        # fp32 where the CPU's bf16 / int8 kernels compute them so (the logits selection reads), else the dtype's
         out = Seq2SeqLMOutput(loss=loss, logits=logits, encoder_last_hidden_state=enc)
         return out if wants_dict(self, return_dict) else out.to_tuple()
 
