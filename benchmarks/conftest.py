@@ -86,11 +86,21 @@ class GenBench:
 
 
 _RESULTS: list[GenBench] = []
-_PRECISION: dict = {}  # test_bench_cpu_precision.py's rows: (mode, batch) -> measurements
+
+
+@dataclass
+class Table:
+    """A benchmark's rows, printed at the end of the session with the lines its own format(rows, size) gives."""
+
+    rows: dict = field(default_factory=dict)
+    format: object = None
+
+
+_PRECISION = Table()  # test_bench_cpu_precision.py's rows: (mode, batch) -> measurements
 
 
 @pytest.fixture(scope="session")
-def cpu_precision_rows():
+def cpu_precision_table():
     return _PRECISION
 
 
@@ -109,11 +119,9 @@ def gen_bench(tmp_path_factory):
 
 
 def pytest_terminal_summary(terminalreporter):
-    if _PRECISION:
-        from test_bench_cpu_precision import format_table
-
+    if _PRECISION.rows:
         terminalreporter.write_sep("-", "CPU precision table")
-        for line in format_table(_PRECISION, GEN_SIZE):
+        for line in _PRECISION.format(_PRECISION.rows, GEN_SIZE):
             terminalreporter.write_line(line)
     for bench in _RESULTS:
         rows = bench.rows

@@ -74,7 +74,7 @@ def agreement(ref: torch.Tensor, out: torch.Tensor) -> tuple[float, float]:
 
 
 @pytest.mark.parametrize("mode,batch", CASES, ids=[f"{m}-b{b}" for m, b in CASES])
-def test_cpu_precision(precision_models, cpu_precision_rows, mode, batch):
+def test_cpu_precision(precision_models, cpu_precision_table, mode, batch):
     from conftest import gen_inputs
 
     size, models = precision_models
@@ -91,7 +91,8 @@ def test_cpu_precision(precision_models, cpu_precision_rows, mode, batch):
     ref = outs["transformers fp32"]
     row = {"seconds": {n: statistics.median(t) for n, t in times.items()},
            "agreement": {n: agreement(ref, o) for n, o in outs.items()}, "load": os.getloadavg()[0]}
-    cpu_precision_rows[(mode, batch)] = row
+    cpu_precision_table.rows[(mode, batch)] = row
+    cpu_precision_table.format = format_table
     assert torch.equal(outs["encdec_fast fp32"], ref), "encdec_fast fp32 tokens differ from transformers fp32"
 
 

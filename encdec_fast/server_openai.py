@@ -36,8 +36,8 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
 from .errors import InvalidInputError
-from .server import _UNCOUNTED, Disconnected, EventStream, Timeout, admit, wait_all
-from .server_api import BodyRefused, error_body, openai_body, refused_body, status_of, timeout_body
+from .server_api import BodyRefused, Disconnected, error_body, openai_body, refused_body, status_of, timeout_body
+from .server_core import UNCOUNTED, EventStream, Timeout, admit, wait_all
 from .server_openai_api import (
     COMPLETION_BODY,
     COMPLETION_RESPONSES,
@@ -290,7 +290,7 @@ def _open_stream(request, state, plan: CompletionPlan) -> Response:
     except Exception as e:  # noqa: BLE001  a bad prompt or argument, or a closed engine
         return _refusal(e)
     streamed = _CompletionStream(state, plan, streams, state.engine.detokenize)
-    request.scope[_UNCOUNTED] = True  # the stream counts itself when it ends
+    request.scope[UNCOUNTED] = True  # the stream counts itself when it ends
     return EventStream(streamed.events(), streamed.close, media_type="text/event-stream",
                        headers={"Cache-Control": "no-cache"})
 
