@@ -74,9 +74,9 @@ def _field_schema(f: validate.Field) -> dict:
         s = {"type": "number" if f.kind == "real" else "integer"}
         if f.lo is not None:
             s["exclusiveMinimum" if f.lo_open else "minimum"] = f.lo
-        elif f.cap is not None:
-            s["minimum"] = -f.cap
-        hi = min((v for v in (f.hi, f.cap) if v is not None), default=None)
+        elif f.magnitude is not None:
+            s["minimum"] = -f.magnitude
+        hi = min((v for v in (f.hi, f.magnitude) if v is not None), default=None)
         if hi is not None:
             s["maximum"] = hi
         if f.kind == "ids":

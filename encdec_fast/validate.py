@@ -43,6 +43,11 @@ class Field:
     also: tuple = ()  # other accepted values (early_stopping="never")
     cap: int | None = None  # ints (each id): largest magnitude taken (an int64 limit, not part of the meaning)
 
+    @property
+    def magnitude(self):
+        """The largest magnitude taken: cap, or for reals float32's largest (the decode tables are fp32)."""
+        return self.cap if self.cap is not None or self.kind != "real" else REAL_MAX
+
     def describe(self) -> str:
         what = {"int": "an int", "real": "a number", "bool": "True or False", "ids": "an int or a non-empty list of ints"}
         out = what[self.kind]
@@ -83,16 +88,19 @@ def number(value, name: str, field: Field, err=InvalidInputError, fix: str = "")
         ok = len(ids) > 0 and all(_is_int(i) and _in_range(i, field) for i in ids)
     if not ok:
         raise err(f"{name} must be {field.describe()}, got {_short(value)}" + (f"; {fix}" if fix else "."))
-    ints = value if isinstance(value, (list, tuple)) else [value]  # an int field's value, or each id
-    if field.cap is not None and any(abs(i) > field.cap for i in ints):
+    values = value if isinstance(value, (list, tuple)) else [value]  # the value, or each id
+    cap = field.magnitude
+    if cap is not None and any(abs(v) > cap for v in values):
         signed = field.lo is None or field.lo < 0
-        most = f"{'of magnitude ' if signed else 'and '}at most {_power(field.cap)}"
+        most = f"{'of magnitude ' if signed else 'and '}at most {_power(cap)}"
         raise err(f"{name} must be {field.describe()} {most}, got {_short(value)}" + (f"; {fix}" if fix else "."))
     return value
 
 
-def _power(v: int) -> str:
-    """2**63 - 1 reads better than 9223372036854775807."""
+def _power(v) -> str:
+    """2**63 - 1 reads better than 9223372036854775807; a float bound reads as 3.4e+38 (float32's largest)."""
+    if isinstance(v, float):
+        return f"{v:.3g} (float32's largest)"
     k = v.bit_length()
     return f"2**{k} - 1" if v == 2**k - 1 and k > 16 else str(v)
 
@@ -115,6 +123,7 @@ SEED = Field("int", 0, 2**64 - 1)  # what torch.Generator.manual_seed takes
 # top_k) beyond any position table or vocabulary, so that sums with lengths stay far inside int64; a
 # token id within int64 (whether it is inside the vocabulary is checked where the id is used).
 COUNT_MAX = 2**31 - 1
+REAL_MAX = float(torch.finfo(torch.float32).max)  # a real field's largest magnitude (the decode tables are fp32)
 ID_MAX = 2**63 - 1
 
 

@@ -129,8 +129,10 @@ def test_clients_that_leave_mid_body_are_counted_499_and_log_no_traceback(engine
     dict(no_repeat_ngram_size=2**63), dict(min_new_tokens=2**63), dict(top_k=2**63, do_sample=True),
     dict(max_new_tokens=2**63), dict(num_beams=2**64), dict(min_length=2**31), dict(eos_token_id=[2, 2**63]),
     dict(pad_token_id=-2**63 - 1), dict(decoder_start_token_id=2**64), dict(forced_eos_token_id=2**63),
+    dict(repetition_penalty=7.9e307), dict(temperature=1e39, do_sample=True), dict(length_penalty=-1e300, num_beams=2),
 ])
-def test_integers_past_int64_are_invalid_input_over_http_generate_and_the_engine(url, model, engine, kw):
+def test_numbers_past_their_storage_are_invalid_input_over_http_generate_and_the_engine(url, model, engine, kw):
+    """Integers past int64 (or int32 counts), reals past float32 (the decode tables' storage): 400, never 500."""
     name = next(iter(kw))
     for stream in (False, True):
         r = httpx.post(url + "/v1/generate", json={"input": IDS, "stream": stream, **kw}, timeout=60)
