@@ -5,11 +5,12 @@
 // with the LayerNorm of the input rows (fp32) and the GELU (tanh or erf form) fused, as a decode step's projections
 // need them (ops.fused_linear):
 //
-//   int8 weights  w[n, k] = scale[n] * q[n, k], q int8. Each row of x is quantised to int16 with its own scale
-//                 (xq = round(x / sx[m]), |xq| <= qmax, qmax = (2^31 - 1) / (127 * K) so that no int32 sum
-//                 overflows, at most 32767: an error ~1e-4 of the row's largest value, far below the weights'),
-//                 then AVX512-VNNI vpdpwssd (int16 pairs, int32 sums; AVX512BW vpmaddwd + vpaddd without
-//                 VNNI), y = float(acc) * sx[m] * scale[n].
+//   int8 weights  w[n, k] = scale[n, k / G] * q[n, k], q int8, one fp16 scale per output and group of G = 32
+//                 inputs (llama.cpp's Q8_0 layout of the scales: 8.5 bits a weight). Each row of x is quantised to
+//                 int16 with its own scale (xq = round(x / sx[m]), |xq| <= qmax = 32767, an error ~3e-5 of the
+//                 row's largest value, far below the weights'), then AVX512-VNNI vpdpwssd (int16 pairs, int32
+//                 sums over one group: no overflow; AVX512BW vpmaddwd + vpaddd without VNNI), each group's sum
+//                 scaled into an fp32 accumulator, y = acc * sx[m].
 //   bf16 weights  x rounded to bf16 (round to nearest even), AVX512-BF16 vdpbf16ps (bf16 pairs, fp32 sums).
 //
 // Why not torch's kernels: oneDNN's bf16 linear returns bf16 (the products rounded to 8 bits before the
@@ -18,9 +19,10 @@
 // alone) or are slow beyond one row (aten._weight_int8pack_mm).
 //
 // Weight layout ("pair-packed", written by encdec_fast/cpu/kernels.py's pack_rows): [N / 16][K / 2][16][2], N padded
-// to a multiple of 32 and K to a multiple of 2 with zeros: one 16-output block of a k pair is 32 consecutive values (32 bytes int8, 64 bytes bf16), which a
-// vpdpwssd / vdpbf16ps multiplies with the pair (x[m, 2p], x[m, 2p + 1]) broadcast to all lanes. Every lane
-// of an accumulator is one output: no horizontal sums.
+// to a multiple of 32 and K to a multiple of 2 with zeros: one 16-output block of a k pair is 32 consecutive values
+// (32 bytes int8, 64 bytes bf16), which a vpdpwssd / vdpbf16ps multiplies with the pair (x[m, 2p], x[m, 2p + 1])
+// broadcast to all lanes. Every lane of an accumulator is one output: no horizontal sums. int8 scales (pack_scales):
+// [N / 16][groups][16] fp16, groups = ceil(K / G), zeros past N: one block's scales in the order its loop reads them.
 //
 // Blocking: threads (OpenMP: torch's own runtime, libgomp.so.1, already loaded by torch, so torch's thread
 // count applies) split the output blocks of 32; each thread runs its blocks over rows 8 at a time, so a block's
@@ -41,7 +43,7 @@
 #include <string.h>
 #include <math.h>
 
-#define ENCDEC_CPU_ABI_VERSION 5
+#define ENCDEC_CPU_ABI_VERSION 6
 #define EXPORT extern "C" __attribute__((visibility("default")))
 
 namespace {
@@ -126,47 +128,62 @@ inline void store(const Epilogue& e, int64_t m, int64_t n0, __m512 v) {
 // ---------------------------------------------------------------------------------------------------------
 // int8 weights x int16 activations
 // ---------------------------------------------------------------------------------------------------------
+// (inline assembly for VNNI: GCC 12's _mm512_dpwssd_epi32 does not keep a loop's accumulator in place but copies
+// every one of them each iteration, 2 moves per multiply, and spills them at 8 rows)
 inline __m512i dot_pairs(__m512i acc, __m512i a, __m512i b) {
 #if defined(__AVX512VNNI__)
-    return _mm512_dpwssd_epi32(acc, a, b);
+    asm("vpdpwssd %2, %1, %0" : "+v"(acc) : "v"(a), "v"(b));
+    return acc;
 #else
     return _mm512_add_epi32(acc, _mm512_madd_epi16(a, b));
 #endif
 }
 
-// rows m0 .. m0 + R of one 32-output block; xq: int16 rows of Kp values (Kp / 2 int32 pairs), row stride Kp
+// rows m0 .. m0 + R of one 32-output block; xq: int16 rows of Kp values (Kp / 2 int32 pairs), row stride Kp; sb:
+// the block's scales ([2][groups][16] fp16), gp pairs a group. Each group's int32 sums (exact) stay in registers
+// (2R accumulators); at the group's end they are converted and scaled into fp32 sums kept in memory (touched once a
+// group: in registers too they would leave none for the loop, and the compiler would spill inside it).
 template <int R>
-void block_i8(const int8_t* wb, int64_t pairs, const int16_t* xq, int64_t Kp, int64_t m0, const float* sx,
-              const float* scale, int64_t n0, const Epilogue& e) {
-    __m512i acc[R][NB];
-    for (int r = 0; r < R; ++r)
-        for (int j = 0; j < NB; ++j) acc[r][j] = _mm512_setzero_si512();
+void block_i8(const int8_t* wb, int64_t pairs, int64_t gp, const uint16_t* sb, int64_t groups, const int16_t* xq,
+              int64_t Kp, int64_t m0, const float* sx, int64_t n0, const Epilogue& e) {
+    alignas(64) float sum[R][NB][LANES];
+    memset(sum, 0, sizeof(sum));
     const int32_t* xp[R];
     for (int r = 0; r < R; ++r) xp[r] = (const int32_t*)(xq + (m0 + r) * Kp);
     const int8_t* w0 = wb;                    // block n0 / 16:      [pairs][16][2]
     const int8_t* w1 = wb + pairs * 32;       // block n0 / 16 + 1
-    for (int64_t p = 0; p < pairs; ++p) {
-        __m512i a0 = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i*)(w0 + p * 32)));
-        __m512i a1 = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i*)(w1 + p * 32)));
+    const uint16_t* s0 = sb;                  // their scales:       [groups][16]
+    const uint16_t* s1 = sb + groups * LANES;
+    for (int64_t g = 0, p0 = 0; p0 < pairs; ++g, p0 += gp) {
+        const int64_t p1 = p0 + gp < pairs ? p0 + gp : pairs;
+        __m512i acc[R][NB];
+        for (int r = 0; r < R; ++r)
+            for (int j = 0; j < NB; ++j) acc[r][j] = _mm512_setzero_si512();
+        for (int64_t p = p0; p < p1; ++p) {
+            __m512i a0 = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i*)(w0 + p * 32)));
+            __m512i a1 = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i*)(w1 + p * 32)));
+            for (int r = 0; r < R; ++r) {
+                __m512i b = _mm512_set1_epi32(xp[r][p]);
+                acc[r][0] = dot_pairs(acc[r][0], a0, b);
+                acc[r][1] = dot_pairs(acc[r][1], a1, b);
+            }
+        }
+        const __m512 c0 = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(s0 + g * LANES)));
+        const __m512 c1 = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(s1 + g * LANES)));
         for (int r = 0; r < R; ++r) {
-            __m512i b = _mm512_set1_epi32(xp[r][p]);
-            acc[r][0] = dot_pairs(acc[r][0], a0, b);
-            acc[r][1] = dot_pairs(acc[r][1], a1, b);
+            _mm512_store_ps(sum[r][0], _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[r][0]), c0, _mm512_load_ps(sum[r][0])));
+            _mm512_store_ps(sum[r][1], _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[r][1]), c1, _mm512_load_ps(sum[r][1])));
         }
     }
     for (int j = 0; j < NB; ++j) {
         int64_t n = n0 + j * LANES;
         if (n >= e.N) break;
-        __m512 s = _mm512_loadu_ps(scale + n);  // scale is padded to the block size
-        for (int r = 0; r < R; ++r) {
-            __m512 v = _mm512_mul_ps(_mm512_cvtepi32_ps(acc[r][j]), _mm512_mul_ps(s, _mm512_set1_ps(sx[m0 + r])));
-            store(e, m0 + r, n, v);
-        }
+        for (int r = 0; r < R; ++r) store(e, m0 + r, n, _mm512_mul_ps(_mm512_load_ps(sum[r][j]), _mm512_set1_ps(sx[m0 + r])));
     }
 }
 
-typedef void (*block_i8_fn)(const int8_t*, int64_t, const int16_t*, int64_t, int64_t, const float*, const float*,
-                            int64_t, const Epilogue&);
+typedef void (*block_i8_fn)(const int8_t*, int64_t, int64_t, const uint16_t*, int64_t, const int16_t*, int64_t, int64_t,
+                            const float*, int64_t, const Epilogue&);
 const block_i8_fn BLOCK_I8[MB + 1] = {nullptr, block_i8<1>, block_i8<2>, block_i8<3>, block_i8<4>,
                                       block_i8<5>, block_i8<6>, block_i8<7>, block_i8<8>};
 
@@ -274,10 +291,6 @@ const float* input_row(const float* xr, int64_t K, const float* ln_w, const floa
     return tmp;
 }
 
-int16_t qmax_for(int64_t K) {
-    int64_t q = (int64_t)2147483647 / (127 * (K > 0 ? K : 1));
-    return (int16_t)(q > 32767 ? 32767 : (q < 1 ? 1 : q));
-}
 
 }  // namespace
 
@@ -308,19 +321,19 @@ EXPORT const char* encdec_cpu_error_string(int code) {
 EXPORT int64_t encdec_cpu_packed_rows(int64_t N) { return round_up(N, BLOCK); }
 
 // y [M, N] = act(LN?(x) @ dequant(w).T (+ bias)) (+ residual). x [M, K] fp32 (row stride xs); w pair-packed int8
-// with scale [Np] fp32 (zeros past N); bias [N] or null; residual [M, N] (row stride rs) or null; y (row stride
+// with scale [Np / 16][ceil(K / group)][16] fp16 (group even, at most 512: no int32 sum of a group overflows); bias [N] or null; residual [M, N] (row stride rs) or null; y (row stride
 // ys) may be residual itself; ln_w, ln_b [K] or null: a LayerNorm of each row of x first (ln_b null: no shift).
-EXPORT int encdec_cpu_linear_i8(const float* x, int64_t xs, int64_t M, int64_t K, const int8_t* w, const float* scale,
-                                int64_t N, const float* bias, const float* residual, int64_t rs, float* y, int64_t ys,
+EXPORT int encdec_cpu_linear_i8(const float* x, int64_t xs, int64_t M, int64_t K, const int8_t* w, const uint16_t* scale,
+                                int64_t group, int64_t N, const float* bias, const float* residual, int64_t rs, float* y, int64_t ys,
                                 const float* ln_w, const float* ln_b, float ln_eps, int act) {
-    if (M < 0 || K < 0 || N < 0) return -1;
+    if (M < 0 || K < 0 || N < 0 || group < 2 || group > 512 || group % 2) return -1;
     if (M == 0 || N == 0) return 0;
-    int64_t pairs = (K + 1) / 2, Kp = pairs * 2;
+    int64_t pairs = (K + 1) / 2, Kp = pairs * 2, groups = (K + group - 1) / group;
     int16_t* xq = (int16_t*)aligned_alloc(64, (size_t)round_up(M * Kp * 2 + 64, 64));
     float* sx = (float*)aligned_alloc(64, (size_t)round_up(M * 4 + 64, 64));
     float* tmp = ln_w ? (float*)aligned_alloc(64, (size_t)round_up(M * K * 4 + 64, 64)) : nullptr;
     if (!xq || !sx || (ln_w && !tmp)) { free(xq); free(sx); free(tmp); return -2; }
-    const float qmax = (float)qmax_for(K);
+    const float qmax = 32767.0f;
 #pragma omp parallel for schedule(static) if (M * K > 65536)
     for (int64_t m = 0; m < M; ++m) {  // per-row int16 quantisation
         const float* xr = input_row(x + m * xs, K, ln_w, ln_b, ln_eps, tmp + (ln_w ? m * K : 0));
@@ -345,9 +358,10 @@ EXPORT int encdec_cpu_linear_i8(const float* x, int64_t xs, int64_t M, int64_t K
 #pragma omp parallel for schedule(static)
     for (int64_t b = 0; b < blocks; ++b) {
         const int8_t* wb = w + b * NB * pairs * 32;
+        const uint16_t* sb = scale + b * NB * groups * LANES;
         for (int64_t m0 = 0; m0 < M; m0 += MB) {
             int R = (int)(M - m0 < MB ? M - m0 : MB);
-            BLOCK_I8[R](wb, pairs, xq, Kp, m0, sx, scale, b * BLOCK, e);
+            BLOCK_I8[R](wb, pairs, group / 2, sb, groups, xq, Kp, m0, sx, b * BLOCK, e);
         }
     }
     free(xq);

@@ -296,7 +296,7 @@ def _model_flags(p):
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"])
     p.add_argument("--quantize", default=None, choices=["int8"],
-                   help="int8 projection weights with per-channel scales, fp32 activations (CPU)")
+                   help="int8 projection weights (fp16 scales per 32 inputs), fp32 activations on the CPU")
 
 
 def _generate_parser(sub):

@@ -467,8 +467,8 @@ def load(path=None, *, encoder=None, decoder=None, device=None, dtype=None, back
     oneDNN's) or, where those cannot run, for oneDNN (prepack.py), at the cost of a second copy of an LM
     head tied to the word embeddings; False keeps plain
     tensors. Ignored elsewhere. quantize: None, or "int8": every projection weight and the LM head stored
-    int8 with per-output-channel scales, quantised as each weight is read (quantize.py). On the CPU they
-    are multiplied with fp32 activations (cpu/weights.py) and dtype (bfloat16 by default, or float32) is
+    int8 with fp16 scales per output channel and group of 32 inputs, quantised as each weight is read
+    (quantize.py). On the CPU they are multiplied with fp32 activations (cpu/weights.py) and dtype (bfloat16 by default, or float32) is
     what the rest is stored in (the embeddings, the K/V cache); on CUDA the Triton fused linear reads them
     (w8a16) in the activations' dtype. Such a model cannot be moved to another device or dtype."""
     if kwargs:

@@ -6,8 +6,8 @@ quantize= and prepack= resolved in one place (model.py calls check, transform an
                                         (oneDNN's fp32 layout without the kernels)  (prepack.TABLE)
   cpu     torch    bfloat16   None      bf16, pair-packed (cpu/weights.py)          cpu/weights.TABLE (fp32 compute)
                                         (oneDNN's bf16 layout without the kernels)  (prepack.TABLE)
-  cpu     torch    fp32/bf16  "int8"    int8 + per-channel scales, pair-packed      cpu/weights.TABLE (fp32 compute)
-  cuda    triton   any        "int8"    int8 + per-channel scales, [N, K]           TRITON_INT8 (w8a16 fused linear)
+  cpu     torch    fp32/bf16  "int8"    int8 + fp16 scales per 32 inputs, packed    cpu/weights.TABLE (fp32 compute)
+  cuda    triton   any        "int8"    int8 [N, K] + fp16 scales [N, K / 32]       TRITON_INT8 (w8a16 fused linear)
   any     any      any        None      plain tensors                               ops.table(backend)
 
 "int8" keeps what it does not quantise (embeddings, LayerNorms, the K/V cache) in dtype: on the CPU bfloat16
@@ -95,7 +95,7 @@ def triton_int8_table() -> ops.OpTable:
         if r is not None:
             kw = kw | {"residual": r.reshape(rows, r.shape[-1])}
         N = weight.shape[0]
-        y = klin.fused_linear(x.reshape(rows, x.shape[-1]), weight.values, bias, w_scale=weight.scale[:N], **kw)
+        y = klin.fused_linear(x.reshape(rows, x.shape[-1]), weight.values, bias, w_scale=weight.scale, **kw)
         return y.view(*x.shape[:-1], N)
 
     def linear(x, weight, bias):

@@ -19,13 +19,14 @@ with fp32 accumulation; BLOCK_N is the widest of 64/32/16 that still gives a pro
                all N columns when residual_ln: each program computes the row statistics over N),
                all in fp32, one rounding to the output dtype at the end.
 
-Int8 weights (w8a16, ``load(quantize="int8")`` on CUDA): weight int8 [N, K] with one fp32 scale per
-output channel (w_scale [N]: w = scale[n] * q[n, k]); each tile is converted to x's dtype before the
-dot (exact: |q| <= 127) and the fp32 sums are scaled per column before the bias. Half the weight bytes
-of fp16/bf16, for the step whose time is its weight reads.
+Int8 weights (w8a16, ``load(quantize="int8")`` on CUDA): weight int8 [N, K] with one fp16 scale per
+output channel and group of INT8_GROUP = 32 inputs (w_scale [N, ceil(K / 32)]: w = scale[n, k // 32] *
+q[n, k], the CPU's format); a K tile is one group (BLOCK_K = 32): the tile is converted to x's dtype
+(exact: |q| <= 127), and its fp32 dot is scaled per column into the accumulator. Half the weight bytes
+of fp16/bf16 (plus 1/16 for the scales), for the step whose time is its weight reads.
 
 Reference: ``encdec_fast.ops.fused_linear`` (F.layer_norm, F.linear, F.gelu, +); with int8 weights,
-the same on the dequantised weight (scale[n] * q[n, k]).
+the same on the dequantised weight (scale[n, k // 32] * q[n, k]).
 
 Limits: x, weight (but for int8 weights), bias, LayerNorm parameters and residual share one dtype
 (fp16, bf16, fp32) and device; LayerNorm weight and bias are both given. Any M works (a second grid axis), but the op table
@@ -42,6 +43,7 @@ from .activation import gelu_fp32
 from .common import sm_count
 
 MAX_ROWS = 64  # the op table's cut-over to cuBLAS
+INT8_GROUP = 32  # inputs an int8 weight's scale covers: one K tile (encdec_fast/cpu/weights.py's GROUP)
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _GELU = {None: 0, "none": 1, "tanh": 2}
 
@@ -74,13 +76,13 @@ def _row_stats(rows_ptr, row_ok, n, eps, BLOCK_M: tl.constexpr, BLOCK: tl.conste
 def _fused_linear_kernel(
     x_ptr,  # [M, K] (row stride stride_xm, unit column stride)
     w_ptr,  # [N, K] weight, nn.Linear layout (row stride stride_wn); int8 when W_INT8
-    ws_ptr,  # [N] fp32 per-output-channel scales of an int8 weight (W_INT8)
+    ws_ptr,  # [N, ceil(K / BLOCK_K)] fp16 group scales of an int8 weight (W_INT8; row stride stride_sn)
     b_ptr,  # [N] bias (HAS_BIAS)
     xw_ptr, xb_ptr,  # [K] LayerNorm of x (X_LN)
     r_ptr,  # [M, N] residual (HAS_RESIDUAL; row stride stride_rm)
     rw_ptr, rb_ptr,  # [N] LayerNorm of the residual (RES_LN)
     y_ptr,  # [M, N] out (row stride stride_ym)
-    stride_xm, stride_wn, stride_rm, stride_ym,
+    stride_xm, stride_wn, stride_sn, stride_rm, stride_ym,
     M, N, K, x_eps, r_eps,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STATS_BLOCK: tl.constexpr,
     X_LN: tl.constexpr, HAS_BIAS: tl.constexpr, GELU: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
@@ -112,16 +114,19 @@ def _fused_linear_kernel(
             xn = (x.to(tl.float32) - mean[:, None]) * rstd[:, None] * g[None, :] + b[None, :]
             x = xn.to(x_ptr.dtype.element_ty)  # padding columns: g = b = 0 -> 0
         w = tl.load(w_rows + kk[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0)  # [BLOCK_N, BLOCK_K]
-        if W_INT8:
+        if W_INT8:  # one group of BLOCK_K inputs: its dot scaled per column
             w = w.to(x_ptr.dtype.element_ty)  # exact: |q| <= 127
-        if DOT_IEEE:
+            s = tl.load(ws_ptr + cols.to(tl.int64) * stride_sn + k0 // BLOCK_K, mask=col_ok, other=0.0)
+            if DOT_IEEE:
+                acc += tl.dot(x, tl.trans(w), input_precision="ieee") * s.to(tl.float32)[None, :]
+            else:
+                acc += tl.dot(x, tl.trans(w)) * s.to(tl.float32)[None, :]
+        elif DOT_IEEE:
             acc += tl.dot(x, tl.trans(w), input_precision="ieee")
         else:
             acc += tl.dot(x, tl.trans(w))
 
-    # -- epilogue: int8 scales, bias, GELU, residual (LayerNorm-ed over all N columns when RES_LN)
-    if W_INT8:
-        acc *= tl.load(ws_ptr + cols, mask=col_ok, other=0.0)[None, :]
+    # -- epilogue: bias, GELU, residual (LayerNorm-ed over all N columns when RES_LN)
     if HAS_BIAS:
         acc += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     if GELU != 0:
@@ -180,10 +185,13 @@ def _check(x, weight, bias, x_ln, gelu, residual, residual_ln, w_scale=None) -> 
     if residual_ln is not None and residual is None:
         fail("residual_ln needs a residual")
     if (weight.dtype == torch.int8) != (w_scale is not None):
-        fail("an int8 weight needs w_scale (fp32 [N], one scale per output channel), and only an int8 weight takes one")
-    if w_scale is not None and (not isinstance(w_scale, torch.Tensor) or tuple(w_scale.shape) != (N,)
-                                or w_scale.dtype != torch.float32 or w_scale.device != x.device):
-        fail(f"w_scale must be a float32 tensor of shape ({N},) on {x.device}")
+        fail(f"an int8 weight needs w_scale (fp16 [N, ceil(K / {INT8_GROUP})], one scale per output and group of "
+             f"{INT8_GROUP} inputs), and only an int8 weight takes one")
+    groups = triton.cdiv(K, INT8_GROUP)
+    if w_scale is not None and (not isinstance(w_scale, torch.Tensor) or tuple(w_scale.shape) != (N, groups)
+                                or w_scale.dtype != torch.float16 or w_scale.device != x.device
+                                or w_scale.stride(1) != 1):
+        fail(f"w_scale must be a float16 tensor of shape ({N}, {groups}) (unit column stride) on {x.device}")
     named = [("weight", weight), ("bias", bias), ("residual", residual)]
     shapes = {"bias": (N,), "residual": (M, N)}
     for ln, nm, n in ((x_ln, "x_ln", K), (residual_ln, "residual_ln", N)):
@@ -211,7 +219,8 @@ def fused_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
                  w_scale: torch.Tensor | None = None) -> torch.Tensor:
     """gelu?(LN_x?(x) @ weight.T + bias) + LN_r?(residual) (see the module docstring).
 
-    x [M, K]; weight [N, K] (x's dtype, or int8 with w_scale fp32 [N]: w = w_scale[n] * weight[n, k]);
+    x [M, K]; weight [N, K] (x's dtype, or int8 with w_scale fp16 [N, ceil(K / 32)]: w = w_scale[n, k // 32] *
+    weight[n, k]);
     bias [N] or None; x_ln / residual_ln: (weight, bias, eps) of a LayerNorm over K / over N, or None;
     gelu: None, "none" (erf form) or "tanh"; residual [M, N] or None.
     Returns a new contiguous [M, N] tensor in x's dtype."""
@@ -226,10 +235,12 @@ def fused_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     xw, xb, x_eps = x_ln if x_ln is not None else (x, x, 0.0)
     rw, rb, r_eps = residual_ln if residual_ln is not None else (x, x, 0.0)
     BLOCK_M, BLOCK_N, BLOCK_K, STATS_BLOCK = _config(M, N, x.device)
+    if w_scale is not None:
+        BLOCK_K = INT8_GROUP  # a K tile is one group of the scales
     grid = (triton.cdiv(N, BLOCK_N), triton.cdiv(M, BLOCK_M))
     _fused_linear_kernel[grid](
         x, weight, w_scale if w_scale is not None else x, bias if bias is not None else x, xw, xb, r, rw, rb, y,
-        x.stride(0), weight.stride(0), r.stride(0), y.stride(0),
+        x.stride(0), weight.stride(0), w_scale.stride(0) if w_scale is not None else 0, r.stride(0), y.stride(0),
         M, N, K, float(x_eps), float(r_eps),
         BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, STATS_BLOCK=STATS_BLOCK,
         X_LN=x_ln is not None, HAS_BIAS=bias is not None, GELU=_GELU[gelu],

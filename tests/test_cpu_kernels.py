@@ -1,5 +1,5 @@
 """The CPU low-precision kernels (csrc/cpu_linear.cpp through encdec_fast/cpu/kernels.py) against the torch
-reference: the int8 product (int8 weights, per-output-channel scales, int16 activations), the bf16 product
+reference: the int8 product (int8 weights, fp16 scales per output and group of 32 inputs, int16 activations), the bf16 product
 (activations rounded to bf16), both with fp32 outputs and the bias / residual fused; the pair-packed layout;
 the decode attention over fp32 and bf16 keys. Shapes are awkward on purpose (odd K, N not a multiple of the
 32-output block, 9 and 17 rows past the 8-row pass, 0 rows, strided inputs)."""
@@ -16,7 +16,7 @@ pytestmark = [
     pytest.mark.skipif(ck.library() is None, reason=f"CPU kernels not available here: {ck.reason()}"),
 ]
 
-SHAPES = [(1, 7, 5), (3, 33, 130), (9, 96, 300), (17, 64, 33), (8, 768, 97), (0, 16, 9), (2, 3072, 64)]
+SHAPES = [(1, 7, 5), (3, 33, 130), (9, 96, 300), (17, 64, 33), (8, 768, 97), (0, 16, 9), (2, 3072, 64), (5, 70, 40)]
 
 
 def test_kernels_build_on_this_machine():
@@ -53,16 +53,18 @@ def test_int8_product_matches_reference(M, K, N, with_bias, with_residual):
     pw = lowp.to_int8(w)
     assert pw.packed and pw.is_int8 and tuple(pw.shape) == (N, K)
     q, scale = lowp.quantize_rows(w)
-    assert torch.equal(pw.matrix(), q)
-    ref = x @ (q.float() * scale[:, None]).T  # fp32 activations: the kernel rounds them to int16 per row
+    assert torch.equal(pw.matrix(), q) and torch.equal(pw.scales(), scale) and scale.dtype == torch.float16
+    deq = q.float() * scale.float().repeat_interleave(lowp.GROUP, 1)[:, :K]
+    assert torch.equal(pw.dequantize(), deq)
+    ref = x @ deq.T  # fp32 activations: the kernel rounds them to int16 per row
     if b is not None:
         ref = ref + b
     if r is not None:
         ref = ref + r
     got = lowp.product(x, pw, b, r)
-    # int16 activations: each row's error is at most ~K * |x|max / qmax * |w|max, with qmax >= 5504 for K <= 3072
+    # int16 activations: each row's error is at most ~sum_k |w| * |x|max / 32767
     xmax = x.abs().max().item() if x.numel() else 0.0
-    tol = 1e-4 * xmax * (q.float() * scale[:, None]).abs().sum(1).max().item() + 1e-5
+    tol = 4e-5 * xmax * deq.abs().sum(1).max().item() + 1e-5
     torch.testing.assert_close(got, ref, rtol=0, atol=tol)
 
 
@@ -107,13 +109,44 @@ def test_reference_path_equals_kernel_numbers(monkeypatch):
 
 
 def test_zero_rows_and_constant_rows():
-    w = torch.zeros(20, 9)
-    w[3] = 0.5  # a zero row gets scale 1 (q = 0), a constant row q = 127
+    w = torch.zeros(20, 40)
+    w[3] = 0.5  # a zero group gets scale 1 (q = 0), a constant one q = 127
+    w[5, 32:] = 1e-9  # its scale underflows fp16: 1, q = 0
     q, scale = lowp.quantize_rows(w)
-    assert scale[0] == 1 and (q[0] == 0).all() and (q[3] == 127).all()
+    assert scale.shape == (20, 2) and (scale[0] == 1).all() and (q[0] == 0).all() and (q[3] == 127).all()
+    assert scale[5, 1] == 1 and (q[5] == 0).all()
     pw = lowp.to_int8(w)
-    x = torch.zeros(2, 9)  # all-zero activations: scale 1, no division by zero
+    x = torch.zeros(2, 40)  # all-zero activations: scale 1, no division by zero
     assert torch.equal(lowp.product(x, pw), torch.zeros(2, 20))
+
+
+def test_groups_keep_small_weights_apart_from_large_ones():
+    # a row whose first 32 inputs are 1000x the rest: per-channel scales would round the rest to 0; groups keep them
+    g = torch.Generator().manual_seed(5)
+    w = torch.randn(16, 96, generator=g) * 1e-3
+    w[:, :32] *= 1000
+    pw = lowp.to_int8(w)
+    err = (pw.dequantize() - w).abs()
+    assert (err[:, 32:] <= w[:, 32:].abs().amax() / 127).all()
+    assert (pw.matrix()[:, 32:] != 0).float().mean() > 0.9
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), 1e7])
+def test_int8_refuses_weights_fp16_scales_cannot_hold(bad):
+    from encdec_fast.errors import InvalidInputError
+
+    w = torch.zeros(4, 8)
+    w[1, 2] = bad
+    with pytest.raises(InvalidInputError, match="without quantize"):
+        lowp.to_int8(w)
+
+
+def test_scale_pack_round_trip():
+    for n, groups in ((1, 1), (33, 3), (64, 2), (100, 5)):
+        s = torch.randn(n, groups).half()
+        out = torch.empty(ck.packed_rows(n) * groups, dtype=torch.float16)
+        ck.pack_scales(out, n, 0, s)
+        assert torch.equal(ck.unpack_scales(out, n, groups), s)
 
 
 @pytest.mark.parametrize("kv_dtype", [torch.float32, torch.bfloat16])

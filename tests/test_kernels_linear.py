@@ -142,7 +142,8 @@ def test_linear_gelu_reference_rounds_the_product_before_the_bias(approximate):
 # int8 weights (w8a16: load(quantize="int8") on CUDA)
 # --------------------------------------------------------------------------------------------
 def _int8(w):
-    """w [N, K] -> (q int8 [N, K], scale fp32 [N]) as load(quantize="int8") quantises (cpu/weights.py)."""
+    """w [N, K] -> (q int8 [N, K], scale fp16 [N, ceil(K / 32)]) as load(quantize="int8") quantises
+    (cpu/weights.py)."""
     from encdec_fast.cpu.weights import quantize_rows
 
     q, s = quantize_rows(w.float().cpu())
@@ -156,14 +157,14 @@ def _int8(w):
 ])
 @pytest.mark.parametrize("combo", list(COMBOS))
 def test_fused_linear_int8_weights_match_the_dequantised_reference(combo, dtype, atol, rtol):
-    """The int8 tile converted to x's dtype (exact), fp32 sums scaled per output column: the reference is
-    ops.fused_linear on the dequantised weight (scale[n] * q[n, k]) in fp32."""
+    """The int8 tile converted to x's dtype (exact), each group's fp32 dot scaled per output column: the reference
+    is ops.fused_linear on the dequantised weight (scale[n, k // 32] * q[n, k]) in fp32."""
     i = list(COMBOS).index(combo)
     M, (K, N) = (1, 17, 3)[i % 3], SHAPES[i % len(SHAPES)]
     (x, w, b), kw = _inputs(M, K, N, combo, dtype)
     q, scale = _int8(w)
     out = klin.fused_linear(x, q, b, w_scale=scale, **kw)
-    deq = q.float() * scale[:, None]
+    deq = q.float() * scale.float().repeat_interleave(klin.INT8_GROUP, 1)[:, :K]
     ref32 = ops.fused_linear(x.float(), deq, _fp32(b), **{n: _fp32(v) for n, v in kw.items()})
     ref_lowp = ops.fused_linear(x, deq.to(dtype), b, **kw) if ON_CUDA else None
     assert out.shape == (M, N) and out.dtype == dtype
@@ -180,4 +181,14 @@ def test_fused_linear_int8_rejects_bad_scales():
     with pytest.raises(ValueError, match="w_scale"):
         klin.fused_linear(x, q, b, w_scale=scale[:10])
     with pytest.raises(ValueError, match="w_scale"):
-        klin.fused_linear(x, q, b, w_scale=scale.half())
+        klin.fused_linear(x, q, b, w_scale=scale.float())  # fp16 scales only
+    with pytest.raises(ValueError, match="w_scale"):
+        klin.fused_linear(x, q, b, w_scale=scale[:, :1])  # one group per 32 inputs
+    with pytest.raises(ValueError, match="w_scale"):
+        klin.fused_linear(x, q, b, w_scale=torch.cat([scale, scale], 1)[:, ::2])  # not unit stride
+
+
+def test_int8_group_is_the_cpu_format():
+    from encdec_fast.cpu import weights as lowp
+
+    assert klin.INT8_GROUP == lowp.GROUP

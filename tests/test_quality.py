@@ -19,9 +19,10 @@ pytestmark = [
     pytest.mark.usefixtures("quiet"),
 ]
 
-# (top-1 agreement at least, KL divergence at most). Measured here: bf16 0.9977 / 4.8e-5; int8 0.9836 / 6.4e-4
-# (0.9871 / 6.1e-4 with dtype=float32 for the rest). int8 misses issue 19's 99%: see benchmarks/quality.py
-GATES = {"bf16": (0.995, 1e-4), "int8": (0.98, 1e-3)}
+# (top-1 agreement at least, KL divergence at most): issue 19's bars. Measured here: bf16 0.9977 / 4.8e-5; int8 (groups
+# of 32 inputs per scale) 0.9930 / 2.2e-4 (0.9918 / 1.9e-4 with dtype=float32 for the rest; per-output-channel scales
+# alone gave 0.9836 / 6.4e-4)
+GATES = {"bf16": (0.995, 1e-4), "int8": (0.99, 5e-4)}
 LOAD = {"bf16": dict(dtype=torch.bfloat16), "int8": dict(quantize="int8")}
 
 

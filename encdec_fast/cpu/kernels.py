@@ -1,8 +1,8 @@
 """The CPU projection kernels of csrc/cpu_linear.cpp: built by the C++ compiler on first use, loaded with ctypes.
 
 Two products with fp32 activations, fp32 sums and fp32 outputs, over weights packed once at load
-(weights.py): int8 weights with per-output-channel scales (each activation row quantised to int16 inside
-the call: AVX512-VNNI), and bf16 weights (activations rounded to bf16: AVX512-BF16); and a decode attention
+(weights.py): int8 weights with fp16 scales per output channel and group of 32 inputs (each activation row
+quantised to int16 inside the call: AVX512-VNNI), and bf16 weights (activations rounded to bf16: AVX512-BF16); and a decode attention
 over fp32 or bf16 keys (one call per layer for every row's window). See the C++ file for the arithmetic, the
 layout and why torch's own kernels do not do this.
 
@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-ABI_VERSION = 5  # csrc/cpu_linear.cpp ENCDEC_CPU_ABI_VERSION
+ABI_VERSION = 6  # csrc/cpu_linear.cpp ENCDEC_CPU_ABI_VERSION
 LIB_NAME = "libencdec_cpu.so"
 SOURCE_NAME = "cpu_linear.cpp"  # in csrc/
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-fvisibility=hidden", "-std=c++17")
@@ -46,8 +46,8 @@ SIGNATURES = {
     "encdec_cpu_features": (_i32, []),
     "encdec_cpu_error_string": (ctypes.c_char_p, [_i32]),
     "encdec_cpu_packed_rows": (_i64, [_i64]),
-    "encdec_cpu_linear_i8": (_i32, [_p, _i64, _i64, _i64, _p, _p, _i64, _p, _p, _i64, _p, _i64, _p, _p, ctypes.c_float,
-                                    _i32]),
+    "encdec_cpu_linear_i8": (_i32, [_p, _i64, _i64, _i64, _p, _p, _i64, _i64, _p, _p, _i64, _p, _i64, _p, _p,
+                                    ctypes.c_float, _i32]),
     "encdec_cpu_linear_bf16": (_i32, [_p, _i64, _i64, _i64, _p, _i64, _p, _p, _i64, _p, _i64, _p, _p, ctypes.c_float,
                                       _i32]),
     "encdec_cpu_linear_f32": (_i32, [_p, _i64, _i64, _i64, _p, _i64, _p, _p, _i64, _p, _i64, _p, _p, ctypes.c_float,
@@ -215,6 +215,23 @@ def pack(w: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def pack_scales(out: torch.Tensor, N: int, first: int, rows: torch.Tensor) -> None:
+    """Write the group scales of rows [first, first + len(rows)) (fp16 [R, groups]) into the packed `out`
+    ([packed_rows(N) / 16][groups][16], the order the int8 product reads them); first is a multiple of 16, and the last
+    call writes the padding (zeros past N)."""
+    R, groups = rows.shape
+    end = packed_rows(N) if first + R >= N else first + R
+    if end % 16:
+        raise ValueError("pack_scales: pass whole blocks of 16 rows (but for the last call)")
+    padded = torch.nn.functional.pad(rows, (0, 0, 0, end - first - R))
+    out.view(packed_rows(N) // 16, groups, 16)[first // 16:end // 16].copy_(padded.view(-1, 16, groups).transpose(1, 2))
+
+
+def unpack_scales(packed: torch.Tensor, N: int, groups: int) -> torch.Tensor:
+    """The [N, groups] scales of packed ones (the inverse of pack_scales)."""
+    return packed.view(packed_rows(N) // 16, groups, 16).transpose(1, 2).reshape(packed_rows(N), groups)[:N]
+
+
 def unpack(packed: torch.Tensor, N: int, K: int) -> torch.Tensor:
     """The [N, K] matrix of a packed one (the inverse of pack; torch ops, for the reference path and tests)."""
     g = _group(packed.dtype)
@@ -227,9 +244,9 @@ ACT = {None: 0, "tanh": 1, "none": 2}  # fused_linear's gelu= -> the kernel's ep
 
 
 def linear(x: torch.Tensor, packed: torch.Tensor, N: int, scale: torch.Tensor | None, bias: torch.Tensor | None = None,
-           residual: torch.Tensor | None = None, ln=None, gelu: str | None = None) -> torch.Tensor:
-    """x [..., K] fp32 -> [..., N] fp32: gelu?(LN?(x) @ w.T + bias) + residual, on a packed int8 (scale: fp32
-    [packed_rows(N)]), bf16 or fp32 (scale None) weight. ln: (weight, bias, eps) of a LayerNorm over K, fp32, or None;
+           residual: torch.Tensor | None = None, ln=None, gelu: str | None = None, group: int = 32) -> torch.Tensor:
+    """x [..., K] fp32 -> [..., N] fp32: gelu?(LN?(x) @ w.T + bias) + residual, on a packed int8 (scale: fp16, packed by
+    pack_scales, one per output and group of `group` inputs), bf16 or fp32 (scale None) weight. ln: (weight, bias, eps) of a LayerNorm over K, fp32, or None;
     gelu: None, "tanh" or "none" (the erf form); bias fp32 [N]; residual fp32 [..., N]."""
     if _I8 is None:
         library()
@@ -252,7 +269,7 @@ def linear(x: torch.Tensor, packed: torch.Tensor, N: int, scale: torch.Tensor | 
         ln_b = ln[1].data_ptr() if ln[1] is not None else 0
     b_ptr = bias.data_ptr() if bias is not None else 0
     if scale is not None:
-        code = _I8(x2.data_ptr(), x2.stride(0), M, K, packed.data_ptr(), scale.data_ptr(), N, b_ptr, r_ptr, r_stride,
+        code = _I8(x2.data_ptr(), x2.stride(0), M, K, packed.data_ptr(), scale.data_ptr(), group, N, b_ptr, r_ptr, r_stride,
                    y.data_ptr(), N, ln_w, ln_b, eps, ACT[gelu])
     elif packed.dtype == torch.float32:
         code = _F32(x2.data_ptr(), x2.stride(0), M, K, packed.data_ptr(), N, b_ptr, r_ptr, r_stride, y.data_ptr(), N,

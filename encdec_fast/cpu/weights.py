@@ -5,8 +5,11 @@ Every projection weight (each Linear's [out, in] matrix: self- and cross-attenti
 BERT head's dense) and the LM head are converted as each weight is read at load (checkpoint/assign.py's
 WeightTransform: one plain copy alive at a time) into a PackedWeight:
 
-  int8  symmetric, one fp32 scale per output channel: w[n, k] ~ scale[n] * q[n, k], |q| <= 127,
-        scale[n] = max_k |w[n, k]| / 127.
+  int8  symmetric, one fp16 scale per output channel and group of GROUP = 32 inputs (llama.cpp's Q8_0):
+        w[n, k] ~ scale[n, k // 32] * q[n, k], |q| <= 127, scale[n, g] = max |w[n, 32 g : 32 g + 32]| / 127.
+        8.5 bits a weight (0.27x fp32's bytes). Why groups: per-output-channel scales alone agree with fp32 on
+        98.4-98.7% of the real-weight positions (KL 6.1-6.4e-4); groups of 32 on 99.3% (KL 2e-4), see
+        benchmarks/quality.py.
   bf16  the weight rounded to bf16.
   fp32  the weight as it is (each output one fp32 sum over k in order: tokens equal transformers' in the parity
         tests, as with oneDNN's layout, which it replaces where the kernels run: 17.4 ms a bert-base + gpt2 step's
@@ -24,7 +27,8 @@ Why fp32 activations, measured on real weights (tests/test_quality.py's MiniLM, 
 candidate) of the next-token distributions, teacher-forced): bf16 products whose outputs are rounded to bf16
 (oneDNN's bf16 linear, as transformers' bf16) give KL 1.3e-4 and 98.8% top-1 agreement, the same products with
 fp32 outputs 4.8e-5 and 99.8%. int8 weights with the activations quantised to int8 (fbgemm's and oneDNN's int8
-products: per call or per token) give 5-7e-3 (95-97%); with int16 activations 6.1e-4 (98.7%), as with fp32 ones.
+products: per call or per token) give 5-7e-3 (95-97%); with int16 activations 6.4e-4 (98.4%), about as with fp32
+ones; those are per-output-channel scales: groups of 32 bring int16 activations to 2.2e-4 (99.3%).
 Speed (benchmarks/bench_cpu_linear.py: a decode step's 73 projections, bert-base + gpt2, 2 threads, weights out
 of cache): int8 5.9 ms at 1 row (fbgemm's int8 x int8 7.3, oneDNN bf16 13.7, oneDNN fp32 26), 9.3 ms at 8 rows
 (fbgemm 8.2: int16 activations halve VNNI's multiply rate, so from ~8 rows the int8 product is compute-bound);
@@ -45,21 +49,23 @@ from torch import nn
 
 from .. import ops
 from ..checkpoint import WeightTransform
-from ..errors import UnsupportedArgumentError
+from ..errors import InvalidInputError, UnsupportedArgumentError
 from ..modules import LayerNorm, Linear, LMHead
 from . import kernels
 
 _ROWS_PER_CHUNK = 1024  # rows converted at a time (a multiple of 32): temporaries of a few MB (load memory)
+GROUP = 32  # int8: inputs that share a scale (the triton backend's fused linear reads one group per K tile)
+_INT8_MAX_WEIGHT = 127 * 65504.0  # the largest |w| an fp16 scale covers
 
 
 class PackedWeight(torch.Tensor):
-    """A projection weight [out, in] stored int8 (with per-output-channel scales), bf16 or fp32, in kernels.py's
+    """A projection weight [out, in] stored int8 (with fp16 group scales), bf16 or fp32, in kernels.py's
     packed layout (or plain [out, in] where the kernels are not available, or for the triton backend). It has the
     shape, dtype and size of the matrix it stands for but no storage of its own: this file's op table reads it;
     other torch ops read a bf16 or fp32 one as its plain matrix and refuse an int8 one."""
 
     values: torch.Tensor  # pair-packed (flat) or plain [N, K]: int8 or bf16
-    scale: torch.Tensor | None  # int8: fp32 [kernels.packed_rows(N)] (zeros past N) or [N] (plain); bf16: None
+    scale: torch.Tensor | None  # int8: fp16 group scales, kernels.pack_scales' layout (packed) or [N, groups] (plain)
     packed: bool  # data in kernels.py's layout (else plain)
 
     @staticmethod
@@ -71,7 +77,7 @@ class PackedWeight(torch.Tensor):
         self.values, self.scale, self.packed = data, scale, packed
 
     def __repr__(self):
-        kind = "int8, per-output-channel scales" if self.scale is not None else str(self.dtype).replace("torch.", "")
+        kind = f"int8, scales per {GROUP} inputs" if self.scale is not None else str(self.dtype).replace("torch.", "")
         return f"PackedWeight({tuple(self.shape)}, {kind})"
 
     __torch_function__ = torch._C._disabled_torch_function_impl
@@ -100,22 +106,38 @@ class PackedWeight(torch.Tensor):
         N, K = self.shape
         return kernels.unpack(self.values, N, K) if self.packed else self.values
 
+    def scales(self) -> torch.Tensor:
+        """An int8 weight's fp16 scales [N, groups], unpacked."""
+        N, K = self.shape
+        return kernels.unpack_scales(self.scale, N, -(-K // GROUP)) if self.packed else self.scale
+
     def dequantize(self) -> torch.Tensor:
-        """The fp32 matrix it stands for (scale[n] * q[n, k] for int8)."""
+        """The fp32 matrix it stands for (scale[n, k // GROUP] * q[n, k] for int8)."""
         w = self.matrix().float()
-        return w * self.scale[:w.shape[0], None] if self.is_int8 else w
+        if not self.is_int8:
+            return w
+        return w * self.scales().float().repeat_interleave(GROUP, dim=1)[:, :w.shape[1]]
 
 
 # ------------------------------------------------------------------------------------------------
 # conversion
 # ------------------------------------------------------------------------------------------------
 def quantize_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """w [N, K] float -> (q int8 [N, K], scale fp32 [N]): symmetric per row, scale = max |w[n]| / 127 (a zero row
-    gets scale 1)."""
-    w = w.float()
-    s = w.abs().amax(dim=1) / 127
+    """w [N, K] float -> (q int8 [N, K], scale fp16 [N, ceil(K / GROUP)]): symmetric per row and group of GROUP
+    inputs, scale = max |w[n, group]| / 127 rounded to fp16 (a group whose scale rounds to 0 gets 1: its q are 0), q =
+    round(w / scale) within +-127."""
+    N, K = w.shape
+    groups = -(-K // GROUP)
+    wg = F.pad(w.float(), (0, groups * GROUP - K)).view(N, groups, GROUP)
+    amax = wg.abs().amax(dim=2)
+    if not bool((amax <= _INT8_MAX_WEIGHT).all()):  # also false for NaN
+        what = f"values up to {amax.max().item():.3g}" if bool(torch.isfinite(amax).all()) else "non-finite values"
+        raise InvalidInputError(f"quantize='int8': a projection weight holds {what}, beyond what int8 with fp16 scales "
+                                f"stores (|w| <= {_INT8_MAX_WEIGHT:.3g}); load this checkpoint without quantize.")
+    s = (amax / 127).half()
     s = torch.where(s > 0, s, torch.ones_like(s))
-    return torch.round(w / s[:, None]).clamp_(-127, 127).to(torch.int8), s
+    q = torch.round(wg / s.float()[:, :, None]).clamp_(-127, 127).to(torch.int8)
+    return q.view(N, groups * GROUP)[:, :K], s
 
 
 def _convert(w: torch.Tensor, int8: bool, plain: bool = False, dtype: torch.dtype = torch.bfloat16) -> PackedWeight:
@@ -128,11 +150,19 @@ def _convert(w: torch.Tensor, int8: bool, plain: bool = False, dtype: torch.dtyp
         int8 or dtype == torch.float32 or kernels.has_bf16())
     dtype = torch.int8 if int8 else dtype
     values = kernels.packed_empty(N, K, dtype) if packed else torch.empty(N, K, dtype=dtype, device=w.device)
-    scale = torch.zeros(kernels.packed_rows(N) if packed else N, device=w.device) if int8 else None
+    groups = -(-K // GROUP)
+    scale = None
+    if int8:
+        scale = (torch.empty(kernels.packed_rows(N) * groups, dtype=torch.float16) if packed
+                 else torch.empty(N, groups, dtype=torch.float16, device=w.device))
     for a in range(0, N, _ROWS_PER_CHUNK):
         part = w[a:a + _ROWS_PER_CHUNK]
         if int8:
-            part, scale[a:a + part.shape[0]] = quantize_rows(part)
+            part, s = quantize_rows(part)
+            if packed:
+                kernels.pack_scales(scale, N, a, s)
+            else:
+                scale[a:a + s.shape[0]] = s
         else:
             part = part.to(dtype)
         if packed:
@@ -259,7 +289,7 @@ def product(x, weight: PackedWeight, bias=None, residual=None, *, ln=None, gelu=
     if weight.packed:
         if ln is not None and (ln[0].dtype != torch.float32 or (ln[1] is not None and ln[1].dtype != torch.float32)):
             ln = (_f32(ln[0]), _f32(ln[1]), ln[2])
-        return kernels.linear(x, weight.values, weight.shape[0], weight.scale, bias, residual, ln, gelu)
+        return kernels.linear(x, weight.values, weight.shape[0], weight.scale, bias, residual, ln, gelu, GROUP)
     if ln is not None:
         x = F.layer_norm(x, (x.shape[-1],), _f32(ln[0]), _f32(ln[1]), ln[2])
     if not weight.is_int8:  # the kernel's rounding of the activations
