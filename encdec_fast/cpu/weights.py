@@ -30,9 +30,10 @@ fp32 outputs 4.8e-5 and 99.8%. int8 weights with the activations quantised to in
 products: per call or per token) give 5-7e-3 (95-97%); with int16 activations 6.4e-4 (98.4%), about as with fp32
 ones; those are per-output-channel scales: groups of 32 bring int16 activations to 2.2e-4 (99.3%).
 Speed (benchmarks/bench_cpu_linear.py: a decode step's 73 projections, bert-base + gpt2, 2 threads, weights out
-of cache): int8 5.9 ms at 1 row (fbgemm's int8 x int8 7.3, oneDNN bf16 13.7, oneDNN fp32 26), 9.3 ms at 8 rows
-(fbgemm 8.2: int16 activations halve VNNI's multiply rate, so from ~8 rows the int8 product is compute-bound);
-bf16 9.8 ms at 1 row, 10.9 at 8 (oneDNN bf16 14.3 / 14.5), within 10% of oneDNN bf16 at the encoder's 128-512 rows.
+of cache; medians of one run, 2026-12-06): int8 (group scales) 6.5 ms at 1 row (fbgemm's int8 x int8 8.4, oneDNN
+bf16 15.2, oneDNN fp32 28.6), 9.9 ms at 8 rows (fbgemm 9.6: int16 activations halve VNNI's multiply rate, so from
+~8 rows the int8 product is compute-bound); bf16 10.2 ms at 1 row, 13.3 at 8 (oneDNN bf16 15.2 / 16.0), within 10%
+of oneDNN bf16 at the encoder's 128-512 rows.
 
 Where kernels.py is not available (no AVX-512, no C++ compiler): int8 weights run the torch reference below
 (dequantised per call: the same numbers, slowly), and fp32 and bf16 models load oneDNN's layouts instead
