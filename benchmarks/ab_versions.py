@@ -4,7 +4,8 @@ threads, runs alternating (so that load from other processes hits both alike); t
     python benchmarks/ab_versions.py REV [--size small|base] [--rounds 7] [--threads 2]
 
 REV's `encdec_fast/` and `kernels/` are exported (git archive) into a temporary folder as the package
-`encdec_fast_ab` (its imports are relative, so it runs beside this tree's `encdec_fast`). Cases: generate()
+`encdec_fast_ab` (its imports are relative, so it runs beside this tree's `encdec_fast`), with its `csrc/` beside
+it (so that it builds and loads its own CPU kernels). --quantize / --dtype load both models so. Cases: generate()
 greedy and beam 4 at batch 1 and 8, and the Engine on a mixed workload. Prints, per case, the median of
 the per-round time ratios REV / working tree (above 1: the working tree is faster) and whether the tokens
 are equal. CPU only (a GPU run compares captured graphs the same way with --device cuda).
@@ -32,10 +33,11 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 def export(rev: str, dest: Path):
     """REV's encdec_fast/ (with kernels/ inside, as setup.py installs it) as the package dest/encdec_fast_ab."""
-    raw = subprocess.run(["git", "archive", rev, "encdec_fast", "kernels"], cwd=ROOT, check=True,
+    raw = subprocess.run(["git", "archive", rev, "encdec_fast", "kernels", "csrc"], cwd=ROOT, check=True,
                          capture_output=True).stdout
     with tarfile.open(fileobj=io.BytesIO(raw)) as tar:
         tar.extractall(dest / "src", filter="data")
+    (dest / "src" / "csrc").rename(dest / "csrc")  # where the package's cpu/kernels.py looks for its source
     pkg = dest / "encdec_fast_ab"
     (dest / "src" / "encdec_fast").rename(pkg)
     link = pkg / "kernels"
@@ -77,6 +79,8 @@ def main(argv=None) -> int:
     ap.add_argument("--size", choices=["small", "base"], default="small")
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--quantize", choices=["int8"], default=None)
+    ap.add_argument("--dtype", choices=["float32", "bfloat16"], default=None)
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -93,8 +97,11 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as d:
         ab = export(a.rev, Path(d))
         path = build_bert2gpt2(str(Path(d) / "ckpt"), size)
-        old, new = ab.load(path), encdec_fast.load(path)
-        print(f"{a.rev} vs the working tree, {a.size} bert2gpt2, cpu, {a.threads} threads, {a.rounds} rounds")
+        kw = {"quantize": a.quantize} if a.quantize else {}
+        kw |= {"dtype": getattr(torch, a.dtype)} if a.dtype else {}
+        old, new = ab.load(path, **kw), encdec_fast.load(path, **kw)
+        print(f"{a.rev} vs the working tree, {a.size} bert2gpt2 {kw or ''}, cpu, {a.threads} threads, {a.rounds} "
+              "rounds")
         with torch.inference_mode():
             for mode, kw in (("greedy", {}), ("beam4", dict(num_beams=4))):
                 for batch in (1, 8):

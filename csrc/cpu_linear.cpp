@@ -43,7 +43,7 @@
 #include <string.h>
 #include <math.h>
 
-#define ENCDEC_CPU_ABI_VERSION 6
+#define ENCDEC_CPU_ABI_VERSION 7
 #define EXPORT extern "C" __attribute__((visibility("default")))
 
 namespace {
@@ -319,6 +319,54 @@ EXPORT const char* encdec_cpu_error_string(int code) {
 }
 
 EXPORT int64_t encdec_cpu_packed_rows(int64_t N) { return round_up(N, BLOCK); }
+
+// The k largest values of each row of x [rows, n] (row stride xs), in descending order, into vals / idx [rows, k]
+// (k <= 256, n >= k); among equal values the lower index comes first, and a value equal to a row's k-th is kept only if
+// seen before it (so the values are each row's exact top k; which of tied indices is not torch.topk's promise either).
+// One pass: 16 values at a time against the current k-th value, insertion for the few that beat it. Returns 0, or 1
+// when a row holds NaN (the caller then uses torch.topk, which ranks NaN first).
+EXPORT int encdec_cpu_row_topk(const float* x, int64_t rows, int64_t n, int64_t xs, int64_t k, float* vals,
+                               int64_t* idx) {
+    if (rows < 0 || k < 1 || k > 256 || n < k) return -1;
+    int nan_seen = 0;
+#pragma omp parallel for schedule(static) reduction(| : nan_seen) if (rows * n > 65536)
+    for (int64_t r = 0; r < rows; ++r) {
+        const float* xr = x + r * xs;
+        float* v = vals + r * k;
+        int64_t* ix = idx + r * k;
+        int64_t filled = 0;
+        auto insert = [&](float val, int64_t i) {  // into the sorted list, below every equal value
+            int64_t p = filled < k ? filled++ : k - 1;
+            while (p > 0 && v[p - 1] < val) {
+                v[p] = v[p - 1], ix[p] = ix[p - 1];
+                --p;
+            }
+            v[p] = val, ix[p] = i;
+        };
+        int64_t i = 0;
+        for (; i < n && filled < k; ++i) {
+            if (xr[i] != xr[i]) nan_seen = 1;
+            insert(xr[i], i);
+        }
+        __mmask16 nans = 0;
+        for (; i + LANES <= n; i += LANES) {
+            const __m512 x16 = _mm512_loadu_ps(xr + i);
+            nans |= _mm512_cmp_ps_mask(x16, x16, _CMP_UNORD_Q);
+            __mmask16 hit = _mm512_cmp_ps_mask(x16, _mm512_set1_ps(v[k - 1]), _CMP_GT_OQ);
+            while (hit) {
+                const int lane = __builtin_ctz(hit);
+                hit &= hit - 1;
+                if (xr[i + lane] > v[k - 1]) insert(xr[i + lane], i + lane);
+            }
+        }
+        for (; i < n; ++i) {
+            if (xr[i] != xr[i]) nan_seen = 1;
+            else if (xr[i] > v[k - 1]) insert(xr[i], i);
+        }
+        if (nans) nan_seen = 1;
+    }
+    return nan_seen;
+}
 
 // y [M, N] = act(LN?(x) @ dequant(w).T (+ bias)) (+ residual). x [M, K] fp32 (row stride xs); w pair-packed int8
 // with scale [Np / 16][ceil(K / group)][16] fp16 (group even, at most 512: no int32 sum of a group overflows); bias [N] or null; residual [M, N] (row stride rs) or null; y (row stride

@@ -219,3 +219,55 @@ def test_gelu_epilogue_accuracy():
         ref = torch.nn.functional.gelu(xb.double(), approximate=gelu).float()
         err = ((got - ref).abs() / xb.abs().clamp(min=1)).max().item()
         assert err < 1e-6, (gelu, err)
+
+
+@pytest.mark.parametrize("rows,n,k", [(1, 9, 9), (3, 17, 9), (32, 50257, 9), (5, 100, 1), (2, 1000, 40), (4, 300, 256)])
+def test_row_topk_matches_torch_topk_values(rows, n, k):
+    g = torch.Generator().manual_seed(rows * n + k)
+    for trial in range(6):
+        x = torch.randn(rows, n, generator=g)
+        if trial % 3 == 1:
+            x = torch.round(x * 4) / 4  # many ties
+        if trial % 3 == 2:
+            x[:, ::7] = float("-inf")
+        vals, idx = ck.row_topk(x, k)
+        assert torch.equal(vals, torch.topk(x, k).values)
+        assert torch.equal(x.gather(1, idx), vals)
+        tied = vals[:, 1:] == vals[:, :-1]
+        assert ((idx[:, 1:] > idx[:, :-1]) | ~tied).all()  # the lower index first among equal values
+
+
+def test_row_topk_leaves_nan_rows_to_torch():
+    x = torch.randn(4, 100)
+    x[2, 50] = float("nan")
+    assert ck.row_topk(x, 5) is None
+
+
+@pytest.mark.parametrize("case", ["distinct", "tied", "nan", "tiny vocabulary"])
+def test_select_beam_fast_path_equals_torch_topk(case, monkeypatch):
+    """decode/ops.select_beam on the CPU ranks candidates from each row's k + 1 best (row_topk): its answer must be
+    torch.topk's over the whole (R, nb * V) scores, and it hands ties and NaN to torch.topk itself."""
+    from encdec_fast.decode import ops as dops
+    from encdec_fast.decode import select as sel
+
+    g = torch.Generator().manual_seed(7)
+    R, nb, V = 3, 4, 5 if case == "tiny vocabulary" else 1000
+    logits = torch.randn(R * nb, V, generator=g)
+    if case == "tied":
+        logits = torch.round(logits)  # equal log-probs within a row: ties among the candidates
+    if case == "nan":
+        logits[1, 3] = float("nan")
+    running = torch.randn(R, nb, generator=g)
+    spec = sel.Spec()
+    seq = torch.zeros(R * nb, 4, dtype=torch.long)
+    t = torch.ones(R * nb, dtype=torch.long)
+    tables = sel.RowTables(R * nb, V, "cpu")
+    calls = []
+    real = dops._cpu_top_candidates
+    monkeypatch.setattr(dops, "_cpu_top_candidates", lambda *a: calls.append(real(*a)) or calls[-1])
+    got = dops.select_beam(logits, seq, t, tables, spec, running, 2 * nb)
+    monkeypatch.setattr(dops, "_cpu_top_candidates", lambda *a: None)
+    want = dops.select_beam(logits, seq, t, tables, spec, running, 2 * nb)
+    torch.testing.assert_close(got[0], want[0], rtol=0, atol=0, equal_nan=True)
+    assert torch.equal(got[1], want[1])
+    assert (calls[0] is not None) == (case == "distinct"), case  # the fast path answered only without ties

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-ABI_VERSION = 6  # csrc/cpu_linear.cpp ENCDEC_CPU_ABI_VERSION
+ABI_VERSION = 7  # csrc/cpu_linear.cpp ENCDEC_CPU_ABI_VERSION
 LIB_NAME = "libencdec_cpu.so"
 SOURCE_NAME = "cpu_linear.cpp"  # in csrc/
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-fvisibility=hidden", "-std=c++17")
@@ -52,6 +52,7 @@ SIGNATURES = {
                                       _i32]),
     "encdec_cpu_linear_f32": (_i32, [_p, _i64, _i64, _i64, _p, _i64, _p, _p, _i64, _p, _i64, _p, _p, ctypes.c_float,
                                      _i32]),
+    "encdec_cpu_row_topk": (_i32, [_p, _i64, _i64, _i64, _i64, _p, _p]),
     "encdec_cpu_decode_attention": (_i32, [_p, _i64, _i64, _p, _p, _i64, _i64, _i32, _p, _p, _i64, _i64, _i64,
                                            ctypes.c_float, _p, _i64, _i64]),
 }
@@ -295,3 +296,18 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, starts: 
                                                  k.stride(0), k.stride(1), int(bf), starts.data_ptr(), lens.data_ptr(),
                                                  N, H, D, scale, out.data_ptr(), H * D, D), "decode_attention")
     return out
+
+
+def row_topk(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The k largest values of each row of x [rows, n] fp32 (unit column stride), descending, and their indices:
+    each row's exact top k values (among equal values the lower index first). None when a row holds NaN (torch.topk
+    ranks NaN first: use it)."""
+    rows, n = x.shape
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    vals = torch.empty(rows, k, dtype=torch.float32)
+    idx = torch.empty(rows, k, dtype=torch.long)
+    code = library().encdec_cpu_row_topk(x.data_ptr(), rows, n, x.stride(0), k, vals.data_ptr(), idx.data_ptr())
+    if code < 0:
+        _check(code, "row_topk")
+    return None if code == 1 else (vals, idx)
