@@ -43,7 +43,7 @@
 #include <string.h>
 #include <math.h>
 
-#define ENCDEC_CPU_ABI_VERSION 7
+#define ENCDEC_CPU_ABI_VERSION 8
 #define EXPORT extern "C" __attribute__((visibility("default")))
 
 namespace {
@@ -319,6 +319,44 @@ EXPORT const char* encdec_cpu_error_string(int code) {
 }
 
 EXPORT int64_t encdec_cpu_packed_rows(int64_t N) { return round_up(N, BLOCK); }
+
+// One look at a decode step's logits x [rows, n] (row stride xs): idx[r] = the first index of row r's largest value,
+// bad[r] = 1 when the row holds NaN or an infinity (its idx is then any index in range; the caller fails the row).
+// Two passes over a row (its largest value, then where it first is), the second from cache.
+EXPORT int encdec_cpu_row_argmax(const float* x, int64_t rows, int64_t n, int64_t xs, int64_t* idx, uint8_t* bad) {
+    if (rows < 0 || n < 1) return -1;
+#pragma omp parallel for schedule(static) if (rows * n > 65536)
+    for (int64_t r = 0; r < rows; ++r) {
+        const float* xr = x + r * xs;
+        __m512 mx = _mm512_set1_ps(-INFINITY);
+        __mmask16 odd = 0;  // lanes that met NaN or an infinity (x - x is NaN exactly then)
+        int64_t i = 0;
+        for (; i + LANES <= n; i += LANES) {
+            const __m512 v = _mm512_loadu_ps(xr + i);
+            odd |= _mm512_cmp_ps_mask(_mm512_sub_ps(v, v), _mm512_sub_ps(v, v), _CMP_UNORD_Q);
+            mx = _mm512_max_ps(mx, v);
+        }
+        float best = _mm512_reduce_max_ps(mx);
+        bool nonfinite = odd != 0;
+        for (; i < n; ++i) {
+            nonfinite |= !(xr[i] - xr[i] == 0.0f);
+            best = xr[i] > best ? xr[i] : best;
+        }
+        int64_t at = 0;
+        for (int64_t j = 0; j < n; j += LANES) {  // the first lane equal to the largest value
+            const __mmask16 m = n - j >= LANES ? (__mmask16)0xFFFF : (__mmask16)((1u << (n - j)) - 1);
+            const __mmask16 eq = _mm512_mask_cmp_ps_mask(m, _mm512_maskz_loadu_ps(m, xr + j), _mm512_set1_ps(best),
+                                                         _CMP_EQ_OQ);
+            if (eq) {
+                at = j + __builtin_ctz(eq);
+                break;
+            }
+        }
+        idx[r] = at;
+        bad[r] = nonfinite ? 1 : 0;
+    }
+    return 0;
+}
 
 // The k largest values of each row of x [rows, n] (row stride xs), in descending order, into vals / idx [rows, k]
 // (k <= 256, n >= k); among equal values the lower index comes first, and a value equal to a row's k-th is kept only if

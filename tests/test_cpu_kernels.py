@@ -271,3 +271,39 @@ def test_select_beam_fast_path_equals_torch_topk(case, monkeypatch):
     torch.testing.assert_close(got[0], want[0], rtol=0, atol=0, equal_nan=True)
     assert torch.equal(got[1], want[1])
     assert (calls[0] is not None) == (case == "distinct"), case  # the fast path answered only without ties
+
+
+@pytest.mark.parametrize("rows,n", [(1, 1), (3, 17), (8, 50257), (5, 16), (2, 33)])
+def test_row_argmax_is_torch_argmax_and_flags_nonfinite_rows(rows, n):
+    g = torch.Generator().manual_seed(rows + n)
+    x = torch.round(torch.randn(rows, n, generator=g) * 2)  # ties: the first index of the largest value
+    idx, bad = ck.row_argmax(x)
+    assert torch.equal(idx, torch.argmax(x, dim=-1)) and not bad.any()
+    wide = torch.randn(rows, n + 7, generator=g)[:, 3:n + 3]  # a row stride past n
+    assert torch.equal(ck.row_argmax(wide)[0], torch.argmax(wide, dim=-1))
+    for special in (float("nan"), float("inf"), float("-inf")):
+        y = x.clone()
+        y[rows // 2, n // 2] = special
+        idx, bad = ck.row_argmax(y)
+        assert bad.tolist() == [r == rows // 2 for r in range(rows)]
+        assert ((idx >= 0) & (idx < n)).all()
+        keep = ~bad
+        assert torch.equal(idx[keep], torch.argmax(y, dim=-1)[keep])
+
+
+def test_scan_logits_fast_path_equals_the_reference(monkeypatch):
+    from encdec_fast.decode import ops as dops
+
+    g = torch.Generator().manual_seed(3)
+    logits = torch.round(torch.randn(6, 300, generator=g) * 3)
+    logits[1, 7] = float("nan")
+    logits[4, 9] = float("-inf")
+    busy = torch.tensor([True, True, True, False, True, True])
+    stop_t = torch.tensor([0, 0, 5, 0, 0, 0])
+    got_flags, want_flags = torch.zeros(6, dtype=torch.bool), torch.zeros(6, dtype=torch.bool)
+    got = dops.scan_logits(logits, busy, stop_t, got_flags, argmax=True)
+    monkeypatch.setattr(dops, "_cpu_kernels", lambda: False)
+    want = dops.scan_logits(logits, busy, stop_t, want_flags, argmax=True)
+    assert torch.equal(got_flags, want_flags) and got_flags.tolist() == [False, True, False, False, True, False]
+    ok = ~torch.isnan(logits).any(-1) & ~torch.isinf(logits).any(-1)
+    assert torch.equal(got[ok], want[ok])

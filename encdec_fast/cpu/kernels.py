@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-ABI_VERSION = 7  # csrc/cpu_linear.cpp ENCDEC_CPU_ABI_VERSION
+ABI_VERSION = 8  # csrc/cpu_linear.cpp ENCDEC_CPU_ABI_VERSION
 LIB_NAME = "libencdec_cpu.so"
 SOURCE_NAME = "cpu_linear.cpp"  # in csrc/
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-fvisibility=hidden", "-std=c++17")
@@ -53,6 +53,7 @@ SIGNATURES = {
     "encdec_cpu_linear_f32": (_i32, [_p, _i64, _i64, _i64, _p, _i64, _p, _p, _i64, _p, _i64, _p, _p, ctypes.c_float,
                                      _i32]),
     "encdec_cpu_row_topk": (_i32, [_p, _i64, _i64, _i64, _i64, _p, _p]),
+    "encdec_cpu_row_argmax": (_i32, [_p, _i64, _i64, _i64, _p, _p]),
     "encdec_cpu_decode_attention": (_i32, [_p, _i64, _i64, _p, _p, _i64, _i64, _i32, _p, _p, _i64, _i64, _i64,
                                            ctypes.c_float, _p, _i64, _i64]),
 }
@@ -311,3 +312,16 @@ def row_topk(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor] | Non
     if code < 0:
         _check(code, "row_topk")
     return None if code == 1 else (vals, idx)
+
+
+def row_argmax(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [rows, n] fp32 (unit column stride, n >= 1) -> (the first index of each row's largest value long [rows],
+    rows holding NaN or an infinity bool [rows]; their index is any in range)."""
+    rows, n = x.shape
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    idx = torch.empty(rows, dtype=torch.long)
+    bad = torch.empty(rows, dtype=torch.bool)
+    _check(library().encdec_cpu_row_argmax(x.data_ptr(), rows, n, x.stride(0), idx.data_ptr(), bad.data_ptr()),
+           "row_argmax")
+    return idx, bad

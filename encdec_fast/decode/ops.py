@@ -45,8 +45,20 @@ def scan_logits(logits, busy, stop_t, nonfinite, *, argmax: bool):
     """One look at a step's logits [N, V]: running rows (busy, stop_t == 0) holding NaN or inf get
     nonfinite[n] = True (bool [N], in place; nonfinite_rows); with argmax, returns each row's
     argmax (first index among equal maxima; any index in range for a row holding NaN), else None."""
+    if logits.device.type == "cpu" and logits.dtype == torch.float32 and logits.shape[-1] and _cpu_kernels():
+        from ..cpu import kernels as ck  # one pass for both (torch: a sum and an argmax, each ~1 ns a logit)
+
+        best, bad = ck.row_argmax(logits)
+        nonfinite |= bad & busy & (stop_t == 0)
+        return best if argmax else None
     nonfinite |= nonfinite_rows(logits) & busy & (stop_t == 0)
     return torch.argmax(logits, dim=-1) if argmax else None
+
+
+def _cpu_kernels() -> bool:
+    from ..cpu import kernels as ck
+
+    return ck.has_int8()
 
 
 
@@ -95,7 +107,7 @@ def _cpu_top_candidates(log_probs: torch.Tensor, running_scores: torch.Tensor, k
     R, nb = running_scores.shape
     V = log_probs.shape[-1]
     kk = k + 1
-    if V < kk or kk > 256 or not ck.has_int8() or log_probs.dtype != torch.float32:
+    if V < kk or kk > 256 or not _cpu_kernels() or log_probs.dtype != torch.float32:
         return None
     got = ck.row_topk(log_probs, kk)
     if got is None:
