@@ -235,6 +235,7 @@ class _StreamedRequest:
                 break
             except asyncio.TimeoutError:
                 self.status = "504"
+                stream.close()  # cancelled before the client hears of it (it may send the next request at once)
                 yield _sse(timeout_body(limits.request_timeout_s), "error")
                 return
             except Exception as e:  # noqa: BLE001  the request failed in the engine

@@ -328,7 +328,11 @@ class _CompletionStream:
         return _data({**self.head, "choices": choices, **extra})
 
     def _failed(self, status: int, body: dict):
+        """The error's events, after every prompt's request is cancelled (before the client hears of the error: it
+        may send its next request at once)."""
         self.status = str(status)
+        for s in self.streams:
+            s.close()  # no-op once finished
         return [_data(openai_body(status, body)), DONE]
 
     async def events(self):
