@@ -244,9 +244,9 @@ def test_row_topk_leaves_nan_rows_to_torch():
 
 
 @pytest.mark.parametrize("case", ["distinct", "tied", "nan", "tiny vocabulary"])
-def test_select_beam_fast_path_equals_torch_topk(case, monkeypatch):
-    """decode/ops.select_beam on the CPU ranks candidates from each row's k + 1 best (row_topk): its answer must be
-    torch.topk's over the whole (R, nb * V) scores, and it hands ties and NaN to torch.topk itself."""
+def test_cpu_select_beam_equals_torch_topk(case):
+    """decode/ops.cpu_select_beam ranks candidates from each row's k + 1 best (row_topk): its answer must be the
+    reference's (torch.topk over the whole (R, nb * V) scores), and it hands ties and NaN to torch.topk itself."""
     from encdec_fast.decode import ops as dops
     from encdec_fast.decode import select as sel
 
@@ -258,19 +258,14 @@ def test_select_beam_fast_path_equals_torch_topk(case, monkeypatch):
     if case == "nan":
         logits[1, 3] = float("nan")
     running = torch.randn(R, nb, generator=g)
-    spec = sel.Spec()
-    seq = torch.zeros(R * nb, 4, dtype=torch.long)
-    t = torch.ones(R * nb, dtype=torch.long)
-    tables = sel.RowTables(R * nb, V, "cpu")
-    calls = []
-    real = dops._cpu_top_candidates
-    monkeypatch.setattr(dops, "_cpu_top_candidates", lambda *a: calls.append(real(*a)) or calls[-1])
-    got = dops.select_beam(logits, seq, t, tables, spec, running, 2 * nb)
-    monkeypatch.setattr(dops, "_cpu_top_candidates", lambda *a: None)
-    want = dops.select_beam(logits, seq, t, tables, spec, running, 2 * nb)
+    args = (logits, torch.zeros(R * nb, 4, dtype=torch.long), torch.ones(R * nb, dtype=torch.long),
+            sel.RowTables(R * nb, V, "cpu"), sel.Spec(), running, 2 * nb)
+    got, want = dops.cpu_select_beam(*args), dops.select_beam(*args)
     torch.testing.assert_close(got[0], want[0], rtol=0, atol=0, equal_nan=True)
     assert torch.equal(got[1], want[1])
-    assert (calls[0] is not None) == (case == "distinct"), case  # the fast path answered only without ties
+    log_probs = torch.log_softmax(logits, -1)
+    fast = dops.cpu_top_candidates(log_probs, running, 2 * nb)
+    assert (fast is not None) == (case == "distinct"), case  # the row top-k answered only without ties
 
 
 @pytest.mark.parametrize("rows,n", [(1, 1), (3, 17), (8, 50257), (5, 16), (2, 33)])
@@ -291,7 +286,7 @@ def test_row_argmax_is_torch_argmax_and_flags_nonfinite_rows(rows, n):
         assert torch.equal(idx[keep], torch.argmax(y, dim=-1)[keep])
 
 
-def test_scan_logits_fast_path_equals_the_reference(monkeypatch):
+def test_cpu_scan_logits_equals_the_reference():
     from encdec_fast.decode import ops as dops
 
     g = torch.Generator().manual_seed(3)
@@ -301,9 +296,17 @@ def test_scan_logits_fast_path_equals_the_reference(monkeypatch):
     busy = torch.tensor([True, True, True, False, True, True])
     stop_t = torch.tensor([0, 0, 5, 0, 0, 0])
     got_flags, want_flags = torch.zeros(6, dtype=torch.bool), torch.zeros(6, dtype=torch.bool)
-    got = dops.scan_logits(logits, busy, stop_t, got_flags, argmax=True)
-    monkeypatch.setattr(dops, "_cpu_kernels", lambda: False)
+    got = dops.cpu_scan_logits(logits, busy, stop_t, got_flags, argmax=True)
     want = dops.scan_logits(logits, busy, stop_t, want_flags, argmax=True)
     assert torch.equal(got_flags, want_flags) and got_flags.tolist() == [False, True, False, False, True, False]
     ok = ~torch.isnan(logits).any(-1) & ~torch.isinf(logits).any(-1)
     assert torch.equal(got[ok], want[ok])
+    assert dops.cpu_scan_logits(logits, busy, stop_t, got_flags, argmax=False) is None
+
+
+def test_the_cpu_decode_table_takes_the_kernels_versions():
+    from encdec_fast.decode import ops as dops
+
+    cpu = dops.table("torch", "cpu")
+    assert cpu.scan_logits is dops.cpu_scan_logits and cpu.select_beam is dops.cpu_select_beam
+    assert dops.table("torch").scan_logits is dops.scan_logits  # no device: the reference

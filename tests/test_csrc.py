@@ -296,7 +296,7 @@ def test_decode_step_chooses_through_the_csrc_entries_of_the_op_table(make_ckpt,
     process = sel.process
     monkeypatch.setattr(sel, "process", lambda *a: calls.update(["process"]) or process(*a))
     table = dataclasses.replace(dops.table("torch"), select_greedy=entry("select_greedy"), select_beam=entry("select_beam"))
-    monkeypatch.setattr(dops, "table", lambda backend: table)
+    monkeypatch.setattr(dops, "table", lambda backend, device=None: table)
     ids, mask, _ = make_inputs(3, 9, 1, 97, 0, padded=True, avoid=(0, ref.config.pad_token_id))
     with torch.no_grad():
         want = ref.generate(ids, attention_mask=mask, max_new_tokens=8, **kw)

@@ -1,8 +1,9 @@
 """The decode-only ops: one look at a step's logits, token choice, and the step's bookkeeping, per backend.
 
 decode/step.py and decode/beam.py call ``dops.<name>(...)`` on the table of the model's backend. The
-plain-PyTorch versions below are the reference the Triton kernels (kernels/scan.py, kernels/commit.py)
-and the csrc/ CUDA kernels (select_greedy, select_beam; csrc_ops.py) are tested against.
+plain-PyTorch versions below are the reference the Triton kernels (kernels/scan.py, kernels/commit.py),
+the csrc/ CUDA kernels (select_greedy, select_beam; csrc_ops.py) and the CPU kernels' versions (cpu_scan_logits,
+cpu_select_beam: the torch backend's on a CPU device) are tested against.
 
 Shape conventions (N decode rows, V vocabulary, Lc token slots per row):
   scan_logits    logits [N, V]: flags running rows with NaN/inf in nonfinite [N] (in place); -> argmax
@@ -45,21 +46,8 @@ def scan_logits(logits, busy, stop_t, nonfinite, *, argmax: bool):
     """One look at a step's logits [N, V]: running rows (busy, stop_t == 0) holding NaN or inf get
     nonfinite[n] = True (bool [N], in place; nonfinite_rows); with argmax, returns each row's
     argmax (first index among equal maxima; any index in range for a row holding NaN), else None."""
-    if logits.device.type == "cpu" and logits.dtype == torch.float32 and logits.shape[-1] and _cpu_kernels():
-        from ..cpu import kernels as ck  # one pass for both (torch: a sum and an argmax, each ~1 ns a logit)
-
-        best, bad = ck.row_argmax(logits)
-        nonfinite |= bad & busy & (stop_t == 0)
-        return best if argmax else None
     nonfinite |= nonfinite_rows(logits) & busy & (stop_t == 0)
     return torch.argmax(logits, dim=-1) if argmax else None
-
-
-def _cpu_kernels() -> bool:
-    from ..cpu import kernels as ck
-
-    return ck.has_int8()
-
 
 
 # --------------------------------------------------------------------------------------------
@@ -83,33 +71,60 @@ def select_beam(logits: torch.Tensor, seq: torch.Tensor, t: torch.Tensor, tables
     process(log_softmax(logits)) + running_scores over beams x vocabulary (torch.topk), indices
     beam * V + token. running_scores [R, nb]: request r's beams are rows r*nb .. r*nb+nb-1 (decode/beam.py's
     layout); rows past R*nb (of the logits, seq, t and the tables) are not read."""
+    return _top_candidates(_beam_log_probs(logits, seq, t, tables, spec, running_scores), running_scores, k)
+
+
+def _beam_log_probs(logits, seq, t, tables, spec, running_scores) -> torch.Tensor:
+    rows = running_scores.numel()
+    return sel.process(F.log_softmax(logits[:rows].float(), dim=-1), seq[:rows], t[:rows], tables, spec)
+
+
+def _top_candidates(log_probs: torch.Tensor, running_scores: torch.Tensor, k: int):
     R, nb = running_scores.shape
-    rows = R * nb
-    log_probs = sel.process(F.log_softmax(logits[:rows].float(), dim=-1), seq[:rows], t[:rows], tables, spec)
     V = log_probs.shape[-1]
-    if log_probs.device.type == "cpu":
-        fast = _cpu_top_candidates(log_probs, running_scores, k)
-        if fast is not None:
-            return fast
     acc = (log_probs.view(R, nb, V) + running_scores[:, :, None]).view(R, nb * V)  # (R, nb * V)
     return torch.topk(acc, k=k)
 
 
-def _cpu_top_candidates(log_probs: torch.Tensor, running_scores: torch.Tensor, k: int):
-    """select_beam's torch.topk over (R, nb * V), from each beam row's k + 1 best log-probs (the CPU kernels' one-pass
-    row top-k, 10x faster than torch.topk over the whole rows): adding a beam's running score keeps its row's order,
-    so every candidate outside those lists is at most the (k + 1)-th best of its request. When the k + 1 best
-    candidates are strictly decreasing, the top k is unique and equals torch.topk's; otherwise (a tie: which of tied
-    candidates torch.topk ranks first is its own), or with NaN, or where the kernels do not run: None (the caller
-    runs torch.topk)."""
+# --------------------------------------------------------------------------------------------
+# the CPU kernels' versions (csrc/cpu_linear.cpp through cpu/kernels.py): the same answers, one pass over the logits
+# (torch's sum, argmax and topk read ~1 ns a logit on the CPU); for fp32 CPU logits, else the reference above
+# --------------------------------------------------------------------------------------------
+def _kernel_logits(logits: torch.Tensor) -> bool:
+    return logits.device.type == "cpu" and logits.dtype == torch.float32 and logits.shape[-1] > 0
+
+
+def cpu_scan_logits(logits, busy, stop_t, nonfinite, *, argmax: bool):
+    """scan_logits in one pass: each row's argmax and finiteness (row_argmax)."""
+    if not _kernel_logits(logits):
+        return scan_logits(logits, busy, stop_t, nonfinite, argmax=argmax)
+    from ..cpu import kernels as ck
+
+    best, bad = ck.row_argmax(logits)
+    nonfinite |= bad & busy & (stop_t == 0)
+    return best if argmax else None
+
+
+def cpu_select_beam(logits, seq, t, tables, spec, running_scores, k: int):
+    """select_beam ranking from each beam row's k + 1 best log-probs (row_topk), where that answer is provably
+    torch.topk's (cpu_top_candidates); the reference's torch.topk over all candidates otherwise."""
+    log_probs = _beam_log_probs(logits, seq, t, tables, spec, running_scores)
+    fast = cpu_top_candidates(log_probs, running_scores, k) if _kernel_logits(log_probs) else None
+    return fast if fast is not None else _top_candidates(log_probs, running_scores, k)
+
+
+def cpu_top_candidates(log_probs: torch.Tensor, running_scores: torch.Tensor, k: int):
+    """_top_candidates (torch.topk over (R, nb * V)) from each beam row's k + 1 best log-probs: adding a beam's running
+    score keeps its row's order, so every candidate outside those lists is at most the (k + 1)-th best of its
+    request. When the k + 1 best candidates are strictly decreasing, the top k is unique and equals torch.topk's;
+    otherwise (a tie: which of tied candidates torch.topk ranks first is its own), with NaN, or with fewer than k + 1
+    tokens: None."""
     from ..cpu import kernels as ck
 
     R, nb = running_scores.shape
     V = log_probs.shape[-1]
     kk = k + 1
-    if V < kk or kk > 256 or not _cpu_kernels() or log_probs.dtype != torch.float32:
-        return None
-    got = ck.row_topk(log_probs, kk)
+    got = ck.row_topk(log_probs, kk) if kk <= min(V, 256) else None
     if got is None:
         return None
     vals, idx = got
@@ -163,11 +178,18 @@ class DecodeOps:
 
 _TORCH = DecodeOps(name="torch", scan_logits=scan_logits, select_greedy=select_greedy, select_beam=select_beam,
                    commit_tokens=commit_tokens)
+_TORCH_CPU = dataclasses.replace(_TORCH, name="torch+cpu-kernels", scan_logits=cpu_scan_logits,
+                                 select_beam=cpu_select_beam)
 
 
-def table(backend: str) -> DecodeOps:
-    """The decode ops for a backend name ("torch" or "triton")."""
+def table(backend: str, device: torch.device | str | None = None) -> DecodeOps:
+    """The decode ops for a backend name ("torch" or "triton"); on a CPU device the torch backend's take the CPU
+    kernels' versions where those run."""
     if backend == "torch":
+        if device is not None and torch.device(device).type == "cpu":
+            from ..cpu import kernels as ck
+
+            return _TORCH_CPU if ck.has_int8() else _TORCH
         return _TORCH
     if backend == "triton":
         from ..kernels import commit as kcommit

@@ -85,7 +85,7 @@ class DecodeState:
         validate.decode_memory(state_bytes(model, rows, seq_cap, enc_slots * enc_cap), model.device,
                                f"decoding {rows} rows of up to {seq_cap} tokens")
         self.model, self.decoder, self.ops = model, model.net.decoder, model.ops
-        self.dops = decode_ops.table(model.backend)  # the decode-only ops (decode/ops.py)
+        self.dops = decode_ops.table(model.backend, model.device)  # the decode-only ops (decode/ops.py)
         dcfg = model.cfg.decoder
         self.rows, self.seq_cap, self.enc_slots, self.enc_cap = rows, seq_cap, enc_slots, enc_cap
         self.device, self.dtype, self.vocab = model.device, model.dtype, dcfg.vocab_size
