@@ -43,7 +43,7 @@
 #include <string.h>
 #include <math.h>
 
-#define ENCDEC_CPU_ABI_VERSION 8
+#define ENCDEC_CPU_ABI_VERSION 9
 #define EXPORT extern "C" __attribute__((visibility("default")))
 
 namespace {
@@ -319,6 +319,32 @@ EXPORT const char* encdec_cpu_error_string(int code) {
 }
 
 EXPORT int64_t encdec_cpu_packed_rows(int64_t N) { return round_up(N, BLOCK); }
+
+// Beam search's cache reorder: in each of `groups` blocks of `rows` rows (row_bytes apart, groups rows * row_bytes
+// apart), row dst[i] takes the first `bytes` of row src[i], i < n, all reads before any write (a row may be both);
+// threads split the groups (K and V of every layer), each with its own staging buffer.
+EXPORT int encdec_cpu_move_rows(void* buf, int64_t groups, int64_t rows, int64_t row_bytes, int64_t bytes,
+                                const int64_t* dst, const int64_t* src, int64_t n) {
+    if (groups < 0 || rows < 0 || n < 0 || bytes < 0 || bytes > row_bytes) return -1;
+    for (int64_t i = 0; i < n; ++i)
+        if (dst[i] < 0 || dst[i] >= rows || src[i] < 0 || src[i] >= rows) return -1;
+    if (n == 0 || bytes == 0) return 0;
+    int failed = 0;
+#pragma omp parallel reduction(| : failed)
+    {
+        char* tmp = (char*)malloc((size_t)(n * bytes));
+        if (!tmp) failed = 1;
+#pragma omp for schedule(static)
+        for (int64_t g = 0; g < groups; ++g) {
+            if (!tmp) continue;
+            char* base = (char*)buf + g * rows * row_bytes;
+            for (int64_t i = 0; i < n; ++i) memcpy(tmp + i * bytes, base + src[i] * row_bytes, (size_t)bytes);
+            for (int64_t i = 0; i < n; ++i) memcpy(base + dst[i] * row_bytes, tmp + i * bytes, (size_t)bytes);
+        }
+        free(tmp);
+    }
+    return failed ? -2 : 0;
+}
 
 // One look at a decode step's logits x [rows, n] (row stride xs): idx[r] = the first index of row r's largest value,
 // bad[r] = 1 when the row holds NaN or an infinity (its idx is then any index in range; the caller fails the row).

@@ -310,3 +310,18 @@ def test_the_cpu_decode_table_takes_the_kernels_versions():
     cpu = dops.table("torch", "cpu")
     assert cpu.scan_logits is dops.cpu_scan_logits and cpu.select_beam is dops.cpu_select_beam
     assert dops.table("torch").scan_logits is dops.scan_logits  # no device: the reference
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("length", [None, 0, 1, 5])
+def test_move_rows_is_indexing_with_every_read_before_any_write(dtype, length):
+    g = torch.Generator().manual_seed(11)
+    buf = torch.randn(6, 8, 7, 3, 4, generator=g).to(dtype)  # (K/V x layers, rows, slots, H, D)
+    dst, src = torch.tensor([0, 1, 2, 5, 6]), torch.tensor([1, 0, 1, 6, 2])  # a swap, a shared parent, a chain
+    want = buf.clone()
+    cut = slice(None) if length is None else slice(0, length)
+    want[:, dst, cut] = buf[:, src, cut]
+    ck.move_rows(buf, dst, src, length)
+    assert torch.equal(buf, want)
+    with pytest.raises(RuntimeError, match="move_rows"):
+        ck.move_rows(buf, torch.tensor([8]), torch.tensor([0]))  # out of range

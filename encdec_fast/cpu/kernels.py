@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-ABI_VERSION = 8  # csrc/cpu_linear.cpp ENCDEC_CPU_ABI_VERSION
+ABI_VERSION = 9  # csrc/cpu_linear.cpp ENCDEC_CPU_ABI_VERSION
 LIB_NAME = "libencdec_cpu.so"
 SOURCE_NAME = "cpu_linear.cpp"  # in csrc/
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-fvisibility=hidden", "-std=c++17")
@@ -54,6 +54,7 @@ SIGNATURES = {
                                      _i32]),
     "encdec_cpu_row_topk": (_i32, [_p, _i64, _i64, _i64, _i64, _p, _p]),
     "encdec_cpu_row_argmax": (_i32, [_p, _i64, _i64, _i64, _p, _p]),
+    "encdec_cpu_move_rows": (_i32, [_p, _i64, _i64, _i64, _i64, _p, _p, _i64]),
     "encdec_cpu_decode_attention": (_i32, [_p, _i64, _i64, _p, _p, _i64, _i64, _i32, _p, _p, _i64, _i64, _i64,
                                            ctypes.c_float, _p, _i64, _i64]),
 }
@@ -325,3 +326,15 @@ def row_argmax(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     _check(library().encdec_cpu_row_argmax(x.data_ptr(), rows, n, x.stride(0), idx.data_ptr(), bad.data_ptr()),
            "row_argmax")
     return idx, bad
+
+
+def move_rows(buf: torch.Tensor, dst: torch.Tensor, src: torch.Tensor, length: int | None = None) -> None:
+    """buf [G, R, L, ...] contiguous: buf[:, dst[i], :length] = buf[:, src[i], :length] for every i at once (the
+    values read before any is written; length None: all L). dst, src long [n] in range."""
+    G, R, L = buf.shape[:3]
+    if not buf.is_contiguous():
+        raise ValueError("move_rows: buf must be contiguous")
+    per = buf[0, 0, 0].numel() * buf.element_size()  # bytes a slot
+    d, s = dst.long().contiguous(), src.long().contiguous()
+    _check(library().encdec_cpu_move_rows(buf.data_ptr(), G, R, L * per, (L if length is None else length) * per,
+                                          d.data_ptr(), s.data_ptr(), d.numel()), "move_rows")
