@@ -43,7 +43,7 @@
 #include <string.h>
 #include <math.h>
 
-#define ENCDEC_CPU_ABI_VERSION 9
+#define ENCDEC_CPU_ABI_VERSION 10
 #define EXPORT extern "C" __attribute__((visibility("default")))
 
 namespace {
@@ -624,21 +624,45 @@ typedef void (*attend_fn)(const float*, const void*, const void*, int64_t, int64
 // out[n, h, :] = softmax(scale * q[n, h] . k[t, h] for t in [starts[n], starts[n] + lens[n])) @ v[t, h]
 // q [N, H, D] fp32 (strides qn, qh; unit stride on D); k, v [T, H, D] fp32 or bf16 (kv_bf16), strides kt, kh (the
 // same for v); starts, lens int64 [N]; out [N, H, D] fp32 (strides on, oh). A row with lens <= 0 gets zeros.
-EXPORT int encdec_cpu_decode_attention(const float* q, int64_t qn, int64_t qh, const void* k, const void* v, int64_t kt,
+// k_new, v_new [N, H, D] fp32 (strides nn, nh; unit stride on D) or null: first written at key row slots[n] of k, v
+// of T (rounded to bf16, to nearest even, for bf16 keys), every write before any row attends.
+EXPORT int encdec_cpu_decode_attention(const float* q, int64_t qn, int64_t qh, void* k, void* v, int64_t kt,
                                        int64_t kh, int kv_bf16, const int64_t* starts, const int64_t* lens, int64_t N,
-                                       int64_t H, int64_t D, float scale, float* out, int64_t on, int64_t oh) {
-    if (N < 0 || H < 0 || D <= 0 || D > 1024) return -1;
+                                       int64_t H, int64_t D, float scale, float* out, int64_t on, int64_t oh,
+                                       const float* k_new, const float* v_new, int64_t nn, int64_t nh,
+                                       const int64_t* slots, int64_t T) {
+    if (N < 0 || H < 0 || D <= 0 || D > 1024 || (k_new && (!v_new || !slots))) return -1;
+    for (int64_t n = 0; k_new && n < N; ++n)
+        if (slots[n] < 0 || slots[n] >= T) return -1;
     static const attend_fn BY_CHUNKS[9] = {attend_one<0>, attend_one<1>, attend_one<2>, attend_one<3>, attend_one<4>,
                                            attend_one<5>, attend_one<6>, attend_one<7>, attend_one<8>};
     const attend_fn attend = (D % LANES == 0 && D / LANES <= 8) ? BY_CHUNKS[D / LANES] : attend_one<0>;
     const bool bf = kv_bf16 != 0;
-#pragma omp parallel
+    int failed = 0;
+#pragma omp parallel reduction(| : failed)
     {
+        if (k_new) {
+#pragma omp for schedule(static)
+            for (int64_t p = 0; p < N * H; ++p) {  // the new keys and values (the loop's end is a barrier)
+                const int64_t n = p / H, h = p % H, at = slots[n] * kt + h * kh;
+                const float* kn = k_new + n * nn + h * nh;
+                const float* vn = v_new + n * nn + h * nh;
+                for (int64_t d = 0; d < D; ++d) {
+                    if (bf) {
+                        ((uint16_t*)k)[at + d] = to_bf16(kn[d]);
+                        ((uint16_t*)v)[at + d] = to_bf16(vn[d]);
+                    } else {
+                        ((float*)k)[at + d] = kn[d];
+                        ((float*)v)[at + d] = vn[d];
+                    }
+                }
+            }
+        }
         float* scores = nullptr;
         int64_t cap = 0;
 #pragma omp for schedule(static)
-        for (int64_t nh = 0; nh < N * H; ++nh) {
-            const int64_t n = nh / H, h = nh % H, len = lens[n];
+        for (int64_t p = 0; p < N * H; ++p) {
+            const int64_t n = p / H, h = p % H, len = lens[n];
             float* o = out + n * on + h * oh;
             if (len <= 0) {
                 for (int64_t d = 0; d < D; ++d) o[d] = 0.0f;
@@ -648,10 +672,15 @@ EXPORT int encdec_cpu_decode_attention(const float* q, int64_t qn, int64_t qh, c
                 free(scores);
                 cap = round_up(len, 256);
                 scores = (float*)aligned_alloc(64, (size_t)(cap * 4));
+                if (!scores) {
+                    failed = 1;
+                    cap = 0;
+                    continue;
+                }
             }
             attend(q + n * qn + h * qh, k, v, kt, kh, bf, starts[n], len, h, D, scale, scores, o);
         }
         free(scores);
     }
-    return 0;
+    return failed ? -2 : 0;
 }

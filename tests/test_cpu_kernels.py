@@ -325,3 +325,25 @@ def test_move_rows_is_indexing_with_every_read_before_any_write(dtype, length):
     assert torch.equal(buf, want)
     with pytest.raises(RuntimeError, match="move_rows"):
         ck.move_rows(buf, torch.tensor([8]), torch.tensor([0]))  # out of range
+
+
+@pytest.mark.parametrize("kv_dtype", [torch.float32, torch.bfloat16])
+def test_decode_attention_writes_strided_new_keys_as_torch_rounds_them(kv_dtype):
+    """The kernel writes k_new / v_new (strided views of a QKV product, as the decode step passes them) at their
+    slots, rounded as Tensor.to rounds, before any row attends; a slot outside the cache is refused."""
+    g = torch.Generator().manual_seed(4)
+    N, L, H, D = 4, 6, 3, 16
+    k = torch.randn(N * L, H, D, generator=g).to(kv_dtype)
+    v = torch.randn(N * L, H, D, generator=g).to(kv_dtype)
+    qkv = torch.randn(N, 3 * H * D, generator=g).unflatten(-1, (3, H, D))
+    q, kn, vn = qkv[:, 0], qkv[:, 1], qkv[:, 2]  # strided (N, H, D) views
+    st, ln = torch.arange(N) * L, torch.tensor([3, 6, 1, 2], dtype=torch.int32)
+    slots = st + ln.long() - 1
+    k_ref, v_ref = k.clone(), v.clone()
+    k_ref[slots], v_ref[slots] = kn.to(kv_dtype), vn.to(kv_dtype)
+    want = ops.decode_attention(q, k_ref.float(), v_ref.float(), scale=0.2, starts=st, lens=ln)
+    got = ck.decode_attention(q, k, v, st, ln.long(), 0.2, kn, vn, slots)
+    assert torch.equal(k, k_ref) and torch.equal(v, v_ref)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=2e-6)
+    with pytest.raises(RuntimeError, match="decode_attention"):
+        ck.decode_attention(q, k, v, st, ln.long(), 0.2, kn, vn, slots + N * L)

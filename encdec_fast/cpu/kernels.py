@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-ABI_VERSION = 9  # csrc/cpu_linear.cpp ENCDEC_CPU_ABI_VERSION
+ABI_VERSION = 10  # csrc/cpu_linear.cpp ENCDEC_CPU_ABI_VERSION
 LIB_NAME = "libencdec_cpu.so"
 SOURCE_NAME = "cpu_linear.cpp"  # in csrc/
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-fvisibility=hidden", "-std=c++17")
@@ -56,7 +56,7 @@ SIGNATURES = {
     "encdec_cpu_row_argmax": (_i32, [_p, _i64, _i64, _i64, _p, _p]),
     "encdec_cpu_move_rows": (_i32, [_p, _i64, _i64, _i64, _i64, _p, _p, _i64]),
     "encdec_cpu_decode_attention": (_i32, [_p, _i64, _i64, _p, _p, _i64, _i64, _i32, _p, _p, _i64, _i64, _i64,
-                                           ctypes.c_float, _p, _i64, _i64]),
+                                           ctypes.c_float, _p, _i64, _i64, _p, _p, _i64, _i64, _p, _i64]),
 }
 
 _lock = threading.Lock()
@@ -286,17 +286,28 @@ def linear(x: torch.Tensor, packed: torch.Tensor, N: int, scale: torch.Tensor | 
 
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, starts: torch.Tensor, lens: torch.Tensor,
-                     scale: float) -> torch.Tensor:
+                     scale: float, k_new: torch.Tensor | None = None, v_new: torch.Tensor | None = None,
+                     slots: torch.Tensor | None = None) -> torch.Tensor:
     """q [N, H, D] fp32, k/v [T, H, D] fp32 or bf16 (unit stride on D, the same strides), starts/lens int64 [N]
-    (windows within the T key rows) -> out [N, H, D] fp32 (zeros for a row with lens 0)."""
+    (windows within the T key rows) -> out [N, H, D] fp32 (zeros for a row with lens 0). k_new, v_new [N, H, D] fp32
+    (the same strides) and slots int64 [N]: first written at key row slots[n] of k and v (in their dtype)."""
     N, H, D = q.shape
     out = torch.empty(N, H, D, dtype=torch.float32)
     if q.stride(-1) != 1:
         q = q.contiguous()
     bf = k.dtype == torch.bfloat16
+    kn = vn = sl = 0
+    nn = nh = 0
+    if k_new is not None:
+        if k_new.stride(-1) != 1 or v_new.stride() != k_new.stride():
+            k_new, v_new = k_new.contiguous(), v_new.contiguous()
+        kn, vn, sl = k_new.data_ptr(), v_new.data_ptr(), slots.data_ptr()
+        nn, nh = k_new.stride(0), k_new.stride(1)
     _check(library().encdec_cpu_decode_attention(q.data_ptr(), q.stride(0), q.stride(1), k.data_ptr(), v.data_ptr(),
                                                  k.stride(0), k.stride(1), int(bf), starts.data_ptr(), lens.data_ptr(),
-                                                 N, H, D, scale, out.data_ptr(), H * D, D), "decode_attention")
+                                                 N, H, D, scale, out.data_ptr(), H * D, D, kn, vn, nn, nh, sl,
+                                                 k.shape[0]),
+           "decode_attention")
     return out
 
 

@@ -348,9 +348,9 @@ def decode_attention(q, k, v, *, scale: float, starts, lens, key_mask=None, k_ne
                                     v_new=v_new, max_len=max_len, plan=plan)
     if plan is None:
         plan = ops.window_plan(starts, lens, k.shape[0])
-    if k_new is not None:
-        k.index_copy_(0, plan.slots, k_new.to(k.dtype))
-        v.index_copy_(0, plan.slots, v_new.to(v.dtype))
+    if k_new is not None:  # written by the kernel before it attends
+        return kernels.decode_attention(_f32(q), k, v, *plan.windows, scale, _f32(k_new), _f32(v_new),
+                                        plan.slots).to(q.dtype)
     return kernels.decode_attention(_f32(q), k, v, *plan.windows, scale).to(q.dtype)
 
 
