@@ -125,6 +125,16 @@ inline void store(const Epilogue& e, int64_t m, int64_t n0, __m512 v) {
     _mm512_mask_storeu_ps(e.y + m * e.ys + n0, k, v);
 }
 
+// y rows m0 .. m0 + R, outputs n0 .. n0 + 32 from a block's fp32 sums (the fp32 and bf16 products' epilogue)
+template <int R>
+inline void store_block(const Epilogue& e, int64_t m0, int64_t n0, __m512 (&acc)[R][NB]) {
+    for (int j = 0; j < NB; ++j) {
+        int64_t n = n0 + j * LANES;
+        if (n >= e.N) break;
+        for (int r = 0; r < R; ++r) store(e, m0 + r, n, acc[r][j]);
+    }
+}
+
 // ---------------------------------------------------------------------------------------------------------
 // int8 weights x int16 activations
 // ---------------------------------------------------------------------------------------------------------
@@ -210,11 +220,7 @@ void block_f32(const float* wb, int64_t K, const float* x, int64_t xs, int64_t m
             acc[r][1] = _mm512_fmadd_ps(a1, b, acc[r][1]);
         }
     }
-    for (int j = 0; j < NB; ++j) {
-        int64_t n = n0 + j * LANES;
-        if (n >= e.N) break;
-        for (int r = 0; r < R; ++r) store(e, m0 + r, n, acc[r][j]);
-    }
+    store_block<R>(e, m0, n0, acc);
 }
 
 typedef void (*block_f32_fn)(const float*, int64_t, const float*, int64_t, int64_t, int64_t, const Epilogue&);
@@ -241,11 +247,7 @@ void block_bf16(const uint16_t* wb, int64_t pairs, const uint16_t* xb, int64_t K
             acc[r][1] = _mm512_dpbf16_ps(acc[r][1], a1, b);
         }
     }
-    for (int j = 0; j < NB; ++j) {
-        int64_t n = n0 + j * LANES;
-        if (n >= e.N) break;
-        for (int r = 0; r < R; ++r) store(e, m0 + r, n, acc[r][j]);
-    }
+    store_block<R>(e, m0, n0, acc);
 }
 
 typedef void (*block_bf16_fn)(const uint16_t*, int64_t, const uint16_t*, int64_t, int64_t, int64_t, const Epilogue&);

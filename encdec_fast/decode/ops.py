@@ -25,6 +25,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from ..cpu import kernels as ck
 from . import select as sel
 
 # The ops for which the csrc/ CUDA kernel was measured faster than the triton table's own op, on a GPU
@@ -98,8 +99,6 @@ def cpu_scan_logits(logits, busy, stop_t, nonfinite, *, argmax: bool):
     """scan_logits in one pass: each row's argmax and finiteness (row_argmax)."""
     if not _kernel_logits(logits):
         return scan_logits(logits, busy, stop_t, nonfinite, argmax=argmax)
-    from ..cpu import kernels as ck
-
     best, bad = ck.row_argmax(logits)
     nonfinite |= bad & busy & (stop_t == 0)
     return best if argmax else None
@@ -119,8 +118,6 @@ def cpu_top_candidates(log_probs: torch.Tensor, running_scores: torch.Tensor, k:
     request. When the k + 1 best candidates are strictly decreasing, the top k is unique and equals torch.topk's;
     otherwise (a tie: which of tied candidates torch.topk ranks first is its own), with NaN, or with fewer than k + 1
     tokens: None."""
-    from ..cpu import kernels as ck
-
     R, nb = running_scores.shape
     V = log_probs.shape[-1]
     kk = k + 1
@@ -187,9 +184,7 @@ def table(backend: str, device: torch.device | str | None = None) -> DecodeOps:
     kernels' versions where those run."""
     if backend == "torch":
         if device is not None and torch.device(device).type == "cpu":
-            from ..cpu import kernels as ck
-
-            return _TORCH_CPU if ck.has_int8() else _TORCH
+                    return _TORCH_CPU if ck.has_int8() else _TORCH
         return _TORCH
     if backend == "triton":
         from ..kernels import commit as kcommit

@@ -32,6 +32,7 @@ import torch
 
 from .. import validate
 from ..config import StackConfig
+from ..cpu import kernels as ck
 from . import ops as decode_ops
 from . import select as sel
 from .beam import BeamGroup
@@ -72,8 +73,6 @@ class KVCache:
             if not bool(moved.any()):
                 return
             rows, parents = rows[moved], parents[moved]
-            from ..cpu import kernels as ck
-
             if ck.has_int8():  # one staged copy per moved row and layer (torch's indexing: ~2x the time)
                 ck.move_rows(self.buf.flatten(0, 1), rows, parents, length)
                 return
