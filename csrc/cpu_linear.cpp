@@ -43,7 +43,7 @@
 #include <string.h>
 #include <math.h>
 
-#define ENCDEC_CPU_ABI_VERSION 10
+#define ENCDEC_CPU_ABI_VERSION 11
 #define EXPORT extern "C" __attribute__((visibility("default")))
 
 namespace {
@@ -685,4 +685,139 @@ EXPORT int encdec_cpu_decode_attention(const float* q, int64_t qn, int64_t qh, v
         free(scores);
     }
     return failed ? -2 : 0;
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// a whole decoder step in one call
+// ---------------------------------------------------------------------------------------------------------
+// The decoder's layers and its LM head over one token per row, as modules.Decoder.step runs them through the op
+// table (the same products and the same attention, called in the same order, so the same numbers), without a
+// return to Python between them: at one row a bert-base + gpt2 step makes 97 kernel calls, and the Python around
+// them (argument checks, views, allocations) cost about as much as the attention's arithmetic.
+//
+// Each layer is a fixed sequence over the residual stream X [N, E] (the structs say which LayerNorm goes where, so
+// one sequence serves the pre-LN GPT-2 block and the post-LN BERT layer):
+//   QKV = qkv(X)            self-attention over each row's cache window, its new K/V first written at slot
+//   X   = o(A) + X           starts + lens - 1
+//   Qc  = q(X)               cross-attention over each row's encoder keys
+//   X   = cross_o(A) + X
+//   Hd  = fc1(X)
+//   X   = fc2(Hd) + X
+// then logits = head(dense?(X)). A StepLinear's ln is its input's LayerNorm (fused into the product), its rln the
+// LayerNorm of the residual it adds (a post-LN layer adds the normalised stream), applied to X in a scratch row.
+
+struct StepLinear {
+    const void* w;          // packed weight (kernels.py's layout); null: no such product (a head without dense)
+    const uint16_t* scale;  // int8: fp16 group scales
+    int64_t kind;           // 0 fp32, 1 bf16, 2 int8
+    int64_t N, K, group;
+    const float* bias;
+    const float* ln_w;
+    const float* ln_b;
+    const float* rln_w;
+    const float* rln_b;
+    float ln_eps, rln_eps;
+    int64_t act;
+};
+
+struct StepLayer {
+    StepLinear qkv, o, q, cross_o, fc1, fc2;
+    float self_scale, cross_scale;
+};
+
+namespace {
+
+// y = lin(x) (+ res, or + LN(res) with the product's rln), x row stride xs, y and res row stride ys; rtmp: M * N
+// floats for the residual's LayerNorm
+int step_linear(const StepLinear& L, const float* x, int64_t xs, int64_t M, float* y, int64_t ys, const float* res,
+                float* rtmp) {
+    int64_t rs = ys;
+    if (res && L.rln_w) {
+        for (int64_t m = 0; m < M; ++m) input_row(res + m * ys, L.N, L.rln_w, L.rln_b, L.rln_eps, rtmp + m * L.N);
+        res = rtmp;
+        rs = L.N;
+    }
+    switch (L.kind) {
+        case 2: return encdec_cpu_linear_i8(x, xs, M, L.K, (const int8_t*)L.w, L.scale, L.group, L.N, L.bias, res, rs,
+                                            y, ys, L.ln_w, L.ln_b, L.ln_eps, (int)L.act);
+        case 1: return encdec_cpu_linear_bf16(x, xs, M, L.K, (const uint16_t*)L.w, L.N, L.bias, res, rs, y, ys,
+                                              L.ln_w, L.ln_b, L.ln_eps, (int)L.act);
+        case 0: return encdec_cpu_linear_f32(x, xs, M, L.K, (const float*)L.w, L.N, L.bias, res, rs, y, ys, L.ln_w,
+                                             L.ln_b, L.ln_eps, (int)L.act);
+    }
+    return -1;
+}
+
+}  // namespace
+
+// logits [N, V] (row stride V) of one decode step. x [N, E] fp32: the rows' input embeddings (read, not written).
+// layers [n_layers]; dense (head.w null: none) and head: the LM head. caches: per layer 4 pointers (self K, self V,
+// cross K, cross V), each [T, H, D] key rows of T_self / T_cross rows, strides (self_kt, D) / (H * D, D), bf16 when
+// self_bf16 / cross_bf16 else fp32. self_starts, self_lens, cross_starts, cross_lens int64 [N]: row n attends self keys
+// [self_starts[n], + self_lens[n]) (its new K/V go to the last of them) and cross keys [cross_starts[n],
+// + cross_lens[n]); windows are cut to the key rows there are (a row without keys gets zeros).
+EXPORT int encdec_cpu_decoder_step(const StepLayer* layers, int64_t n_layers, const StepLinear* dense,
+                                   const StepLinear* head, int64_t E, int64_t H, int64_t D, const float* x, int64_t N,
+                                   void* const* caches, int64_t T_self, int64_t self_kt, int self_bf16, int64_t T_cross, int cross_bf16,
+                                   const int64_t* self_starts, const int64_t* self_lens, const int64_t* cross_starts,
+                                   const int64_t* cross_lens, float* logits) {
+    if (N < 0 || E <= 0 || H <= 0 || D <= 0 || H * D != E || self_kt < E || n_layers < 0 || !head || !head->w) return -1;
+    if (N == 0) return 0;
+    int64_t I = 0;
+    for (int64_t i = 0; i < n_layers; ++i) {
+        const StepLayer& l = layers[i];
+        if (l.qkv.N != 3 * E || l.qkv.K != E || l.o.N != E || l.o.K != E || l.q.N != E || l.q.K != E ||
+            l.cross_o.N != E || l.cross_o.K != E || l.fc1.K != E || l.fc2.N != E || l.fc2.K != l.fc1.N)
+            return -1;
+        I = l.fc1.N > I ? l.fc1.N : I;
+    }
+    const int64_t W = dense->w ? dense->N : E;
+    if ((dense->w && dense->K != E) || head->K != W) return -1;
+    int64_t* win = (int64_t*)malloc((size_t)(5 * N * 8));
+    if (!win) return -2;
+    int64_t *sl = win, *slot = win + N, *cl = win + 2 * N, *cs = win + 3 * N, *ss = win + 4 * N;
+    for (int64_t n = 0; n < N; ++n) {  // windows cut to the key rows; the new keys' slots must be in range
+        ss[n] = self_starts[n];
+        slot[n] = self_starts[n] + self_lens[n] - 1;
+        int64_t a = self_lens[n] < T_self - ss[n] ? self_lens[n] : T_self - ss[n];
+        sl[n] = a > 0 ? a : 0;
+        cs[n] = cross_starts[n];
+        int64_t c = cross_lens[n] < T_cross - cs[n] ? cross_lens[n] : T_cross - cs[n];
+        cl[n] = c > 0 ? c : 0;
+        if (slot[n] < 0 || slot[n] >= T_self || ss[n] < 0 || cs[n] < 0) { free(win); return -1; }
+    }
+    int64_t widest = 3 * E > I ? 3 * E : I;
+    widest = widest > W ? widest : W;
+    float* buf = (float*)aligned_alloc(64, (size_t)round_up(N * (3 * E + widest) * 4 + 64, 64));
+    if (!buf) { free(win); return -2; }
+    float *X = buf, *A = X + N * E, *R = A + N * E, *Y = R + N * E;  // stream, attention out, residual LN, wide
+    memcpy(X, x, (size_t)(N * E * 4));
+    int code = 0;
+    for (int64_t i = 0; i < n_layers && code == 0; ++i) {
+        const StepLayer& l = layers[i];
+        void* const* c = caches + 4 * i;
+        if ((code = step_linear(l.qkv, X, E, N, Y, 3 * E, nullptr, nullptr))) break;
+        if ((code = encdec_cpu_decode_attention(Y, 3 * E, D, c[0], c[1], self_kt, D, self_bf16, ss, sl, N, H, D,
+                                                l.self_scale, A, E, D, Y + E, Y + 2 * E, 3 * E, D, slot, T_self)))
+            break;
+        if ((code = step_linear(l.o, A, E, N, X, E, X, R))) break;
+        if ((code = step_linear(l.q, X, E, N, Y, E, nullptr, nullptr))) break;
+        if ((code = encdec_cpu_decode_attention(Y, E, D, c[2], c[3], E, D, cross_bf16, cs, cl, N, H, D,
+                                                l.cross_scale, A, E, D, nullptr, nullptr, 0, 0, nullptr, T_cross)))
+            break;
+        if ((code = step_linear(l.cross_o, A, E, N, X, E, X, R))) break;
+        if ((code = step_linear(l.fc1, X, E, N, Y, l.fc1.N, nullptr, nullptr))) break;
+        code = step_linear(l.fc2, Y, l.fc1.N, N, X, E, X, R);
+    }
+    if (code == 0) {
+        const float* h = X;
+        if (dense->w) {
+            code = step_linear(*dense, X, E, N, Y, W, nullptr, nullptr);
+            h = Y;
+        }
+        if (code == 0) code = step_linear(*head, h, W, N, logits, head->N, nullptr, nullptr);
+    }
+    free(buf);
+    free(win);
+    return code;
 }

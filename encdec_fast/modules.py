@@ -358,6 +358,10 @@ class Decoder(nn.Module):
         ks, vs = cache
         keys, r = _key_rows(ks[0])  # every layer's cache has layer 0's layout
         x, seq_lens, self_starts = self.embed.step(seq, t, ops, r)  # (N, E)
+        if ops.decoder_step is not None:  # the layers and the head in one call, where the table has one
+            logits = ops.decoder_step(self, x, self_starts, seq_lens, cache, cross_kv, cross_starts, enc_lens)
+            if logits is not None:
+                return logits
         ctx = StepContext(self_starts, seq_lens, ks[0].shape[1], cross_starts, enc_lens, enc_bound,
                           ops.window_plan(self_starts, seq_lens, keys.shape[0]),
                           ops.window_plan(cross_starts, enc_lens, cross_kv[0][0].shape[0]) if cross_kv else None)

@@ -292,6 +292,9 @@ class OpTable:
     decode_attention: Callable
     window_plan: Callable
     embed_step: Callable
+    # the decoder's layers and LM head of a step in one call, or None: decoder_step(decoder, x, self_starts, seq_lens,
+    # cache, cross_kv, cross_starts, enc_lens) -> logits, or None where it does not apply (cpu/step.py)
+    decoder_step: Callable | None = None
 
 
 TORCH = OpTable(

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-ABI_VERSION = 10  # csrc/cpu_linear.cpp ENCDEC_CPU_ABI_VERSION
+ABI_VERSION = 11  # csrc/cpu_linear.cpp ENCDEC_CPU_ABI_VERSION
 LIB_NAME = "libencdec_cpu.so"
 SOURCE_NAME = "cpu_linear.cpp"  # in csrc/
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-fvisibility=hidden", "-std=c++17")
@@ -57,6 +57,8 @@ SIGNATURES = {
     "encdec_cpu_move_rows": (_i32, [_p, _i64, _i64, _i64, _i64, _p, _p, _i64]),
     "encdec_cpu_decode_attention": (_i32, [_p, _i64, _i64, _p, _p, _i64, _i64, _i32, _p, _p, _i64, _i64, _i64,
                                            ctypes.c_float, _p, _i64, _i64, _p, _p, _i64, _i64, _p, _i64]),
+    "encdec_cpu_decoder_step": (_i32, [_p, _i64, _p, _p, _i64, _i64, _i64, _p, _i64, _p, _i64, _i64, _i32, _i64, _i32, _p,
+                                       _p, _p, _p, _p]),
 }
 
 _lock = threading.Lock()

@@ -52,7 +52,7 @@ from .. import ops
 from ..checkpoint import WeightTransform
 from ..errors import InvalidInputError, UnsupportedArgumentError
 from ..modules import LayerNorm, Linear, LMHead
-from . import kernels
+from . import kernels, step
 
 _ROWS_PER_CHUNK = 1024  # rows converted at a time (a multiple of 32): temporaries of a few MB (load memory)
 GROUP = 32  # int8: inputs that share a scale (the triton backend's fused linear reads one group per K tile)
@@ -213,6 +213,7 @@ def pack_net(net: nn.Module, convert, fp32_rest: bool = True) -> None:
     """Convert (to_int8 or to_bf16) every projection weight of net that is still plain (idempotent; shared weights
     stay shared), and (fp32_rest) keep the LayerNorm parameters and projection biases in fp32, as this file's op
     table reads them."""
+    step.forget(net)
     done: dict[int, torch.Tensor] = {}
     for m in _slots(net):
         w = m._buffers["weight"]
@@ -232,6 +233,7 @@ def pack_net(net: nn.Module, convert, fp32_rest: bool = True) -> None:
 def unpack_net(net: nn.Module, dtype: torch.dtype) -> None:
     """Plain bf16 tensors back in place of bf16 PackedWeights (exactly the weights packed), the LayerNorm parameters
     and biases in dtype again (before a move to another device or dtype). int8 weights cannot be unpacked."""
+    step.forget(net)
     done: dict[int, torch.Tensor] = {}
     for m in _slots(net):
         w = m._buffers["weight"]
@@ -356,7 +358,8 @@ def decode_attention(q, k, v, *, scale: float, starts, lens, key_mask=None, k_ne
 
 TABLE = dataclasses.replace(ops.TORCH, name="torch+cpu-lowp", linear=linear, linear_gelu=linear_gelu,
                             fused_linear=fused_linear, layer_norm=layer_norm, add_layer_norm=add_layer_norm,
-                            attention=attention, varlen_attention=varlen_attention, decode_attention=decode_attention)
+                            attention=attention, varlen_attention=varlen_attention, decode_attention=decode_attention,
+                            decoder_step=step.decoder_step)
 
 # what checkpoint.build_net applies as each weight is read
 INT8 = WeightTransform(names=slot_names, tensor=to_int8, net=lambda net: pack_net(net, to_int8), dense=_no_dense)
