@@ -67,8 +67,8 @@ def test_one_call_step_equals_the_op_path(make_ckpt, both_paths, storage, dec, d
     m = encdec_fast.load(path, **STORAGE[storage])
     assert cpu_step.program(m.net.decoder) is not None
     ids, mask = _inputs(131, [9, 4, 13])
-    greedy = m.generate(ids, attention_mask=mask, max_new_tokens=6, min_new_tokens=6)
-    beams = m.generate(ids, attention_mask=mask, max_new_tokens=5, num_beams=3, num_return_sequences=2)
+    m.generate(ids, attention_mask=mask, max_new_tokens=6, min_new_tokens=6)
+    m.generate(ids, attention_mask=mask, max_new_tokens=5, num_beams=3, num_return_sequences=2)
     assert len(both_paths) == 11
     assert {rows for *_, rows in both_paths} >= {3, 9}
     for logits_diff, cache_diff, _ in both_paths:
