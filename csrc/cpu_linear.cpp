@@ -43,7 +43,7 @@
 #include <string.h>
 #include <math.h>
 
-#define ENCDEC_CPU_ABI_VERSION 11
+#define ENCDEC_CPU_ABI_VERSION 12
 #define EXPORT extern "C" __attribute__((visibility("default")))
 
 namespace {
@@ -820,4 +820,32 @@ EXPORT int encdec_cpu_decoder_step(const StepLayer* layers, int64_t n_layers, co
     free(buf);
     free(win);
     return code;
+}
+
+// A decode step's bookkeeping after the token choice (decode/ops.py's commit_tokens, which says what each step
+// means), row by row instead of ~15 torch ops over the rows. tokens, t, limit, stop_t, pad int64 [N]; alive, busy,
+// is_beam, beam_done bool [N]; seq int64 [N, Lc] (row stride ss); eos int64 [N, n_eos] (-1 pads); steps,
+// all_stopped_at int64 scalars.
+EXPORT int encdec_cpu_commit_tokens(const int64_t* tokens, int64_t* seq, int64_t ss, int64_t Lc, int64_t* t,
+                                    const int64_t* limit, uint8_t* alive, const uint8_t* busy, const uint8_t* is_beam,
+                                    const uint8_t* beam_done, int64_t* stop_t, const int64_t* pad, const int64_t* eos,
+                                    int64_t n_eos, int64_t N, int64_t* steps, int64_t* all_stopped_at) {
+    if (N < 0 || Lc < 1 || n_eos < 0 || ss < Lc) return -1;
+    bool everyone = true;
+    for (int64_t n = 0; n < N; ++n) {
+        const bool room = busy[n] && t[n] < limit[n];
+        const int64_t tok = alive[n] ? tokens[n] : pad[n];
+        bool hit = false;
+        for (int64_t e = 0; e < n_eos; ++e) hit |= tok == eos[n * n_eos + e];
+        hit = hit && alive[n] && room;
+        if (room && !is_beam[n]) seq[n * ss + (t[n] < Lc - 1 ? t[n] : Lc - 1)] = tok;
+        alive[n] = alive[n] && !hit;
+        t[n] += room ? 1 : 0;
+        const bool ended = busy[n] && stop_t[n] == 0 && (is_beam[n] ? beam_done[n] : (!alive[n] || t[n] >= limit[n]));
+        if (ended) stop_t[n] = t[n];
+        everyone = everyone && (stop_t[n] > 0 || !busy[n]);
+    }
+    *steps += 1;
+    if (everyone && *all_stopped_at == 0) *all_stopped_at = *steps;
+    return 0;
 }

@@ -309,7 +309,36 @@ def test_the_cpu_decode_table_takes_the_kernels_versions():
 
     cpu = dops.table("torch", "cpu")
     assert cpu.scan_logits is dops.cpu_scan_logits and cpu.select_beam is dops.cpu_select_beam
+    assert cpu.commit_tokens is dops.cpu_commit_tokens
     assert dops.table("torch").scan_logits is dops.scan_logits  # no device: the reference
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_commit_tokens_kernel_equals_the_torch_version(seed):
+    # random rows: plain and beam, busy or idle, alive or not, at or below their limit, at the last token slot (the
+    # write clamps), with eos lists padded with -1, already stopped or not, with or without a stop step recorded
+    from encdec_fast.decode import ops as dops
+
+    g = torch.Generator().manual_seed(seed)
+    N, Lc, E = int(torch.randint(0, 10, (1,), generator=g)), 6, 3
+    bits = lambda p: torch.rand(N, generator=g) < p  # noqa: E731
+    t = torch.randint(1, Lc + 2, (N,), generator=g)
+    limit = torch.randint(1, Lc + 1, (N,), generator=g)
+    eos = torch.randint(0, 6, (N, E), generator=g)
+    eos[bits(0.5), 1:] = -1
+    pad = torch.randint(0, 6, (N,), generator=g)
+    tokens = torch.randint(0, 6, (N,), generator=g)
+    stop_t = torch.where(bits(0.3), t, 0)
+    args = [tokens, torch.randint(0, 50, (N, Lc), generator=g), t, limit, bits(0.7), bits(0.8), bits(0.3), bits(0.5),
+            stop_t, pad, eos, torch.tensor(int(seed)), torch.tensor(0 if seed % 2 else 3)]
+    want = [a.clone() for a in args]
+    dops.commit_tokens(*want)
+    assert ck.commit_tokens(*args)
+    for a, b in zip(args, want):
+        assert torch.equal(a, b)
+    # what the kernel does not read goes back to the caller untouched
+    assert not ck.commit_tokens(tokens.int(), *args[1:])
+    assert not ck.commit_tokens(*args[:4], args[4].long(), *args[5:])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-ABI_VERSION = 11  # csrc/cpu_linear.cpp ENCDEC_CPU_ABI_VERSION
+ABI_VERSION = 12  # csrc/cpu_linear.cpp ENCDEC_CPU_ABI_VERSION
 LIB_NAME = "libencdec_cpu.so"
 SOURCE_NAME = "cpu_linear.cpp"  # in csrc/
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-fvisibility=hidden", "-std=c++17")
@@ -59,6 +59,7 @@ SIGNATURES = {
                                            ctypes.c_float, _p, _i64, _i64, _p, _p, _i64, _i64, _p, _i64]),
     "encdec_cpu_decoder_step": (_i32, [_p, _i64, _p, _p, _i64, _i64, _i64, _p, _i64, _p, _i64, _i64, _i32, _i64, _i32, _p,
                                        _p, _p, _p, _p]),
+    "encdec_cpu_commit_tokens": (_i32, [_p, _p, _i64, _i64, _p, _p, _p, _p, _p, _p, _p, _p, _p, _i64, _i64, _p, _p]),
 }
 
 _lock = threading.Lock()
@@ -351,3 +352,22 @@ def move_rows(buf: torch.Tensor, dst: torch.Tensor, src: torch.Tensor, length: i
     d, s = dst.long().contiguous(), src.long().contiguous()
     _check(library().encdec_cpu_move_rows(buf.data_ptr(), G, R, L * per, (L if length is None else length) * per,
                                           d.data_ptr(), s.data_ptr(), d.numel()), "move_rows")
+
+
+def commit_tokens(tokens, seq, t, limit, alive, busy, is_beam, beam_done, stop_t, pad, eos, steps, all_stopped_at) -> bool:
+    """decode/ops.py's commit_tokens in one call, in place (the same arguments); False (nothing done) where an argument
+    is not what the kernel reads (dtype, a non-unit stride), for the caller to run the torch version."""
+    N = t.shape[0]
+    longs, bools = (tokens, t, limit, stop_t, pad, steps, all_stopped_at), (alive, busy, is_beam, beam_done)
+    if (any(a.dtype != torch.int64 or not a.is_contiguous() for a in longs)
+            or any(a.dtype != torch.bool or not a.is_contiguous() for a in bools)
+            or seq.dtype != torch.int64 or seq.stride(-1) != 1 or eos.dtype != torch.int64 or not eos.is_contiguous()
+            or any(a.shape[0] != N for a in (*longs[:5], *bools, seq, eos)) or steps.numel() != 1
+            or all_stopped_at.numel() != 1 or seq.shape[1] < 1):
+        return False
+    _check(library().encdec_cpu_commit_tokens(tokens.data_ptr(), seq.data_ptr(), seq.stride(0), seq.shape[1],
+                                              t.data_ptr(), limit.data_ptr(), alive.data_ptr(), busy.data_ptr(),
+                                              is_beam.data_ptr(), beam_done.data_ptr(), stop_t.data_ptr(), pad.data_ptr(),
+                                              eos.data_ptr(), eos.shape[1], N, steps.data_ptr(),
+                                              all_stopped_at.data_ptr()), "commit_tokens")
+    return True

@@ -159,6 +159,12 @@ def commit_tokens(tokens, seq, t, limit, alive, busy, is_beam, beam_done, stop_t
     all_stopped_at.copy_(torch.where(everyone & (all_stopped_at == 0), steps, all_stopped_at))
 
 
+def cpu_commit_tokens(*args):
+    """commit_tokens row by row in one kernel call (cpu/kernels.py), where the arguments are what it reads."""
+    if not ck.commit_tokens(*args):
+        commit_tokens(*args)
+
+
 # --------------------------------------------------------------------------------------------
 # the switch
 # --------------------------------------------------------------------------------------------
@@ -176,7 +182,7 @@ class DecodeOps:
 _TORCH = DecodeOps(name="torch", scan_logits=scan_logits, select_greedy=select_greedy, select_beam=select_beam,
                    commit_tokens=commit_tokens)
 _TORCH_CPU = dataclasses.replace(_TORCH, name="torch+cpu-kernels", scan_logits=cpu_scan_logits,
-                                 select_beam=cpu_select_beam)
+                                 select_beam=cpu_select_beam, commit_tokens=cpu_commit_tokens)
 
 
 def table(backend: str, device: torch.device | str | None = None) -> DecodeOps:
