@@ -100,6 +100,22 @@ def test_tokens_and_scores_equal_the_op_path(make_ckpt, storage, dec):
             torch.testing.assert_close(a, b, rtol=0, atol=atol)
 
 
+def test_the_engine_steps_equal_the_op_path(make_ckpt, both_paths):
+    # continuous batching: rows join and leave mid-run (idle rows between busy ones, a refilled slot's cache holding
+    # an earlier request's keys past its own), greedy and beam requests in one pool
+    path = make_ckpt("bert", "gpt2", enc_hidden=48, heads=3, vocab=131, intermediate=101)
+    m = encdec_fast.load(path)
+    g = torch.Generator().manual_seed(5)
+    inputs = [torch.randint(5, 131, (int(n),), generator=g).tolist() for n in (3, 17, 1, 9, 30, 6, 12)]
+    kws = [dict(max_new_tokens=n, min_new_tokens=n) for n in (2, 9, 5, 1, 7, 3, 8)]
+    kws[3].update(num_beams=2)
+    with encdec_fast.Engine(m, max_batch_size=3) as engine:
+        engine.generate(inputs, request_kwargs=kws)
+    assert len(both_paths) >= 8
+    for logits_diff, cache_diff, _ in both_paths:
+        assert logits_diff == 0.0 and cache_diff == 0.0
+
+
 def test_the_program_follows_the_weights(make_ckpt):
     # a move to another dtype repacks the weights: the kept program must not read the old ones
     path = make_ckpt("bert", "gpt2", enc_hidden=32, heads=2, vocab=97)
