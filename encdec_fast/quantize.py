@@ -5,6 +5,7 @@ quantize= and prepack= resolved in one place (model.py calls check, transform an
   cpu     torch    float32    None      fp32, packed (cpu/weights.py)               cpu/weights.TABLE
                                         (oneDNN's fp32 layout without the kernels)  (prepack.TABLE)
   cpu     torch    bfloat16   None      bf16, pair-packed (cpu/weights.py)          cpu/weights.TABLE (fp32 compute)
+                                        (AMX: the encoder's in oneDNN's bf16 layout)
                                         (oneDNN's bf16 layout without the kernels)  (prepack.TABLE)
   cpu     torch    fp32/bf16  "int8"    int8 + fp16 scales per 32 inputs, packed    cpu/weights.TABLE (fp32 compute)
   cuda    triton   any        "int8"    int8 [N, K] + fp16 scales [N, K / 32]       TRITON_INT8 (w8a16 fused linear)
@@ -64,6 +65,8 @@ def transform(device: torch.device, dtype: torch.dtype, backend: str, prepack: b
     """The load-time conversion of the projection weights (checkpoint.WeightTransform), or None (plain tensors)."""
     if quantize is not None:
         return lowp.INT8 if backend == "torch" else lowp.INT8_PLAIN
+    if prepack and lowp.onednn_encoder(device, dtype, backend):  # bf16 on AMX (cpu/weights.py)
+        return lowp.BF16_ONEDNN_ENCODER
     if prepack and lowp.bf16_applies(device, dtype, backend):
         return lowp.BF16
     if prepack and lowp.f32_applies(device, dtype, backend):

@@ -50,6 +50,20 @@ def test_teacher_forced_agreement_with_fp32_on_real_weights(setup, mode):
     assert got["top1"] >= top1 and got["kl"] <= kl, got
 
 
+def test_bf16_with_the_encoder_in_onednn_holds_the_bf16_gate(setup, monkeypatch):
+    # the route bf16 models take on CPUs with AMX (cpu/weights.py: the encoder-side products in oneDNN, bf16 outputs),
+    # forced here: it must clear the same bar
+    if not ck.has_bf16():
+        pytest.skip("bf16 runs oneDNN's bf16 layout here (no AVX512-BF16): a lower bar, not gated")
+    monkeypatch.setenv("ENCDEC_CPU_ENCODER", "onednn")
+    tok, load, ref = setup
+    model = load(**LOAD["bf16"])
+    assert model.net.encoder.layers[0].attn.qkv.weight.is_mkldnn and model.net.decoder.layers[0].cross.kv.weight.is_mkldnn
+    got = Q.teacher_forced(ref, model, Q.text_batches(tok, 8))
+    top1, kl = GATES["bf16"]
+    assert got["top1"] >= top1 and got["kl"] <= kl, got
+
+
 def test_greedy_agreement_with_fp32_on_real_weights(setup):
     tok, load, ref = setup
     batches = Q.text_batches(tok, 8)

@@ -43,6 +43,7 @@ Where kernels.py is not available (no AVX-512, no C++ compiler): int8 weights ru
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import torch
 import torch.nn.functional as F
@@ -185,10 +186,14 @@ def to_bf16(w: torch.Tensor) -> PackedWeight:
     return _convert(w, False)
 
 
-def _slots(net: nn.Module):
-    for m in net.modules():
+def _named_slots(net: nn.Module):
+    for n, m in net.named_modules():
         if isinstance(m, (Linear, LMHead)) and m._buffers.get("weight") is not None:
-            yield m
+            yield n, m
+
+
+def _slots(net: nn.Module):
+    return (m for _, m in _named_slots(net))
 
 
 def slot_names(net: nn.Module) -> frozenset[str]:
@@ -209,15 +214,15 @@ def to_int8_plain(w: torch.Tensor) -> PackedWeight:
 
 
 @torch.inference_mode()
-def pack_net(net: nn.Module, convert, fp32_rest: bool = True) -> None:
+def pack_net(net: nn.Module, convert, fp32_rest: bool = True, skip=frozenset()) -> None:
     """Convert (to_int8 or to_bf16) every projection weight of net that is still plain (idempotent; shared weights
-    stay shared), and (fp32_rest) keep the LayerNorm parameters and projection biases in fp32, as this file's op
-    table reads them."""
+    stay shared) but the modules named in skip, and (fp32_rest) keep the LayerNorm parameters and projection biases in
+    fp32, as this file's op table reads them."""
     step.forget(net)
     done: dict[int, torch.Tensor] = {}
-    for m in _slots(net):
+    for name, m in _named_slots(net):
         w = m._buffers["weight"]
-        if type(w) is torch.Tensor and not w.is_mkldnn:
+        if type(w) is torch.Tensor and not w.is_mkldnn and name not in skip:
             if id(w) not in done:
                 done[id(w)] = convert(w)
             m._buffers["weight"] = done[id(w)]
@@ -267,6 +272,80 @@ def bf16_applies(device: torch.device, dtype: torch.dtype, backend: str) -> bool
     return device.type == "cpu" and dtype == torch.bfloat16 and backend == "torch" and kernels.has_bf16()
 
 
+# ------------------------------------------------------------------------------------------------
+# bf16 on AMX: the encoder's products through oneDNN
+# ------------------------------------------------------------------------------------------------
+# The encoder's products (and the cross-attention K/V projections and enc_to_dec_proj, which read the encoder's output)
+# run over every source token at once: compute-bound, where kernels.py's AVX512-BF16 loop reaches about this CPU's peak
+# (the bert-base encoder at 8 x 128 tokens: 0.49 s, ~350 GFLOP/s on 2 cores). On a CPU with AMX tiles oneDNN's bf16
+# matmul runs them on the tiles instead (transformers' bf16 model does: torch's bf16 linear is oneDNN's), so a bf16
+# model there keeps those weights in oneDNN's layout (prepack.py) and computes y = bf16(x) @ w.T in oneDNN, rounded
+# to bf16 by it, then bias, GELU and residual in fp32. The decode step's products (one to a few rows: weight reads,
+# not arithmetic) stay on kernels.py. Not timed on an AMX CPU yet (the project's machines have none); checked for
+# its numbers here by forcing it: ENCDEC_CPU_ENCODER=onednn (auto: AMX only; kernels: never).
+ENCODER_ROUTES = ("auto", "onednn", "kernels")
+
+
+def _encoder_route() -> str:
+    route = os.environ.get("ENCDEC_CPU_ENCODER", "auto") or "auto"
+    if route not in ENCODER_ROUTES:
+        raise InvalidInputError(f"ENCDEC_CPU_ENCODER={route!r} is not a route; set it to one of "
+                                f"{', '.join(ENCODER_ROUTES)} (or unset it: auto).")
+    return route
+
+
+def has_amx() -> bool:
+    """This CPU has AMX tiles (bf16 products on them through oneDNN)."""
+    check = getattr(getattr(torch, "cpu", None), "_is_amx_tile_supported", None)
+    return bool(check()) if check is not None else False
+
+
+def onednn_encoder(device: torch.device, dtype: torch.dtype, backend: str) -> bool:
+    """Whether a bf16 model on (device, dtype, backend) runs its encoder-side products in oneDNN (see above)."""
+    if not bf16_applies(device, dtype, backend):
+        return False
+    route = _encoder_route()
+    if route == "kernels" or (route == "auto" and not has_amx()):
+        return False
+    from .. import prepack
+
+    return prepack.available(torch.bfloat16)
+
+
+def encoder_slots(net: nn.Module) -> frozenset[str]:
+    """The module names of the products that read every source token: the encoder's, enc_to_dec_proj, each decoder
+    layer's cross-attention K/V."""
+    return frozenset(n for n, _ in _named_slots(net)
+                     if n.startswith("encoder.") or n == "enc_to_dec_proj" or n.endswith(".cross.kv"))
+
+
+def pack_net_onednn_encoder(net: nn.Module) -> None:
+    """pack_net(net, to_bf16) but for encoder_slots, whose plain weights are reordered for oneDNN in bf16 instead (a
+    weight shared with a packed slot stays packed)."""
+    from .. import prepack
+
+    skip = encoder_slots(net)
+    pack_net(net, to_bf16, skip=skip)
+    done: dict[int, torch.Tensor] = {}
+    for name, m in _named_slots(net):
+        w = m._buffers["weight"]
+        if name in skip and type(w) is torch.Tensor and not w.is_mkldnn:
+            if id(w) not in done:
+                done[id(w)] = prepack.pack_tensor(w.to(torch.bfloat16))
+            m._buffers["weight"] = done[id(w)]
+
+
+def _onednn(x, weight, bias=None, *, gelu=None, residual=None) -> torch.Tensor:
+    """x [..., K] fp32 @ a oneDNN-reordered bf16 weight: oneDNN's bf16 product (rounded to bf16 by it), then the bias,
+    the GELU and the residual in fp32."""
+    y = torch.ops.mkldnn._linear_pointwise(_f32(x).to(torch.bfloat16), weight, None, "none", [], "").float()
+    if bias is not None:
+        y.add_(_f32(bias))
+    if gelu is not None:
+        y = F.gelu(y, approximate=gelu)
+    return y.add_(_f32(residual)) if residual is not None else y
+
+
 def f32_applies(device: torch.device, dtype: torch.dtype, backend: str) -> bool:
     """Whether a model on (device, dtype, backend) gets fp32 PackedWeights: fp32 on the CPU (torch backend), where
     kernels.py runs (one fp32 sum per output, k in order; 1.45x oneDNN's packed fp32 at 1 row)."""
@@ -304,16 +383,22 @@ def product(x, weight: PackedWeight, bias=None, residual=None, *, ln=None, gelu=
 
 
 def linear(x, weight, bias):
-    return product(x, weight, bias) if type(weight) is PackedWeight else ops.linear(x, weight, bias)
+    if type(weight) is PackedWeight:
+        return product(x, weight, bias)
+    return _onednn(x, weight, bias) if weight.is_mkldnn else ops.linear(x, weight, bias)
 
 
 def linear_gelu(x, weight, bias, approximate: str):
-    if type(weight) is not PackedWeight:
-        return ops.linear_gelu(x, weight, bias, approximate)
-    return product(x, weight, bias, gelu=approximate)
+    if type(weight) is PackedWeight:
+        return product(x, weight, bias, gelu=approximate)
+    return _onednn(x, weight, bias, gelu=approximate) if weight.is_mkldnn else ops.linear_gelu(x, weight, bias,
+                                                                                               approximate)
 
 
 def fused_linear(x, weight, bias=None, *, x_ln=None, gelu=None, residual=None, residual_ln=None):
+    if type(weight) is not PackedWeight and weight.is_mkldnn:
+        x, residual = ops.fused_linear_inputs(_f32(x), _f32(residual), x_ln, residual_ln)
+        return _onednn(x, weight, bias, gelu=gelu, residual=residual)
     if type(weight) is not PackedWeight:
         return ops.fused_linear(x, weight, bias, x_ln=x_ln, gelu=gelu, residual=residual, residual_ln=residual_ln)
     if gelu not in (None, "none", "tanh"):
@@ -363,6 +448,8 @@ TABLE = dataclasses.replace(ops.TORCH, name="torch+cpu-lowp", linear=linear, lin
 
 # what checkpoint.build_net applies as each weight is read
 INT8 = WeightTransform(names=slot_names, tensor=to_int8, net=lambda net: pack_net(net, to_int8), dense=_no_dense)
+BF16_ONEDNN_ENCODER = WeightTransform(names=lambda net: slot_names(net) - {f"{n}.weight" for n in encoder_slots(net)},
+                                      tensor=to_bf16, net=pack_net_onednn_encoder, dense=lambda t: t.matrix().clone())
 BF16 = WeightTransform(names=slot_names, tensor=to_bf16, net=lambda net: pack_net(net, to_bf16),
                        dense=lambda t: t.matrix().clone())
 F32 = WeightTransform(names=slot_names, tensor=to_f32, net=lambda net: pack_net(net, to_f32),
