@@ -1,7 +1,7 @@
 """The whole decoder step in one C++ call (encdec_fast/cpu/step.py, csrc encdec_cpu_decoder_step) against the op-table
 path it replaces (modules.Decoder.step through cpu/weights.TABLE's products and attention, one call each): the same
-logits, caches and tokens for each decoder layout (pre-LN GPT-2; post-LN BERT, RoBERTa and BART with and without the
-LM head's transform) and each CPU storage (fp32, bf16, int8), at awkward batch shapes (rows of different source and
+logits, caches and tokens for each decoder layout (pre-LN GPT-2; post-LN BERT, RoBERTa, BART, bert-generation and ELECTRA, with and
+without the LM head's transform, which ELECTRA's narrows) and each CPU storage (fp32, bf16, int8), at awkward batch shapes (rows of different source and
 prompt lengths, beams sharing a source, a first step whose caches hold one slot a row). Its refusals: caches in
 another layout, windows out of range."""
 
@@ -60,7 +60,8 @@ def _inputs(vocab: int, lens: list[int], seed: int = 0):
 
 @pytest.mark.parametrize("storage", list(STORAGE))
 @pytest.mark.parametrize("dec,dec_kw", [("gpt2", {}), ("bert", {}), ("roberta", {}), ("bart", {}),
-                                        ("bert", {"hidden_act": "gelu_new"})])
+                                        ("bert", {"hidden_act": "gelu_new"}), ("bert-generation", {}),
+                                        ("electra", {"embedding_size": 20})])  # a head narrower than the stream
 def test_one_call_step_equals_the_op_path(make_ckpt, both_paths, storage, dec, dec_kw):
     # hidden 48 (3 heads of 16), intermediate 101 (odd: a partial 32-output block), vocab 131
     path = make_ckpt("bert", dec, enc_hidden=48, heads=3, vocab=131, intermediate=101, dec_kw=dec_kw or None)
