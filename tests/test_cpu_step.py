@@ -158,3 +158,6 @@ def test_the_step_refuses_what_it_cannot_read(make_ckpt):
     odd = [k.transpose(2, 3).contiguous().transpose(2, 3) for k in ks]
     assert cpu_step.decoder_step(dec, x, starts, lens, (odd, odd), cross, cs, cl) is None
     assert cpu_step.decoder_step(dec, x, starts, lens, ([k.half() for k in ks], vs), cross, cs, cl) is None
+    short = [(k[:T - 1], v) for k, v in cross]  # a layer's arena shorter than the first's
+    assert cpu_step.decoder_step(dec, x, starts, lens, (ks, vs), cross[:1] + short[1:], cs, cl) is None
+    assert cpu_step.decoder_step(dec, x, starts, lens, (ks, vs), cross, cs[:1], cl) is None  # a row's window missing

@@ -160,16 +160,18 @@ def decoder_step(decoder, x, self_starts, seq_lens, cache, cross_kv, cross_start
         return None
     ks, vs = cache
     N, E, H, D = x.shape[0], prog.E, prog.H, prog.D
-    if len(ks) != prog.n_layers or len(cross_kv) != prog.n_layers:
-        return None
+    if (len(ks) != prog.n_layers or len(vs) != prog.n_layers or len(cross_kv) != prog.n_layers or x.dim() != 2
+            or x.shape[1] != E or any(a.shape != (N,) for a in (self_starts, seq_lens, cross_starts, enc_lens))):
+        return None  # the op-table path runs (and reports what is wrong)
     k0 = ks[0] if ks else None
     if k0 is not None:
-        dt, ct = k0.dtype, cross_kv[0][0].dtype
+        dt, ct, shape, cshape = k0.dtype, cross_kv[0][0].dtype, k0.shape, cross_kv[0][0].shape
         if dt not in (torch.float32, torch.bfloat16) or ct not in (torch.float32, torch.bfloat16):
             return None
         ptrs = []
         for k, v, (ck, cv) in zip(ks, vs, cross_kv):
-            if (k.dtype != dt or v.dtype != dt or ck.dtype != ct or cv.dtype != ct or v.stride() != k.stride()
+            if (k.dtype != dt or v.dtype != dt or ck.dtype != ct or cv.dtype != ct or k.shape != shape
+                    or v.shape != shape or ck.shape != cshape or cv.shape != cshape or v.stride() != k.stride()
                     or cv.stride() != ck.stride() or not (_layout(k, H, D) and _layout(ck, H, D))):
                 return None
             ptrs += (k.data_ptr(), v.data_ptr(), ck.data_ptr(), cv.data_ptr())
