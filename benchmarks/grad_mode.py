@@ -36,7 +36,8 @@ def main():
     import encdec_fast
     from encdec_fast.model import EncDecModel
 
-    path = build_checkpoint(tempfile.mkdtemp(), "bert", "gpt2", enc_hidden=256, layers=4, heads=4, vocab=8000,
+    tmp = tempfile.TemporaryDirectory()  # removed when the script ends
+    path = build_checkpoint(tmp.name, "bert", "gpt2", enc_hidden=256, layers=4, heads=4, vocab=8000,
                             std=0.05)
     model = encdec_fast.load(path, device="cpu")
     g = torch.Generator().manual_seed(0)
