@@ -117,6 +117,16 @@ def make_ckpt(tmp_path_factory):
     return make
 
 
+def right_padded(vocab: int, lens: list[int], seed: int = 0):
+    """Random ids (>= 5) for rows of `lens` real tokens, right-padded with 0s, and their attention mask (B, max(lens))."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(5, vocab, (len(lens), max(lens)), generator=g)
+    mask = torch.zeros_like(ids)
+    for i, n in enumerate(lens):
+        mask[i, :n] = 1
+    return ids * mask, mask
+
+
 def solo(model, ids, **kw):
     """model.generate on one input alone -> its rows as lists (seed= as torch.manual_seed before it): what
     every Engine request must equal."""

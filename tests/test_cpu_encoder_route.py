@@ -6,6 +6,7 @@ that the model still moves and casts, and the error for a bad setting. Its quali
 
 import pytest
 import torch
+from conftest import right_padded
 
 import encdec_fast
 from encdec_fast import InvalidInputError
@@ -19,19 +20,10 @@ pytestmark = [
 ]
 
 
-def _inputs(vocab, lens, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(5, vocab, (len(lens), max(lens)), generator=g)
-    mask = torch.zeros_like(ids)
-    for i, n in enumerate(lens):
-        mask[i, :n] = 1
-    return ids * mask, mask
-
-
 @pytest.mark.parametrize("dec", ["gpt2", "bert"])
 def test_the_route_moves_the_encoder_side_products_and_computes_the_same(make_ckpt, monkeypatch, dec):
     path = make_ckpt("bert", dec, enc_hidden=48, dec_hidden=64, heads=4, vocab=131, std=0.05)
-    ids, mask = _inputs(131, [9, 4, 13])
+    ids, mask = right_padded(131, [9, 4, 13])
     kw = dict(attention_mask=mask, max_new_tokens=6, output_logits=True, return_dict_in_generate=True)
     monkeypatch.setenv("ENCDEC_CPU_ENCODER", "kernels")
     ref = encdec_fast.load(path, dtype=torch.bfloat16)
@@ -55,7 +47,7 @@ def test_the_route_moves_the_encoder_side_products_and_computes_the_same(make_ck
 def test_the_route_survives_moves_and_casts(make_ckpt, monkeypatch):
     monkeypatch.setenv("ENCDEC_CPU_ENCODER", "onednn")
     path = make_ckpt("bert", "gpt2", enc_hidden=32, heads=2, vocab=97)
-    ids, mask = _inputs(97, [7, 5])
+    ids, mask = right_padded(97, [7, 5])
     m = encdec_fast.load(path, dtype=torch.bfloat16)
     first = m.generate(ids, attention_mask=mask, max_new_tokens=4)
     m.to(torch.float32)  # fp32: no route (every weight on the kernels' fp32 layout)

@@ -9,6 +9,7 @@ import dataclasses
 
 import pytest
 import torch
+from conftest import right_padded
 
 import encdec_fast
 from encdec_fast import modules
@@ -49,15 +50,6 @@ def both_paths(monkeypatch):
     return seen
 
 
-def _inputs(vocab: int, lens: list[int], seed: int = 0):
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(5, vocab, (len(lens), max(lens)), generator=g)
-    mask = torch.zeros_like(ids)
-    for i, n in enumerate(lens):
-        mask[i, :n] = 1
-    return ids * mask, mask
-
-
 @pytest.mark.parametrize("storage", list(STORAGE))
 @pytest.mark.parametrize("dec,dec_kw", [("gpt2", {}), ("bert", {}), ("roberta", {}), ("bart", {}),
                                         ("bert", {"hidden_act": "gelu_new"}), ("bert-generation", {}),
@@ -67,7 +59,7 @@ def test_one_call_step_equals_the_op_path(make_ckpt, both_paths, storage, dec, d
     path = make_ckpt("bert", dec, enc_hidden=48, heads=3, vocab=131, intermediate=101, dec_kw=dec_kw or None)
     m = encdec_fast.load(path, **STORAGE[storage])
     assert cpu_step.program(m.net.decoder) is not None
-    ids, mask = _inputs(131, [9, 4, 13])
+    ids, mask = right_padded(131, [9, 4, 13])
     m.generate(ids, attention_mask=mask, max_new_tokens=6, min_new_tokens=6)
     m.generate(ids, attention_mask=mask, max_new_tokens=5, num_beams=3, num_return_sequences=2)
     assert len(both_paths) == 11
@@ -86,7 +78,7 @@ def test_tokens_and_scores_equal_the_op_path(make_ckpt, storage, dec):
     # whole generate() calls, each path alone (continuous steps over its own caches)
     path = make_ckpt("bert", dec, enc_hidden=48, heads=3, vocab=131, intermediate=101)
     m = encdec_fast.load(path, **STORAGE[storage])
-    ids, mask = _inputs(131, [9, 4, 13, 1], seed=1)
+    ids, mask = right_padded(131, [9, 4, 13, 1], seed=1)
     kw = dict(attention_mask=mask, max_new_tokens=7, output_logits=True, return_dict_in_generate=True)
     runs = []
     for table in (m.ops, dataclasses.replace(m.ops, decoder_step=None)):
@@ -121,7 +113,7 @@ def test_the_program_follows_the_weights(make_ckpt):
     # a move to another dtype repacks the weights: the kept program must not read the old ones
     path = make_ckpt("bert", "gpt2", enc_hidden=32, heads=2, vocab=97)
     m = encdec_fast.load(path)
-    ids, mask = _inputs(97, [7, 5])
+    ids, mask = right_padded(97, [7, 5])
     first = m.generate(ids, attention_mask=mask, max_new_tokens=4, output_logits=True, return_dict_in_generate=True)
     prog = cpu_step.program(m.net.decoder)
     assert prog is not None and prog.layers[0].qkv.kind == 0
