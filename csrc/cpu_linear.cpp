@@ -774,15 +774,14 @@ EXPORT int encdec_cpu_decoder_step(const StepLayer* layers, int64_t n_layers, co
     }
     const int64_t W = dense->w ? dense->N : E;
     if ((dense->w && dense->K != E) || head->K != W) return -1;
-    int64_t* win = (int64_t*)malloc((size_t)(5 * N * 8));
+    int64_t* win = (int64_t*)malloc((size_t)(3 * N * 8));
     if (!win) return -2;
-    int64_t *sl = win, *slot = win + N, *cl = win + 2 * N, *cs = win + 3 * N, *ss = win + 4 * N;
+    const int64_t *ss = self_starts, *cs = cross_starts;
+    int64_t *sl = win, *slot = win + N, *cl = win + 2 * N;
     for (int64_t n = 0; n < N; ++n) {  // windows cut to the key rows; the new keys' slots must be in range
-        ss[n] = self_starts[n];
-        slot[n] = self_starts[n] + self_lens[n] - 1;
+        slot[n] = ss[n] + self_lens[n] - 1;
         int64_t a = self_lens[n] < T_self - ss[n] ? self_lens[n] : T_self - ss[n];
         sl[n] = a > 0 ? a : 0;
-        cs[n] = cross_starts[n];
         int64_t c = cross_lens[n] < T_cross - cs[n] ? cross_lens[n] : T_cross - cs[n];
         cl[n] = c > 0 ? c : 0;
         if (slot[n] < 0 || slot[n] >= T_self || ss[n] < 0 || cs[n] < 0) { free(win); return -1; }

@@ -124,13 +124,13 @@ _ATTR = "_cpu_step_program"
 def program(decoder) -> Program | None:
     """The decoder's Program (built on first use and kept on the decoder until forget() drops it), or None when the
     op does not apply to it."""
-    from . import weights
-
     prog = decoder.__dict__.get(_ATTR, False)
     if prog is not False:
         return prog
     if kernels.library() is None:
         return None
+    from . import weights  # (weights.py imports this module)
+
     try:
         prog = Program(decoder, weights.PackedWeight, weights.GROUP)
     except _NotApplicable:

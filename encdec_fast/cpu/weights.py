@@ -214,18 +214,19 @@ def to_int8_plain(w: torch.Tensor) -> PackedWeight:
 
 
 @torch.inference_mode()
-def pack_net(net: nn.Module, convert, fp32_rest: bool = True, skip=frozenset()) -> None:
-    """Convert (to_int8 or to_bf16) every projection weight of net that is still plain (idempotent; shared weights
-    stay shared) but the modules named in skip, and (fp32_rest) keep the LayerNorm parameters and projection biases in
-    fp32, as this file's op table reads them."""
+def pack_net(net: nn.Module, convert, fp32_rest: bool = True, convert_for=None) -> None:
+    """Convert (to_int8 or to_bf16) every projection weight of net that is still plain (idempotent; a weight shared
+    by slots of one conversion stays shared), and (fp32_rest) keep the LayerNorm parameters and projection biases in
+    fp32, as this file's op table reads them. convert_for(module name): another conversion for that slot, or None."""
     step.forget(net)
-    done: dict[int, torch.Tensor] = {}
+    done: dict[tuple, torch.Tensor] = {}
     for name, m in _named_slots(net):
         w = m._buffers["weight"]
-        if type(w) is torch.Tensor and not w.is_mkldnn and name not in skip:
-            if id(w) not in done:
-                done[id(w)] = convert(w)
-            m._buffers["weight"] = done[id(w)]
+        if type(w) is torch.Tensor and not w.is_mkldnn:
+            conv = (convert_for(name) if convert_for is not None else None) or convert
+            if (id(w), conv) not in done:
+                done[id(w), conv] = conv(w)
+            m._buffers["weight"] = done[id(w), conv]
     for m in net.modules() if fp32_rest else ():
         names = ("weight", "bias") if isinstance(m, LayerNorm) else ("bias",) if isinstance(m, (Linear, LMHead)) else ()
         for name in names:
@@ -319,20 +320,17 @@ def encoder_slots(net: nn.Module) -> frozenset[str]:
                      if n.startswith("encoder.") or n == "enc_to_dec_proj" or n.endswith(".cross.kv"))
 
 
-def pack_net_onednn_encoder(net: nn.Module) -> None:
-    """pack_net(net, to_bf16) but for encoder_slots, whose plain weights are reordered for oneDNN in bf16 instead (a
-    weight shared with a packed slot stays packed)."""
+def _to_onednn_bf16(w: torch.Tensor) -> torch.Tensor:
     from .. import prepack
 
-    skip = encoder_slots(net)
-    pack_net(net, to_bf16, skip=skip)
-    done: dict[int, torch.Tensor] = {}
-    for name, m in _named_slots(net):
-        w = m._buffers["weight"]
-        if name in skip and type(w) is torch.Tensor and not w.is_mkldnn:
-            if id(w) not in done:
-                done[id(w)] = prepack.pack_tensor(w.to(torch.bfloat16))
-            m._buffers["weight"] = done[id(w)]
+    return prepack.pack_tensor(w.to(torch.bfloat16))
+
+
+def pack_net_onednn_encoder(net: nn.Module) -> None:
+    """pack_net(net, to_bf16) but for encoder_slots, whose weights are reordered for oneDNN in bf16 instead (a weight an
+    encoder-side slot shares with another slot gets one copy in each layout)."""
+    encoder = encoder_slots(net)
+    pack_net(net, to_bf16, convert_for=lambda name: _to_onednn_bf16 if name in encoder else None)
 
 
 def _onednn(x, weight, bias=None, *, gelu=None, residual=None) -> torch.Tensor:
@@ -396,10 +394,10 @@ def linear_gelu(x, weight, bias, approximate: str):
 
 
 def fused_linear(x, weight, bias=None, *, x_ln=None, gelu=None, residual=None, residual_ln=None):
-    if type(weight) is not PackedWeight and weight.is_mkldnn:
-        x, residual = ops.fused_linear_inputs(_f32(x), _f32(residual), x_ln, residual_ln)
-        return _onednn(x, weight, bias, gelu=gelu, residual=residual)
     if type(weight) is not PackedWeight:
+        if weight.is_mkldnn:
+            x, residual = ops.fused_linear_inputs(_f32(x), _f32(residual), x_ln, residual_ln)
+            return _onednn(x, weight, bias, gelu=gelu, residual=residual)
         return ops.fused_linear(x, weight, bias, x_ln=x_ln, gelu=gelu, residual=residual, residual_ln=residual_ln)
     if gelu not in (None, "none", "tanh"):
         raise ValueError(f"fused_linear: gelu must be None, 'none' or 'tanh', got {gelu!r}")

@@ -190,7 +190,7 @@ def table(backend: str, device: torch.device | str | None = None) -> DecodeOps:
     kernels' versions where those run."""
     if backend == "torch":
         if device is not None and torch.device(device).type == "cpu":
-                    return _TORCH_CPU if ck.has_int8() else _TORCH
+            return _TORCH_CPU if ck.has_int8() else _TORCH
         return _TORCH
     if backend == "triton":
         from ..kernels import commit as kcommit
